@@ -1,0 +1,46 @@
+"""The `logitcache` command line: one module per command group, thin over pipeline/storage."""
+
+from __future__ import annotations
+
+import typer
+
+from logitcache.cli import cache as _cache
+from logitcache.cli import demo as _demo
+from logitcache.cli import teacher as _teacher
+from logitcache.cli.common import state
+
+app = typer.Typer(
+    name="logitcache",
+    help=(
+        "Offline teacher-logit cache for LLM knowledge distillation.\n\n"
+        "Stage 1: `logitcache teacher` runs a teacher once and stores its top-k log-probabilities "
+        "with character offsets. `inspect` and `verify` look into a cache. `demo` runs the whole "
+        "thing on a tiny model built on the spot."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    state.debug = debug
+    if version:
+        import logitcache
+
+        typer.echo(logitcache.__version__)
+        raise typer.Exit()
+
+
+app.command("teacher")(_teacher.teacher)
+app.command("inspect")(_cache.inspect)
+app.command("verify")(_cache.verify)
+app.command("demo")(_demo.demo)
+
+
+def main() -> None:
+    app()

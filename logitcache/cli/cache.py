@@ -1,0 +1,106 @@
+"""`logitcache inspect` and `logitcache verify`: look into a cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from logitcache.cli.common import user_errors
+
+
+@user_errors
+def inspect(
+    cache: Path = typer.Argument(..., help="Cache directory."),
+    example: Optional[str] = typer.Option(None, "--example", "-e", help="Example id to show (default: the first)."),
+    tokens: int = typer.Option(32, "--tokens", "-n", help="How many positions of the example to show."),
+    alternatives: int = typer.Option(3, "--alternatives", "-a", help="Top alternatives shown per position."),
+) -> None:
+    """Summarise a cache and show one example token by token with the teacher's top alternatives."""
+    from logitcache.storage import open_cache
+
+    c = open_cache(cache)
+    m = c.manifest
+    console = Console()
+    summary = Table(title=f"cache {cache}", show_header=False)
+    bpt = m.num_bytes / m.num_tokens if m.num_tokens else 0.0
+    for key, value in [
+        ("status", m.status),
+        ("teacher", f"{m.teacher.get('name')} ({m.teacher.get('dtype')}, {m.teacher.get('engine', '?')})"),
+        ("tokenizer", f"{m.tokenizer.get('name')} (vocab {m.tokenizer.get('vocab_size')})"),
+        ("mode / k", f"{m.mode} / top-{m.k}"),
+        ("examples", f"{m.num_examples:,}"),
+        ("tokens", f"{m.num_tokens:,}"),
+        ("bytes", f"{m.num_bytes:,} in {len(m.shards)} shards"),
+        ("bytes/token", f"{bpt:.1f}"),
+        ("skipped", f"{len(m.skipped)}"),
+        ("truncated", f"{m.num_truncated} (max_length {m.max_length})"),
+        ("template", ", ".join(f"{k}={v!r}" for k, v in m.template.items() if k != "chat_template_sha256")),
+        ("created", m.created_at),
+    ]:
+        summary.add_row(key, str(value))
+    console.print(summary)
+    if m.num_examples == 0:
+        return
+    row = c[example] if example is not None else next(iter(c))
+    _show_example(console, c, row, tokens, alternatives)
+
+
+def _show_example(console: Console, c, row: dict, n_show: int, n_alt: int) -> None:
+    tok = _load_tokenizer(c.tokenizer_dir)
+    text, starts, ends = row["text"], row["char_start"], row["char_end"]
+    n_pos = len(row["label_logprob"])
+    # Start where the response starts: that is where students learn from the teacher.
+    first = next((p for p in range(n_pos) if ends[p + 1] > row["prompt_chars"]), 0)
+    table = Table(title=f"example {row['id']!r}: position p predicts token p+1")
+    table.add_column("p", justify="right")
+    table.add_column("next token")
+    table.add_column("p(token)", justify="right")
+    table.add_column(f"teacher's top {n_alt}")
+    for p in range(first, min(n_pos, first + n_show)):
+        surface = text[starts[p + 1] : ends[p + 1]]
+        alts = []
+        for j in range(min(n_alt, row["topk_ids"].shape[1])):
+            tid = int(row["topk_ids"][p, j])
+            piece = tok.decode([tid]) if tok is not None else str(tid)
+            alts.append(f"{piece!r} {np.exp(float(row['topk_logprobs'][p, j])):.3f}")
+        table.add_row(str(p), repr(surface), f"{np.exp(float(row['label_logprob'][p])):.3f}", "  ".join(alts))
+    console.print(f"[bold]text[/bold] ({row['prompt_chars']} prompt chars): {text!r}", soft_wrap=True)
+    console.print(table)
+
+
+def _load_tokenizer(path: Path):
+    if not path.is_dir():
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:  # showing ids instead of pieces is fine for inspection
+        return None
+
+
+@user_errors
+def verify(
+    cache: Path = typer.Argument(..., help="Cache directory."),
+    fast: bool = typer.Option(False, "--fast", help="Check hashes and counts only, not every value."),
+) -> None:
+    """Check a cache: every shard's sha256, row/token counts, sortedness, ranges, offsets, no NaN/inf.
+
+    Exits 0 with a one-line summary when the cache is sound; otherwise lists each problem
+    (naming the shard) and exits 1.
+    """
+    from logitcache.storage import verify_cache
+
+    report = verify_cache(cache, check_values=not fast)
+    if report.ok:
+        typer.echo(report.summary())
+        return
+    typer.echo(report.summary(), err=True)
+    for problem in report.problems:
+        typer.echo(f"  {problem}", err=True)
+    raise typer.Exit(1)

@@ -1,0 +1,71 @@
+"""`logitcache teacher`: stage 1, write a cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from logitcache.cli.common import quiet_libraries, user_errors
+
+
+@user_errors
+def teacher(
+    model: str = typer.Option(..., "--model", "-m", help="Teacher: a model directory or a hub name (any AutoModelForCausalLM with a fast tokenizer)."),
+    data: str = typer.Option(..., "--data", "-d", help="Input: a .jsonl/.json/.parquet/.csv/.arrow/.txt file, a directory of them, or a hub dataset name."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cache directory to write. An existing cache with the same settings is resumed."),
+    top_k: int = typer.Option(64, "--top-k", "-k", help="Log-probabilities kept per position (sorted, over the full vocabulary)."),
+    engine: str = typer.Option("hf", "--engine", help="Teacher engine: hf (transformers, CPU or GPU)."),
+    mode: str = typer.Option("score", "--mode", help="score: teacher-forced over the given text."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Field holding the whole text (every token is a target)."),
+    prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="Field holding the prompt (with --response-field)."),
+    response_field: Optional[str] = typer.Option(None, "--response-field", help="Field holding the response (with --prompt-field)."),
+    separator: str = typer.Option("", "--separator", help="Text put between prompt and response."),
+    messages_field: Optional[str] = typer.Option(None, "--messages-field", help="Field holding a chat [{role, content}]; rendered with the tokenizer's chat template, the last message is the response."),
+    id_field: Optional[str] = typer.Option(None, "--id-field", help="Field holding a unique example id (default: 'id' if present, else a hash of the text)."),
+    split: str = typer.Option("train", "--split", help="Dataset split (hub datasets and directories)."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Sequences per forward pass."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Longer examples are truncated to this many tokens (text cut to match) and flagged `truncated`. Default: the model's context length."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Process only the first N records (a rerun with a larger N continues)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Model revision (hub models)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run (off by default: it is code from the model's author)."),
+    shard_size_mb: float = typer.Option(256.0, "--shard-size-mb", help="Target size of one Parquet shard."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Run a teacher over a dataset and write its top-k logit cache (stage 1).
+
+    Example:
+
+        logitcache teacher --model ./teacher --data train.jsonl --prompt-field prompt
+        --response-field response --out cache/ --top-k 64
+    """
+    quiet_libraries()
+    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.teacher.run import TeacherConfig, run_teacher
+
+    cfg = TeacherConfig(
+        model=model, data=data, out=str(out), top_k=top_k, engine=engine, mode=mode,
+        template=TextTemplate(
+            text_field=text_field, prompt_field=prompt_field, response_field=response_field,
+            messages_field=messages_field, separator=separator, id_field=id_field,
+        ),
+        split=split, batch_size=batch_size, max_length=max_length, dtype=dtype, device=device,
+        limit=limit, revision=revision, trust_remote_code=trust_remote_code,
+        shard_bytes=max(1, int(shard_size_mb * 2**20)),
+    )
+    r = run_teacher(cfg, progress=progress)
+    m = r.manifest
+    parts = [f"wrote {r.written} examples ({r.tokens} tokens) in {r.seconds:.1f}s, {r.tokens_per_second:,.0f} tokens/s"]
+    if r.already_done:
+        parts.append(f"{r.already_done} already in the cache")
+    if r.skipped:
+        parts.append("skipped " + ", ".join(f"{n} {why}" for why, n in r.skipped.items()))
+    if r.truncated:
+        parts.append(f"{r.truncated} truncated to {m.max_length} tokens")
+    typer.echo("; ".join(parts))
+    bpt = m.num_bytes / m.num_tokens if m.num_tokens else 0.0
+    state = "complete" if r.complete else "partial (rerun to continue)"
+    typer.echo(f"cache {out}: {m.num_examples} examples, {m.num_tokens} tokens, {bpt:.1f} bytes/token, {state}")

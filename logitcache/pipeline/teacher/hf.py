@@ -1,0 +1,228 @@
+"""The `hf` teacher engine: any transformers causal LM, on CPU or CUDA.
+
+The decoder runs once per batch; the LM head is then applied a chunk of positions at a
+time (see topk.py), so the ``[B, T, V]`` logits never exist. Models that transform the
+logits after the head (Gemma's soft-capping, Cohere's and Granite's scaling) take the
+plain ``model(...).logits`` path instead; a start-up self-check catches any other model
+whose head path disagrees with its own forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from logitcache.errors import LogitCacheError
+from logitcache.pipeline.offsets import require_fast_tokenizer
+from logitcache.pipeline.teacher.topk import TopK, chunked_topk, chunked_topk_from_logits_fn
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+# Config attributes of models whose logits are not just lm_head(hidden).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+@dataclass
+class ScoredSequence:
+    """The teacher's predictions along one sequence of n tokens (n - 1 positions)."""
+
+    topk_ids: np.ndarray  # int32 [n - 1, k]
+    topk_logprobs: np.ndarray  # float16 [n - 1, k]
+    label_logprob: np.ndarray  # float32 [n - 1]
+    logsumexp: np.ndarray  # float32 [n - 1]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise LogitCacheError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LogitCacheError(f"--device {device}: CUDA is not available here; use --device cpu.")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise LogitCacheError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16.")
+    return _DTYPES[dtype]
+
+
+def model_fingerprint(name: str, revision: str | None) -> str:
+    """A cheap identity of the weights: config + weight file names/sizes for a local model,
+    the revision for a hub one (hashing hundreds of GB of weights is not cheap)."""
+    path = Path(name)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for p in sorted(path.iterdir()):
+            if p.name == "config.json":
+                h.update(p.read_bytes())
+            elif p.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
+                h.update(f"{p.name}:{p.stat().st_size}".encode())
+        return h.hexdigest()
+    return f"{name}@{revision or 'main'}"
+
+
+class HFTeacher:
+    """Loads a causal LM and its fast tokenizer; scores token sequences."""
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        chunk: int = 1024,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_name = model
+        self.revision = revision
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.chunk = chunk
+        if _looks_like_path(model) and not Path(model).exists():
+            raise LogitCacheError(f"--model {model}: no such directory; give a model directory or a hub name.")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise LogitCacheError(f"--model {model}: could not load its tokenizer ({_first_line(e)}).") from e
+        require_fast_tokenizer(self.tokenizer, "teacher tokenizer")
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model, revision=revision, dtype=self.dtype, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as e:
+            raise LogitCacheError(f"--model {model}: could not load it as a causal LM ({_first_line(e)}).") from e
+        self.model.to(self.device).eval()
+        self.fingerprint = model_fingerprint(model, revision)
+        self._decoder = self._head = None
+        self.uses_head_path = self._setup_head_path()
+
+    # --- facts the pipeline needs ------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Width of the logits (may exceed len(tokenizer) when the embedding is padded)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def max_length(self) -> int | None:
+        n = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
+        return int(n) if n else None
+
+    def describe(self) -> dict:
+        return {
+            "engine": self.name,
+            "name": self.model_name,
+            "revision": self.revision or getattr(self.model.config, "_commit_hash", None),
+            "fingerprint": self.fingerprint,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "vocab_size": self.vocab_size,
+            "architecture": (getattr(self.model.config, "architectures", None) or [type(self.model).__name__])[0],
+        }
+
+    # --- the LM head, a chunk at a time -----------------------------------------------
+    def _setup_head_path(self) -> bool:
+        cfg = self.model.config
+        if any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
+            return False
+        try:
+            decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            return False
+        if decoder is None or head is None or decoder is self.model:
+            return False
+        self._decoder, self._head = decoder, head
+        # Self-check on a short input: the head path must reproduce the model's own logits.
+        ids = torch.arange(min(8, self.vocab_size), device=self.device)[None]
+        try:
+            with torch.inference_mode():
+                want = self.model(input_ids=ids).logits.float()
+                got = head(decoder(input_ids=ids).last_hidden_state).float()
+        except Exception:  # an unusual model: use its own forward
+            return False
+        tol = 1e-4 if self.dtype == torch.float32 else 2e-2
+        return bool(torch.allclose(want, got, rtol=tol, atol=tol))
+
+    # --- scoring -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, seqs: Sequence[Sequence[int]], k: int) -> list[ScoredSequence]:
+        """Top-k of every next-token prediction along each sequence (one batch, padded here)."""
+        if not seqs:
+            return []
+        lens = torch.tensor([len(s) for s in seqs])
+        B, T = len(seqs), int(lens.max())
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        input_ids = torch.full((B, T), pad, dtype=torch.long)
+        attn = torch.zeros((B, T), dtype=torch.long)
+        left = self.tokenizer.padding_side == "left"
+        for i, s in enumerate(seqs):
+            sl = slice(T - len(s), T) if left else slice(0, len(s))
+            input_ids[i, sl] = torch.as_tensor(s, dtype=torch.long)
+            attn[i, sl] = 1
+        # Explicit positions: with left padding the first real token must still be position 0.
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+        # Predicting positions: real tokens that have a next token.
+        next_ids = torch.roll(input_ids, -1, dims=1)
+        pred = attn.bool() & torch.roll(attn, -1, dims=1).bool()
+        pred[:, -1] = False
+        inputs = dict(
+            input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device),
+            position_ids=position_ids.to(self.device), use_cache=False,
+        )
+        labels = next_ids[pred].to(self.device)
+        if self.uses_head_path:
+            hidden = self._decoder(**inputs).last_hidden_state[pred.to(self.device)]
+            top = chunked_topk(hidden, self._head, labels, k, self.chunk)
+        else:
+            logits = self.model(**inputs).logits
+            bi, ti = pred.to(self.device).nonzero(as_tuple=True)
+            top = chunked_topk_from_logits_fn(lambda a, b: logits[bi[a:b], ti[a:b]], len(bi), labels, k, self.chunk)
+        return _split(top, (lens - 1).tolist())
+
+
+def _split(top: TopK, counts: list[int]) -> list[ScoredSequence]:
+    lp = top.logprobs.cpu().numpy().astype(np.float16)
+    ids = top.ids.cpu().numpy().astype(np.int32)
+    label = top.label_logprob.cpu().numpy().astype(np.float32)
+    lse = top.logsumexp.cpu().numpy().astype(np.float32)
+    out, a = [], 0
+    for c in counts:
+        out.append(ScoredSequence(ids[a : a + c], lp[a : a + c], label[a : a + c], lse[a : a + c]))
+        a += c
+    return out
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name and not _is_hub_id(name)
+
+
+def _is_hub_id(name: str) -> bool:
+    # "org/model" is a hub id; "a/b/c" or "./x" is a path.
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

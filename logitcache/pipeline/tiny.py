@@ -1,0 +1,228 @@
+"""Tiny tokenizers, models and data built on the spot: the embedded default and test fixtures.
+
+Nothing is downloaded. The teacher tokenizer is a byte-level BPE (GPT-2/Llama-3 family) and
+the student tokenizer a Unigram with Metaspace '▁' markers (SentencePiece family), both
+trained on a generated corpus, so vocabularies and token boundaries really differ. The
+corpus mixes ASCII, accented Latin, CJK and emoji so every offset path gets exercised, and
+carries "knowledge" (made-up capitals, sums) that a briefly trained teacher can learn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+_COUNTRIES = [
+    ("Freedonia", "Zorvik"), ("Ruritania", "Strelsau"), ("Genovia", "Pyrus"), ("Latveria", "Doomstadt"),
+    ("Elbonia", "Mudville"), ("Sokovia", "Novi Grad"), ("Wakanda", "Birnin Zana"), ("Florin", "Guilder"),
+    ("Syldavia", "Klow"), ("Borduria", "Szohôd"), ("Qumar", "Qasr"), ("Zubrowka", "Lutz"),
+    ("Île Verte", "Saint-Étienne"), ("Østmark", "Fjordby"), ("Nippon-mura", "東京"), ("Kōri", "札幌"),
+]
+_MULTILINGUAL = [
+    "Café crème à {city} coûte {n} €.",
+    "{city}は{country}の首都です。",
+    "I ❤️ {city} 🎉👍🏽 and 🇫🇷 flags.",
+    "naïve façade — déjà vu in {city}, ñandú, Straße.",
+    "数字 {n} と 漢字 の テスト 😀.",
+    "Ελληνικά και русский текст: {n}.",
+]
+
+
+def _fact_lines(rng: random.Random) -> tuple[str, str]:
+    """One (prompt, response) pair of 'knowledge' the tiny teacher can learn."""
+    kind = rng.random()
+    if kind < 0.5:
+        country, city = rng.choice(_COUNTRIES)
+        return f"Q: What is the capital of {country}?\nA:", f" The capital of {country} is {city}."
+    if kind < 0.8:
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        return f"Q: What is {a} plus {b}?\nA:", f" {a} plus {b} is {a + b}."
+    country, city = rng.choice(_COUNTRIES)
+    line = rng.choice(_MULTILINGUAL).format(city=city, country=country, n=rng.randint(1, 999))
+    return "Say something:\n", line
+
+
+def generate_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    return [_fact_lines(rng) for _ in range(n)]
+
+
+def generate_corpus(n: int, seed: int = 0) -> list[str]:
+    return [p + r for p, r in generate_pairs(n, seed)]
+
+
+def write_demo_dataset(path: str | os.PathLike, n: int = 64, seed: int = 1) -> Path:
+    """A JSON-lines file with the fields every input mode needs: id, prompt, response, text, messages."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (prompt, response) in enumerate(generate_pairs(n, seed)):
+            record = {
+                "id": f"ex-{i:05d}",
+                "prompt": prompt,
+                "response": response,
+                "text": prompt + response,
+                "messages": [
+                    {"role": "user", "content": prompt.strip()},
+                    {"role": "assistant", "content": response.strip()},
+                ],
+            }
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def _wrap(tok, chat_template: bool):
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=SPECIAL_TOKENS[4:],
+    )
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def train_bpe_tokenizer(corpus: list[str], vocab_size: int = 512, chat_template: bool = True):
+    """Byte-level BPE ('Ġ' markers, bytes as tokens), adds <s> in front like Llama."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]),
+        ]
+    )
+    return _wrap(tok, chat_template)
+
+
+def train_unigram_tokenizer(corpus: list[str], vocab_size: int = 400, chat_template: bool = True):
+    """Unigram with Metaspace ('▁' markers), SentencePiece style; adds <s> in front."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token="<unk>", show_progress=False
+    )
+    tok.train_from_iterator(corpus, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
+    return _wrap(tok, chat_template)
+
+
+@dataclass
+class TinyModelConfig:
+    arch: str = "llama"  # "llama" | "gpt2"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    max_positions: int = 512
+    seed: int = 0
+
+
+def build_tiny_model(tokenizer, cfg: TinyModelConfig = TinyModelConfig()):
+    """A randomly initialised causal LM sized for the tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if cfg.arch == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.hidden_size * 2,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=max(1, cfg.num_heads // 2),
+            max_position_embeddings=cfg.max_positions,
+            tie_word_embeddings=False,
+            **ids,
+        )
+        return LlamaForCausalLM(config)
+    if cfg.arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            n_positions=cfg.max_positions,
+            **ids,
+        )
+        return GPT2LMHeadModel(config)
+    raise ValueError(f"unknown tiny arch {cfg.arch!r}; use 'llama' or 'gpt2'")
+
+
+def train_briefly(model, tokenizer, texts: list[str], steps: int = 200, batch_size: int = 16, lr: float = 3e-3, seed: int = 0) -> float:
+    """A few hundred AdamW steps so the teacher's logits carry the corpus' facts. Returns the last loss."""
+    import torch
+
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss_value = float("nan")
+    for _ in range(steps):
+        batch = tokenizer(rng.sample(texts, min(batch_size, len(texts))), return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        loss_value = float(loss.detach())
+    model.eval()
+    return loss_value
+
+
+def build_tiny_teacher(
+    out_dir: str | os.PathLike,
+    *,
+    vocab_size: int = 512,
+    train_steps: int = 0,
+    model_cfg: TinyModelConfig = TinyModelConfig(),
+    corpus_size: int = 2000,
+    seed: int = 0,
+) -> Path:
+    """Train a byte-level BPE tokenizer and save it with a tiny causal LM to ``out_dir``."""
+    out_dir = Path(out_dir)
+    corpus = generate_corpus(corpus_size, seed)
+    tokenizer = train_bpe_tokenizer(corpus, vocab_size)
+    model = build_tiny_model(tokenizer, model_cfg)
+    if train_steps:
+        train_briefly(model, tokenizer, corpus, steps=train_steps, seed=seed)
+    tokenizer.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_student_tokenizer(out_dir: str | os.PathLike, *, vocab_size: int = 400, seed: int = 0) -> Path:
+    out_dir = Path(out_dir)
+    train_unigram_tokenizer(generate_corpus(2000, seed + 7), vocab_size).save_pretrained(out_dir)
+    return out_dir

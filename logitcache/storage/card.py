@@ -1,0 +1,52 @@
+"""The dataset card (README.md) of a cache, with a YAML header that `datasets` understands."""
+
+from __future__ import annotations
+
+import json
+
+from logitcache.storage.manifest import Manifest
+
+
+def render_card(m: Manifest) -> str:
+    teacher = m.teacher.get("name", "?")
+    bpt = m.num_bytes / m.num_tokens if m.num_tokens else 0.0
+    return f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/*.parquet
+tags:
+- knowledge-distillation
+- logitcache
+---
+
+# Teacher logit cache: {teacher}
+
+Written by [logitcache](https://pypi.org/project/logitcache/) {m.tool_version}, cache format v{m.format_version}.
+Every row is one example: the exact `text` the teacher read, its tokens with character
+spans, and per position the teacher's top-{m.k} next-token log-probabilities (sorted,
+temperature {m.temperature}, normalised over the full vocabulary), the log-probability of
+the actual next token and the log-normaliser of the raw logits.
+
+| | |
+|---|---|
+| teacher | `{teacher}` ({m.teacher.get("dtype", "?")}) |
+| mode | {m.mode} |
+| top-k | {m.k} |
+| examples | {m.num_examples} |
+| tokens | {m.num_tokens} |
+| bytes/token | {bpt:.1f} |
+| status | {m.status} |
+
+Load it with `logitcache.open_cache(path)`, with `pyarrow.parquet`, or with
+`datasets.load_dataset("parquet", data_files="data/*.parquet")`. The teacher tokenizer is
+in `tokenizer/`; `manifest.json` has the settings and a sha256 per shard
+(`logitcache verify` checks them).
+
+Template (how a record became text):
+
+```json
+{json.dumps(m.template, indent=2)}
+```
+"""

@@ -1,0 +1,94 @@
+"""CacheReader: open a cache, stream its examples, fetch one by id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from logitcache.errors import LogitCacheError
+from logitcache.storage.manifest import Manifest, load_manifest
+from logitcache.storage.rows import Row, batch_to_rows
+from logitcache.storage.writer import TOKENIZER_DIR
+
+
+class CacheReader:
+    """Read-only view of a cache. Streams one record batch at a time; memory stays flat.
+
+    >>> cache = CacheReader("out/cache")
+    >>> for row in cache: ...            # dicts of numpy arrays, see storage/rows.py
+    >>> cache["a1b2c3"]                  # random access by example id
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike) -> None:
+        self.path = Path(cache_dir)
+        if not self.path.is_dir():
+            raise LogitCacheError(f"{self.path}: no such cache directory; check the path.")
+        self.manifest: Manifest = load_manifest(self.path)
+        self._index: dict[str, tuple[int, int]] | None = None
+
+    @property
+    def k(self) -> int:
+        return self.manifest.k
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / TOKENIZER_DIR
+
+    def shard_path(self, i: int) -> Path:
+        return self.path / self.manifest.shards[i].path
+
+    def __len__(self) -> int:
+        return self.manifest.num_examples
+
+    def iter_rows(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[Row]:
+        for i in range(len(self.manifest.shards)):
+            f = pq.ParquetFile(self.shard_path(i))
+            for batch in f.iter_batches(batch_size=batch_size, columns=columns):
+                yield from batch_to_rows(batch)
+
+    def __iter__(self) -> Iterator[Row]:
+        return self.iter_rows()
+
+    def ids(self) -> Iterator[str]:
+        for row in self.iter_rows(columns=["id"], batch_size=65536):
+            yield row["id"]
+
+    def _build_index(self) -> dict[str, tuple[int, int]]:
+        index: dict[str, tuple[int, int]] = {}
+        for i in range(len(self.manifest.shards)):
+            ids = pq.read_table(self.shard_path(i), columns=["id"]).column("id").to_pylist()
+            for j, rid in enumerate(ids):
+                index[rid] = (i, j)
+        return index
+
+    def __contains__(self, example_id: str) -> bool:
+        if self._index is None:
+            self._index = self._build_index()
+        return example_id in self._index
+
+    def __getitem__(self, example_id: str) -> Row:
+        if self._index is None:
+            self._index = self._build_index()
+        try:
+            shard, j = self._index[example_id]
+        except KeyError:
+            raise LogitCacheError(
+                f"no example with id {example_id!r} in {self.path}; `logitcache inspect` lists some ids."
+            ) from None
+        f = pq.ParquetFile(self.shard_path(shard))
+        # Read only the row group that holds row j.
+        start = 0
+        for g in range(f.num_row_groups):
+            n = f.metadata.row_group(g).num_rows
+            if j < start + n:
+                table = f.read_row_group(g).slice(j - start, 1)
+                return next(batch_to_rows(table.to_batches()[0]))
+            start += n
+        raise LogitCacheError(f"{self.shard_path(shard)}: row {j} missing; run `logitcache verify`.")
+
+
+def open_cache(cache_dir: str | os.PathLike) -> CacheReader:
+    return CacheReader(cache_dir)

@@ -1,0 +1,94 @@
+"""Rows <-> Arrow: one example as a dict of numpy arrays, a batch of them as a Table.
+
+A row is::
+
+    id: str, text: str, prompt_chars: int, truncated: bool,
+    input_ids, char_start, char_end:        int32 [n]
+    topk_ids:                               int32 [n - 1, k]
+    topk_logprobs:                          float16 [n - 1, k]
+    label_logprob, logsumexp:               float32 [n - 1]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from logitcache.storage.schema import shard_schema
+
+Row = dict[str, Any]
+
+_FLAT_DTYPES = {
+    "input_ids": np.int32,
+    "char_start": np.int32,
+    "char_end": np.int32,
+    "label_logprob": np.float32,
+    "logsumexp": np.float32,
+}
+_MATRIX_DTYPES = {"topk_ids": np.int32, "topk_logprobs": np.float16}
+
+
+def row_nbytes(row: Row) -> int:
+    """Approximate in-memory size, used to cut row groups and shards."""
+    n = len(row["input_ids"])
+    k = row["topk_ids"].shape[1] if n > 1 else 0
+    return len(row["text"]) + 12 * n + (6 * k + 8) * max(n - 1, 0) + 64
+
+
+def _list_array(chunks: Sequence[np.ndarray], value_type: pa.DataType, dtype: type) -> pa.Array:
+    lengths = np.fromiter((len(c) for c in chunks), dtype=np.int32, count=len(chunks))
+    offsets = np.zeros(len(chunks) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(chunks).astype(dtype, copy=False) if chunks else np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+
+
+def rows_to_table(rows: Sequence[Row], k: int) -> pa.Table:
+    schema = shard_schema(k)
+    columns: dict[str, pa.Array] = {
+        "id": pa.array([r["id"] for r in rows], pa.string()),
+        "text": pa.array([r["text"] for r in rows], pa.string()),
+        "prompt_chars": pa.array([int(r["prompt_chars"]) for r in rows], pa.int32()),
+        "truncated": pa.array([bool(r["truncated"]) for r in rows], pa.bool_()),
+    }
+    for name, dtype in _FLAT_DTYPES.items():
+        columns[name] = _list_array([np.asarray(r[name]) for r in rows], schema.field(name).type.value_type, dtype)
+    for name, dtype in _MATRIX_DTYPES.items():
+        inner = schema.field(name).type.value_type  # fixed_size_list<k>
+        mats = [np.asarray(r[name], dtype=dtype).reshape(-1, k) for r in rows]
+        lengths = np.fromiter((m.shape[0] for m in mats), dtype=np.int32, count=len(mats))
+        offsets = np.zeros(len(mats) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.concatenate([m.reshape(-1) for m in mats]) if mats else np.zeros(0, dtype)
+        values = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=inner.value_type), k)
+        columns[name] = pa.ListArray.from_arrays(pa.array(offsets), values)
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def _split(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def batch_to_rows(batch: pa.RecordBatch) -> Iterator[Row]:
+    """Decode a record batch of a shard into row dicts (numpy views, no per-value Python)."""
+    names = batch.schema.names
+    out: dict[str, list[Any]] = {}
+    n_rows = batch.num_rows
+    for name in names:
+        col = batch.column(names.index(name))
+        if name in _FLAT_DTYPES or name in _MATRIX_DTYPES:
+            # ``offsets`` index into the child array as a whole (slices included);
+            # ``flatten()`` of a fixed-size list honours that child's own offset.
+            offsets = col.offsets.to_numpy()
+            child = col.values
+            if name in _MATRIX_DTYPES:
+                flat = child.flatten().to_numpy(zero_copy_only=False).reshape(-1, child.type.list_size)
+            else:
+                flat = child.to_numpy(zero_copy_only=False)
+            out[name] = _split(flat, offsets)
+        else:
+            out[name] = col.to_pylist()
+    for i in range(n_rows):
+        yield {name: out[name][i] for name in names}

@@ -1,0 +1,218 @@
+"""verify: recompute every hash and count, and check every number is sane.
+
+Finds: missing, resized or altered shards (sha256), shards the manifest does not list,
+schema drift, row/token counts that disagree with the manifest, top-k rows not sorted
+descending, log-probabilities above 0 or not finite, probability mass above 1, ids outside
+the vocabulary or repeated within a position, a label log-prob that disagrees with the
+top-k, character spans outside ``text`` or out of order, duplicate example ids, and
+tokenizer files that do not match their recorded hashes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from logitcache.errors import LogitCacheError
+from logitcache.storage.fsutil import hash_files, sha256_file
+from logitcache.storage.manifest import load_manifest
+from logitcache.storage.schema import shard_schema
+from logitcache.storage.writer import DATA_DIR, TMP_PREFIX, TOKENIZER_DIR
+
+# fp16 keeps 11 significant bits: a stored log-prob is within 2^-11 relative of the truth.
+_FP16_RTOL = 2.0**-10
+_FP16_ATOL = 2.0**-14
+_MASS_TOL = 1e-2
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    shards: int = 0
+    examples: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        if self.ok:
+            bpt = self.bytes / self.tokens if self.tokens else 0.0
+            return (
+                f"OK {self.path}: {self.shards} shards, {self.examples} examples, "
+                f"{self.tokens} tokens, {bpt:.1f} bytes/token"
+            )
+        return f"FAILED {self.path}: {len(self.problems)} problem(s)"
+
+
+def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> VerifyReport:
+    """Check a cache end to end. Never raises for a damaged shard: it reports it."""
+    root = Path(cache_dir)
+    if not root.is_dir():
+        raise LogitCacheError(f"{root}: no such cache directory; check the path.")
+    m = load_manifest(root)
+    report = VerifyReport(path=root)
+    vocab = int(m.tokenizer.get("vocab_size") or 0)
+
+    files = m.tokenizer.get("files") or {}
+    if files:
+        tok_dir = root / TOKENIZER_DIR
+        _, actual = hash_files(tok_dir) if tok_dir.is_dir() else ("", {})
+        for name, digest in files.items():
+            if name not in actual:
+                report.problems.append(f"{TOKENIZER_DIR}/{name}: missing")
+            elif actual[name] != digest:
+                report.problems.append(f"{TOKENIZER_DIR}/{name}: sha256 differs from the manifest")
+
+    listed = {s.path for s in m.shards}
+    for p in sorted((root / DATA_DIR).glob("*")):
+        rel = p.relative_to(root).as_posix()
+        if rel not in listed and not p.name.startswith(TMP_PREFIX):
+            report.problems.append(f"{rel}: not listed in the manifest (unknown shard)")
+
+    seen_ids: set[str] = set()
+    for info in m.shards:
+        path = root / info.path
+        where = info.path
+        if not path.is_file():
+            report.problems.append(f"{where}: missing")
+            continue
+        size = path.stat().st_size
+        if size != info.bytes:
+            report.problems.append(f"{where}: {size} bytes, manifest says {info.bytes} (truncated or replaced)")
+        if sha256_file(path) != info.sha256:
+            report.problems.append(f"{where}: sha256 differs from the manifest (corrupted or modified)")
+            continue
+        try:
+            rows, tokens = _check_shard(path, m.k, vocab, seen_ids, check_values, report.problems, where)
+        except (pa.ArrowException, OSError) as e:
+            report.problems.append(f"{where}: unreadable Parquet ({e})")
+            continue
+        if rows != info.rows or tokens != info.tokens:
+            report.problems.append(
+                f"{where}: {rows} rows / {tokens} tokens, manifest says {info.rows} / {info.tokens}"
+            )
+        report.shards += 1
+        report.examples += rows
+        report.tokens += tokens
+        report.bytes += size
+    return report
+
+
+def _check_shard(
+    path: Path, k: int, vocab: int, seen_ids: set[str], check_values: bool, problems: list[str], where: str
+) -> tuple[int, int]:
+    f = pq.ParquetFile(path)
+    expected = shard_schema(k)
+    if not f.schema_arrow.equals(expected):
+        problems.append(f"{where}: schema differs from format v1 with k={k}")
+        return f.metadata.num_rows, 0
+    rows = tokens = 0
+    for batch in f.iter_batches(batch_size=1024):
+        for rid in batch.column("id").to_pylist():
+            if rid in seen_ids:
+                problems.append(f"{where}: example id {rid!r} appears more than once")
+            seen_ids.add(rid)
+        rows += batch.num_rows
+        tokens += int(pc.sum(pc.list_value_length(batch.column("input_ids"))).as_py() or 0)
+        if check_values:
+            for msg in _check_values(batch, k, vocab):
+                problems.append(f"{where}: {msg}")
+    return rows, tokens
+
+
+def _flat(col: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    offsets = col.offsets.to_numpy()
+    child = col.values
+    if pa.types.is_fixed_size_list(child.type):
+        values = child.flatten().to_numpy(zero_copy_only=False).reshape(-1, child.type.list_size)
+    else:
+        values = child.to_numpy(zero_copy_only=False)
+    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
+
+
+def _check_values(batch: pa.RecordBatch, k: int, vocab: int) -> list[str]:
+    """Vectorised over the whole batch; returns one message per kind of problem found."""
+    out: list[str] = []
+    ids = batch.column("id").to_pylist()
+    texts = batch.column("text").to_pylist()
+    in_ids, tok_off = _flat(batch.column("input_ids"))
+    cs, _ = _flat(batch.column("char_start"))
+    ce, _ = _flat(batch.column("char_end"))
+    lp, pos_off = _flat(batch.column("topk_logprobs"))
+    tk, _ = _flat(batch.column("topk_ids"))
+    label, label_off = _flat(batch.column("label_logprob"))
+    lse, lse_off = _flat(batch.column("logsumexp"))
+    cs_off = _flat(batch.column("char_start"))[1]
+    ce_off = _flat(batch.column("char_end"))[1]
+
+    n_tok = np.diff(tok_off)
+    n_pos = np.diff(pos_off)
+
+    def first_bad(mask_rows: np.ndarray) -> str:
+        return repr(ids[int(np.flatnonzero(mask_rows)[0])])
+
+    bad = (n_tok < 1) | (np.diff(cs_off) != n_tok) | (np.diff(ce_off) != n_tok)
+    bad |= (n_pos != n_tok - 1) | (np.diff(label_off) != n_pos) | (np.diff(lse_off) != n_pos)
+    if bad.any():
+        out.append(f"{int(bad.sum())} rows with inconsistent column lengths (first: id {first_bad(bad)})")
+        return out  # the position-level checks below assume consistent lengths
+
+    row_of_pos = np.repeat(np.arange(len(ids)), n_pos)
+    lp32 = lp.astype(np.float32)
+
+    def report(mask_pos: np.ndarray, what: str) -> None:
+        if mask_pos.any():
+            rows = np.zeros(len(ids), bool)
+            rows[row_of_pos[mask_pos]] = True
+            out.append(f"{int(mask_pos.sum())} positions {what} (first: id {first_bad(rows)})")
+
+    if lp.size:
+        finite = np.isfinite(lp32).all(axis=1)
+        report(~finite, "with NaN/inf top-k log-probabilities")
+        report((lp32 > 0).any(axis=1), "with a top-k log-probability above 0")
+        report((np.diff(lp32, axis=1) > 0).any(axis=1), "whose top-k is not sorted descending")
+        mass = np.exp(np.where(np.isfinite(lp32), lp32, -np.inf)).sum(axis=1)
+        report(mass > 1 + _MASS_TOL, "whose top-k probabilities sum above 1")
+        report(((tk < 0) | (tk >= vocab)).any(axis=1) if vocab else (tk < 0).any(axis=1), "with top-k ids outside the vocabulary")
+        srt = np.sort(tk, axis=1)
+        report((np.diff(srt, axis=1) == 0).any(axis=1), "with a token id repeated in the top-k")
+    report(~np.isfinite(label) | (label > 1e-5), "with a label log-prob that is not finite or above 0")
+    report(~np.isfinite(lse), "with a non-finite logsumexp")
+
+    if lp.size:
+        # The label of position p is input_ids[p + 1] of the same row.
+        local = np.arange(len(row_of_pos)) - pos_off[row_of_pos]
+        label_ids = in_ids[tok_off[row_of_pos] + 1 + local]
+        hit = tk == label_ids[:, None]
+        in_topk = hit.any(axis=1)
+        stored = np.where(in_topk, (lp32 * hit).sum(axis=1), 0.0)
+        tol = _FP16_RTOL * np.abs(label) + _FP16_ATOL
+        report(in_topk & (np.abs(stored - label) > tol), "whose label log-prob disagrees with its top-k entry")
+        report(~in_topk & (label > lp32[:, -1] + tol), "whose label is outside the top-k but more likely than its k-th entry")
+
+    text_len = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    row_of_tok = np.repeat(np.arange(len(ids)), n_tok)
+    bad_span = (cs < 0) | (ce < cs) | (ce > text_len[row_of_tok])
+    prev_end = np.concatenate([[0], ce[:-1]])
+    first_of_row = np.zeros(len(cs), bool)
+    first_of_row[tok_off[:-1]] = True
+    bad_span |= ~first_of_row & (cs < prev_end)
+    if bad_span.any():
+        rows = np.zeros(len(ids), bool)
+        rows[row_of_tok[bad_span]] = True
+        out.append(f"{int(bad_span.sum())} token spans outside the text or out of order (first: id {first_bad(rows)})")
+    prompt = batch.column("prompt_chars").to_numpy()
+    bad_prompt = (prompt < 0) | (prompt > text_len)
+    if bad_prompt.any():
+        out.append(f"{int(bad_prompt.sum())} rows with prompt_chars outside the text (first: id {first_bad(bad_prompt)})")
+    return out
