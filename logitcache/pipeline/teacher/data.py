@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,11 +136,15 @@ def _as_str(value: Any, field: str) -> str:
 
 
 def load_records(data: str, split: str = "train"):
-    """Anything `datasets` loads: a file, a list of files, a directory of them, or a hub dataset name."""
+    """Anything `datasets` loads: a file, a directory of files, or a hub dataset name."""
     import datasets
 
     path = Path(data)
     looks_like_path = path.suffix.lower() in _BUILDERS or os.sep in data or data.startswith(".")
+    # datasets logs its own traceback before raising; we report the problem in one line.
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         if path.is_file():
             builder = _BUILDERS.get(path.suffix.lower())
@@ -157,12 +163,46 @@ def load_records(data: str, split: str = "train"):
             ds = datasets.load_dataset(data, split=split)
     except LogitCacheError:
         raise
-    except Exception as e:  # datasets raises many types; the user needs the gist and the file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LogitCacheError(f"--data {data}: could not be read ({type(e).__name__}: {first}).") from e
+    except Exception as e:  # datasets raises many types; the user needs the gist and the place
+        raise LogitCacheError(_explain_load_error(data, e)) from e
+    finally:
+        logger.setLevel(level)
     if len(ds) == 0:
         raise LogitCacheError(f"--data {data} holds no records; give data with at least one record.")
     return ds
+
+
+def _explain_load_error(data: str, e: BaseException) -> str:
+    path = Path(data)
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
+        where = _first_bad_json_line(path)
+        if where:
+            return f"--data {data}: {where}; fix or remove that line."
+    root = e
+    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+        root = root.__cause__ or root.__context__
+    text = str(root).strip()
+    first = text.splitlines()[0] if text else type(root).__name__
+    return f"--data {data}: could not be read ({type(root).__name__}: {first})."
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """Scan a JSON-lines file for the first line that is not a JSON object (only after a failure)."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"line {n} is not valid UTF-8 (byte {err.start})"
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {n} is not valid JSON ({err.msg} at column {err.colno})"
+            if not isinstance(value, dict):
+                return f"line {n} is a JSON {type(value).__name__}, expected an object with fields"
+    return None
 
 
 def dataset_fingerprint(data: str, ds) -> str:

@@ -1,0 +1,27 @@
+# The two set-up commands of the README, and the benchmarks. Each target creates the
+# project's virtual environment (.venv) on first use and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+# CPU build from local disk on our machines; on a GPU box use e.g. TORCH_SPEC="torch>=2.4".
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed  ## the main job end to end on the embedded default
+	$(BIN)/logitcache demo --out demo-out
+
+test: $(VENV)/.installed  ## the test suite (what CI runs)
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed  ## benchmarks; results in benchmarks/RESULTS.md
+	$(BIN)/python benchmarks/stage1.py
+
+clean:
+	rm -rf demo-out .pytest_cache

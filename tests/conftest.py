@@ -1,0 +1,70 @@
+"""Fixtures: tiny teachers, tokenizers and data, built once per session, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("LOGITCACHE_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A random tiny Llama with a byte-level BPE tokenizer (vocab 512)."""
+    from logitcache.pipeline.tiny import build_tiny_teacher
+
+    return build_tiny_teacher(tmp_path_factory.mktemp("teacher") / "llama", train_steps=0)
+
+
+@pytest.fixture(scope="session")
+def gpt2_teacher_dir(tmp_path_factory) -> Path:
+    """The same tokenizer with a tiny GPT-2: a second architecture for the engine."""
+    from logitcache.pipeline.tiny import TinyModelConfig, build_tiny_teacher
+
+    return build_tiny_teacher(tmp_path_factory.mktemp("teacher") / "gpt2", model_cfg=TinyModelConfig(arch="gpt2"))
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory) -> Path:
+    """24 records with id, prompt, response, text and messages fields (ASCII, accents, CJK, emoji)."""
+    from logitcache.pipeline.tiny import write_demo_dataset
+
+    return write_demo_dataset(tmp_path_factory.mktemp("data") / "train.jsonl", n=24, seed=3)
+
+
+def make_config(teacher: Path, data: Path, out: Path, **overrides):
+    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.teacher.run import TeacherConfig
+
+    kwargs = dict(
+        model=str(teacher), data=str(data), out=str(out), top_k=8, batch_size=4,
+        template=TextTemplate(prompt_field="prompt", response_field="response"),
+        shard_bytes=6_000,  # several shards from 24 examples
+    )
+    kwargs.update(overrides)
+    return TeacherConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def built_cache(tmp_path_factory, teacher_dir, data_file) -> Path:
+    """A finished cache of the 24 records, k=8, several shards. Copy it before damaging it."""
+    from logitcache.pipeline.teacher.run import run_teacher
+
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    run_teacher(make_config(teacher_dir, data_file, out), progress=False)
+    return out
+
+
+@pytest.fixture
+def cache_copy(built_cache, tmp_path) -> Path:
+    """A private copy of ``built_cache`` that a test may modify."""
+    import shutil
+
+    dst = tmp_path / "cache"
+    shutil.copytree(built_cache, dst)
+    return dst

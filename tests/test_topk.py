@@ -1,0 +1,48 @@
+"""chunked_topk equals top-k taken from the full logits, whatever the chunk size."""
+
+import pytest
+import torch
+
+from logitcache.pipeline.teacher.topk import chunked_topk
+
+
+def _reference(hidden, weight, labels, k):
+    logits = hidden @ weight.T  # [N, V], the whole thing at once
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    vals, ids = logp.topk(k, dim=-1)
+    return vals, ids, logp.gather(-1, labels[:, None]).squeeze(-1), torch.logsumexp(logits.double(), -1)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_chunked_topk_matches_full_logits(chunk):
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(50, 16, generator=g), torch.randn(300, 16, generator=g)
+    labels = torch.randint(0, 300, (50,), generator=g)
+    top = chunked_topk(hidden, lambda h: h @ weight.T, labels, k=10, chunk=chunk)
+    vals, ids, label_lp, lse = _reference(hidden, weight, labels, 10)
+    assert torch.equal(top.ids, ids)
+    torch.testing.assert_close(top.logprobs.double(), vals, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(top.label_logprob.double(), label_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(top.logsumexp.double(), lse, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_topk_is_sorted_and_normalised_over_full_vocab():
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(5, 8, generator=g), torch.randn(40, 8, generator=g)
+    top = chunked_topk(hidden, lambda h: h @ weight.T, torch.zeros(5, dtype=torch.long), k=40, chunk=2)
+    assert (top.logprobs.diff(dim=-1) <= 0).all()
+    # k = V: the top-k is the whole distribution, so it sums to one.
+    torch.testing.assert_close(top.logprobs.exp().sum(-1), torch.ones(5))
+
+
+def test_chunked_topk_with_no_positions():
+    top = chunked_topk(torch.zeros(0, 4), lambda h: h @ torch.zeros(10, 4).T, torch.zeros(0, dtype=torch.long), k=3)
+    assert top.logprobs.shape == (0, 3) and top.ids.shape == (0, 3)
+
+
+def test_label_outside_topk_still_gets_its_logprob():
+    logits = torch.tensor([[5.0, 4.0, 3.0, -2.0]])
+    top = chunked_topk(torch.eye(4)[:1], lambda h: logits.expand(h.shape[0], -1), torch.tensor([3]), k=2)
+    expected = -2.0 - torch.logsumexp(logits[0], 0)
+    torch.testing.assert_close(top.label_logprob, expected[None])
+    assert top.ids.tolist() == [[0, 1]]
