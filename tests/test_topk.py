@@ -35,6 +35,16 @@ def test_chunked_topk_is_sorted_and_normalised_over_full_vocab():
     torch.testing.assert_close(top.logprobs.exp().sum(-1), torch.ones(5))
 
 
+def test_logits_fn_output_is_consumed_not_the_callers_tensor():
+    """The fallback path passes fresh slices of the model's logits; those stay untouched."""
+    logits = torch.randn(6, 30, generator=torch.Generator().manual_seed(2))
+    keep = logits.clone()
+    from logitcache.pipeline.teacher.topk import chunked_topk_from_logits_fn
+
+    chunked_topk_from_logits_fn(lambda a, b: logits[torch.arange(a, b)], 6, torch.zeros(6, dtype=torch.long), k=4, chunk=4)
+    assert torch.equal(logits, keep)
+
+
 def test_chunked_topk_with_no_positions():
     top = chunked_topk(torch.zeros(0, 4), lambda h: h @ torch.zeros(10, 4).T, torch.zeros(0, dtype=torch.long), k=3)
     assert top.logprobs.shape == (0, 3) and top.ids.shape == (0, 3)
@@ -42,7 +52,7 @@ def test_chunked_topk_with_no_positions():
 
 def test_label_outside_topk_still_gets_its_logprob():
     logits = torch.tensor([[5.0, 4.0, 3.0, -2.0]])
-    top = chunked_topk(torch.eye(4)[:1], lambda h: logits.expand(h.shape[0], -1), torch.tensor([3]), k=2)
+    top = chunked_topk(torch.eye(4)[:1], lambda h: logits.expand(h.shape[0], -1).clone(), torch.tensor([3]), k=2)
     expected = -2.0 - torch.logsumexp(logits[0], 0)
     torch.testing.assert_close(top.label_logprob, expected[None])
     assert top.ids.tolist() == [[0, 1]]

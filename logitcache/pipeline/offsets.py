@@ -17,7 +17,10 @@ so spans of different tokenizers are comparable:
 * a gap before a token belongs to that token (the 'Ġ' of byte-level BPE and the '▁' of
   SentencePiece mark exactly that: the space is part of the following token);
 * a token with an empty raw span (added special token) gets an empty span where the
-  previous token ended.
+  previous token ended;
+* SentencePiece's dummy prefix: a stand-alone '▁' token that does not stand for a space in
+  the text (the tokenizer reports the span of the character after it) gets an empty span
+  too, so that character goes to the token that carries it.
 
 So concatenating ``text[start:end]`` over all tokens gives ``text`` up to the last
 token's end, and ``text[start:end]`` is the token's surface text whenever the token
@@ -67,8 +70,18 @@ def require_fast_tokenizer(tokenizer, what: str = "tokenizer") -> None:
         )
 
 
+METASPACE = "\u2581"  # '▁'
+
+
 def encode_with_offsets(tokenizer, text: str, *, add_special_tokens: bool = True) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Token ids of ``text`` and their normalised character spans."""
+    require_fast_tokenizer(tokenizer)
     enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    starts, ends = normalize_offsets(enc["offset_mapping"])
-    return list(enc["input_ids"]), starts, ends
+    ids = list(enc["input_ids"])
+    raw = list(enc["offset_mapping"])
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    for i, (piece, (s, e)) in enumerate(zip(pieces, raw)):
+        if piece == METASPACE and e > s and not text[s].isspace():
+            raw[i] = (s, s)  # the dummy prefix: no character of the text
+    starts, ends = normalize_offsets(raw)
+    return ids, starts, ends

@@ -105,7 +105,8 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, where: str = "manifest") -> "Manifest":
         version = d.get("format_version")
-        if version not in SUPPORTED_FORMAT_VERSIONS:
+        # type check: JSON true and 1.0 compare equal to 1 in Python
+        if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
             raise LogitCacheError(
                 f"{where}: cache format_version {version!r} is not supported by this logitcache "
                 f"(it reads {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); "

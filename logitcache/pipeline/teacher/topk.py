@@ -35,7 +35,8 @@ def chunked_topk(
 
     Args:
         hidden: [N, H] final hidden states of the N positions to score (padding removed).
-        head: maps [n, H] hidden states to [n, V] logits (the LM head).
+        head: maps [n, H] hidden states to [n, V] logits (the LM head). It must return a
+            new tensor: the logits are overwritten in place to save a second [n, V] buffer.
         labels: [N] the actual next token of each position.
         k: how many entries to keep per position.
         chunk: positions per head call; peak extra memory is about ``chunk * V * 4`` bytes.
@@ -49,18 +50,23 @@ def chunked_topk(
 def chunked_topk_from_logits_fn(
     logits_of: Callable[[int, int], torch.Tensor], n: int, labels: torch.Tensor, k: int, chunk: int = 1024
 ) -> TopK:
-    """As :func:`chunked_topk`, with ``logits_of(a, b)`` giving the [b - a, V] logits of positions a..b."""
+    """As :func:`chunked_topk`, with ``logits_of(a, b)`` giving the [b - a, V] logits of positions a..b
+    (a new tensor each call, or one in a narrower dtype: it is overwritten in place)."""
     out_lp, out_ids, out_label, out_lse = [], [], [], []
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         logits = logits_of(a, b).float()
-        lse = torch.logsumexp(logits, dim=-1)
         vals, ids = torch.topk(logits, k, dim=-1, sorted=True)
+        label = logits.gather(-1, labels[a:b, None].to(logits.device)).squeeze(-1)
+        # log-sum-exp in place (the max is the top-1): torch.logsumexp would allocate a
+        # second [n, V] buffer, doubling the peak of this step.
+        top1 = vals[:, :1]
+        lse = logits.sub_(top1).exp_().sum(-1).log_() + top1.squeeze(-1)
+        del logits
         out_lp.append(vals - lse[:, None])
         out_ids.append(ids)
-        out_label.append(logits.gather(-1, labels[a:b, None].to(logits.device)).squeeze(-1) - lse)
+        out_label.append(label - lse)
         out_lse.append(lse)
-        del logits
     if not out_lp:
         empty = torch.zeros(0)
         return TopK(empty.reshape(0, k), empty.reshape(0, k).long(), empty, empty)

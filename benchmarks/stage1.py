@@ -1,0 +1,178 @@
+"""Stage-1 benchmarks: cache size, teacher throughput, and peak memory of the top-k step.
+
+    python benchmarks/stage1.py            # all of it, a few minutes on 2 CPU cores
+    python benchmarks/stage1.py --quick    # smaller sizes, for a smoke run
+
+Prints markdown tables (alternatives side by side, measured in the same run) and writes
+them to benchmarks/RESULTS.md with a description of the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("LOGITCACHE_NO_PROGRESS", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+HERE = Path(__file__).resolve().parent
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# --- 1. cache size and throughput ----------------------------------------------------------
+def bare_forward_seconds(model_dir: Path, texts: list[str], batch_size: int) -> tuple[float, int]:
+    """The floor: only model(...) over the same batches (sorted by length, as the pipeline does)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    encoded = sorted((tok(t)["input_ids"] for t in texts), key=len, reverse=True)
+    tokens = sum(map(len, encoded))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for a in range(0, len(encoded), batch_size):
+            batch = tok.pad({"input_ids": encoded[a : a + batch_size]}, return_tensors="pt")
+            model(**batch)
+    return time.perf_counter() - t0, tokens
+
+
+def size_and_throughput(work: Path, quick: bool) -> tuple[str, dict]:
+    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.teacher.run import TeacherConfig, run_teacher
+    from logitcache.pipeline.tiny import TinyModelConfig, build_tiny_teacher, generate_pairs, write_demo_dataset
+
+    n = 256 if quick else 2048
+    teacher = build_tiny_teacher(work / "teacher", train_steps=100 if quick else 300, model_cfg=TinyModelConfig(hidden_size=128))
+    data = write_demo_dataset(work / "data.jsonl", n=n, seed=1)
+    rows, figures = [], {}
+    for k in (8, 64):
+        cache = work / f"cache-k{k}"
+        r = run_teacher(
+            TeacherConfig(model=str(teacher), data=str(data), out=str(cache), top_k=k, batch_size=16,
+                          template=TextTemplate(prompt_field="prompt", response_field="response"), device="cpu"),
+            progress=False,
+        )
+        bpt = r.manifest.num_bytes / r.manifest.num_tokens
+        raw = k * 6 + 4 + 4 + 4 + 4 + 4  # fp16 + int32 per entry, ids, spans, label, lse
+        rows.append([k, r.manifest.num_tokens, f"{bpt:.1f}", raw, f"{raw / bpt:.2f}x", f"{r.tokens_per_second:,.0f}"])
+        figures[f"bytes_per_token_k{k}"] = bpt
+        figures[f"pipeline_tokens_per_s_k{k}"] = r.tokens_per_second
+    texts = [p + s for p, s in generate_pairs(n, 1)]
+    secs, tokens = bare_forward_seconds(teacher, texts, 16)
+    figures["bare_forward_tokens_per_s"] = tokens / secs
+    out = "### Cache size and teacher throughput (tiny demo teacher: Llama, 2 layers, hidden 128, V=512, trained briefly)\n\n"
+    out += table(["k", "tokens", "bytes/token on disk", "uncompressed bytes/token", "zstd ratio", "pipeline tokens/s"], rows)
+    out += (
+        f"\n\nBare `model(**batch)` forward over the same batches: {tokens / secs:,.0f} tokens/s. "
+        f"Pipeline / bare at k=64: {figures['pipeline_tokens_per_s_k64'] / (tokens / secs):.2f} "
+        "(the pipeline also tokenizes with offsets, takes top-k and writes Parquet; with a model this "
+        "small those dominate, with a real teacher the forward does).\n"
+    )
+    return out, figures
+
+
+# --- 2. peak memory of the top-k step --------------------------------------------------------
+MEM_CHILD = r"""
+import json, os, sys, torch
+from logitcache.pipeline.teacher.topk import chunked_topk
+method, B, T, V, H, k, chunk = sys.argv[1], *map(int, sys.argv[2:8])
+torch.manual_seed(0)
+torch.set_num_threads(1)
+hidden = torch.randn(B, T, H)
+head = torch.nn.Linear(H, V, bias=False)
+labels = torch.randint(0, V, (B, T))
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])  # KiB
+with torch.inference_mode():
+    # Reset the high-water mark (Linux >= 4.0) so torch's import peak does not hide ours.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS:")
+    if method == "full":
+        # The obvious way: full [B, T, V] logits, fp32 log_softmax, topk.
+        logits = head(hidden).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        vals, ids = logp.topk(k, dim=-1)
+        label = logp.gather(-1, labels[..., None])
+    else:
+        top = chunked_topk(hidden.reshape(B * T, H), head, labels.reshape(-1), k, chunk)
+    after = status("VmHWM:")
+print(json.dumps({"peak_extra_mib": (after - before) / 1024}))
+"""
+
+
+def topk_memory(quick: bool) -> tuple[str, dict]:
+    B, T, V, H, k = (4, 256, 32000, 256, 64) if quick else (8, 512, 32000, 256, 64)
+    rows, figures = [], {}
+    for method, chunk in [("full", 0), ("chunked", 1024), ("chunked", 256)]:
+        r = subprocess.run(
+            [sys.executable, "-c", MEM_CHILD, method, str(B), str(T), str(V), str(H), str(k), str(chunk)],
+            capture_output=True, text=True, check=True,
+            # Fixed mmap threshold: large tensors are mapped and unmapped, so RSS tracks
+            # live tensor memory instead of what glibc's heap keeps after a free.
+            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+        )
+        mib = json.loads(r.stdout.strip().splitlines()[-1])["peak_extra_mib"]
+        name = "full-batch logits" if method == "full" else f"chunked, {chunk} positions"
+        figures[name] = mib
+        rows.append([name, f"{mib:,.0f}"])
+    full = figures["full-batch logits"]
+    for row in rows:
+        row.append(f"{figures[row[0]] / full:.3f}")
+    logits_mib = B * T * V * 4 / 2**20
+    out = f"### Peak memory of the top-k step (B={B}, T={T}, V={V}, k={k}, fp32; extra RSS over the inputs, one process each)\n\n"
+    out += table(["method", "peak extra MiB", "ratio to full"], rows)
+    out += f"\n\nFor scale: one fp32 [B, T, V] logits tensor is {logits_mib:,.0f} MiB.\n"
+    return out, figures
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
+    ap.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        sections = [size_and_throughput(Path(tmp), args.quick)[0], topk_memory(args.quick)[0]]
+    report = (
+        f"## Stage 1 ({time.strftime('%Y-%m-%d')}, {'quick' if args.quick else 'full'} run, "
+        f"{time.perf_counter() - t0:.0f} s)\n\nMachine: {machine()}\n\n" + "\n".join(sections)
+    )
+    print(report)
+    if not args.no_write:
+        (HERE / "RESULTS.md").write_text("# Benchmark results\n\nRegenerate with `make bench`.\n\n" + report)
+
+
+if __name__ == "__main__":
+    main()
