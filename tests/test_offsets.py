@@ -13,15 +13,19 @@ Everything here runs offline; the mistral family is skipped when mistral_common 
 from __future__ import annotations
 
 import random
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.offsets import encode_with_offsets, normalize_offsets, require_fast_tokenizer
-from logitcache.pipeline.tiny import generate_corpus, train_bpe_tokenizer, train_unigram_tokenizer
+from logitcache.pipeline.tiny import (
+    generate_corpus,
+    load_mistral_tokenizer,
+    mistral_model_file,
+    train_bpe_tokenizer,
+    train_unigram_tokenizer,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Tokenizer fixtures
@@ -42,31 +46,14 @@ def unigram_tokenizer():
     return train_unigram_tokenizer(generate_corpus(2000, 7), 400)
 
 
-def _mistral_model_file() -> Path:
-    mistral_common = pytest.importorskip("mistral_common")
+@pytest.fixture(scope="module")
+def mistral_tokenizer(tmp_path_factory):
     pytest.importorskip("sentencepiece")  # the .model -> tokenizer.json conversion reads it
-    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    if not path.is_file():
-        pytest.skip(f"mistral_common has no {path.name}")
-    return path
-
-
-@pytest.fixture(scope="module")
-def mistral_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("mistral-v1")
-    shutil.copy(_mistral_model_file(), folder / "tokenizer.model")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def mistral_tokenizer(mistral_dir):
-    # transformers 5: LlamaTokenizer *is* the tokenizers-backed (fast) class (LlamaTokenizerFast is an
-    # alias); from a bare tokenizer.model it converts the SentencePiece model to a tokenizer.json.
-    # Without a tokenizer_config.json it defaults to add_bos_token=False, while the released Mistral
-    # checkpoints add <s>; ask for it explicitly.
-    from transformers import LlamaTokenizer
-
-    tok = LlamaTokenizer.from_pretrained(str(mistral_dir), add_bos_token=True)
+    if mistral_model_file() is None:
+        pytest.skip("mistral_common with data/tokenizer.model.v1 is not installed")
+    # transformers 5: LlamaTokenizer *is* the tokenizers-backed (fast) class; from a bare
+    # tokenizer.model it converts the SentencePiece model to a tokenizer.json.
+    tok = load_mistral_tokenizer(tmp_path_factory.mktemp("mistral-v1"))
     assert tok.is_fast, type(tok)
     assert len(tok) == 32000
     return tok
@@ -445,12 +432,14 @@ def test_require_fast_tokenizer_accepts_fast(tok):
     require_fast_tokenizer(tok)
 
 
-def test_require_fast_tokenizer_rejects_real_slow_tokenizer(mistral_dir):
+def test_require_fast_tokenizer_rejects_real_slow_tokenizer():
     # transformers 5 still has slow (Python) tokenizers: SentencePieceBackend loads a .model file with
     # the sentencepiece library. It silently ignores return_offsets_mapping.
-    from transformers import SentencePieceBackend
-
-    slow = SentencePieceBackend(vocab_file=str(mistral_dir / "tokenizer.model"))
+    pytest.importorskip("sentencepiece")
+    SentencePieceBackend = getattr(pytest.importorskip("transformers"), "SentencePieceBackend", None)
+    if SentencePieceBackend is None or mistral_model_file() is None:
+        pytest.skip("needs transformers>=5 and mistral_common")
+    slow = SentencePieceBackend(vocab_file=str(mistral_model_file()))
     assert slow.is_fast is False
     assert "offset_mapping" not in slow("Hello", return_offsets_mapping=True)
     with pytest.raises(LogitCacheError, match="fast") as err:

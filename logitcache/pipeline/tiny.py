@@ -201,19 +201,54 @@ def train_briefly(model, tokenizer, texts: list[str], steps: int = 200, batch_si
     return loss_value
 
 
+def mistral_model_file() -> Path | None:
+    """The real Mistral-7B v1 SentencePiece model that ships inside the `mistral_common` package."""
+    try:
+        import mistral_common
+    except ImportError:
+        return None
+    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    return path if path.is_file() else None
+
+
+def load_mistral_tokenizer(folder: str | os.PathLike):
+    """The real 32k Mistral-7B tokenizer (byte fallback), offline, as a fast tokenizer.
+
+    Needs `mistral_common` (for the .model file) and `sentencepiece` + `protobuf` (for the
+    conversion to tokenizer.json). Adds <s> like the released checkpoints; pads with </s>.
+    """
+    import shutil
+
+    from transformers import LlamaTokenizerFast
+
+    src = mistral_model_file()
+    if src is None:
+        raise ImportError("mistral_common with data/tokenizer.model.v1 is needed for the Mistral tokenizer")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, folder / "tokenizer.model")
+    # Without a tokenizer_config.json the default is add_bos_token=False; Mistral adds <s>.
+    tok = LlamaTokenizerFast.from_pretrained(str(folder), add_bos_token=True)
+    tok.pad_token = tok.eos_token
+    return tok
+
+
 def build_tiny_teacher(
     out_dir: str | os.PathLike,
     *,
+    tokenizer=None,
     vocab_size: int = 512,
     train_steps: int = 0,
     model_cfg: TinyModelConfig = TinyModelConfig(),
     corpus_size: int = 2000,
     seed: int = 0,
 ) -> Path:
-    """Train a byte-level BPE tokenizer and save it with a tiny causal LM to ``out_dir``."""
+    """Save a tiny causal LM with its tokenizer to ``out_dir``: the given ``tokenizer``, or
+    a byte-level BPE of ``vocab_size`` trained on the generated corpus."""
     out_dir = Path(out_dir)
     corpus = generate_corpus(corpus_size, seed)
-    tokenizer = train_bpe_tokenizer(corpus, vocab_size)
+    if tokenizer is None:
+        tokenizer = train_bpe_tokenizer(corpus, vocab_size)
     model = build_tiny_model(tokenizer, model_cfg)
     if train_steps:
         train_briefly(model, tokenizer, corpus, steps=train_steps, seed=seed)
