@@ -194,3 +194,18 @@ def test_chat_messages_use_the_chat_template(tmp_path, teacher_dir, data_file):
     assert prompt.endswith("<|assistant|>\n")
     # the chat text holds <s> already: the tokenizer must not add a second BOS
     assert row["input_ids"][0] == 1 and row["input_ids"][1] != 1
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "json"])
+def test_reads_parquet_csv_and_json_files(tmp_path, teacher_dir, data_file, fmt):
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(data_file), split="train").remove_columns(["messages"])
+    path = tmp_path / f"train.{fmt}"
+    {"parquet": ds.to_parquet, "csv": ds.to_csv, "json": lambda p: ds.to_json(p, lines=False)}[fmt](str(path))
+    out = tmp_path / "c"
+    r = run_teacher(make_config(teacher_dir, path, out, limit=6), progress=False)
+    assert r.written == 6
+    first = json.loads(data_file.read_text().splitlines()[0])
+    row = open_cache(out)[first["id"]]
+    assert row["text"] == first["prompt"] + first["response"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -63,5 +62,3 @@ def quiet_libraries() -> None:
         datasets.disable_progress_bars()
     except Exception:  # pragma: no cover - optional niceties
         pass
-    if not sys.stderr.isatty():
-        os.environ.setdefault("LOGITCACHE_NO_PROGRESS", "")
