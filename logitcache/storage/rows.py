@@ -37,12 +37,15 @@ def row_nbytes(row: Row) -> int:
     return len(row["text"]) + 12 * n + (6 * k + 8) * max(n - 1, 0) + 64
 
 
-def _list_array(chunks: Sequence[np.ndarray], value_type: pa.DataType, dtype: type) -> pa.Array:
-    lengths = np.fromiter((len(c) for c in chunks), dtype=np.int32, count=len(chunks))
+def _list_array(chunks: Sequence[np.ndarray], values: pa.Array) -> pa.ListArray:
+    """A list column whose i-th entry holds the values of ``chunks[i]`` (``values`` already flat)."""
     offsets = np.zeros(len(chunks) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.concatenate(chunks).astype(dtype, copy=False) if chunks else np.zeros(0, dtype)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+    np.cumsum([len(c) for c in chunks], out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def _flat(chunks: Sequence[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate([c.reshape(-1) for c in chunks]).astype(dtype, copy=False) if chunks else np.zeros(0, dtype)
 
 
 def rows_to_table(rows: Sequence[Row], k: int) -> pa.Table:
@@ -54,17 +57,30 @@ def rows_to_table(rows: Sequence[Row], k: int) -> pa.Table:
         "truncated": pa.array([bool(r["truncated"]) for r in rows], pa.bool_()),
     }
     for name, dtype in _FLAT_DTYPES.items():
-        columns[name] = _list_array([np.asarray(r[name]) for r in rows], schema.field(name).type.value_type, dtype)
+        chunks = [np.asarray(r[name]) for r in rows]
+        columns[name] = _list_array(chunks, pa.array(_flat(chunks, dtype), type=schema.field(name).type.value_type))
     for name, dtype in _MATRIX_DTYPES.items():
         inner = schema.field(name).type.value_type  # fixed_size_list<k>
         mats = [np.asarray(r[name], dtype=dtype).reshape(-1, k) for r in rows]
-        lengths = np.fromiter((m.shape[0] for m in mats), dtype=np.int32, count=len(mats))
-        offsets = np.zeros(len(mats) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.concatenate([m.reshape(-1) for m in mats]) if mats else np.zeros(0, dtype)
-        values = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=inner.value_type), k)
-        columns[name] = pa.ListArray.from_arrays(pa.array(offsets), values)
+        values = pa.FixedSizeListArray.from_arrays(pa.array(_flat(mats, dtype), type=inner.value_type), k)
+        columns[name] = _list_array(mats, values)
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def flat_list_column(col: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """The values of a list column as one numpy array, and offsets into it (starting at 0).
+
+    A list of fixed-size lists comes back as a [total, k] matrix. Slices are honoured:
+    ``offsets`` of a sliced array index into the whole child, ``flatten()`` of a
+    fixed-size list honours the child's own offset.
+    """
+    offsets = col.offsets.to_numpy()
+    child = col.values
+    if pa.types.is_fixed_size_list(child.type):
+        values = child.flatten().to_numpy(zero_copy_only=False).reshape(-1, child.type.list_size)
+    else:
+        values = child.to_numpy(zero_copy_only=False)
+    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
 def _split(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
@@ -79,15 +95,7 @@ def batch_to_rows(batch: pa.RecordBatch) -> Iterator[Row]:
     for name in names:
         col = batch.column(names.index(name))
         if name in _FLAT_DTYPES or name in _MATRIX_DTYPES:
-            # ``offsets`` index into the child array as a whole (slices included);
-            # ``flatten()`` of a fixed-size list honours that child's own offset.
-            offsets = col.offsets.to_numpy()
-            child = col.values
-            if name in _MATRIX_DTYPES:
-                flat = child.flatten().to_numpy(zero_copy_only=False).reshape(-1, child.type.list_size)
-            else:
-                flat = child.to_numpy(zero_copy_only=False)
-            out[name] = _split(flat, offsets)
+            out[name] = _split(*flat_list_column(col))
         else:
             out[name] = col.to_pylist()
     for i in range(n_rows):

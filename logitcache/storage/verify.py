@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from logitcache.errors import LogitCacheError
 from logitcache.storage.fsutil import hash_files, sha256_file
 from logitcache.storage.manifest import load_manifest
+from logitcache.storage.rows import flat_list_column
 from logitcache.storage.schema import shard_schema
 from logitcache.storage.writer import DATA_DIR, TMP_PREFIX, TOKENIZER_DIR
 
@@ -130,30 +131,18 @@ def _check_shard(
     return rows, tokens
 
 
-def _flat(col: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
-    offsets = col.offsets.to_numpy()
-    child = col.values
-    if pa.types.is_fixed_size_list(child.type):
-        values = child.flatten().to_numpy(zero_copy_only=False).reshape(-1, child.type.list_size)
-    else:
-        values = child.to_numpy(zero_copy_only=False)
-    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
-
-
 def _check_values(batch: pa.RecordBatch, k: int, vocab: int) -> list[str]:
     """Vectorised over the whole batch; returns one message per kind of problem found."""
     out: list[str] = []
     ids = batch.column("id").to_pylist()
     texts = batch.column("text").to_pylist()
-    in_ids, tok_off = _flat(batch.column("input_ids"))
-    cs, _ = _flat(batch.column("char_start"))
-    ce, _ = _flat(batch.column("char_end"))
-    lp, pos_off = _flat(batch.column("topk_logprobs"))
-    tk, _ = _flat(batch.column("topk_ids"))
-    label, label_off = _flat(batch.column("label_logprob"))
-    lse, lse_off = _flat(batch.column("logsumexp"))
-    cs_off = _flat(batch.column("char_start"))[1]
-    ce_off = _flat(batch.column("char_end"))[1]
+    in_ids, tok_off = flat_list_column(batch.column("input_ids"))
+    cs, cs_off = flat_list_column(batch.column("char_start"))
+    ce, ce_off = flat_list_column(batch.column("char_end"))
+    lp, pos_off = flat_list_column(batch.column("topk_logprobs"))
+    tk, _ = flat_list_column(batch.column("topk_ids"))
+    label, label_off = flat_list_column(batch.column("label_logprob"))
+    lse, lse_off = flat_list_column(batch.column("logsumexp"))
 
     n_tok = np.diff(tok_off)
     n_pos = np.diff(pos_off)
