@@ -6,7 +6,9 @@ import typer
 
 from logitcache.cli import cache as _cache
 from logitcache.cli import demo as _demo
+from logitcache.cli import evaluate as _evaluate
 from logitcache.cli import teacher as _teacher
+from logitcache.cli import train as _train
 from logitcache.cli.common import state
 
 app = typer.Typer(
@@ -14,8 +16,9 @@ app = typer.Typer(
     help=(
         "Offline teacher-logit cache for LLM knowledge distillation.\n\n"
         "Stage 1: `logitcache teacher` runs a teacher once and stores its top-k log-probabilities "
-        "with character offsets. `inspect` and `verify` look into a cache. `demo` runs the whole "
-        "thing on a tiny model built on the spot."
+        "with character offsets; `inspect` and `verify` look into a cache. Stage 2: `logitcache train` "
+        "distils the cache into a student with any tokenizer; `eval` compares models per character. "
+        "`demo` runs the whole thing on tiny models built on the spot."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -39,6 +42,8 @@ def _root(
 app.command("teacher")(_teacher.teacher)
 app.command("inspect")(_cache.inspect)
 app.command("verify")(_cache.verify)
+app.command("train")(_train.train)
+app.command("eval")(_evaluate.eval_)
 app.command("demo")(_demo.demo)
 
 

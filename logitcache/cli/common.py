@@ -26,6 +26,15 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _one_line(message: str) -> str:
+    # An error raised in a DataLoader worker arrives as "Caught LogitCacheError in DataLoader
+    # worker process 0. Original Traceback ...": the user needs its last line.
+    if "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        return last.split("LogitCacheError: ", 1)[-1]
+    return message
+
+
 def user_errors(fn: F) -> F:
     """Print a user's error as one line (exit 2); the traceback only with --debug."""
 
@@ -36,7 +45,7 @@ def user_errors(fn: F) -> F:
         except LogitCacheError as e:
             if state.debug:
                 raise
-            fail(str(e))
+            fail(_one_line(str(e)))
         except KeyboardInterrupt:
             if state.debug:
                 raise

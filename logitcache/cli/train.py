@@ -1,0 +1,79 @@
+"""`logitcache train`: stage 2, a student learns from the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from logitcache.cli.common import quiet_libraries, user_errors
+
+
+@user_errors
+def train(
+    student: Optional[str] = typer.Option(None, "--student", "-s", help="Student to train: a model directory or hub name (any AutoModelForCausalLM with a fast tokenizer)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", "-c", help="Teacher cache written by `logitcache teacher`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory: checkpoints and the final model."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="uld (any tokenizer), mlot (MultiLevelOT, any tokenizer), kl (same vocabulary as the teacher) or sft (no teacher). Default uld."),
+    alignment: Optional[str] = typer.Option(None, "--alignment", help="offset (exact character spans) or position (the papers' index pairing). Default: position for uld/mlot, offset for kl."),
+    kd_weight: Optional[float] = typer.Option(None, "--kd-weight", help="λ in CE + λ·KD (default 1)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options (flags given on the command line win)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --num-epochs)."),
+    num_epochs: Optional[float] = typer.Option(None, "--num-epochs", help="Passes over the cache (default 1)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Examples per device per step (default 8)."),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps", help="Batches per optimizer step."),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Peak learning rate (default 5e-4)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Student tokens per example; longer ones are cut on both sides (default 512)."),
+    logging_steps: Optional[int] = typer.Option(None, "--logging-steps", help="Log CE, KD and aligned fraction every N steps."),
+    save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps (default 500)."),
+    eval_cache: Optional[Path] = typer.Option(None, "--eval-cache", help="A second cache to evaluate CE + KD on."),
+    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Evaluate every N steps (with --eval-cache)."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 mixed precision."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for initialisation and shuffling."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Dataloader worker processes."),
+    kl_kind: Optional[str] = typer.Option(None, "--kl-kind", help="forward, reverse or jsd (with --loss kl)."),
+    mlot_variant: Optional[str] = typer.Option(None, "--mlot-variant", help="paper or code (with --loss mlot)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out (mid-epoch)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train a student from a teacher cache: CE + λ·KD on transformers' Trainer.
+
+    Works under torchrun / accelerate (each rank streams its own part of the cache).
+
+    Example:
+
+        logitcache train --student ./student --cache cache/ --loss uld --out runs/uld --max-steps 1000
+    """
+    quiet_libraries()
+    from logitcache.errors import LogitCacheError
+    from logitcache.pipeline.student.train import TrainConfig, load_config_file, run_train
+
+    values = load_config_file(config) if config else {}
+    given = {
+        "student": student, "cache": str(cache) if cache else None, "out": str(out) if out else None,
+        "loss": loss, "alignment": alignment, "kd_weight": kd_weight, "max_steps": max_steps,
+        "num_epochs": num_epochs, "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
+        "learning_rate": learning_rate, "max_length": max_length, "logging_steps": logging_steps,
+        "save_steps": save_steps, "eval_cache": str(eval_cache) if eval_cache else None, "eval_steps": eval_steps,
+        "bf16": bf16, "seed": seed, "num_workers": num_workers, "kl_kind": kl_kind, "mlot_variant": mlot_variant,
+    }
+    values.update({k: v for k, v in given.items() if v is not None})
+    if resume:
+        values["resume"] = True
+    values["progress"] = progress
+    missing = [f"--{k}" for k in ("student", "cache", "out") if not values.get(k)]
+    if missing:
+        raise LogitCacheError(f"missing {', '.join(missing)} (on the command line or in --config).")
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:
+        raise LogitCacheError(f"bad training options: {e}") from e
+    r = run_train(cfg)
+    stats = r.feature_stats or {}
+    frac = stats.get("fraction_matched")
+    line = f"trained {cfg.loss} student for {r.global_step} steps in {r.seconds:.0f}s, final train loss {r.train_loss:.4f}"
+    if frac is not None:
+        line += f"; aligned {frac:.1%} of target positions ({stats.get('no_kd', 0)} examples without KD, {stats.get('truncated', 0)} truncated)"
+    typer.echo(line)
+    typer.echo(f"model saved to {cfg.out}")

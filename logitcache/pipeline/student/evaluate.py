@@ -1,0 +1,128 @@
+"""Held-out evaluation comparable across tokenizers: loss per character, greedy exact match.
+
+Bits per character = (sum of the response tokens' negative log-likelihood) / ln 2 /
+(response characters). Dividing by characters, not tokens, makes students with different
+tokenizers (and the teacher) comparable. Exact match (where records have answers): the
+greedy continuation of the prompt, stripped, starts with the reference response, stripped
+(tiny models rarely emit an end-of-sequence token, so we do not require one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from logitcache.errors import LogitCacheError
+from logitcache.pipeline.offsets import encode_with_offsets
+from logitcache.pipeline.student.align import target_positions
+from logitcache.pipeline.teacher.data import TextTemplate, add_special_tokens_for, iter_examples, load_records
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    data: str
+    template: TextTemplate = field(default_factory=TextTemplate)
+    split: str = "train"
+    batch_size: int = 16
+    limit: int | None = None
+    max_new_tokens: int | None = None  # default: the longest reference answer in tokens + 4
+    accuracy: bool = True
+    device: str = "auto"
+
+
+@dataclass
+class EvalResult:
+    examples: int
+    chars: int
+    nll_nats: float
+    answered: int  # records with a reference answer (for exact match)
+    correct: int
+
+    @property
+    def bits_per_char(self) -> float:
+        return self.nll_nats / math.log(2) / self.chars if self.chars else float("nan")
+
+    @property
+    def char_perplexity(self) -> float:
+        return 2.0 ** self.bits_per_char
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.answered if self.answered else None
+
+
+def evaluate(cfg: EvalConfig) -> EvalResult:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from logitcache.pipeline.teacher.hf import resolve_device
+
+    if cfg.batch_size <= 0:
+        raise LogitCacheError(f"--batch-size must be positive (got {cfg.batch_size}).")
+    ds = load_records(cfg.data, cfg.split)
+    template = cfg.template.resolved(list(ds.column_names))
+    device = resolve_device(cfg.device)
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.model)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise LogitCacheError(f"--model {cfg.model}: could not load it ({str(e).splitlines()[0]}).") from e
+    add_special = add_special_tokens_for(template)
+    records = [(text, pc) for _, text, pc in iter_examples(ds, template, tok, cfg.limit) if text.strip() and pc >= 0]
+    if not records:
+        raise LogitCacheError(f"--data {cfg.data}: no record with text to evaluate.")
+    result = EvalResult(examples=len(records), chars=0, nll_nats=0.0, answered=0, correct=0)
+    max_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
+    for a in range(0, len(records), cfg.batch_size):
+        _score_batch(model, tok, records[a : a + cfg.batch_size], add_special, max_len, device, result)
+    if cfg.accuracy and template.kind != "text":
+        answers = [(text[:pc], text[pc:]) for text, pc in records]
+        max_new = cfg.max_new_tokens or 4 + max(len(tok(r, add_special_tokens=False)["input_ids"]) for _, r in answers)
+        for a in range(0, len(answers), cfg.batch_size):
+            _greedy_batch(model, tok, answers[a : a + cfg.batch_size], add_special, max_new, device, result)
+    return result
+
+
+@torch.inference_mode()
+def _score_batch(model, tok, batch, add_special, max_len, device, result: EvalResult) -> None:
+    seqs, targets = [], []
+    for text, pc in batch:
+        ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=add_special)
+        ids, starts, ends = ids[:max_len], starts[:max_len], ends[:max_len]
+        t = target_positions(starts, ends, pc)
+        seqs.append(ids)
+        targets.append(t)
+        result.chars += int(ends[-1]) - pc if len(t) else 0  # characters actually scored
+    T = max(map(len, seqs))
+    input_ids = torch.zeros((len(seqs), T), dtype=torch.long)
+    attn = torch.zeros_like(input_ids)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+    logp = torch.log_softmax(model(input_ids=input_ids.to(device), attention_mask=attn.to(device)).logits.float(), -1)
+    for i, t in enumerate(targets):
+        if len(t):
+            t = torch.as_tensor(t, device=device)
+            result.nll_nats -= float(logp[i, t, input_ids[i, t + 1].to(device)].sum())
+
+
+@torch.inference_mode()
+def _greedy_batch(model, tok, batch, add_special, max_new, device, result: EvalResult) -> None:
+    prompts = [tok(p, add_special_tokens=add_special)["input_ids"] for p, _ in batch]
+    T = max(map(len, prompts))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    input_ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    attn = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):  # left padding: generation continues right after each prompt
+        input_ids[i, T - len(p) :] = torch.tensor(p)
+        attn[i, T - len(p) :] = 1
+    out = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new,
+        do_sample=False, pad_token_id=pad,
+    )
+    for i, (_, response) in enumerate(batch):
+        continuation = tok.decode(out[i, T:].tolist(), skip_special_tokens=True)
+        result.answered += 1
+        result.correct += continuation.strip().startswith(response.strip())

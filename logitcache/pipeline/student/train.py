@@ -1,0 +1,337 @@
+"""Stage 2 training on transformers' Trainer: CE + λ·KD from the cache.
+
+Checkpoints, resume, logging, mixed precision and torchrun/accelerate DDP come from the
+Trainer. What we add: the KD term in ``compute_loss``, our streaming dataset (each rank
+reads its own part of the cache, so the dataloader is not re-sharded by accelerate), and
+the dataset's position saved with every checkpoint so a resumed job continues mid-epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback
+
+from logitcache.errors import LogitCacheError
+
+LOSSES = ("uld", "mlot", "kl", "sft")
+# The papers' alignment for the cross-tokenizer losses; exact spans for a shared vocabulary.
+DEFAULT_ALIGNMENT = {"uld": "position", "mlot": "position", "kl": "offset", "sft": "offset"}
+DATA_STATE = "logitcache_data_state_rank{rank}.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything `logitcache train` takes (flags, or keys of --config train.yaml)."""
+
+    student: str
+    cache: str
+    out: str
+    loss: str = "uld"
+    alignment: str | None = None  # None: the loss's default (DEFAULT_ALIGNMENT)
+    kd_weight: float = 1.0
+    max_length: int | None = 512
+    max_steps: int = -1
+    num_epochs: float = 1.0
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "linear"
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    eval_cache: str | None = None
+    eval_steps: int | None = None
+    bf16: bool = False
+    seed: int = 0
+    shuffle_buffer: int = 1024
+    num_workers: int = 0
+    resume: bool = False
+    kl_kind: str = "forward"  # forward | reverse | jsd
+    mlot_variant: str = "paper"  # paper | code
+    mlot_k: int = 50
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def resolved_alignment(self) -> str:
+        return self.alignment or DEFAULT_ALIGNMENT[self.loss]
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise LogitCacheError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}.")
+        for name in ("batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "mlot_k"):
+            if getattr(self, name) <= 0:
+                raise LogitCacheError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)}).")
+        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
+            raise LogitCacheError(f"--learning-rate must be a positive number (got {self.learning_rate}).")
+        if self.kd_weight < 0 or not math.isfinite(self.kd_weight):
+            raise LogitCacheError(f"--kd-weight must be 0 or more (got {self.kd_weight}).")
+        if self.max_steps <= 0 and self.num_epochs <= 0:
+            raise LogitCacheError("give --max-steps or a positive --num-epochs.")
+        if self.kl_kind not in ("forward", "reverse", "jsd"):
+            raise LogitCacheError(f"--kl-kind {self.kl_kind!r}: use forward, reverse or jsd.")
+        if self.mlot_variant not in ("paper", "code"):
+            raise LogitCacheError(f"--mlot-variant {self.mlot_variant!r}: use paper or code.")
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML (or JSON) mapping of TrainConfig fields; unknown keys are an error, not ignored."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise LogitCacheError(f"--config {path}: no such file.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise LogitCacheError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]}).") from e
+    if not isinstance(data, dict):
+        raise LogitCacheError(f"--config {path}: expected a mapping of option: value.")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(TrainConfig.field_names()))
+    if unknown:
+        raise LogitCacheError(
+            f"--config {path}: unknown keys {unknown}; known keys are: {', '.join(TrainConfig.field_names())}."
+        )
+    return data
+
+
+def causal_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits [B, T, V] at position q score labels[q + 1]."""
+    shifted = labels[:, 1:]
+    if not (shifted != -100).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
+
+
+def kd_term(cfg: TrainConfig, logits: torch.Tensor, t_lp: torch.Tensor, t_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The KD loss of ``cfg.loss`` on logits [B, T, Vs] against aligned teacher top-k [B, T, K]."""
+    from logitcache.pipeline.student import losses
+
+    if not mask.any():
+        return logits.sum() * 0.0
+    logits = logits.float()
+    if cfg.loss == "mlot":
+        config = losses.MLOTConfig(variant=cfg.mlot_variant, k=cfg.mlot_k)
+        return losses.multilevel_ot_loss(logits, t_lp, t_ids, mask, config)
+    s, lp, ids = logits[mask], t_lp[mask], t_ids[mask]
+    ones = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    if cfg.loss == "uld":
+        return losses.uld_loss(s, lp, ones)
+    return losses.kl_loss(s, lp, ids, ones, kind=cfg.kl_kind)
+
+
+class _EpochDataLoader(DataLoader):
+    """A DataLoader that forwards Trainer's set_epoch to our dataset (reshuffle per epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+class KDTrainer(Trainer):
+    """Trainer whose loss is CE + kd_weight · KD; logs `ce`, `kd` and `kd_fraction` (aligned targets)."""
+
+    def __init__(self, *args, kd_config: TrainConfig, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kd_config = kd_config
+        # Our loss is a per-batch mean: let the Trainer divide it for gradient accumulation.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self._sums = {"ce": 0.0, "kd": 0.0, "kd_positions": 0, "targets": 0, "batches": 0}
+
+    def _loader(self, dataset) -> DataLoader:
+        return _EpochDataLoader(
+            dataset,
+            batch_size=self.args.per_device_train_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def get_train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset)
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        return self._loader(eval_dataset if eval_dataset is not None else self.eval_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        t_lp, t_ids, kd_mask = inputs.pop("teacher_logprobs"), inputs.pop("teacher_ids"), inputs.pop("kd_mask")
+        workers, indices = inputs.pop("stream_worker", None), inputs.pop("stream_index", None)
+        labels = inputs.pop("labels")
+        if workers is not None and model.training:
+            self.train_dataset.mark_consumed(workers.tolist(), indices.tolist())
+        outputs = model(**inputs)
+        ce = causal_ce(outputs.logits, labels)
+        if self.kd_config.loss == "sft":
+            kd = ce.new_zeros(())
+        else:
+            kd = kd_term(self.kd_config, outputs.logits, t_lp, t_ids, kd_mask)
+        loss = ce + self.kd_config.kd_weight * kd
+        if model.training:
+            self._sums["ce"] += float(ce.detach())
+            self._sums["kd"] += float(kd.detach())
+            self._sums["kd_positions"] += int(kd_mask.sum())
+            self._sums["targets"] += int((labels[:, 1:] != -100).sum())
+            self._sums["batches"] += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._sums["batches"]:
+            n = self._sums["batches"]
+            logs["ce"] = round(self._sums["ce"] / n, 4)
+            logs["kd"] = round(self._sums["kd"] / n, 4)
+            logs["kd_fraction"] = round(self._sums["kd_positions"] / max(self._sums["targets"], 1), 4)
+            self._sums = dict.fromkeys(self._sums, 0)
+            self._sums["ce"] = self._sums["kd"] = 0.0
+        super().log(logs, *args, **kwargs)
+
+
+class DataStateCallback(TrainerCallback):
+    """Saves the dataset's position next to every checkpoint (one file per rank)."""
+
+    def __init__(self, dataset, rank: int) -> None:
+        self.dataset, self.rank = dataset, rank
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            from logitcache.storage.fsutil import atomic_write_bytes
+
+            atomic_write_bytes(ckpt / DATA_STATE.format(rank=self.rank), json.dumps(self.dataset.state_dict()).encode())
+        return control
+
+
+@dataclass
+class TrainResult:
+    out: str
+    global_step: int
+    train_loss: float
+    seconds: float
+    feature_stats: dict | None
+
+
+def check_compatibility(cfg: TrainConfig, student_tokenizer, manifest, cache_tokenizer_dir: Path) -> None:
+    """Refuse combinations that cannot work, before any model is trained."""
+    if cfg.loss == "kl":
+        from transformers import AutoTokenizer
+
+        teacher_tok = AutoTokenizer.from_pretrained(cache_tokenizer_dir)
+        if student_tokenizer.get_vocab() != teacher_tok.get_vocab():
+            raise LogitCacheError(
+                "--loss kl needs a student with the teacher's vocabulary, and this student's tokenizer differs "
+                f"({len(student_tokenizer)} vs {len(teacher_tok)} tokens, or other ids); use --loss uld or --loss mlot "
+                "for a student with another tokenizer."
+            )
+    if cfg.loss == "mlot" and manifest.k < cfg.mlot_k:
+        raise LogitCacheError(
+            f"--loss mlot ranks the top {cfg.mlot_k} teacher tokens, but the cache keeps only k={manifest.k}; "
+            f"rerun the teacher with --top-k {cfg.mlot_k} or more, or pass --mlot-k {manifest.k}."
+        )
+
+
+def run_train(cfg: TrainConfig) -> TrainResult:
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from logitcache.pipeline.student.collate import KDCollator
+    from logitcache.pipeline.student.dataset import LogitCacheDataset
+    from logitcache.storage import open_cache
+
+    cfg.validate()
+    cache = open_cache(cfg.cache)  # refuses non-caches and unknown versions
+    out = Path(cfg.out)
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if last and not cfg.resume:
+        raise LogitCacheError(
+            f"--out {out} already holds checkpoints ({Path(last).name}); pass --resume to continue, "
+            "or choose a new --out so nothing is overwritten."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise LogitCacheError(f"--student {cfg.student}: could not load its tokenizer ({str(e).splitlines()[0]}).") from e
+    check_compatibility(cfg, tokenizer, cache.manifest, cache.tokenizer_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise LogitCacheError(f"--student {cfg.student}: could not load it as a causal LM ({str(e).splitlines()[0]}).") from e
+
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.num_epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        lr_scheduler_type=cfg.lr_scheduler,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if cfg.eval_cache and cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps,
+        bf16=cfg.bf16,
+        seed=cfg.seed,
+        dataloader_num_workers=cfg.num_workers,
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        report_to="none",
+        disable_tqdm=not cfg.progress,
+        ignore_data_skip=True,
+    )
+
+    def dataset(path: str, shuffle: bool) -> LogitCacheDataset:
+        return LogitCacheDataset(
+            path, tokenizer, alignment=cfg.resolved_alignment(), max_length=cfg.max_length,
+            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, shuffle=shuffle,
+            rank=args.process_index, world_size=args.world_size,
+        )
+
+    train_ds = dataset(cfg.cache, shuffle=True)
+    eval_ds = dataset(cfg.eval_cache, shuffle=False) if cfg.eval_cache else None
+    if last and cfg.resume:
+        state_file = Path(last) / DATA_STATE.format(rank=args.process_index)
+        if state_file.is_file():
+            train_ds.load_state_dict(json.loads(state_file.read_text()))
+        else:  # a checkpoint from before the data state was written: let the Trainer skip batches
+            args.ignore_data_skip = False
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    trainer = KDTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=KDCollator(pad_token_id=pad),
+        processing_class=tokenizer,
+        callbacks=[DataStateCallback(train_ds, args.process_index)],
+        kd_config=cfg,
+    )
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last if (last and cfg.resume) else None)
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        (out / "logitcache_train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return TrainResult(
+        out=str(out), global_step=result.global_step, train_loss=float(result.training_loss),
+        seconds=time.perf_counter() - t0, feature_stats=train_ds.featurizer_stats(),
+    )
