@@ -12,39 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("LOGITCACHE_NO_PROGRESS", "1")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-
-HERE = Path(__file__).resolve().parent
-
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, torch {torch.__version__}"
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, table, update_results  # noqa: E402
 
 
 # --- 1. cache size and throughput ----------------------------------------------------------
@@ -181,7 +156,7 @@ def main() -> None:
     )
     print(report)
     if not args.no_write:
-        (HERE / "RESULTS.md").write_text("# Benchmark results\n\nRegenerate with `make bench`.\n\n" + report)
+        update_results("stage1", report)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ def demo(
     examples: int = typer.Option(1024, "--examples", help="Examples in the students' training set (the cache covers them)."),
     teacher_steps: int = typer.Option(600, "--teacher-steps", help="Training steps for the tiny teacher."),
     student_steps: int = typer.Option(300, "--student-steps", help="Training steps for every student (the same budget for all)."),
+    eval_examples: int = typer.Option(200, "--eval-examples", help="Examples in the held-out set."),
     top_k: int = typer.Option(64, "--top-k", "-k", help="Log-probabilities kept per position."),
     teacher_only: bool = typer.Option(False, "--teacher-only", help="Stop after writing and verifying the cache."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
@@ -31,7 +32,10 @@ def demo(
     from logitcache.cli.cache import inspect, verify
     from logitcache.pipeline.demo import DemoConfig, format_table, run_students, run_teacher_part
 
-    cfg = DemoConfig(out=str(out), examples=examples, teacher_steps=teacher_steps, student_steps=student_steps, top_k=top_k)
+    cfg = DemoConfig(
+        out=str(out), examples=examples, eval_examples=eval_examples, teacher_steps=teacher_steps,
+        student_steps=student_steps, top_k=top_k,
+    )
     typer.echo(f"[1/4] tiny teacher and data in {out} (built on the spot, no download)")
     paths, r = run_teacher_part(cfg, progress=progress)
     typer.echo(f"[2/4] teacher stage: {r.written} examples written, {r.tokens_per_second:,.0f} tokens/s -> {paths.cache}")

@@ -45,7 +45,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-4
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
+    warmup_steps: float = 0  # steps, or a fraction of all steps when < 1
     lr_scheduler: str = "linear"
     logging_steps: int = 10
     save_steps: int = 500
@@ -208,12 +208,24 @@ class DataStateCallback(TrainerCallback):
         self.dataset, self.rank = dataset, rank
 
     def on_save(self, args, state, control, **kwargs):
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            from logitcache.storage.fsutil import atomic_write_bytes
+        from logitcache.storage.fsutil import atomic_write_bytes
 
-            atomic_write_bytes(ckpt / DATA_STATE.format(rank=self.rank), json.dumps(self.dataset.state_dict()).encode())
+        # Other ranks can get here before rank 0 has created the folder.
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(ckpt / DATA_STATE.format(rank=self.rank), json.dumps(self.dataset.state_dict()).encode())
         return control
+
+
+def _warmup_kwargs(warmup: float) -> dict[str, Any]:
+    # transformers 5 takes a ratio in warmup_steps (a float < 1); 4.x has warmup_ratio.
+    import dataclasses as dc
+
+    from transformers import TrainingArguments
+
+    if 0 < warmup < 1 and "warmup_ratio" in {f.name for f in dc.fields(TrainingArguments)}:
+        return {"warmup_ratio": warmup}
+    return {"warmup_steps": warmup if 0 < warmup < 1 else int(warmup)}
 
 
 @dataclass
@@ -282,7 +294,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
-        warmup_ratio=cfg.warmup_ratio,
+        **_warmup_kwargs(cfg.warmup_steps),
         lr_scheduler_type=cfg.lr_scheduler,
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
@@ -298,6 +310,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         report_to="none",
         disable_tqdm=not cfg.progress,
         ignore_data_skip=True,
+        # accelerate sets up multi-process CPU training (gloo) under torchrun only when told "cpu".
+        use_cpu=not torch.cuda.is_available(),
     )
 
     def dataset(path: str, shuffle: bool) -> LogitCacheDataset:

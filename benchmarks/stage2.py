@@ -1,0 +1,146 @@
+"""Stage-2 benchmarks: KD step time vs SFT step time, and reader throughput.
+
+    python benchmarks/stage2.py [--quick] [--no-write]
+
+One student and one batch for every loss, steps interleaved round-robin so that machine
+noise hits all losses alike; reader throughput on one thread (raw rows, and full student
+batches: retokenize, align, collate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, table, update_results  # noqa: E402
+
+
+def build(work: Path, quick: bool):
+    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.teacher.run import TeacherConfig, run_teacher
+    from logitcache.pipeline.tiny import (
+        TinyModelConfig, build_tiny_model, build_tiny_teacher, generate_corpus, load_mistral_tokenizer,
+        mistral_model_file, train_bpe_tokenizer,
+    )
+
+    if mistral_model_file() is not None:
+        tok, tok_name = load_mistral_tokenizer(work / "tok"), "Mistral-7B (V=32000)"
+    else:
+        tok, tok_name = train_bpe_tokenizer(generate_corpus(2000), 512), "byte-level BPE (V=512)"
+    teacher = build_tiny_teacher(work / "teacher", tokenizer=tok, train_steps=20 if quick else 100,
+                                 model_cfg=TinyModelConfig(hidden_size=128))
+    # Long records (a dozen Q/A lines each) so that a batch has realistic numbers of positions.
+    lines = generate_corpus(64 * 12, seed=5)
+    data = work / "long.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for i in range(0, len(lines), 12):
+            f.write(json.dumps({"text": "\n".join(lines[i : i + 12])}, ensure_ascii=False) + "\n")
+    cache = work / "cache"
+    run_teacher(TeacherConfig(model=str(teacher), data=str(data), out=str(cache), top_k=64,
+                              template=TextTemplate(text_field="text"), batch_size=8), progress=False)
+    student_cfg = TinyModelConfig(hidden_size=128 if quick else 256, num_layers=2 if quick else 4, num_heads=4)
+    student = build_tiny_model(tok, student_cfg)
+    return tok, tok_name, cache, student, student_cfg
+
+
+def step_times(tok, cache: Path, student, batch_size: int, rounds: int) -> tuple[list[list], dict]:
+    import torch
+
+    from logitcache.pipeline.student.collate import KDCollator
+    from logitcache.pipeline.student.dataset import LogitCacheDataset
+    from logitcache.pipeline.student.train import TrainConfig, causal_ce, kd_term
+
+    ds = LogitCacheDataset(cache, tok, alignment="offset", shuffle=False)
+    it = iter(ds)
+    batch = KDCollator(pad_token_id=tok.pad_token_id or 0)([next(it) for _ in range(batch_size)])
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    losses = ["sft", "kl", "uld", "mlot"]
+    times: dict[str, list[float]] = {name: [] for name in losses}
+
+    def step(name: str) -> None:
+        cfg = TrainConfig(student="", cache="", out="", loss=name)
+        out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = causal_ce(out.logits, batch["labels"])
+        if name != "sft":
+            loss = loss + kd_term(cfg, out.logits, batch["teacher_logprobs"], batch["teacher_ids"], batch["kd_mask"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for name in losses:  # warm-up
+        step(name)
+    for _ in range(rounds):
+        for name in losses:
+            t0 = time.perf_counter()
+            step(name)
+            times[name].append(time.perf_counter() - t0)
+    sft = statistics.median(times["sft"])
+    rows = [[n, f"{statistics.median(times[n]) * 1000:,.0f}", f"{statistics.median(times[n]) / sft:.2f}x"] for n in losses]
+    info = {"B": batch_size, "T": int(batch["input_ids"].shape[1]), "N": int(batch["kd_mask"].sum())}
+    return rows, info
+
+
+def reader_throughput(tok, cache: Path) -> list[list]:
+    import torch
+
+    from logitcache.pipeline.student.collate import KDCollator
+    from logitcache.pipeline.student.dataset import LogitCacheDataset
+    from logitcache.storage import open_cache
+
+    torch.set_num_threads(1)
+    teacher_tokens = open_cache(cache).manifest.num_tokens
+    rows = []
+    for label, tokenizer in [("decode shards to numpy (raw rows)", None), ("student batches: retokenize + align + collate", tok)]:
+        best = float("inf")
+        for _ in range(3):
+            ds = LogitCacheDataset(cache, tokenizer, alignment="offset", shuffle=False)
+            collate = KDCollator(pad_token_id=tok.pad_token_id or 0)
+            t0 = time.perf_counter()
+            buf = []
+            for ex in ds:
+                if tokenizer is not None:
+                    buf.append(ex)
+                    if len(buf) == 8:
+                        collate(buf)
+                        buf = []
+            best = min(best, time.perf_counter() - t0)
+        rows.append([label, f"{teacher_tokens / best:,.0f}"])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tok, tok_name, cache, student, scfg = build(Path(tmp), args.quick)
+        steps, info = step_times(tok, cache, student, batch_size=4, rounds=3 if args.quick else 8)
+        reader = reader_throughput(tok, cache)
+    params = sum(p.numel() for p in student.parameters()) / 1e6
+    report = (
+        f"## Stage 2 ({time.strftime('%Y-%m-%d')}, {'quick' if args.quick else 'full'} run, {time.perf_counter() - t0:.0f} s)\n\n"
+        f"Machine: {machine()}\n\n"
+        f"### Step time, KD vs SFT (same student and batch; median of interleaved steps; fp32, CPU)\n\n"
+        f"Student: Llama, hidden {scfg.hidden_size}, {scfg.num_layers} layers, {params:.1f}M parameters, tokenizer {tok_name}; "
+        f"batch {info['B']} x {info['T']} tokens, {info['N']} KD positions, cache k=64, offset alignment "
+        "(same tokenizer, so every target is aligned), MultiLevelOT paper variant (k=50).\n\n"
+        + table(["loss", "ms/step (fwd+bwd+AdamW)", "vs SFT"], steps)
+        + "\n\n### Reader throughput (one thread; teacher tokens per second)\n\n"
+        + table(["what", "tokens/s"], reader)
+        + "\n"
+    )
+    print(report)
+    if not args.no_write:
+        update_results("stage2", report)
+
+
+if __name__ == "__main__":
+    main()

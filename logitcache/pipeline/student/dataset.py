@@ -1,0 +1,490 @@
+"""LogitCacheDataset: stream a cache into student training (DDP ranks, dataloader workers,
+shuffle buffer, mid-epoch resume, shard integrity).
+
+    ds = LogitCacheDataset("out/cache", student_tokenizer, max_length=1024)
+    loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=...)
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        for batch in loader:
+            ...train...
+            ds.mark_consumed(batch["_worker"], batch["_index"])
+        torch.save(ds.state_dict(), ...)   # at any step: resume mid-epoch
+
+The unit of work is one Parquet row group (a few MB), planned from the shards' footers.
+Memory holds the row group being read plus the shuffle buffer, whatever the cache's size.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import random
+import warnings
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.utils.data
+
+from logitcache.errors import LogitCacheError
+from logitcache.pipeline.student.features import FeatureStats, StudentFeaturizer
+from logitcache.storage.fsutil import sha256_file
+from logitcache.storage.reader import CacheReader
+from logitcache.storage.rows import Row, batch_to_rows
+
+STATE_VERSION = 1
+
+# (shard index, row group index, rows): one unit of work, from Parquet metadata only.
+Unit = tuple[int, int, int]
+# (unit index, first row, end row) within that unit's row group: what one worker reads.
+Piece = tuple[int, int, int]
+
+# Shards whose bytes this process has hashed and found equal to the manifest, keyed by
+# (absolute path, size, mtime_ns, sha256): a file replaced or rewritten is checked again.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+class LogitCacheDataset(torch.utils.data.IterableDataset):
+    """A torch ``IterableDataset`` over a logit cache (DESIGN.md §4).
+
+    Args:
+        cache_dir: a cache written by ``logitcache teacher``.
+        student_tokenizer: a fast tokenizer. Given, every row goes through a
+            :class:`StudentFeaturizer` (made once per process, i.e. per dataloader worker)
+            and comes out as ``id, input_ids, labels, teacher_logprobs, teacher_ids,
+            kd_mask``; ``None`` yields the raw cache rows (``storage/rows.py``).
+        alignment, max_length: passed to the featurizer.
+        shuffle: permute the row groups per epoch, then shuffle rows through a buffer.
+        shuffle_buffer: rows in each worker's shuffle buffer.
+        seed: the whole order of every epoch follows from ``seed`` and the epoch.
+        rank, world_size: the DDP split; default: ``torch.distributed`` if initialised,
+            else 0 / 1. Give both or neither. (With accelerate's ``dispatch_batches``, where
+            rank 0 reads for everyone, pass ``rank=0, world_size=1``.)
+        verify_shards: hash each shard (sha256 and size against the manifest) the first
+            time this process reads from it.
+        num_workers: the number of dataloader workers (0: none) you will use. Optional;
+            given, every worker checks it and a resume state must match it exactly.
+
+    Every example also carries ``_worker`` (dataloader worker id, 0 without workers) and
+    ``_index`` (its position in that worker's stream this epoch, from 0).
+
+    **Epoch order.** Units are the row groups of all shards, in cache order. With
+    ``shuffle``, the units are permuted by an RNG seeded from ``(seed, epoch)``, and each
+    worker passes its rows through a buffer of ``shuffle_buffer`` rows with an RNG seeded
+    from ``(seed, epoch, rank, worker)``. Without it, rows come in cache order. The order
+    depends on ``world_size`` and on the number of dataloader workers.
+
+    **DDP: every rank gets the same number of examples.** A rank that runs out early leaves
+    the others waiting in a collective, so the epoch's global order (units in epoch order,
+    rows within a unit) is cut by example index into ``world_size`` contiguous blocks of
+    ``ceil(N / world_size)`` examples. Rank r reads only block r (a row group on a boundary
+    is read by both ranks, each keeping its rows). The last block(s), which would be short,
+    are filled by wrapping around to the start of the global order, as torch's
+    ``DistributedSampler`` pads: at most ``world_size - 1`` examples are seen twice per
+    epoch, none when ``N % world_size == 0``. ``len(dataset)`` is that per-rank count.
+
+    **Dataloader workers.** A rank's units (with their row ranges) are dealt round-robin to
+    its workers; each worker streams only its own, so no example is lost or repeated.
+
+    **Resume mid-epoch.** Report what the training loop consumed with
+    :meth:`mark_consumed` (the main process keeps, per worker, the number of examples
+    consumed). :meth:`state_dict` returns::
+
+        {"version": 1, "epoch": e, "seed": s, "world_size": w, "consumed": {worker: count},
+         "num_workers": n, "num_workers_exact": bool, "shuffle": bool, "shuffle_buffer": b,
+         "num_examples": N}
+
+    After :meth:`load_state_dict`, each worker's next ``__iter__`` replays its epoch stream
+    (unit order and shuffle buffer, on row positions only: no featurizing, and no reading
+    of row groups whose rows were all consumed) and skips its first ``count`` examples.
+    A state made with another seed, world size, shuffle setting or cache is refused. The
+    number of workers must be the same at resume: ``num_workers`` in the state is the
+    constructor's value when given (checked exactly), else ``1 + the highest worker id
+    marked`` (a lower bound, checked as such). Call :meth:`set_epoch` at every epoch
+    (Trainer/accelerate do): a new epoch clears the consumed counts; without it, a second
+    pass repeats the same epoch and skips what was marked consumed. Workers see the
+    dataset as it was when the DataLoader iterator started (``persistent_workers=False``).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        student_tokenizer: Any = None,
+        *,
+        alignment: str = "offset",
+        max_length: int | None = None,
+        shuffle_buffer: int = 1024,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        verify_shards: bool = True,
+        num_workers: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.cache = CacheReader(cache_dir)
+        self.manifest = self.cache.manifest
+        if self.manifest.status != "complete":
+            warnings.warn(
+                f"{self.cache.path}: the cache is not complete (status {self.manifest.status!r}); "
+                f"reading the {self.manifest.num_examples} examples written so far.",
+                stacklevel=2,
+            )
+        if shuffle and shuffle_buffer < 1:
+            raise LogitCacheError(f"shuffle_buffer must be at least 1 row (got {shuffle_buffer}).")
+        if not isinstance(seed, int) or seed < 0:
+            raise LogitCacheError(f"seed must be a non-negative integer (got {seed!r}).")
+        if (rank is None) != (world_size is None):
+            raise LogitCacheError("give both rank and world_size, or neither (then torch.distributed decides).")
+        if world_size is not None and not (world_size >= 1 and 0 <= rank < world_size):
+            raise LogitCacheError(
+                f"rank {rank} of world_size {world_size}: need world_size >= 1 and 0 <= rank < world_size."
+            )
+        if num_workers is not None and num_workers < 0:
+            raise LogitCacheError(f"num_workers must be 0 or more (got {num_workers}).")
+        self.student_tokenizer = student_tokenizer
+        self.alignment = alignment
+        self.max_length = max_length
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.verify_shards = verify_shards
+        self.num_workers = num_workers
+        self._rank, self._world_size = rank, world_size
+        self.epoch = 0
+        self._consumed: dict[int, int] = {}
+        self._state_workers: tuple[int, bool] | None = None  # (num_workers, exact) of a loaded state
+        self._units: list[Unit] = self._plan_units()
+        self._featurizer: StudentFeaturizer | None = None
+        self._featurizer_pid: int | None = None
+        self._open: tuple[int, pq.ParquetFile] | None = None  # the shard being read
+        if student_tokenizer is not None:
+            self._get_featurizer()  # bad tokenizer or alignment: fail here, not in a worker
+
+    # --- planning -------------------------------------------------------------------
+    def _plan_units(self) -> list[Unit]:
+        """Every row group of every shard, in cache order, from the footers alone."""
+        units: list[Unit] = []
+        for i, shard in enumerate(self.manifest.shards):
+            path = self.cache.shard_path(i)
+            try:
+                meta = pq.read_metadata(path)
+            except (OSError, pa.ArrowException) as e:
+                raise LogitCacheError(
+                    f"{path}: cannot read the shard's Parquet footer ({e}); run `logitcache verify {self.cache.path}`."
+                ) from e
+            rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            if sum(rows) != shard.rows:
+                raise LogitCacheError(
+                    f"{path}: {sum(rows)} rows, the manifest says {shard.rows}; "
+                    f"run `logitcache verify {self.cache.path}`."
+                )
+            units.extend((i, g, n) for g, n in enumerate(rows) if n)
+        return units
+
+    @property
+    def num_examples(self) -> int:
+        """Examples in the cache (all ranks)."""
+        return self.manifest.num_examples
+
+    def rank_and_world(self) -> tuple[int, int]:
+        if self._world_size is not None:
+            return self._rank, self._world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def __len__(self) -> int:
+        """Examples per rank per epoch: ``ceil(N / world_size)``."""
+        return math.ceil(self.num_examples / self.rank_and_world()[1])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch ``epoch``'s order; a different epoch forgets the consumed counts."""
+        if epoch != self.epoch:
+            self._consumed.clear()
+            self._state_workers = None
+        self.epoch = epoch
+
+    def _unit_order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self._units)))
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch]))
+        return rng.permutation(len(self._units)).tolist()
+
+    def _rank_pieces(self, rank: int, world: int) -> list[Piece]:
+        """Rank ``rank``'s block of the epoch's global order, as row ranges of units."""
+        n = self.num_examples
+        if n == 0:
+            return []
+        order = self._unit_order()
+        starts = [0]
+        for u in order:
+            starts.append(starts[-1] + self._units[u][2])
+        per = math.ceil(n / world)
+        pieces: list[Piece] = []
+        pos, end = rank * per, (rank + 1) * per  # padded positions; position p is example p % n
+        while pos < end:
+            a = pos % n
+            b = min(n, a + end - pos)
+            j = bisect.bisect_right(starts, a) - 1
+            while a < b:
+                lo, hi = starts[j], starts[j + 1]
+                pieces.append((order[j], a - lo, min(b, hi) - lo))
+                a = min(b, hi)
+                j += 1
+            pos += b - (pos % n)
+        return pieces
+
+    # --- reading --------------------------------------------------------------------
+    def _verify(self, i: int) -> None:
+        shard = self.manifest.shards[i]
+        path = self.cache.shard_path(i)
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise LogitCacheError(f"{path}: shard missing ({e}); run `logitcache verify {self.cache.path}`.") from e
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, shard.sha256)
+        if key in _VERIFIED:
+            return
+        if st.st_size != shard.bytes:
+            raise LogitCacheError(
+                f"{path}: shard is {st.st_size} bytes, the manifest says {shard.bytes}; the shard is damaged "
+                f"or was replaced. Run `logitcache verify {self.cache.path}`."
+            )
+        digest = sha256_file(path)
+        if digest != shard.sha256:
+            raise LogitCacheError(
+                f"{path}: shard sha256 {digest[:12]}… does not match the manifest ({shard.sha256[:12]}…); "
+                f"the shard is damaged or was modified. Run `logitcache verify {self.cache.path}`."
+            )
+        _VERIFIED.add(key)
+
+    def _read_piece(self, piece: Piece) -> pa.Table:
+        """Decode the rows ``piece`` names: one row group read, then sliced."""
+        shard, group, _ = self._units[piece[0]]
+        if self._open is None or self._open[0] != shard:
+            self._close()
+            if self.verify_shards:
+                self._verify(shard)
+            self._open = (shard, pq.ParquetFile(self.cache.shard_path(shard)))
+        try:
+            table = self._open[1].read_row_group(group)
+        except (OSError, pa.ArrowException) as e:
+            raise LogitCacheError(
+                f"{self.cache.shard_path(shard)}: cannot read row group {group} ({e}); "
+                f"run `logitcache verify {self.cache.path}`."
+            ) from e
+        return table.slice(piece[1], piece[2] - piece[1])
+
+    def _close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+
+    def _rows(self, pieces: Sequence[Piece], start: int) -> Iterator[Row]:
+        """Rows of ``pieces`` in order, from stream position ``start`` (earlier pieces unread)."""
+        copy = self.shuffle  # buffered rows must not pin their whole row group in memory
+        pos = 0
+        for piece in pieces:
+            n = piece[2] - piece[1]
+            if pos + n <= start:
+                pos += n
+                continue
+            skip = max(0, start - pos)
+            pos += n
+            table = self._read_piece((piece[0], piece[1] + skip, piece[2]))
+            for batch in table.to_batches():
+                for row in batch_to_rows(batch):
+                    yield _copy_row(row) if copy else row
+            del table
+
+    def _fetch(self, pieces: Sequence[Piece], starts: Sequence[int], keys: Sequence[int]) -> dict[int, Row]:
+        """Rows at stream positions ``keys`` (a resumed shuffle buffer), row group by row group."""
+        by_piece: dict[int, list[int]] = {}
+        for key in keys:
+            by_piece.setdefault(bisect.bisect_right(starts, key) - 1, []).append(key)
+        out: dict[int, Row] = {}
+        for p, ks in sorted(by_piece.items()):
+            unit, a, _ = pieces[p]
+            lo, hi = min(ks) - starts[p], max(ks) - starts[p] + 1
+            table = self._read_piece((unit, a + lo, a + hi))
+            rows = [row for batch in table.to_batches() for row in batch_to_rows(batch)]
+            for key in ks:
+                out[key] = _copy_row(rows[key - starts[p] - lo])
+        return out
+
+    def _ordered(self, pieces: Sequence[Piece], skip: int) -> Iterator[tuple[int, Row]]:
+        return enumerate(self._rows(pieces, skip), start=skip)
+
+    def _shuffled(self, pieces: Sequence[Piece], rng: random.Random, skip: int) -> Iterator[tuple[int, Row]]:
+        """The shuffle buffer, run on stream positions; rows are read only after ``skip`` outputs.
+
+        For each incoming position: while the buffer is not full, add it; else swap it with
+        a random slot and emit what was there. At the end, shuffle the buffer and emit it
+        all. The positions (and the RNG) follow the same path whether or not rows are
+        attached, which makes a resumed stream identical to an uninterrupted one.
+        """
+        size = self.shuffle_buffer
+        starts = [0]
+        for _, a, b in pieces:
+            starts.append(starts[-1] + b - a)
+        total = starts[-1]
+        buf: list[int] = []
+        held: dict[int, Row] = {}
+        rows: Iterator[Row] | None = None
+        out = 0
+        for pos in range(total):
+            if rows is None and out >= skip:  # done skipping: attach rows from here on
+                held.update(self._fetch(pieces, starts, buf))
+                rows = self._rows(pieces, pos)
+            if rows is not None:
+                held[pos] = next(rows)
+            if len(buf) < size:
+                buf.append(pos)
+                continue
+            j = rng.randrange(size)
+            key, buf[j] = buf[j], pos
+            if out >= skip:
+                yield out, held.pop(key)
+            out += 1
+        rng.shuffle(buf)
+        rest = buf[max(0, skip - out) :]
+        out = max(out, skip)
+        held.update(self._fetch(pieces, starts, [k for k in rest if k not in held]))
+        for key in rest:
+            yield out, held.pop(key)
+            out += 1
+
+    # --- iteration ------------------------------------------------------------------
+    def _worker(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def _get_featurizer(self) -> StudentFeaturizer:
+        if self._featurizer is None or self._featurizer_pid != os.getpid():
+            self._featurizer = StudentFeaturizer(
+                self.student_tokenizer,
+                alignment=self.alignment,
+                max_length=self.max_length,
+                add_special_tokens=self.manifest.template.get("add_special_tokens", True),
+            )
+            self._featurizer_pid = os.getpid()
+        return self._featurizer
+
+    def _check_workers(self) -> None:
+        info = torch.utils.data.get_worker_info()
+        actual = 0 if info is None else info.num_workers
+        if self.num_workers is not None and self.num_workers != actual:
+            raise LogitCacheError(
+                f"LogitCacheDataset(num_workers={self.num_workers}) is read by {actual} dataloader workers; "
+                "make them the same (a resume needs the same number of workers)."
+            )
+        if self._state_workers is not None and self._consumed:
+            saved, exact = self._state_workers
+            if (saved != actual) if exact else (saved > max(actual, 1)):
+                raise LogitCacheError(
+                    f"the resume state was saved with {'' if exact else 'at least '}{saved} dataloader workers, "
+                    f"this run has {actual}; resume with the same number of workers."
+                )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._check_workers()
+        worker, workers = self._worker()
+        rank, world = self.rank_and_world()
+        pieces = self._rank_pieces(rank, world)[worker::workers]
+        skip = self._consumed.get(worker, 0)
+        if self.shuffle:
+            seq = np.random.SeedSequence([self.seed, self.epoch, rank, worker])
+            stream = self._shuffled(pieces, random.Random(int(seq.generate_state(1, np.uint64)[0])), skip)
+        else:
+            stream = self._ordered(pieces, skip)
+        featurize = self._get_featurizer() if self.student_tokenizer is not None else None
+        try:
+            for index, row in stream:
+                example = featurize(row) if featurize is not None else row
+                example["_worker"] = worker
+                example["_index"] = index
+                yield example
+        finally:
+            self._close()
+
+    # --- resume ---------------------------------------------------------------------
+    def mark_consumed(self, workers: Sequence[int] | int, indices: Sequence[int] | int) -> None:
+        """Record that the training loop consumed these examples (a batch's ``_worker`` and
+        ``_index``: lists, tensors or single ints)."""
+        w, i = _flat_ints(workers), _flat_ints(indices)
+        if w.shape != i.shape:
+            raise LogitCacheError(f"mark_consumed: {w.size} workers but {i.size} indices; pass one of each per example.")
+        for wid, idx in zip(w.tolist(), i.tolist()):
+            self._consumed[int(wid)] = max(self._consumed.get(int(wid), 0), int(idx) + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.num_workers is not None:
+            num_workers, exact = self.num_workers, True
+        elif self._state_workers is not None and self._state_workers[1]:
+            num_workers, exact = self._state_workers
+        else:  # a lower bound: the workers seen so far
+            seen = max(self._consumed, default=-1) + 1
+            num_workers, exact = max(seen, self._state_workers[0] if self._state_workers else 0) or None, False
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "world_size": self.rank_and_world()[1],
+            "num_workers": num_workers,
+            "num_workers_exact": exact,
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer,
+            "num_examples": self.num_examples,
+            "consumed": dict(self._consumed),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise LogitCacheError(
+                f"resume state version {state.get('version')!r} is not supported (this logitcache reads {STATE_VERSION})."
+            )
+        mine = self.state_dict()
+        checks = ["seed", "world_size", "shuffle", "num_examples"] + (["shuffle_buffer"] if self.shuffle else [])
+        for key in checks:
+            if key in state and state[key] != mine[key]:
+                raise LogitCacheError(
+                    f"resume state has {key}={state[key]!r}, this dataset has {key}={mine[key]!r}; the example "
+                    f"order would differ. Resume with the same {key}, or start the epoch afresh."
+                )
+        saved_workers, exact = state.get("num_workers"), bool(state.get("num_workers_exact"))
+        if exact and self.num_workers is not None and saved_workers != self.num_workers:
+            raise LogitCacheError(
+                f"resume state was saved with num_workers={saved_workers}, this dataset has "
+                f"num_workers={self.num_workers}; resume with the same number of dataloader workers."
+            )
+        self.epoch = int(state["epoch"])
+        self._consumed = {int(w): int(n) for w, n in state.get("consumed", {}).items()}
+        self._state_workers = None if saved_workers is None else (int(saved_workers), exact)
+
+    def featurizer_stats(self) -> dict[str, Any] | None:
+        """This process's featurizer counts (per dataloader worker in a worker); None for raw rows."""
+        if self.student_tokenizer is None:
+            return None
+        if self._featurizer is None or self._featurizer_pid != os.getpid():
+            return FeatureStats().as_dict()
+        return self._featurizer.stats.as_dict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_open"] = None
+        state["_featurizer"] = state["_featurizer_pid"] = None  # each process makes its own
+        return state
+
+
+def _flat_ints(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.atleast_1d(np.asarray(x)).reshape(-1)
+
+
+def _copy_row(row: Row) -> Row:
+    return {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in row.items()}
