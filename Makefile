@@ -22,6 +22,8 @@ test: $(VENV)/.installed  ## the test suite (what CI runs)
 
 bench: $(VENV)/.installed  ## benchmarks; results in benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/stage1.py
+	$(BIN)/python benchmarks/stage2.py
+	$(BIN)/python benchmarks/losses_memory.py
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -1,0 +1,80 @@
+"""Universal Logit Distillation (ULD) against a top-K teacher cache.
+
+Boizard et al., "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation
+Loss for LLMs" (TMLR 2025, arXiv 2402.12030). Per aligned position, sort the student's and
+the teacher's probabilities in descending order, zero-pad the shorter vector and take the
+L1 distance; no vocabulary correspondence is needed, so the tokenizers may differ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def uld_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ULD between a student and a top-K teacher, averaged over the masked-in positions.
+
+    Per position p (teacher probabilities ``t`` sorted descending, K known entries of a
+    distribution over the full teacher vocabulary; student probabilities ``s`` sorted
+    descending)::
+
+        uld_p = sum_{i<K} |s_i - t_i|  +  |s_tail - t_tail|
+        s_tail = 1 - sum_{i<K} s_i        t_tail = max(0, 1 - sum_{i<K} t_i)
+
+    The paper's ULD is ``sum_i |s_i - t_i|`` over the whole (zero-padded) vocabulary. The
+    teacher entries beyond K are unknown, so everything past rank K is folded into one
+    bucket per side. By the triangle inequality ``sum_{i>=K} |s_i - t_i| >=
+    |sum_{i>=K} s_i - sum_{i>=K} t_i| = |s_tail - t_tail|``, so this is a lower bound of the
+    full ULD; it is *equal* to it when K covers the teacher vocabulary (then ``t_tail = 0``
+    and ``sum_{i>=K} |s_i - 0| = s_tail``). If the student vocabulary is smaller than K its
+    sorted vector is zero-padded, as in the paper.
+
+    Only the student's top-K is needed (``torch.topk`` on the logits, which softmax keeps in
+    order), never a full sort of its vocabulary.
+
+    Args:
+        student_logits: [N, Vs] raw student logits (temperature 1).
+        teacher_logprobs: [N, K] teacher log-probabilities normalised over the full teacher
+            vocabulary, K entries per position (sorted descending in the cache; sorted again
+            here, which is cheap, so any order works). Cast to the student's dtype.
+        mask: [N] bool, True where the position counts. Masked-out rows must hold finite
+            values (they are computed and discarded, not skipped).
+
+    Returns:
+        Scalar in the student's dtype: mean of ``uld_p`` over masked-in positions; exactly 0
+        (with a zero gradient) when no position is masked in.
+    """
+    if student_logits.dim() != 2 or teacher_logprobs.dim() != 2 or mask.dim() != 1:
+        raise ValueError(
+            "uld_loss expects student_logits [N, Vs], teacher_logprobs [N, K] and mask [N]; got "
+            f"{tuple(student_logits.shape)}, {tuple(teacher_logprobs.shape)}, {tuple(mask.shape)}."
+        )
+    if not (student_logits.shape[0] == teacher_logprobs.shape[0] == mask.shape[0]):
+        raise ValueError(
+            f"uld_loss: N differs between student_logits ({student_logits.shape[0]}), "
+            f"teacher_logprobs ({teacher_logprobs.shape[0]}) and mask ({mask.shape[0]})."
+        )
+    if mask.dtype != torch.bool:
+        raise ValueError(f"uld_loss: mask must be a bool tensor, got {mask.dtype}.")
+
+    k = teacher_logprobs.shape[-1]
+    vs = student_logits.shape[-1]
+    t = teacher_logprobs.to(student_logits.dtype).exp().sort(dim=-1, descending=True).values  # [N, K]
+
+    # Top-K on the logits, normalised by the log-partition: no [N, Vs] probability tensor is
+    # built in the forward pass, and the backward pass touches the full row only twice.
+    lse = torch.logsumexp(student_logits, dim=-1, keepdim=True)  # [N, 1]
+    top = torch.topk(student_logits, min(k, vs), dim=-1, sorted=True).values  # [N, min(K, Vs)]
+    s = (top - lse).exp()
+    if vs < k:
+        s = torch.nn.functional.pad(s, (0, k - vs))  # the paper's zero-padding of the shorter vector
+
+    # A student tail that rounds slightly below 0 would be an error of the sum, not mass.
+    s_tail = (1.0 - s.sum(dim=-1)).clamp_min(0.0)
+    t_tail = (1.0 - t.sum(dim=-1)).clamp_min(0.0)
+    per_position = (s - t).abs().sum(dim=-1) + (s_tail - t_tail).abs()  # [N]
+
+    # where() rather than a multiply: a masked row's value never reaches the sum. Dividing by
+    # max(count, 1) makes the all-masked case an exact 0 whose gradient is 0.
+    per_position = torch.where(mask, per_position, torch.zeros_like(per_position))
+    return per_position.sum() / mask.sum().clamp_min(1).to(per_position.dtype)
