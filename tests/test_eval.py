@@ -92,5 +92,5 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path):
     assert r.exit_code == 0, r.output
     table = (out / "results.md").read_text().splitlines()
     names = [line.split("|")[1].strip() for line in table[2:]]
-    assert names == ["teacher", "sft-bpe", "kl-bpe", "sft-unigram", "uld-unigram", "mlot-unigram"]
+    assert names == ["teacher", "sft-bpe", "kl-bpe", "sft-sp", "uld-sp", "mlot-sp"]
     assert "OK " in r.output  # the cache verified

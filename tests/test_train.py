@@ -163,3 +163,36 @@ def test_torchrun_two_processes_on_cpu(tmp_path, built_cache, other_vocab_studen
     assert [s["world_size"] for s in states] == [2, 2]
     assert [sum(s["consumed"].values()) for s in states] == [6, 6]  # 3 steps x batch 2 on each rank
     assert (tmp_path / "ddp" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("not a cache", "not a logitcache cache"),
+        ("kl, other vocabulary", "teacher's vocabulary"),
+        ("mlot, k too small", "--top-k 50"),
+        ("missing --out", "missing --out"),
+        ("unknown loss", "--loss 'xent'"),
+        ("zero batch size", "--batch-size must be positive"),
+    ],
+)
+def test_train_cli_refusals_are_one_line(case, needle, tmp_path, built_cache, other_vocab_student):
+    from typer.testing import CliRunner
+
+    from logitcache.cli import app
+
+    (tmp_path / "junk").mkdir()
+    base = ["train", "--student", str(other_vocab_student), "--no-progress"]
+    args = {
+        "not a cache": base + ["--cache", str(tmp_path / "junk"), "--out", str(tmp_path / "o")],
+        "kl, other vocabulary": base + ["--cache", str(built_cache), "--out", str(tmp_path / "o"), "--loss", "kl"],
+        "mlot, k too small": base + ["--cache", str(built_cache), "--out", str(tmp_path / "o"), "--loss", "mlot"],
+        "missing --out": base + ["--cache", str(built_cache)],
+        "unknown loss": base + ["--cache", str(built_cache), "--out", str(tmp_path / "o"), "--loss", "xent"],
+        "zero batch size": base + ["--cache", str(built_cache), "--out", str(tmp_path / "o"), "--batch-size", "0"],
+    }[case]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()

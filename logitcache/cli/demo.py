@@ -25,7 +25,7 @@ def demo(
     Builds a tiny teacher (BPE tokenizer + small Llama) and trains it on generated facts and
     sums, writes its top-k cache once, inspects and verifies it, then trains students of one
     size on the same budget from that cache (SFT and KL with the teacher's tokenizer; SFT, ULD
-    and MultiLevelOT with a Unigram tokenizer) and prints held-out bits per character and
+    and MultiLevelOT with a SentencePiece-style BPE tokenizer) and prints held-out bits per character and
     exact-match accuracy for each and for the teacher. Nothing is downloaded; a rerun resumes.
     """
     quiet_libraries()

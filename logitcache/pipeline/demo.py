@@ -5,7 +5,8 @@ Everything is built on the spot (no download) and sized for 2 CPU cores:
    knowledge matters: made-up capitals, sums, and multilingual lines;
 2. its top-k cache over the students' training set, written once;
 3. students of one size, trained on the same budget from that cache: SFT and KL with the
-   teacher's tokenizer, SFT, ULD and MultiLevelOT with a different (Unigram) tokenizer;
+   teacher's tokenizer, SFT, ULD and MultiLevelOT with a different (SentencePiece-style
+   BPE) tokenizer;
 4. held-out bits per character and exact-match accuracy of every student and the teacher.
 """
 
@@ -22,8 +23,8 @@ from logitcache.pipeline.tiny import (
     TinyModelConfig,
     build_tiny_model,
     build_tiny_teacher,
-    train_unigram_tokenizer,
     generate_corpus,
+    train_metaspace_bpe_tokenizer,
     write_demo_dataset,
 )
 
@@ -44,9 +45,9 @@ class DemoConfig:
             # (name, tokenizer, loss)
             ("sft-bpe", "teacher", "sft"),
             ("kl-bpe", "teacher", "kl"),
-            ("sft-unigram", "unigram", "sft"),
-            ("uld-unigram", "unigram", "uld"),
-            ("mlot-unigram", "unigram", "mlot"),
+            ("sft-sp", "sp", "sft"),
+            ("uld-sp", "sp", "uld"),
+            ("mlot-sp", "sp", "mlot"),
         ]
     )
 
@@ -104,7 +105,7 @@ def _student_init(paths: DemoPaths, tokenizer_kind: str, cfg: DemoConfig) -> Pat
     if tokenizer_kind == "teacher":
         tok = AutoTokenizer.from_pretrained(paths.cache / "tokenizer")
     else:
-        tok = train_unigram_tokenizer(generate_corpus(2000, cfg.seed + 7), vocab_size=400)
+        tok = train_metaspace_bpe_tokenizer(generate_corpus(2000, cfg.seed + 7), vocab_size=400)
     model = build_tiny_model(tok, TinyModelConfig(hidden_size=64, num_layers=2, seed=cfg.seed + 1))
     tmp = init.with_name(init.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -143,7 +144,7 @@ def run_students(cfg: DemoConfig, paths: DemoPaths, progress: bool = True) -> li
             r = run_train(tcfg)
             seconds, aligned = r.seconds, (r.feature_stats or {}).get("fraction_matched")
         e = held_out(out)
-        tok_label = "teacher (BPE 512)" if tok_kind == "teacher" else "Unigram 400"
+        tok_label = "teacher (BPE 512)" if tok_kind == "teacher" else "SentencePiece-style BPE 400"
         rows.append(DemoRow(name, tok_label, loss, tcfg.resolved_alignment() if loss != "sft" else "-",
                             aligned if loss != "sft" else None, seconds, e.bits_per_char, e.accuracy))
     return rows

@@ -1,8 +1,9 @@
 """Tiny tokenizers, models and data built on the spot: the embedded default and test fixtures.
 
 Nothing is downloaded. The teacher tokenizer is a byte-level BPE (GPT-2/Llama-3 family) and
-the student tokenizer a Unigram with Metaspace '▁' markers (SentencePiece family), both
-trained on a generated corpus, so vocabularies and token boundaries really differ. The
+the students' a BPE with Metaspace '▁' markers (SentencePiece family); tests also use a
+Unigram. All are trained on a generated corpus, so vocabularies and token boundaries
+really differ. The
 corpus mixes ASCII, accented Latin, CJK and emoji so every offset path gets exercised, and
 carries "knowledge" (made-up capitals, sums) that a briefly trained teacher can learn.
 """
@@ -138,6 +139,25 @@ def train_unigram_tokenizer(corpus: list[str], vocab_size: int = 400, chat_templ
     return _wrap(tok, chat_template)
 
 
+def train_metaspace_bpe_tokenizer(corpus: list[str], vocab_size: int = 400, chat_template: bool = True):
+    """BPE with Metaspace ('▁') markers, the SentencePiece-BPE family (Llama-2, Mistral); adds <s>.
+
+    Unlike the Unigram trainer, whose vocabulary changes from one process to the next, the
+    BPE trainer is deterministic: the demo's students are the same on every machine.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False))
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
+    return _wrap(tok, chat_template)
+
+
 @dataclass
 class TinyModelConfig:
     arch: str = "llama"  # "llama" | "gpt2"
@@ -258,6 +278,7 @@ def build_tiny_teacher(
 
 
 def build_tiny_student_tokenizer(out_dir: str | os.PathLike, *, vocab_size: int = 400, seed: int = 0) -> Path:
+    """The demo students' tokenizer: SentencePiece-style BPE, other boundaries than the teacher's."""
     out_dir = Path(out_dir)
-    train_unigram_tokenizer(generate_corpus(2000, seed + 7), vocab_size).save_pretrained(out_dir)
+    train_metaspace_bpe_tokenizer(generate_corpus(2000, seed + 7), vocab_size).save_pretrained(out_dir)
     return out_dir

@@ -318,7 +318,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         return LogitCacheDataset(
             path, tokenizer, alignment=cfg.resolved_alignment(), max_length=cfg.max_length,
             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, shuffle=shuffle,
-            rank=args.process_index, world_size=args.world_size,
+            rank=args.process_index, world_size=args.world_size, num_workers=cfg.num_workers,
         )
 
     train_ds = dataset(cfg.cache, shuffle=True)
