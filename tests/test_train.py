@@ -174,6 +174,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, built_cache, other_vocab_studen
         ("missing --out", "missing --out"),
         ("unknown loss", "--loss 'xent'"),
         ("zero batch size", "--batch-size must be positive"),
+        ("student path missing", "no such directory"),
     ],
 )
 def test_train_cli_refusals_are_one_line(case, needle, tmp_path, built_cache, other_vocab_student):
@@ -190,6 +191,8 @@ def test_train_cli_refusals_are_one_line(case, needle, tmp_path, built_cache, ot
         "missing --out": base + ["--cache", str(built_cache)],
         "unknown loss": base + ["--cache", str(built_cache), "--out", str(tmp_path / "o"), "--loss", "xent"],
         "zero batch size": base + ["--cache", str(built_cache), "--out", str(tmp_path / "o"), "--batch-size", "0"],
+        "student path missing": ["train", "--student", str(tmp_path / "nope"), "--cache", str(built_cache),
+                                 "--out", str(tmp_path / "o")],
     }[case]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2, r.output

@@ -55,8 +55,7 @@ class EvalResult:
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from logitcache.pipeline.loading import load_causal_lm, load_tokenizer
     from logitcache.pipeline.teacher.hf import resolve_device
 
     if cfg.batch_size <= 0:
@@ -64,11 +63,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     ds = load_records(cfg.data, cfg.split)
     template = cfg.template.resolved(list(ds.column_names))
     device = resolve_device(cfg.device)
-    try:
-        tok = AutoTokenizer.from_pretrained(cfg.model)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval()
-    except (OSError, ValueError) as e:
-        raise LogitCacheError(f"--model {cfg.model}: could not load it ({str(e).splitlines()[0]}).") from e
+    tok = load_tokenizer(cfg.model, "--model")
+    model = load_causal_lm(cfg.model, "--model").to(device).eval()
     add_special = add_special_tokens_for(template)
     records = [(text, pc) for _, text, pc in iter_examples(ds, template, tok, cfg.limit) if text.strip() and pc >= 0]
     if not records:

@@ -259,9 +259,10 @@ def check_compatibility(cfg: TrainConfig, student_tokenizer, manifest, cache_tok
 def run_train(cfg: TrainConfig) -> TrainResult:
     import time
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
+    from logitcache.pipeline.loading import load_causal_lm, load_tokenizer
     from logitcache.pipeline.student.collate import KDCollator
     from logitcache.pipeline.student.dataset import LogitCacheDataset
     from logitcache.storage import open_cache
@@ -275,15 +276,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             f"--out {out} already holds checkpoints ({Path(last).name}); pass --resume to continue, "
             "or choose a new --out so nothing is overwritten."
         )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise LogitCacheError(f"--student {cfg.student}: could not load its tokenizer ({str(e).splitlines()[0]}).") from e
+    tokenizer = load_tokenizer(cfg.student, "--student", trust_remote_code=cfg.trust_remote_code)
     check_compatibility(cfg, tokenizer, cache.manifest, cache.tokenizer_dir)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise LogitCacheError(f"--student {cfg.student}: could not load it as a causal LM ({str(e).splitlines()[0]}).") from e
+    model = load_causal_lm(cfg.student, "--student", trust_remote_code=cfg.trust_remote_code)
 
     args = TrainingArguments(
         output_dir=str(out),

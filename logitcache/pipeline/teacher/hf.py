@@ -10,7 +10,6 @@ whose head path disagrees with its own forward.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from logitcache.errors import LogitCacheError
+from logitcache.pipeline.loading import load_causal_lm, load_tokenizer
 from logitcache.pipeline.offsets import require_fast_tokenizer
 from logitcache.pipeline.teacher.topk import TopK, chunked_topk, chunked_topk_from_logits_fn
 
@@ -93,26 +93,16 @@ class HFTeacher:
         trust_remote_code: bool = False,
         chunk: int = 1024,
     ) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.model_name = model
         self.revision = revision
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.chunk = chunk
-        if _looks_like_path(model) and not Path(model).exists():
-            raise LogitCacheError(f"--model {model}: no such directory; give a model directory or a hub name.")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise LogitCacheError(f"--model {model}: could not load its tokenizer ({_first_line(e)}).") from e
+        self.tokenizer = load_tokenizer(model, "--model", revision=revision, trust_remote_code=trust_remote_code)
         require_fast_tokenizer(self.tokenizer, "teacher tokenizer")
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(
-                model, revision=revision, dtype=self.dtype, trust_remote_code=trust_remote_code
-            )
-        except (OSError, ValueError) as e:
-            raise LogitCacheError(f"--model {model}: could not load it as a causal LM ({_first_line(e)}).") from e
+        self.model = load_causal_lm(
+            model, "--model", revision=revision, dtype=self.dtype, trust_remote_code=trust_remote_code
+        )
         self.model.to(self.device).eval()
         self.fingerprint = model_fingerprint(model, revision)
         self._decoder = self._head = None
@@ -211,18 +201,3 @@ def _split(top: TopK, counts: list[int]) -> list[ScoredSequence]:
         out.append(ScoredSequence(ids[a : a + c], lp[a : a + c], label[a : a + c], lse[a : a + c]))
         a += c
     return out
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name and not _is_hub_id(name)
-
-
-def _is_hub_id(name: str) -> bool:
-    # "org/model" is a hub id; "a/b/c" or "./x" is a path.
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
