@@ -16,8 +16,8 @@ def teacher(
     data: str = typer.Option(..., "--data", "-d", help="Input: a .jsonl/.json/.parquet/.csv/.arrow/.txt file, a directory of them, or a hub dataset name."),
     out: Path = typer.Option(..., "--out", "-o", help="Cache directory to write. An existing cache with the same settings is resumed."),
     top_k: int = typer.Option(64, "--top-k", "-k", help="Log-probabilities kept per position (sorted, over the full vocabulary)."),
-    engine: str = typer.Option("hf", "--engine", help="Teacher engine: hf (transformers, CPU or GPU)."),
-    mode: str = typer.Option("score", "--mode", help="score: teacher-forced over the given text."),
+    engine: str = typer.Option("hf", "--engine", help="hf (transformers, CPU or GPU) or vllm (GPU; pip install 'logitcache[vllm]')."),
+    mode: str = typer.Option("score", "--mode", help="score: teacher-forced over the given text; generate: the teacher writes the response to each prompt, then its own distribution along it is stored."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Field holding the whole text (every token is a target)."),
     prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="Field holding the prompt (with --response-field)."),
     response_field: Optional[str] = typer.Option(None, "--response-field", help="Field holding the response (with --prompt-field)."),
@@ -33,6 +33,16 @@ def teacher(
     revision: Optional[str] = typer.Option(None, "--revision", help="Model revision (hub models)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run (off by default: it is code from the model's author)."),
     shard_size_mb: float = typer.Option(256.0, "--shard-size-mb", help="Target size of one Parquet shard."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Generate mode: longest response in tokens."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Generate mode: sampling temperature (0: greedy). Stored log-probs are always at temperature 1."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Generate mode: nucleus sampling."),
+    seed: int = typer.Option(0, "--seed", help="Generate mode: sampling seed."),
+    truncate_prompts: bool = typer.Option(False, "--truncate-prompts", help="Generate mode: cut prompts too long for the context from the left instead of skipping (and counting) them."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Cluster run: split the data over N workers (default: SLURM_ARRAY_TASK_COUNT, else 1). Each writes OUT/part-I-of-N; `logitcache merge` joins them."),
+    worker_index: Optional[int] = typer.Option(None, "--worker-index", help="Cluster run: this worker, 0..N-1 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model."),
+    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="vllm: share of GPU memory to use."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="vllm: context length (default --max-length or the model's)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Run a teacher over a dataset and write its top-k logit cache (stage 1).
@@ -44,6 +54,7 @@ def teacher(
     """
     quiet_libraries()
     from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.teacher.engine import GenerationConfig
     from logitcache.pipeline.teacher.run import TeacherConfig, run_teacher
 
     cfg = TeacherConfig(
@@ -55,6 +66,10 @@ def teacher(
         split=split, batch_size=batch_size, max_length=max_length, dtype=dtype, device=device,
         limit=limit, revision=revision, trust_remote_code=trust_remote_code,
         shard_bytes=max(1, int(shard_size_mb * 2**20)),
+        generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
+        truncate_prompts=truncate_prompts, num_workers=num_workers, worker_index=worker_index,
+        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
     )
     r = run_teacher(cfg, progress=progress)
     m = r.manifest
@@ -65,7 +80,9 @@ def teacher(
         parts.append("skipped " + ", ".join(f"{n} {why}" for why, n in r.skipped.items()))
     if r.truncated:
         parts.append(f"{r.truncated} truncated to {m.max_length} tokens")
+    if r.retokenized:
+        parts.append(f"{r.retokenized} generated responses re-tokenize differently (stored: the canonical tokenization)")
     typer.echo("; ".join(parts))
     bpt = m.num_bytes / m.num_tokens if m.num_tokens else 0.0
     state = "complete" if r.complete else "partial (rerun to continue)"
-    typer.echo(f"cache {out}: {m.num_examples} examples, {m.num_tokens} tokens, {bpt:.1f} bytes/token, {state}")
+    typer.echo(f"cache {r.out}: {m.num_examples} examples, {m.num_tokens} tokens, {bpt:.1f} bytes/token, {state}")

@@ -30,6 +30,7 @@ SETTINGS_KEYS = (
     "dataset",
     "template",
     "max_length",
+    "worker",
 )
 
 
@@ -59,11 +60,14 @@ class Manifest:
     tokenizer: dict[str, Any]  # name, sha256, files {name: sha256}, vocab_size, special_ids
     k: int
     mode: str  # "score" | "generate"
-    dataset: dict[str, Any]  # source, split, fingerprint
+    dataset: dict[str, Any]  # source, split, fingerprint, num_records
     template: dict[str, Any]  # how a record became text
     temperature: float = 1.0
     generation: dict[str, Any] | None = None
     max_length: int | None = None
+    # {"index": i, "count": n} for one worker's part of a cluster run (None: the whole dataset);
+    # worker i takes the records whose index r has r % n == i.
+    worker: dict[str, int] | None = None
     codec: str = "v1"
     format_version: int = FORMAT_VERSION
     tool_version: str = ""

@@ -66,7 +66,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     tok = load_tokenizer(cfg.model, "--model")
     model = load_causal_lm(cfg.model, "--model").to(device).eval()
     add_special = add_special_tokens_for(template)
-    records = [(text, pc) for _, text, pc in iter_examples(ds, template, tok, cfg.limit) if text.strip() and pc >= 0]
+    records = [(text, pc) for _, _, text, pc in iter_examples(ds, template, tok, cfg.limit) if text.strip() and pc >= 0]
     if not records:
         raise LogitCacheError(f"--data {cfg.data}: no record with text to evaluate.")
     result = EvalResult(examples=len(records), chars=0, nll_nats=0.0, answered=0, correct=0)

@@ -44,20 +44,31 @@ class TextTemplate:
             return "prompt_response"
         return "text"
 
-    def validate(self) -> None:
+    def validate(self, mode: str = "score") -> None:
         ways = [bool(self.text_field), bool(self.prompt_field or self.response_field), bool(self.messages_field)]
         if sum(ways) > 1:
             raise LogitCacheError(
                 "give one way to build the text: --text-field, or --prompt-field with --response-field, "
                 "or --messages-field (not several)."
             )
-        if bool(self.prompt_field) != bool(self.response_field):
+        if mode == "generate":
+            if self.response_field:
+                raise LogitCacheError("--mode generate: the teacher writes the response; drop --response-field.")
+        elif bool(self.prompt_field) != bool(self.response_field):
             raise LogitCacheError("--prompt-field and --response-field go together; give both.")
 
-    def resolved(self, columns: list[str]) -> "TextTemplate":
-        """Fill in defaults from the data's columns and check every named field exists."""
-        self.validate()
+    def resolved(self, columns: list[str], mode: str = "score") -> "TextTemplate":
+        """Fill in defaults from the data's columns and check every named field exists.
+
+        In generate mode a prompt field alone is enough (the teacher writes the response).
+        """
+        self.validate(mode)
         t = TextTemplate(**asdict(self))
+        if mode == "generate" and t.text_field is None and t.prompt_field is None and t.messages_field is None:
+            if "prompt" in columns:
+                t.prompt_field = "prompt"
+            elif "messages" in columns:
+                t.messages_field = "messages"
         if sum(map(bool, [t.text_field, t.prompt_field, t.messages_field])) == 0:
             if "text" in columns:
                 t.text_field = "text"
@@ -125,6 +136,30 @@ def render(record: dict[str, Any], t: TextTemplate, tokenizer) -> tuple[str, int
     if not messages[-1].get("content"):
         prompt_chars = -1
     return full, prompt_chars
+
+
+def render_prompt(record: dict[str, Any], t: TextTemplate, tokenizer) -> str:
+    """The prompt the teacher answers in generate mode.
+
+    ``--prompt-field`` (plus ``--separator``), a chat in ``--messages-field`` (rendered with
+    the generation prompt; a trailing assistant message is dropped: the teacher writes its
+    own), or ``--text-field`` (the whole text is the prompt).
+    """
+    if t.kind == "text":
+        return _as_str(record[t.text_field], t.text_field)
+    if t.kind == "prompt_response":
+        prompt = _as_str(record[t.prompt_field], t.prompt_field)
+        return prompt + t.separator if prompt else ""
+    messages = record[t.messages_field]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise LogitCacheError(f"--messages-field {t.messages_field!r} must hold a list of {{role, content}} objects.")
+    if messages and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    if not messages:
+        return ""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise LogitCacheError("--messages-field needs a chat template, and the teacher tokenizer has none.")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _as_str(value: Any, field: str) -> str:
@@ -220,16 +255,23 @@ def dataset_fingerprint(data: str, ds) -> str:
     return h.hexdigest()
 
 
-def iter_examples(ds, t: TextTemplate, tokenizer, limit: int | None = None) -> Iterator[tuple[str, str, int]]:
-    """Yield (id, text, prompt_chars) per record, in dataset order; ids are unique.
+def iter_examples(
+    ds, t: TextTemplate, tokenizer, limit: int | None = None, *, generate: bool = False
+) -> Iterator[tuple[int, str, str, int]]:
+    """Yield (record index, id, text, prompt_chars) per record, in dataset order; ids are unique.
 
-    ``prompt_chars`` is -1 for a record with an empty response. Without an id field the id
-    is a hash of the text; repeated texts get "-2", "-3", ... in order of appearance.
+    ``prompt_chars`` is -1 for a record with an empty response. In generate mode ``text`` is
+    the prompt alone and ``prompt_chars`` its length. Without an id field the id is a hash of
+    the text; repeated texts get "-2", "-3", ... in order of appearance.
     """
     seen: dict[str, int] = {}
     n = len(ds) if limit is None else min(limit, len(ds))
     for i, record in enumerate(islice(ds, n)):
-        text, prompt_chars = render(record, t, tokenizer)
+        if generate:
+            text = render_prompt(record, t, tokenizer)
+            prompt_chars = len(text)
+        else:
+            text, prompt_chars = render(record, t, tokenizer)
         if t.id_field:
             rid = str(record[t.id_field])
             if rid in seen:
@@ -242,4 +284,4 @@ def iter_examples(ds, t: TextTemplate, tokenizer, limit: int | None = None) -> I
             count = seen.get(base, 0) + 1
             seen[base] = count
             rid = base if count == 1 else f"{base}-{count}"
-        yield rid, text, prompt_chars
+        yield i, rid, text, prompt_chars

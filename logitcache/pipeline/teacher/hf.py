@@ -10,7 +10,6 @@ whose head path disagrees with its own forward.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +19,7 @@ import torch
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.loading import load_causal_lm, load_tokenizer
 from logitcache.pipeline.offsets import require_fast_tokenizer
+from logitcache.pipeline.teacher.engine import GenerationConfig, ScoredSequence
 from logitcache.pipeline.teacher.topk import TopK, chunked_topk, chunked_topk_from_logits_fn
 
 _DTYPES = {
@@ -29,16 +29,6 @@ _DTYPES = {
 }
 # Config attributes of models whose logits are not just lm_head(hidden).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-@dataclass
-class ScoredSequence:
-    """The teacher's predictions along one sequence of n tokens (n - 1 positions)."""
-
-    topk_ids: np.ndarray  # int32 [n - 1, k]
-    topk_logprobs: np.ndarray  # float16 [n - 1, k]
-    label_logprob: np.ndarray  # float32 [n - 1]
-    logsumexp: np.ndarray  # float32 [n - 1]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -189,6 +179,35 @@ class HFTeacher:
             bi, ti = pred.to(self.device).nonzero(as_tuple=True)
             top = chunked_topk_from_logits_fn(lambda a, b: logits[bi[a:b], ti[a:b]], len(bi), labels, k, self.chunk)
         return _split(top, (lens - 1).tolist())
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> list[list[int]]:
+        """Sample (or, at temperature 0, greedily pick) a response after each prompt."""
+        if not prompts:
+            return []
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        T = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+        attn = torch.zeros_like(input_ids)
+        for i, p in enumerate(prompts):  # left padding: every response starts at column T
+            input_ids[i, T - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+            attn[i, T - len(p) :] = 1
+        torch.manual_seed(gen.seed)
+        sample = gen.temperature > 0
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device),
+            max_new_tokens=gen.max_new_tokens, do_sample=sample, pad_token_id=pad,
+            **({"temperature": gen.temperature, "top_p": gen.top_p, "top_k": 0} if sample else {}),
+        )
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        responses = []
+        for row in out[:, T:].tolist():
+            # Up to (not including) the first end-of-sequence; generate pads only after it.
+            cut = next((j for j, t in enumerate(row) if t in eos), len(row))
+            responses.append(row[:cut])
+        return responses
 
 
 def _split(top: TopK, counts: list[int]) -> list[ScoredSequence]:

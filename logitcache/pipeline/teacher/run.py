@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import queue
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -20,6 +24,7 @@ from logitcache.pipeline.teacher.data import (
     iter_examples,
     load_records,
 )
+from logitcache.pipeline.teacher.engine import ENGINES, GenerationConfig, TeacherEngine
 from logitcache.storage.fsutil import hash_files
 from logitcache.storage.manifest import Manifest
 from logitcache.storage.rows import Row
@@ -40,8 +45,10 @@ class TeacherConfig:
     out: str
     top_k: int = 64
     engine: str = "hf"
-    mode: str = "score"
+    mode: str = "score"  # score | generate
     template: TextTemplate = field(default_factory=TextTemplate)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    truncate_prompts: bool = False  # generate mode: cut long prompts from the left instead of skipping them
     split: str = "train"
     batch_size: int = 8
     max_length: int | None = None
@@ -52,6 +59,13 @@ class TeacherConfig:
     trust_remote_code: bool = False
     shard_bytes: int = DEFAULT_SHARD_BYTES
     topk_chunk: int = 1024
+    # Cluster split: None reads SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID, else 1 / 0.
+    num_workers: int | None = None
+    worker_index: int | None = None
+    # vllm engine
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
 
     def validate(self) -> None:
         if self.top_k <= 0:
@@ -66,11 +80,42 @@ class TeacherConfig:
             raise LogitCacheError("--shard-size-mb must be positive.")
         if self.topk_chunk <= 0:
             raise LogitCacheError("the top-k chunk must be positive.")
-        if self.engine != "hf":
-            raise LogitCacheError(f"--engine {self.engine!r} is not available yet; use --engine hf.")
-        if self.mode != "score":
-            raise LogitCacheError(f"--mode {self.mode!r} is not available yet; use --mode score.")
-        self.template.validate()
+        if self.engine not in ENGINES:
+            raise LogitCacheError(f"--engine {self.engine!r}: use one of {', '.join(ENGINES)}.")
+        if self.mode not in ("score", "generate"):
+            raise LogitCacheError(f"--mode {self.mode!r}: use score (teacher-forced) or generate.")
+        if self.mode == "generate":
+            self.generation.validate()
+        self.template.validate(self.mode)
+        self.worker()
+
+    def worker(self) -> tuple[int, int]:
+        """(index, count) of this worker; from the flags, else from a Slurm array, else (0, 1)."""
+        count, index = self.num_workers, self.worker_index
+        env = os.environ
+        if count is None and "SLURM_ARRAY_TASK_COUNT" in env:
+            count = int(env["SLURM_ARRAY_TASK_COUNT"])
+        if index is None and "SLURM_ARRAY_TASK_ID" in env:
+            index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        count = 1 if count is None else count
+        index = 0 if index is None else index
+        if count < 1:
+            raise LogitCacheError(f"--num-workers must be at least 1 (got {count}).")
+        if not 0 <= index < count:
+            raise LogitCacheError(
+                f"--worker-index {index} is outside 0..{count - 1} for --num-workers {count}; "
+                "worker indices start at 0 (Slurm arrays: --array=0-N-1)."
+            )
+        return index, count
+
+    def out_dir(self) -> Path:
+        """The cache this worker writes: ``out`` itself, or its part directory in a cluster run."""
+        index, count = self.worker()
+        return Path(self.out) if count == 1 else Path(self.out) / part_name(index, count)
+
+
+def part_name(index: int, count: int) -> str:
+    return f"part-{index:05d}-of-{count:05d}"
 
 
 @dataclass
@@ -81,6 +126,7 @@ class TeacherResult:
     already_done: int = 0  # examples found in the cache from earlier runs
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (this run)
     truncated: int = 0
+    retokenized: int = 0  # generate mode: generated ids that re-tokenize differently
     seconds: float = 0.0
     complete: bool = False
     manifest: Manifest | None = None
@@ -101,23 +147,47 @@ class _Pending:
     truncated: bool
 
 
-def run_teacher(cfg: TeacherConfig, *, progress: bool = True) -> TeacherResult:
-    """Write (or resume) the cache ``cfg.out``. Returns what this run did."""
+@dataclass
+class _Skip:
+    rid: str
+    reason: str
+
+
+def make_engine(cfg: TeacherConfig) -> TeacherEngine:
+    if cfg.engine == "vllm":
+        from logitcache.pipeline.teacher.vllm import VLLMTeacher
+
+        return VLLMTeacher(
+            cfg.model, dtype=cfg.dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+            tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_model_len=cfg.max_model_len or cfg.max_length, max_logprobs=cfg.top_k, seed=cfg.generation.seed,
+        )
     from logitcache.pipeline.teacher.hf import HFTeacher
 
-    cfg.validate()
-    ds = load_records(cfg.data, cfg.split)  # before the model: bad data fails in seconds
-    template = cfg.template.resolved(list(ds.column_names))
-    engine = HFTeacher(
+    return HFTeacher(
         cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code, chunk=cfg.topk_chunk,
     )
+
+
+def run_teacher(cfg: TeacherConfig, *, progress: bool = True) -> TeacherResult:
+    """Write (or resume) this worker's cache. Returns what this run did."""
+    cfg.validate()
+    index, count = cfg.worker()
+    ds = load_records(cfg.data, cfg.split)  # before the model: bad data fails in seconds
+    template = cfg.template.resolved(list(ds.column_names), cfg.mode)
+    engine = make_engine(cfg)
     if cfg.top_k > engine.vocab_size:
         raise LogitCacheError(
             f"--top-k {cfg.top_k} exceeds the teacher's vocabulary ({engine.vocab_size}); use at most {engine.vocab_size}."
         )
     tok = engine.tokenizer
     max_length = cfg.max_length or engine.max_length
+    if cfg.mode == "generate" and max_length is not None and cfg.generation.max_new_tokens >= max_length:
+        raise LogitCacheError(
+            f"--max-new-tokens {cfg.generation.max_new_tokens} leaves no room for a prompt in the teacher's "
+            f"{max_length}-token context; lower it."
+        )
     add_special = add_special_tokens_for(template)
 
     with tempfile.TemporaryDirectory() as tok_dir:
@@ -138,29 +208,43 @@ def run_teacher(cfg: TeacherConfig, *, progress: bool = True) -> TeacherResult:
             },
             k=cfg.top_k,
             mode=cfg.mode,
-            dataset={"source": cfg.data, "split": cfg.split, "fingerprint": dataset_fingerprint(cfg.data, ds)},
+            generation=cfg.generation.describe() if cfg.mode == "generate" else None,
+            dataset={
+                "source": cfg.data, "split": cfg.split, "fingerprint": dataset_fingerprint(cfg.data, ds),
+                "num_records": len(ds),
+            },
             template=template.describe(add_special, getattr(tok, "chat_template", None)),
             max_length=max_length,
+            worker={"index": index, "count": count} if count > 1 else None,
             tool_version=logitcache.__version__,
         )
-        writer = CacheWriter(cfg.out, manifest, tokenizer_dir=tok_dir, shard_bytes=cfg.shard_bytes)
+        writer = CacheWriter(cfg.out_dir(), manifest, tokenizer_dir=tok_dir, shard_bytes=cfg.shard_bytes)
 
-    result = TeacherResult(out=str(cfg.out), already_done=len(writer.done_ids))
-    total = len(ds) if cfg.limit is None else min(cfg.limit, len(ds))
+    result = TeacherResult(out=str(cfg.out_dir()), already_done=len(writer.done_ids))
+    n_records = len(ds) if cfg.limit is None else min(cfg.limit, len(ds))
+    assigned = len(range(index, n_records, count))
+    done = frozenset(writer.done_ids)  # read by the prefetch thread; the writer thread adds to its own set
+    examples = _assigned(ds, template, tok, cfg, index, count, done, generate=cfg.mode == "generate")
+    window_size = cfg.batch_size * _SORT_WINDOW_BATCHES
     start = time.perf_counter()
-    with writer, _Progress(total, enabled=progress) as bar:
+    # Three stages overlap: reading + tokenizing the next window (a thread), the teacher on
+    # this one (here), and writing the previous one (a thread). Only the writer thread
+    # touches the writer, so rows and skips reach it in dataset order.
+    with writer, _Progress(assigned, enabled=progress) as bar, ThreadPoolExecutor(1) as write_pool:
         bar.advance(len(writer.done_ids), 0)
-        for window in _windows(_pending(ds, template, tok, add_special, max_length, cfg.limit, writer, result, bar),
-                               cfg.batch_size * _SORT_WINDOW_BATCHES):
-            scored = _score_window(engine, window, cfg.batch_size, cfg.top_k)
-            for p in window:  # dataset order
-                s = scored[p.rid]
-                writer.write(_row(p, s))
-                result.written += 1
-                result.tokens += len(p.ids)
-                result.truncated += p.truncated
-                bar.advance(1, len(p.ids))
-        if total == len(ds):
+        writing = None
+        for window in _prefetch(_windows(examples, window_size)):
+            if cfg.mode == "generate":
+                window = _generate_window(engine, window, cfg, tok, add_special, max_length, result)
+            window = _truncate(window, max_length)
+            pending = [p for p in window if isinstance(p, _Pending)]
+            scored = _score_window(engine, pending, cfg.batch_size, cfg.top_k)
+            if writing is not None:
+                writing.result()  # in order, and an error in the writer stops us here
+            writing = write_pool.submit(_write_window, writer, window, scored, result, bar)
+        if writing is not None:
+            writing.result()
+        if n_records == len(ds):
             writer.mark_complete()
             result.complete = True
     result.seconds = time.perf_counter() - start
@@ -168,29 +252,98 @@ def run_teacher(cfg: TeacherConfig, *, progress: bool = True) -> TeacherResult:
     return result
 
 
-def _pending(ds, template, tok, add_special, max_length, limit, writer, result, bar) -> Iterator[_Pending]:
-    for rid, text, prompt_chars in iter_examples(ds, template, tok, limit):
-        if rid in writer.done_ids:
+def _assigned(ds, template, tok, cfg, index, count, done, *, generate: bool) -> Iterator[_Pending | _Skip]:
+    """This worker's records not yet in the cache, tokenized (score mode) or as prompts (generate)."""
+    add_special = add_special_tokens_for(template)
+    for r, rid, text, prompt_chars in iter_examples(ds, template, tok, cfg.limit, generate=generate):
+        if r % count != index or rid in done:
             continue
-        reason = "empty text" if not text.strip() else "empty response" if prompt_chars < 0 else None
+        if generate:
+            reason = "empty prompt" if not text.strip() else None
+        else:
+            reason = "empty text" if not text.strip() else "empty response" if prompt_chars < 0 else None
         if reason:
-            writer.skip(rid, reason)
-            result.skipped[reason] = result.skipped.get(reason, 0) + 1
-            bar.advance(1, 0)
+            yield _Skip(rid, reason)
             continue
         ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=add_special)
-        truncated = max_length is not None and len(ids) > max_length
-        if truncated:
-            # Keep the first max_length tokens and exactly the text they cover, so the row
-            # stays self-consistent for students that retokenize it.
-            ids, starts, ends = ids[:max_length], starts[:max_length], ends[:max_length]
-            text = text[: int(ends[-1])]
-            prompt_chars = min(prompt_chars, len(text))
-        yield _Pending(rid, text, prompt_chars, ids, starts, ends, truncated)
+        yield _Pending(rid, text, prompt_chars, ids, starts, ends, truncated=False)
 
 
-def _windows(items: Iterator[_Pending], size: int) -> Iterator[list[_Pending]]:
-    window: list[_Pending] = []
+def _truncate(window: list, max_length: int | None) -> list:
+    """Cut examples to max_length tokens and exactly the text they cover (flagged, never dropped)."""
+    if max_length is None:
+        return window
+    out = []
+    for p in window:
+        if isinstance(p, _Pending) and len(p.ids) > max_length:
+            ends = p.ends[:max_length]
+            text = p.text[: int(ends[-1])]
+            p = _Pending(p.rid, text, min(p.prompt_chars, len(text)), p.ids[:max_length], p.starts[:max_length], ends, True)
+        out.append(p)
+    return out
+
+
+def _generate_window(engine, window: list, cfg: TeacherConfig, tok, add_special: bool, max_length, result) -> list:
+    """Prompts -> the teacher's responses -> the full texts, tokenized as score mode would."""
+    gen = cfg.generation
+    room = None if max_length is None else max_length - gen.max_new_tokens
+    prompts: list[_Pending] = []
+    out: list = []
+    for p in window:
+        if isinstance(p, _Pending) and room is not None and len(p.ids) > room:
+            if not cfg.truncate_prompts:
+                p = _Skip(p.rid, "prompt too long")
+            else:  # keep the end of the prompt, where the question usually is
+                cut = int(p.starts[len(p.ids) - room + 1])
+                text = p.text[cut:]
+                ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=add_special)
+                p = _Pending(p.rid, text, len(text), ids[-room:] if len(ids) > room else ids, starts, ends, True)
+        out.append(p)
+        if isinstance(p, _Pending):
+            prompts.append(p)
+    responses = {}
+    by_length = sorted(prompts, key=lambda p: len(p.ids), reverse=True)
+    for a in range(0, len(by_length), cfg.batch_size):
+        batch = by_length[a : a + cfg.batch_size]
+        for p, new in zip(batch, engine.generate([p.ids for p in batch], gen)):
+            responses[p.rid] = new
+    final = []
+    for p in out:
+        if not isinstance(p, _Pending):
+            final.append(p)
+            continue
+        new = responses[p.rid]
+        full = tok.decode(p.ids + new, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        head = tok.decode(p.ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        response = full[len(head) :] if full.startswith(head) else tok.decode(new, skip_special_tokens=True)
+        if not response.strip():
+            final.append(_Skip(p.rid, "empty response"))
+            continue
+        text = p.text + response
+        ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=add_special)
+        # The stored numbers are the teacher's distribution along the canonical tokenization
+        # of the text, which students re-tokenize anyway; count where sampling took another path.
+        result.retokenized += ids != p.ids + new
+        final.append(_Pending(p.rid, text, p.prompt_chars, ids, starts, ends, p.truncated))
+    return final
+
+
+def _write_window(writer: CacheWriter, window: list, scored: dict, result: TeacherResult, bar) -> None:
+    for p in window:  # dataset order
+        if isinstance(p, _Skip):
+            writer.skip(p.rid, p.reason)
+            result.skipped[p.reason] = result.skipped.get(p.reason, 0) + 1
+            bar.advance(1, 0)
+            continue
+        writer.write(_row(p, scored[p.rid]))
+        result.written += 1
+        result.tokens += len(p.ids)
+        result.truncated += p.truncated
+        bar.advance(1, len(p.ids))
+
+
+def _windows(items: Iterator, size: int) -> Iterator[list]:
+    window: list = []
     for item in items:
         window.append(item)
         if len(window) >= size:
@@ -198,6 +351,41 @@ def _windows(items: Iterator[_Pending], size: int) -> Iterator[list[_Pending]]:
             window = []
     if window:
         yield window
+
+
+def _prefetch(items: Iterator[list], depth: int = 1) -> Iterator[list]:
+    """Produce the next items in a thread while the caller works on the current one."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as e:  # re-raised in the caller's thread
+            q.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True, name="logitcache-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _score_window(engine, window: list[_Pending], batch_size: int, k: int) -> dict:
@@ -237,7 +425,14 @@ class _Progress:
 
     def __enter__(self) -> "_Progress":
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._p = Progress(
                 TextColumn("[bold]teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),

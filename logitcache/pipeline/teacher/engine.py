@@ -1,0 +1,68 @@
+"""What a teacher engine provides (hf, vllm): the one small interface stage 1 is written against."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from logitcache.errors import LogitCacheError
+
+ENGINES = ("hf", "vllm")
+
+
+@dataclass
+class ScoredSequence:
+    """The teacher's predictions along one sequence of n tokens (n - 1 positions).
+
+    Log-probabilities are the raw distribution at temperature 1 over the full vocabulary.
+    """
+
+    topk_ids: np.ndarray  # int32 [n - 1, k], most likely first
+    topk_logprobs: np.ndarray  # float16 [n - 1, k], descending
+    label_logprob: np.ndarray  # float32 [n - 1]: log-prob of the actual next token
+    logsumexp: np.ndarray  # float32 [n - 1]: log-normaliser of the raw logits
+
+
+@dataclass
+class GenerationConfig:
+    """How the teacher writes responses in generate mode (recorded in the manifest)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise LogitCacheError(f"--max-new-tokens must be positive (got {self.max_new_tokens}).")
+        if self.temperature < 0:
+            raise LogitCacheError(f"--temperature must be 0 (greedy) or more (got {self.temperature}).")
+        if not 0 < self.top_p <= 1:
+            raise LogitCacheError(f"--top-p must be in (0, 1] (got {self.top_p}).")
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TeacherEngine(Protocol):
+    """A teacher model behind stage 1. Both engines must produce identical rows."""
+
+    name: str
+    tokenizer: Any  # a fast tokenizer (offsets)
+    fingerprint: str  # identity of the weights, for the manifest's settings check
+
+    @property
+    def vocab_size(self) -> int: ...  # width of the logits
+
+    @property
+    def max_length(self) -> int | None: ...  # context length in tokens
+
+    def describe(self) -> dict[str, Any]: ...  # the manifest's "teacher" entry
+
+    def score(self, seqs: Sequence[Sequence[int]], k: int) -> list[ScoredSequence]:
+        """Top-k of every next-token prediction along each token sequence (teacher-forced)."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> list[list[int]]:
+        """The new token ids the teacher writes after each prompt (without the prompt, no padding)."""

@@ -1,0 +1,66 @@
+"""Cluster runs: every example goes to exactly one worker, parts resume, Slurm defaults."""
+
+import json
+
+import pytest
+from conftest import make_config
+
+from logitcache import LogitCacheError, open_cache, verify_cache
+from logitcache.pipeline.teacher.run import TeacherConfig, part_name, run_teacher
+
+
+def _ids(path):
+    return [row["id"] for row in open_cache(path).iter_rows(columns=["id"])]
+
+
+def test_workers_split_the_data_without_overlap_or_loss(tmp_path, teacher_dir, data_file):
+    out = tmp_path / "parts"
+    seen = []
+    for i in range(3):
+        r = run_teacher(make_config(teacher_dir, data_file, out, num_workers=3, worker_index=i), progress=False)
+        part = out / part_name(i, 3)
+        assert r.out == str(part) and r.complete and verify_cache(part).ok
+        m = json.loads((part / "manifest.json").read_text())
+        assert m["worker"] == {"index": i, "count": 3} and m["dataset"]["num_records"] == 24
+        seen += _ids(part)
+    assert sorted(seen) == sorted(f"ex-{i:05d}" for i in range(24))
+
+
+def test_assignment_is_record_index_modulo_workers(tmp_path, teacher_dir, data_file):
+    out = tmp_path / "parts"
+    run_teacher(make_config(teacher_dir, data_file, out, num_workers=5, worker_index=2), progress=False)
+    assert _ids(out / part_name(2, 5)) == [f"ex-{i:05d}" for i in range(2, 24, 5)]
+
+
+def test_a_killed_worker_resumes_its_part(tmp_path, teacher_dir, data_file):
+    out = tmp_path / "parts"
+    first = run_teacher(make_config(teacher_dir, data_file, out, num_workers=2, worker_index=1, limit=10), progress=False)
+    assert first.written == 5 and not first.complete
+    again = run_teacher(make_config(teacher_dir, data_file, out, num_workers=2, worker_index=1), progress=False)
+    assert again.already_done == 5 and again.written == 7 and again.complete
+
+
+def test_slurm_array_variables_are_the_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "8")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")  # --array=1-8
+    cfg = TeacherConfig(model="m", data="d", out=str(tmp_path))
+    assert cfg.worker() == (3, 8)
+    assert cfg.out_dir() == tmp_path / "part-00003-of-00008"
+    assert TeacherConfig(model="m", data="d", out="o", num_workers=2, worker_index=1).worker() == (1, 2)  # flags win
+
+
+@pytest.mark.parametrize("count, index", [(3, 3), (3, -1), (0, 0)])
+def test_bad_worker_options_are_refused(count, index, tmp_path, teacher_dir, data_file):
+    with pytest.raises(LogitCacheError, match="--worker-index|--num-workers"):
+        run_teacher(make_config(teacher_dir, data_file, tmp_path / "o", num_workers=count, worker_index=index), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_part_refuses_another_split(tmp_path, teacher_dir, data_file):
+    out = tmp_path / "parts"
+    run_teacher(make_config(teacher_dir, data_file, out, num_workers=2, worker_index=0, limit=4), progress=False)
+    # the same directory name cannot come from another split, but a hand-moved part must not mix
+    (out / part_name(0, 2)).rename(out / part_name(0, 3))
+    with pytest.raises(LogitCacheError, match="worker"):
+        run_teacher(make_config(teacher_dir, data_file, out, num_workers=3, worker_index=0), progress=False)
