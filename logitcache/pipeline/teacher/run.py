@@ -128,12 +128,18 @@ class TeacherResult:
     truncated: int = 0
     retokenized: int = 0  # generate mode: generated ids that re-tokenize differently
     seconds: float = 0.0
+    engine_seconds: float = 0.0  # inside the teacher (generate, score); the rest is pipeline overhead
     complete: bool = False
     manifest: Manifest | None = None
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def overhead(self) -> float:
+        """Wall time beyond the teacher's own work, as a fraction of it."""
+        return (self.seconds - self.engine_seconds) / self.engine_seconds if self.engine_seconds else 0.0
 
 
 @dataclass
@@ -234,11 +240,13 @@ def run_teacher(cfg: TeacherConfig, *, progress: bool = True) -> TeacherResult:
         bar.advance(len(writer.done_ids), 0)
         writing = None
         for window in _prefetch(_windows(examples, window_size)):
+            t0 = time.perf_counter()
             if cfg.mode == "generate":
                 window = _generate_window(engine, window, cfg, tok, add_special, max_length, result)
             window = _truncate(window, max_length)
             pending = [p for p in window if isinstance(p, _Pending)]
             scored = _score_window(engine, pending, cfg.batch_size, cfg.top_k)
+            result.engine_seconds += time.perf_counter() - t0
             if writing is not None:
                 writing.result()  # in order, and an error in the writer stops us here
             writing = write_pool.submit(_write_window, writer, window, scored, result, bar)
