@@ -329,3 +329,16 @@ def test_cli_verify_on_a_directory_that_is_not_a_cache_is_a_one_line_error(tmp_p
     assert result.output.startswith("error:") and "manifest.json" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert "Traceback" not in result.output
+
+
+def test_logsumexp_must_be_zero_where_the_engine_gives_none(cache_copy):
+    """The vllm engine cannot return the log-normaliser: it stores 0 and says so in the manifest."""
+    import json
+
+    manifest = cache_copy / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["teacher"]["logsumexp"] = False  # but the hf rows hold real normalisers
+    manifest.write_text(json.dumps(m))
+    report = verify_cache(cache_copy)
+    assert not report.ok
+    assert any("logsumexp although the manifest says the engine gives none" in p for p in report.problems)

@@ -4,8 +4,10 @@ Finds: missing, resized or altered shards (sha256), shards the manifest does not
 schema drift, row/token counts that disagree with the manifest, top-k rows not sorted
 descending, log-probabilities above 0 or not finite, probability mass above 1, ids outside
 the vocabulary or repeated within a position, a label log-prob that disagrees with the
-top-k, character spans outside ``text`` or out of order, duplicate example ids, and
-tokenizer files that do not match their recorded hashes.
+top-k, character spans outside ``text`` or out of order, duplicate example ids, a
+logsumexp column that is not all 0 where the manifest says the engine gives none
+(``teacher.logsumexp: false``, the vllm engine), and tokenizer files that do not match
+their recorded hashes.
 """
 
 from __future__ import annotations
@@ -94,7 +96,10 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> 
             report.problems.append(f"{where}: sha256 differs from the manifest (corrupted or modified)")
             continue
         try:
-            rows, tokens = _check_shard(path, m.k, vocab, seen_ids, check_values, report.problems, where)
+            rows, tokens = _check_shard(
+                path, m.k, vocab, seen_ids, check_values, report.problems, where,
+                has_logsumexp=m.teacher.get("logsumexp", True) is not False,
+            )
         except (pa.ArrowException, OSError) as e:
             report.problems.append(f"{where}: unreadable Parquet ({e})")
             continue
@@ -110,7 +115,8 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> 
 
 
 def _check_shard(
-    path: Path, k: int, vocab: int, seen_ids: set[str], check_values: bool, problems: list[str], where: str
+    path: Path, k: int, vocab: int, seen_ids: set[str], check_values: bool, problems: list[str], where: str,
+    *, has_logsumexp: bool = True,
 ) -> tuple[int, int]:
     f = pq.ParquetFile(path)
     expected = shard_schema(k)
@@ -126,12 +132,12 @@ def _check_shard(
         rows += batch.num_rows
         tokens += int(pc.sum(pc.list_value_length(batch.column("input_ids"))).as_py() or 0)
         if check_values:
-            for msg in _check_values(batch, k, vocab):
+            for msg in _check_values(batch, k, vocab, has_logsumexp):
                 problems.append(f"{where}: {msg}")
     return rows, tokens
 
 
-def _check_values(batch: pa.RecordBatch, k: int, vocab: int) -> list[str]:
+def _check_values(batch: pa.RecordBatch, k: int, vocab: int, has_logsumexp: bool = True) -> list[str]:
     """Vectorised over the whole batch; returns one message per kind of problem found."""
     out: list[str] = []
     ids = batch.column("id").to_pylist()
@@ -176,7 +182,10 @@ def _check_values(batch: pa.RecordBatch, k: int, vocab: int) -> list[str]:
         srt = np.sort(tk, axis=1)
         report((np.diff(srt, axis=1) == 0).any(axis=1), "with a token id repeated in the top-k")
     report(~np.isfinite(label) | (label > 1e-5), "with a label log-prob that is not finite or above 0")
-    report(~np.isfinite(lse), "with a non-finite logsumexp")
+    if has_logsumexp:
+        report(~np.isfinite(lse), "with a non-finite logsumexp")
+    else:  # an engine without the log-normaliser (vllm) stores 0 and says so in the manifest
+        report(lse != 0, "with a logsumexp although the manifest says the engine gives none")
 
     if lp.size:
         # The label of position p is input_ids[p + 1] of the same row.

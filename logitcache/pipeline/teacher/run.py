@@ -166,7 +166,10 @@ def make_engine(cfg: TeacherConfig) -> TeacherEngine:
         return VLLMTeacher(
             cfg.model, dtype=cfg.dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
             tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
-            max_model_len=cfg.max_model_len or cfg.max_length, max_logprobs=cfg.top_k, seed=cfg.generation.seed,
+            # vLLM always generates one token after a prompt, so a prompt of max_length tokens
+            # needs a context one longer.
+            max_model_len=cfg.max_model_len or (cfg.max_length + 1 if cfg.max_length else None),
+            max_logprobs=cfg.top_k, seed=cfg.generation.seed,
         )
     from logitcache.pipeline.teacher.hf import HFTeacher
 
@@ -188,7 +191,8 @@ def run_teacher(cfg: TeacherConfig, *, progress: bool = True) -> TeacherResult:
             f"--top-k {cfg.top_k} exceeds the teacher's vocabulary ({engine.vocab_size}); use at most {engine.vocab_size}."
         )
     tok = engine.tokenizer
-    max_length = cfg.max_length or engine.max_length
+    limits = [n for n in (cfg.max_length, engine.max_length) if n]
+    max_length = min(limits) if limits else None
     if cfg.mode == "generate" and max_length is not None and cfg.generation.max_new_tokens >= max_length:
         raise LogitCacheError(
             f"--max-new-tokens {cfg.generation.max_new_tokens} leaves no room for a prompt in the teacher's "
