@@ -34,7 +34,7 @@ def assert_one_line_error(result, *needles):
 def test_python_dash_m_shows_help():
     r = subprocess.run([sys.executable, "-m", "logitcache", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0
-    for command in ("teacher", "inspect", "verify", "demo"):
+    for command in ("teacher", "inspect", "verify", "merge", "train", "eval", "demo"):
         assert command in r.stdout
 
 

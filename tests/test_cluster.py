@@ -64,3 +64,45 @@ def test_a_part_refuses_another_split(tmp_path, teacher_dir, data_file):
     (out / part_name(0, 2)).rename(out / part_name(0, 3))
     with pytest.raises(LogitCacheError, match="worker"):
         run_teacher(make_config(teacher_dir, data_file, out, num_workers=3, worker_index=0), progress=False)
+
+
+def test_cluster_run_then_merge_equals_a_single_run(tmp_path, teacher_dir, data_file, built_cache):
+    """Three workers, `logitcache merge`, `logitcache verify`: the same examples and numbers as one run."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from logitcache.cli import app
+
+    parts = tmp_path / "parts"
+    for i in range(3):
+        run_teacher(make_config(teacher_dir, data_file, parts, num_workers=3, worker_index=i), progress=False)
+    runner = CliRunner()
+    r = runner.invoke(app, ["merge", str(tmp_path / "merged"), str(parts)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["verify", str(tmp_path / "merged")])
+    assert r.exit_code == 0 and r.output.startswith("OK"), r.output
+    single = {row["id"]: row for row in open_cache(built_cache)}
+    merged = {row["id"]: row for row in open_cache(tmp_path / "merged")}
+    assert merged.keys() == single.keys()
+    for rid, row in merged.items():
+        np.testing.assert_array_equal(row["input_ids"], single[rid]["input_ids"])
+        np.testing.assert_array_equal(row["topk_ids"], single[rid]["topk_ids"])
+        # batches are made up differently in the two runs: fp32 results move by an ulp
+        np.testing.assert_allclose(row["label_logprob"], single[rid]["label_logprob"], rtol=1e-5, atol=1e-6)
+    m = open_cache(tmp_path / "merged").manifest
+    assert m.worker is None and m.status == "complete"
+
+
+def test_merge_refuses_a_missing_part_in_one_line(tmp_path, teacher_dir, data_file):
+    from typer.testing import CliRunner
+
+    from logitcache.cli import app
+
+    parts = tmp_path / "parts"
+    for i in (0, 2):
+        run_teacher(make_config(teacher_dir, data_file, parts, num_workers=3, worker_index=i), progress=False)
+    r = CliRunner().invoke(app, ["merge", str(tmp_path / "merged"), str(parts)])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "1" in errors[0] and "missing" in errors[0]
+    assert not (tmp_path / "merged" / "manifest.json").exists()

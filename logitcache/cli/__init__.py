@@ -7,6 +7,7 @@ import typer
 from logitcache.cli import cache as _cache
 from logitcache.cli import demo as _demo
 from logitcache.cli import evaluate as _evaluate
+from logitcache.cli import merge as _merge
 from logitcache.cli import teacher as _teacher
 from logitcache.cli import train as _train
 from logitcache.cli.common import state
@@ -16,7 +17,8 @@ app = typer.Typer(
     help=(
         "Offline teacher-logit cache for LLM knowledge distillation.\n\n"
         "Stage 1: `logitcache teacher` runs a teacher once and stores its top-k log-probabilities "
-        "with character offsets; `inspect` and `verify` look into a cache. Stage 2: `logitcache train` "
+        "with character offsets (split over a cluster with --num-workers, joined by `merge`); `inspect` "
+        "and `verify` look into a cache. Stage 2: `logitcache train` "
         "distils the cache into a student with any tokenizer; `eval` compares models per character. "
         "`demo` runs the whole thing on tiny models built on the spot."
     ),
@@ -42,6 +44,7 @@ def _root(
 app.command("teacher")(_teacher.teacher)
 app.command("inspect")(_cache.inspect)
 app.command("verify")(_cache.verify)
+app.command("merge")(_merge.merge)
 app.command("train")(_train.train)
 app.command("eval")(_evaluate.eval_)
 app.command("demo")(_demo.demo)

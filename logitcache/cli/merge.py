@@ -1,0 +1,37 @@
+"""`logitcache merge`: join the parts written by the workers of a cluster run into one cache."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import typer
+
+from logitcache.cli.common import user_errors
+
+
+@user_errors
+def merge(
+    out: Path = typer.Argument(..., help="The merged cache to write: a new or empty directory."),
+    parts: list[Path] = typer.Argument(..., help="The workers' part directories, or the directory holding their part-* directories (the --out of the cluster run)."),
+    copy: bool = typer.Option(False, "--copy", help="Copy the shards instead of hard-linking them (hard links need OUT on the parts' filesystem and take no extra space; across filesystems merge copies anyway)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every shard's size and sha256 against its part's manifest before merging."),
+) -> None:
+    """Join the parts of a cluster run (`logitcache teacher --num-workers N`) into one cache.
+
+    Checks that the parts are every worker of one run, complete, made with the same settings,
+    with every example exactly once; then links their shards into OUT/data/ (no Parquet is
+    rewritten) and writes OUT/manifest.json last.
+
+    Example:
+
+        logitcache merge cache/ cache-parts/
+    """
+    from logitcache.storage.merge import expand_parts, merge_caches
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the report carries them; printed below as one line each
+        report = merge_caches(out, expand_parts(parts), link=not copy, verify=verify)
+    for message in report.warnings:
+        typer.echo(f"warning: {message}", err=True)
+    typer.echo(report.summary())

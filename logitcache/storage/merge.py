@@ -1,0 +1,400 @@
+"""merge: join the parts written by the workers of a cluster run into one cache.
+
+    report = merge_caches("out/cache", ["out/parts/part-00000-of-00002", "out/parts/part-00001-of-00002"])
+
+Worker i of n (``logitcache teacher --num-workers n --worker-index i``) writes a complete
+cache of its own, holding the records whose dataset index r has r % n == i. Merging checks
+that the parts belong together (same settings, every worker once, every example once, every
+shard intact), then hard-links (or copies) their shards into ``out/data/`` without rewriting
+a byte of Parquet, and writes the merged manifest last: until it exists, ``out`` is not a
+cache, and a merge that fails midway removes what it made.
+
+Rows come in worker order (all of part 0, then part 1, ...), not in dataset order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import itertools
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from logitcache.errors import LogitCacheError
+from logitcache.storage.card import render_card
+from logitcache.storage.fsutil import atomic_write_bytes, fsync_dir, hash_files, publish, sha256_file
+from logitcache.storage.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest
+from logitcache.storage.writer import CARD_NAME, DATA_DIR, TMP_PREFIX, TOKENIZER_DIR
+
+PART_GLOB = "part-*"
+# Hashing is bound by disk and sha256 (hashlib releases the GIL): several shards at once
+# keep a parallel filesystem busy, with 1 MiB of memory each.
+_HASH_THREADS = min(8, os.cpu_count() or 1)
+# os.link fails with these where a hard link cannot be made (another filesystem, one without
+# hard links, a file we may read but not link): copy instead.
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+@dataclass
+class MergeReport:
+    out: Path
+    parts: int = 0
+    shards: int = 0
+    examples: int = 0
+    skipped: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    linked: int = 0  # shards hard-linked from their part (no extra disk space)
+    copied: int = 0  # shards copied (another filesystem, or link=False)
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"merged {self.parts} parts into {self.out}: {self.shards} shards, {self.examples} examples "
+            f"({self.skipped} skipped), {self.tokens} tokens, {self.bytes / 2**20:.1f} MiB; "
+            f"{self.linked} shards hard-linked, {self.copied} copied"
+        )
+
+
+@dataclass
+class _Part:
+    path: Path
+    manifest: Manifest
+    index: int
+    count: int
+
+
+def expand_parts(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Each path as given if it is a cache, else the ``part-*`` caches inside it (the --out of a cluster run)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if (p / MANIFEST_NAME).is_file():
+            out.append(p)
+            continue
+        found = sorted(d for d in p.glob(PART_GLOB) if d.is_dir()) if p.is_dir() else []
+        if not found:
+            raise LogitCacheError(
+                f"{p} holds neither a {MANIFEST_NAME} nor {PART_GLOB} directories; give the worker parts "
+                "or the --out directory of the `logitcache teacher --num-workers N` run that holds them."
+            )
+        out.extend(found)
+    return out
+
+
+def merge_caches(
+    out: str | os.PathLike,
+    parts: Sequence[str | os.PathLike],
+    *,
+    link: bool = True,
+    verify: bool = True,
+) -> MergeReport:
+    """Join the worker parts of one cluster run into the cache ``out``.
+
+    Args:
+        out: the merged cache; must not exist or be an empty directory.
+        parts: one cache directory per worker, in any order (see ``expand_parts``).
+        link: hard-link the shards (falls back to copying across filesystems); False copies.
+        verify: check every shard's sha256 (and part 0's tokenizer files) against the parts'
+            manifests before linking anything. Sizes, row counts and ids are always checked.
+
+    Raises ``LogitCacheError`` naming the problem and the fix when the parts do not make one
+    whole cache; ``out`` then holds no manifest.
+    """
+    out = Path(out)
+    _check_out(out)
+    if not parts:
+        raise LogitCacheError("no parts to merge; give the part-* directories written by the workers.")
+    loaded = [_load_part(Path(p)) for p in parts]
+    loaded.sort(key=lambda part: part.index)
+    _check_settings(loaded)
+    _check_workers(loaded)
+    _check_files(loaded)
+    report = MergeReport(out=out, parts=len(loaded))
+    if verify:
+        _verify_parts(loaded)
+    _check_examples(loaded, report)
+    _write(out, loaded, link, report)
+    return report
+
+
+# --- checks ------------------------------------------------------------------------------
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "is a file" if not out.is_dir() else "is not empty"
+        raise LogitCacheError(f"{out} {what}; give a new or empty directory for the merged cache.")
+
+
+def _load_part(path: Path) -> _Part:
+    m = load_manifest(path)
+    w = m.worker
+    if not (isinstance(w, dict) and type(w.get("index")) is int and type(w.get("count")) is int):
+        raise LogitCacheError(
+            f"{path} is not a worker's part (its manifest has no worker entry); merge joins the "
+            "part-* directories written by `logitcache teacher --num-workers N --worker-index I`."
+        )
+    index, count = w["index"], w["count"]
+    if not 0 <= index < count:
+        raise LogitCacheError(f"{path}: worker index {index} is outside 0..{count - 1}; the manifest is damaged.")
+    if m.status != "complete":
+        raise LogitCacheError(
+            f"part {path} is partial: rerun worker {index} with the same command "
+            f"(--num-workers {count} --worker-index {index}); it resumes where it stopped."
+        )
+    return _Part(path, m, index, count)
+
+
+def _check_settings(parts: list[_Part]) -> None:
+    ref = parts[0]
+    for part in parts[1:]:
+        keys = [key for key in ref.manifest.settings_differences(part.manifest) if key != "worker"]
+        if keys:
+            detail = "; ".join(_difference(key, ref, part) for key in keys)
+            raise LogitCacheError(
+                f"parts {ref.path} and {part.path} were made with different settings ({detail}); "
+                "merge only the parts of one run (remove an odd part and rerun its worker with the others' command)."
+            )
+
+
+def _difference(key: str, a: _Part, b: _Part) -> str:
+    va, vb = _plain(getattr(a.manifest, key)), _plain(getattr(b.manifest, key))
+    if isinstance(va, dict) and isinstance(vb, dict):
+        subs = sorted(s for s in va.keys() | vb.keys() if va.get(s) != vb.get(s))
+        return "; ".join(f"{key}.{s}: {_short(va.get(s))} vs {_short(vb.get(s))}" for s in subs)
+    return f"{key}: {_short(va)} vs {_short(vb)}"
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_workers(parts: list[_Part]) -> None:
+    ref = parts[0]
+    for part in parts[1:]:
+        if part.count != ref.count:
+            raise LogitCacheError(
+                f"parts {ref.path} (of {ref.count} workers) and {part.path} (of {part.count} workers) come from "
+                "different splits (--num-workers); merge the parts of one run (move the other run's parts away)."
+            )
+    for a, b in itertools.pairwise(parts):  # sorted by index: a duplicate sits next to its twin
+        if a.index == b.index:
+            if a.path.resolve() == b.path.resolve():
+                raise LogitCacheError(f"part {a.path} is given twice; give each part once.")
+            raise LogitCacheError(
+                f"parts {a.path} and {b.path} are both worker {a.index} of {a.count}; keep one of them."
+            )
+    missing = sorted(set(range(ref.count)) - {p.index for p in parts})
+    if missing:
+        listed = ", ".join(map(str, missing))
+        raise LogitCacheError(
+            f"worker{'s' if len(missing) > 1 else ''} {listed} of {ref.count} missing (no "
+            f"{', '.join(_part_name(i, ref.count) for i in missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+            f"run {'them' if len(missing) > 1 else 'it'} (--num-workers {ref.count} --worker-index I, or resubmit the "
+            "whole Slurm array: finished workers return at once) and merge again."
+        )
+
+
+def _part_name(index: int, count: int) -> str:
+    return f"part-{index:05d}-of-{count:05d}"
+
+
+def _damaged(part: _Part, what: str) -> LogitCacheError:
+    return LogitCacheError(
+        f"part {part.path} is damaged ({what}): remove it and rerun worker {part.index} with the same command."
+    )
+
+
+def _check_files(parts: list[_Part]) -> None:
+    """Every listed shard is there with its listed size (cheap; ``verify`` also hashes them)."""
+    for part in parts:
+        for info in part.manifest.shards:
+            path = part.path / info.path
+            size = path.stat().st_size if path.is_file() else None
+            if size != info.bytes:
+                what = "is missing" if size is None else f"has {size} bytes, the manifest says {info.bytes}"
+                raise _damaged(part, f"{info.path} {what}")
+
+
+def _check_examples(parts: list[_Part], report: MergeReport) -> None:
+    """Every example in exactly one part; all of the dataset's records accounted for."""
+    owner: dict[str, Path] = {}
+
+    def claim(rid: str, part: _Part) -> None:
+        other = owner.get(rid)
+        if other == part.path:
+            raise _damaged(part, f"example id {rid!r} is in it twice")
+        if other is not None:
+            raise LogitCacheError(
+                f"example id {rid!r} is in both {other} and {part.path}: the parts overlap, so they are not "
+                "one split of one dataset; merge the parts of one run (and give every record a unique id)."
+            )
+        owner[rid] = part.path
+
+    counts: list[int] = []
+    for part in parts:
+        n = 0
+        for info in part.manifest.shards:
+            try:
+                ids = pq.read_table(part.path / info.path, columns=["id"]).column("id").to_pylist()
+            except (pa.ArrowException, OSError) as e:
+                raise _damaged(part, f"{info.path} is unreadable: {' '.join(str(e).split())}") from e
+            if len(ids) != info.rows:
+                raise _damaged(part, f"{info.path} has {len(ids)} rows, the manifest says {info.rows}")
+            for rid in ids:
+                claim(rid, part)
+            n += len(ids)
+        for rid in part.manifest.skipped:
+            claim(rid, part)
+        report.examples += n
+        report.skipped += len(part.manifest.skipped)
+        counts.append(n + len(part.manifest.skipped))
+
+    total = sum(counts)
+    expected = parts[0].manifest.dataset.get("num_records")
+    if expected is None:
+        msg = (
+            "the parts' manifests do not record the dataset's size (dataset.num_records), so merge cannot "
+            "check that no example is missing; they were written by an older logitcache."
+        )
+        report.warnings.append(msg)
+        warnings.warn(msg, stacklevel=3)
+    elif total != expected:
+        n = parts[0].count
+        short = [
+            f"{_part_name(p.index, n)} has {c} of {len(range(p.index, expected, n))}"
+            for p, c in zip(parts, counts)
+            if c != len(range(p.index, expected, n))
+        ]
+        raise LogitCacheError(
+            f"the parts hold {total} examples (rows + skipped) but the dataset has {expected} records"
+            f"{' (' + ', '.join(short) + ')' if short else ''}; remove the parts that are off and rerun "
+            "their workers with the same command."
+        )
+
+
+def _verify_parts(parts: list[_Part]) -> None:
+    """Every shard's sha256, and the tokenizer files the merged cache takes from part 0.
+
+    Only hashes: ``verify_cache(check_values=False)`` would also decode every column (14x
+    slower than hashing on a k=64 part); ``logitcache verify`` of the merged cache does that once.
+    """
+    jobs = [(part, info) for part in parts for info in part.manifest.shards]
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        digests = list(pool.map(lambda job: sha256_file(job[0].path / job[1].path), jobs))
+    for (part, info), digest in zip(jobs, digests):
+        if digest != info.sha256:
+            raise _damaged(part, f"{info.path}: sha256 differs from the manifest")
+    ref = parts[0]
+    recorded = ref.manifest.tokenizer.get("files") or {}
+    tok = ref.path / TOKENIZER_DIR
+    actual = hash_files(tok)[1] if tok.is_dir() else {}
+    for name, digest in recorded.items():
+        if actual.get(name) != digest:
+            what = "missing" if name not in actual else "sha256 differs from the manifest"
+            raise _damaged(ref, f"{TOKENIZER_DIR}/{name}: {what}")
+
+
+# --- writing -----------------------------------------------------------------------------
+
+
+def _write(out: Path, parts: list[_Part], link: bool, report: MergeReport) -> None:
+    made = None  # the outermost directory this merge creates, if any
+    for d in (out, *out.parents):
+        if d.exists():
+            break
+        made = d
+    try:
+        (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
+        shards: list[ShardInfo] = []
+        for part in parts:
+            for j, info in enumerate(part.manifest.shards):
+                rel = f"{DATA_DIR}/part-{part.index:05d}-shard-{j:05d}.parquet"
+                linked = _place(part.path / info.path, out / rel, link)
+                report.linked += linked
+                report.copied += not linked
+                shards.append(dataclasses.replace(info, path=rel))
+        fsync_dir(out / DATA_DIR)
+        tok = parts[0].path / TOKENIZER_DIR
+        if tok.is_dir():  # the same files in every part: the settings check compared their hashes
+            shutil.copytree(tok, out / TOKENIZER_DIR)
+        skipped: dict[str, str] = {}
+        for part in parts:
+            skipped.update(part.manifest.skipped)
+        merged = dataclasses.replace(
+            parts[0].manifest,
+            worker=None,
+            status="complete",
+            shards=shards,
+            skipped=skipped,
+            created_at=min((p.manifest.created_at for p in parts), key=_when),
+        )
+        atomic_write_bytes(out / CARD_NAME, render_card(merged).encode())
+        merged.save(out)  # last: from here on ``out`` is a cache
+    except BaseException as e:
+        _remove_output(out, made)
+        if isinstance(e, OSError):
+            raise LogitCacheError(
+                f"could not write the merged cache to {out} ({e}); nothing was kept there. "
+                "Fix the cause (disk space, permissions) and run the merge again."
+            ) from e
+        raise
+    report.shards = len(shards)
+    report.tokens = sum(s.tokens for s in shards)
+    report.bytes = sum(s.bytes for s in shards)
+
+
+def _place(src: Path, dst: Path, link: bool) -> bool:
+    """Hard-link ``src`` to ``dst``, or copy it where that is not possible. Returns whether it linked."""
+    if link:
+        try:
+            os.link(src, dst)
+            return True
+        except OSError as e:
+            if e.errno not in _NO_LINK:
+                raise
+    tmp = dst.with_name(TMP_PREFIX + dst.name)
+    shutil.copyfile(src, tmp)
+    publish(tmp, dst)
+    return False
+
+
+def _when(stamp: str) -> Any:
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except (TypeError, ValueError):  # a hand-edited stamp: order it after the readable ones
+        return float("inf")
+
+
+def _remove_output(out: Path, made: Path | None) -> None:
+    """Undo a failed merge: ``out`` was absent or empty before, so all it holds now is ours."""
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+        return
+    for p in out.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+__all__ = ["MergeReport", "expand_parts", "merge_caches"]
