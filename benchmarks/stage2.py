@@ -21,11 +21,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table, update_results  # noqa: E402
 
 
-def build(work: Path, quick: bool):
+STUDENTS = {
+    # name: (hidden, layers, heads, intermediate); both with the 32k Mistral vocabulary
+    "small": (256, 4, 4, 512),
+    "100m": (768, 8, 12, 2048),  # ~100M parameters with V=32000 (49M of them in embeddings + head)
+}
+
+
+def build(work: Path, quick: bool, student_size: str = "small", records_lines: int = 12):
     from logitcache.pipeline.teacher.data import TextTemplate
     from logitcache.pipeline.teacher.run import TeacherConfig, run_teacher
     from logitcache.pipeline.tiny import (
-        TinyModelConfig, build_tiny_model, build_tiny_teacher, generate_corpus, load_mistral_tokenizer,
+        TinyModelConfig, build_tiny_teacher, generate_corpus, load_mistral_tokenizer,
         mistral_model_file, train_bpe_tokenizer,
     )
 
@@ -36,27 +43,37 @@ def build(work: Path, quick: bool):
     teacher = build_tiny_teacher(work / "teacher", tokenizer=tok, train_steps=20 if quick else 100,
                                  model_cfg=TinyModelConfig(hidden_size=128))
     # Long records (a dozen Q/A lines each) so that a batch has realistic numbers of positions.
-    lines = generate_corpus(64 * 12, seed=5)
+    lines = generate_corpus(64 * records_lines, seed=5)
     data = work / "long.jsonl"
     with open(data, "w", encoding="utf-8") as f:
-        for i in range(0, len(lines), 12):
-            f.write(json.dumps({"text": "\n".join(lines[i : i + 12])}, ensure_ascii=False) + "\n")
+        for i in range(0, len(lines), records_lines):
+            f.write(json.dumps({"text": "\n".join(lines[i : i + records_lines])}, ensure_ascii=False) + "\n")
     cache = work / "cache"
     run_teacher(TeacherConfig(model=str(teacher), data=str(data), out=str(cache), top_k=64,
                               template=TextTemplate(text_field="text"), batch_size=8), progress=False)
-    student_cfg = TinyModelConfig(hidden_size=128 if quick else 256, num_layers=2 if quick else 4, num_heads=4)
-    student = build_tiny_model(tok, student_cfg)
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, inter = (128, 2, 4, 256) if quick else STUDENTS[student_size]
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=2048,
+        tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    ))
+    student_cfg = TinyModelConfig(hidden_size=hidden, num_layers=layers, num_heads=heads)
     return tok, tok_name, cache, student, student_cfg
 
 
-def step_times(tok, cache: Path, student, batch_size: int, rounds: int) -> tuple[list[list], dict]:
+def step_times(tok, cache: Path, student, batch_size: int, rounds: int, max_length: int | None = None) -> tuple[list[list], dict]:
     import torch
 
     from logitcache.pipeline.student.collate import KDCollator
     from logitcache.pipeline.student.dataset import LogitCacheDataset
     from logitcache.pipeline.student.train import TrainConfig, causal_ce, kd_term
 
-    ds = LogitCacheDataset(cache, tok, alignment="offset", shuffle=False)
+    ds = LogitCacheDataset(cache, tok, alignment="offset", shuffle=False, max_length=max_length)
     it = iter(ds)
     batch = KDCollator(pad_token_id=tok.pad_token_id or 0)([next(it) for _ in range(batch_size)])
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
@@ -118,11 +135,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--student", choices=sorted(STUDENTS), default="small",
+                    help="small: 18.7M parameters, 4 x ~334 tokens; 100m: ~100M parameters, 4 x 512 tokens")
     args = ap.parse_args()
     t0 = time.perf_counter()
+    big = args.student == "100m"
     with tempfile.TemporaryDirectory() as tmp:
-        tok, tok_name, cache, student, scfg = build(Path(tmp), args.quick)
-        steps, info = step_times(tok, cache, student, batch_size=4, rounds=3 if args.quick else 8)
+        tok, tok_name, cache, student, scfg = build(Path(tmp), args.quick, args.student, records_lines=24 if big else 12)
+        steps, info = step_times(tok, cache, student, batch_size=4, rounds=3 if (args.quick or big) else 8,
+                                 max_length=512 if big else None)
         reader = reader_throughput(tok, cache)
     params = sum(p.numel() for p in student.parameters()) / 1e6
     report = (
@@ -139,7 +160,7 @@ def main() -> None:
     )
     print(report)
     if not args.no_write:
-        update_results("stage2", report)
+        update_results("stage2" if not big else "stage2-100m", report)
 
 
 if __name__ == "__main__":
