@@ -8,6 +8,10 @@ before the loss (inputs already allocated) and read right after its backward pas
 figure is what the loss adds on top of the student logits, including the logits' gradient
 that every loss has to produce. Prints a markdown table and writes it to RESULTS.md
 (section `losses`) unless --no-write.
+
+ULD and KL run twice: one pass over all N (``chunk_size=None``) and chunked (1024 positions,
+the default). ULD is also timed against :func:`uld_full_sort`, a straightforward version that
+sorts the whole student vocabulary; the two are checked equal on a small case first.
 """
 
 from __future__ import annotations
@@ -23,11 +27,50 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, update_results  # noqa: E402
 
+CHUNK = 1024
+
+
+def uld_full_sort(student_logits, teacher_logprobs, mask):  # noqa: ANN001, ANN201 (tensors)
+    """ULD as written in the paper, top-K teacher: full descending sort of the student's softmax, no chunks."""
+    import torch
+
+    s = torch.softmax(student_logits, dim=-1).sort(dim=-1, descending=True).values  # [N, Vs]
+    t = teacher_logprobs.to(s.dtype).exp().sort(dim=-1, descending=True).values  # [N, K]
+    k = t.shape[-1]
+    if s.shape[-1] < k:
+        s = torch.nn.functional.pad(s, (0, k - s.shape[-1]))
+    t_tail = (1.0 - t.sum(dim=-1)).clamp_min(0.0)
+    per_position = (s[:, :k] - t).abs().sum(dim=-1) + (s[:, k:].sum(dim=-1) - t_tail).abs()
+    per_position = torch.where(mask, per_position, torch.zeros_like(per_position))
+    return per_position.sum() / mask.sum().clamp_min(1).to(per_position.dtype)
+
+
+def check_full_sort_reference() -> None:
+    """uld_full_sort and uld_loss (chunked and not) agree to 1e-5 in float64, values and gradients."""
+    import torch
+
+    from logitcache.losses import uld_loss
+
+    g = torch.Generator().manual_seed(0)
+    for vs, k in [(50, 8), (6, 8)]:
+        logits = (torch.randn(40, vs, generator=g, dtype=torch.float64) * 3).requires_grad_()
+        t_lp = torch.log_softmax(torch.randn(40, 30, generator=g, dtype=torch.float64) * 3, dim=-1).topk(k).values
+        mask = torch.rand(40, generator=g) > 0.3
+        want = uld_full_sort(logits, t_lp, mask)
+        (want_grad,) = torch.autograd.grad(want, logits)
+        for chunk_size in (None, 7):
+            got = uld_loss(logits, t_lp, mask, chunk_size=chunk_size)
+            (got_grad,) = torch.autograd.grad(got, logits)
+            assert abs(got.item() - want.item()) < 1e-5, (vs, k, chunk_size, got.item(), want.item())
+            assert torch.allclose(got_grad, want_grad, rtol=0, atol=1e-5), (vs, k, chunk_size)
+
+
 CHILD = r"""
 import json, sys, time
 import torch
 import torch.nn.functional as F
 from logitcache.losses import MLOTConfig, kl_loss, multilevel_ot_loss, uld_loss
+from losses_memory import CHUNK, uld_full_sort
 
 name = sys.argv[1]
 N, V, K, B = map(int, sys.argv[2:6])
@@ -60,9 +103,14 @@ def step():
     if name == "ce":
         loss = F.cross_entropy(logits, labels)
     elif name == "uld":
-        loss = uld_loss(logits, t_lp, mask)
+        loss = uld_loss(logits, t_lp, mask, chunk_size=None)
+    elif name == "uld-chunked":
+        loss = uld_loss(logits, t_lp, mask, chunk_size=CHUNK)
+    elif name == "uld-fullsort":
+        loss = uld_full_sort(logits, t_lp, mask)
     elif name.startswith("kl-"):
-        loss = kl_loss(logits, t_lp, t_ids, mask, kind=name[3:])
+        kind, _, chunked = name[3:].partition("-")
+        loss = kl_loss(logits, t_lp, t_ids, mask, kind=kind, chunk_size=CHUNK if chunked else None)
     else:
         _, variant, rank = name.split("-")
         loss = multilevel_ot_loss(
@@ -90,7 +138,10 @@ print(json.dumps({"peak_extra_mib": (peak - before) / 1024, "seconds": min(secon
 LOSSES = [
     ("ce", "SFT cross-entropy (baseline)"),
     ("uld", "ULD"),
+    ("uld-chunked", f"ULD chunked {CHUNK}"),
+    ("uld-fullsort", "ULD, full-sort reference"),
     ("kl-forward", "KL forward"),
+    ("kl-forward-chunked", f"KL forward chunked {CHUNK}"),
     ("kl-reverse", "KL reverse"),
     ("kl-jsd", "JSD (beta=0.5)"),
     ("mlot-paper-sum", "MultiLevelOT, paper"),
@@ -102,6 +153,7 @@ LOSSES = [
 def measure(name: str, n: int, v: int, k: int, b: int) -> dict:
     r = subprocess.run(
         [sys.executable, "-c", CHILD, name, str(n), str(v), str(k), str(b)],
+        cwd=Path(__file__).resolve().parent,  # the child imports uld_full_sort from this file
         capture_output=True, text=True, check=False,  # a failure is reported with its stderr below
         # Fixed mmap threshold: large tensors are mapped and unmapped, so RSS tracks live tensor
         # memory instead of what glibc's heap keeps after a free.
@@ -129,24 +181,37 @@ def main() -> None:
     except ImportError:
         losses = [x for x in LOSSES if not x[0].endswith("assignment")]
 
+    check_full_sort_reference()
     logits_mib = n * v * 4 / 2**20
     rows = []
     for name, label in losses:
         r = measure(name, n, v, k, b)
-        rows.append((label, r["peak_extra_mib"], r["peak_extra_mib"] / logits_mib, r["seconds"]))
-    ce = rows[0][1]
+        print(f"{label}: {r}", file=sys.stderr, flush=True)
+        rows.append((name, label, r["peak_extra_mib"], r["peak_extra_mib"] / logits_mib, r["seconds"]))
+    ce = rows[0][2]
+    ref_s = next(secs for name, *_, secs in rows if name == "uld-fullsort")
+
+    def vs_ref(name: str, secs: float) -> str:
+        return f"{secs / ref_s:.2f}×" if name.startswith("uld") else ""
 
     lines = [
         f"## KD losses ({time.strftime('%Y-%m-%d')})\n",
         f"Machine: {machine()}\n",
         f"### Peak memory of the KD losses, forward + backward (N={n} positions, Vs={v}, K={k}, fp32, CPU, 1 thread)\n",
-        "| loss | peak extra MiB | × student logits | × SFT CE | fwd+bwd s |",
-        "|---|---|---|---|---|",
+        "| loss | peak extra MiB | × student logits | × SFT CE | fwd+bwd s | time vs full-sort reference |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {label} | {mib:,.0f} | {ratio:.2f} | {mib / ce:.2f} | {secs:.2f} |" for label, mib, ratio, secs in rows]
+    lines += [
+        f"| {label} | {mib:,.0f} | {ratio:.2f} | {mib / ce:.2f} | {secs:.2f} | {vs_ref(name, secs)} |"
+        for name, label, mib, ratio, secs in rows
+    ]
     lines.append(
         f"\nThe student logits [N, Vs] are {logits_mib:,.0f} MiB; their gradient (the same size) is part "
-        f"of every row. MultiLevelOT runs on {b} sequences of {n // b} positions. Peak extra = VmHWM after "
+        "of every row. ULD/KL rows without \"chunked\" run chunk_size=None (one pass over N); chunked "
+        f"rows recompute each chunk of {CHUNK} positions in backward, so beyond the gradient they hold one "
+        "chunk's intermediates. The full-sort reference sorts the whole student softmax (checked equal to "
+        "uld_loss to 1e-5 in float64 first); the last column is time / its time. MultiLevelOT (not "
+        f"chunked) runs on {b} sequences of {n // b} positions. Peak extra = VmHWM after "
         "forward + backward minus VmRSS before, in a fresh process per loss (MALLOC_MMAP_THRESHOLD_=65536); "
         "time = best of 2 further runs."
     )

@@ -15,6 +15,12 @@ from typing import Literal
 
 import torch
 
+from logitcache.pipeline.student.losses.chunking import (
+    DEFAULT_CHUNK_SIZE,
+    chunked_position_sum,
+    logsumexp_last,
+)
+
 # Reverse KL, KL(s || t), is infinite where the teacher puts zero mass and the student does
 # not: a teacher tail that rounds to 0 (its top-K sums to 1 in fp16) would make the loss inf.
 # The teacher's bucket probabilities are floored at this value inside log(t) for kind="reverse"
@@ -31,6 +37,8 @@ def kl_loss(
     mask: torch.Tensor,
     kind: KLKind = "forward",
     beta: float = 0.5,
+    *,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """Divergence between the teacher's top-K + tail and the student's, mean over masked-in positions.
 
@@ -57,6 +65,12 @@ def kl_loss(
         mask: [N] bool, True where the position counts. Masked-out rows must hold finite logits.
         kind: "forward", "reverse" or "jsd".
         beta: the JSD mixing weight (only for kind="jsd").
+        chunk_size: positions per chunk (default 1024), or None for one pass over all N.
+            Chunked, forward and backward hold one chunk's intermediates at a time (backward
+            recomputes the chunk), so the memory beyond the logits' gradient is bounded by
+            ``chunk_size`` rather than N; values and gradients are the same. Chunks with no
+            masked-in position are skipped. Only ``student_logits`` gets a gradient on the
+            chunked path (if ``teacher_logprobs`` requires grad, the loss runs unchunked).
 
     Returns:
         Scalar in the student's dtype; exactly 0 (zero gradient) when no position is masked in.
@@ -95,16 +109,32 @@ def kl_loss(
         )
     ids = torch.where(mask[:, None], ids, torch.zeros_like(ids))  # padding ids must not index out of range
 
+    total = chunked_position_sum(
+        lambda x, m, lp, i: _kl_sum(x, m, lp, i, kind, beta), student_logits, mask, teacher_logprobs, ids,
+        chunk_size=chunk_size,
+    )
+    return total / mask.sum().clamp_min(1).to(total.dtype)
+
+
+def _kl_sum(
+    student_logits: torch.Tensor,
+    mask: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    ids: torch.Tensor,
+    kind: KLKind,
+    beta: float,
+) -> torch.Tensor:
+    """The plain formula: the divergence summed over the masked-in rows (``ids`` already in range)."""
     dtype = student_logits.dtype
     t_lp = teacher_logprobs.to(dtype)
     t = t_lp.exp()
     s_top_logits = student_logits.gather(-1, ids)  # [N, K]
-    if teacher_ids.shape[-1] >= v:
+    if ids.shape[-1] >= student_logits.shape[-1]:
         # The ids cover the whole vocabulary: there is no tail bucket. (The teacher's
         # 1 - sum(t) is rounding noise here, and against a structurally empty student tail
         # it would blow up the forward KL.)
         t_all, t_log = t, t_lp
-        s_log = s_top_logits - torch.logsumexp(student_logits, dim=-1, keepdim=True)
+        s_log = s_top_logits - logsumexp_last(student_logits)
     else:
         t_tail = (1.0 - t.sum(dim=-1, keepdim=True)).clamp_min(0.0)
         t_all = torch.cat([t, t_tail], dim=-1)  # [N, K+1]
@@ -114,7 +144,7 @@ def kl_loss(
         # -inf, so a row whose ids repeat stays finite in value and gradient). Their logaddexp
         # is the full log-partition: no third pass over the vocabulary.
         rest = student_logits.scatter(-1, ids, torch.finfo(dtype).min)
-        lse_rest = torch.logsumexp(rest, dim=-1, keepdim=True)  # [N, 1]
+        lse_rest = logsumexp_last(rest)  # [N, 1]
         lse = torch.logaddexp(torch.logsumexp(s_top_logits, dim=-1, keepdim=True), lse_rest)
         s_log = torch.cat([s_top_logits - lse, lse_rest - lse], dim=-1)  # [N, K+1]
     s_all = s_log.exp()
@@ -132,5 +162,4 @@ def kl_loss(
         per_bucket = beta * kl_t_m + (1.0 - beta) * kl_s_m
     per_position = per_bucket.sum(dim=-1)  # [N]
 
-    per_position = torch.where(mask, per_position, torch.zeros_like(per_position))
-    return per_position.sum() / mask.sum().clamp_min(1).to(dtype)
+    return torch.where(mask, per_position, torch.zeros_like(per_position)).sum()

@@ -63,6 +63,8 @@ from typing import Literal
 
 import torch
 
+from logitcache.pipeline.student.losses.chunking import logsumexp_last
+
 _DEFAULTS = {  # variant -> (alpha, sinkhorn_iters, rank_over)
     "paper": (0.15, 20, "sequence"),
     "code": (1.5, 10, "batch"),
@@ -331,7 +333,7 @@ def _gather_ranked(values: torch.Tensor, ids: torch.Tensor, ranked_ids: torch.Te
 def _student_ranked_logprobs(z: torch.Tensor, ranked_ids: torch.Tensor, tau: float) -> torch.Tensor:
     """[B, T, Vs] logits -> [B, T, k] ``log_softmax(z / tau)`` at ``ranked_ids`` [B, k], in log space."""
     zt = z if tau == 1.0 else z / tau
-    lse = torch.logsumexp(zt, dim=-1, keepdim=True)
+    lse = logsumexp_last(zt)  # torch's logsumexp, with a backward that holds one [B, T, Vs] buffer
     b, t, _ = z.shape
     return zt.gather(2, ranked_ids[:, None, :].expand(b, t, ranked_ids.shape[1])) - lse
 

@@ -4,14 +4,28 @@ Boizard et al., "Towards Cross-Tokenizer Distillation: the Universal Logit Disti
 Loss for LLMs" (TMLR 2025, arXiv 2402.12030). Per aligned position, sort the student's and
 the teacher's probabilities in descending order, zero-pad the shorter vector and take the
 L1 distance; no vocabulary correspondence is needed, so the tokenizers may differ.
+
+The loss runs over chunks of positions (:mod:`.chunking`), so memory stays bounded.
 """
 
 from __future__ import annotations
 
 import torch
 
+from logitcache.pipeline.student.losses.chunking import (
+    DEFAULT_CHUNK_SIZE,
+    chunked_position_sum,
+    logsumexp_last,
+)
 
-def uld_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+
+def uld_loss(
+    student_logits: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
     """ULD between a student and a top-K teacher, averaged over the masked-in positions.
 
     Per position p (teacher probabilities ``t`` sorted descending, K known entries of a
@@ -39,6 +53,12 @@ def uld_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask:
             here, which is cheap, so any order works). Cast to the student's dtype.
         mask: [N] bool, True where the position counts. Masked-out rows must hold finite
             values (they are computed and discarded, not skipped).
+        chunk_size: positions per chunk (default 1024), or None for one pass over all N.
+            Chunked, forward and backward hold one chunk's intermediates at a time (backward
+            recomputes the chunk), so the memory beyond the logits' gradient is bounded by
+            ``chunk_size`` rather than N; values and gradients are the same. Chunks with no
+            masked-in position are skipped. Only ``student_logits`` gets a gradient on the
+            chunked path (if ``teacher_logprobs`` requires grad, the loss runs unchunked).
 
     Returns:
         Scalar in the student's dtype: mean of ``uld_p`` over masked-in positions; exactly 0
@@ -57,13 +77,20 @@ def uld_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask:
     if mask.dtype != torch.bool:
         raise ValueError(f"uld_loss: mask must be a bool tensor, got {mask.dtype}.")
 
+    total = chunked_position_sum(_uld_sum, student_logits, mask, teacher_logprobs, chunk_size=chunk_size)
+    # Dividing by max(count, 1) makes the all-masked case an exact 0 whose gradient is 0.
+    return total / mask.sum().clamp_min(1).to(total.dtype)
+
+
+def _uld_sum(student_logits: torch.Tensor, mask: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """The plain formula: sum of ``uld_p`` over the masked-in rows (shapes as in :func:`uld_loss`)."""
     k = teacher_logprobs.shape[-1]
     vs = student_logits.shape[-1]
     t = teacher_logprobs.to(student_logits.dtype).exp().sort(dim=-1, descending=True).values  # [N, K]
 
     # Top-K on the logits, normalised by the log-partition: no [N, Vs] probability tensor is
     # built in the forward pass, and the backward pass touches the full row only twice.
-    lse = torch.logsumexp(student_logits, dim=-1, keepdim=True)  # [N, 1]
+    lse = logsumexp_last(student_logits)  # [N, 1]
     top = torch.topk(student_logits, min(k, vs), dim=-1, sorted=True).values  # [N, min(K, Vs)]
     s = (top - lse).exp()
     if vs < k:
@@ -74,7 +101,5 @@ def uld_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask:
     t_tail = (1.0 - t.sum(dim=-1)).clamp_min(0.0)
     per_position = (s - t).abs().sum(dim=-1) + (s_tail - t_tail).abs()  # [N]
 
-    # where() rather than a multiply: a masked row's value never reaches the sum. Dividing by
-    # max(count, 1) makes the all-masked case an exact 0 whose gradient is 0.
-    per_position = torch.where(mask, per_position, torch.zeros_like(per_position))
-    return per_position.sum() / mask.sum().clamp_min(1).to(per_position.dtype)
+    # where() rather than a multiply: a masked row's value never reaches the sum.
+    return torch.where(mask, per_position, torch.zeros_like(per_position)).sum()
