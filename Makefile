@@ -23,7 +23,9 @@ test: $(VENV)/.installed  ## the test suite (what CI runs)
 bench: $(VENV)/.installed  ## benchmarks; results in benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/stage1.py
 	$(BIN)/python benchmarks/stage2.py
+	$(BIN)/python benchmarks/stage2.py --student 100m
 	$(BIN)/python benchmarks/losses_memory.py
+	$(BIN)/python benchmarks/storage.py
 
 clean:
 	rm -rf demo-out .pytest_cache

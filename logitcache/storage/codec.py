@@ -1,0 +1,366 @@
+"""The compact codec: top-k logprobs quantised, top-k ids remapped by frequency rank.
+
+Not yet wired into the writer/reader (issue 6); v1 (``rows.py``) stays the default.
+
+What one compact table holds, per row (one example), compared with v1 (DESIGN.md §2):
+
+* ``id``, ``text``, ``prompt_chars``, ``truncated``, ``input_ids``, ``char_start``,
+  ``char_end``, ``label_logprob``, ``logsumexp``: the same values and types as v1, exact
+  (only their Parquet encodings differ, see :data:`PARQUET_COLUMN_ENCODING`).
+* ``top1_logprob``: list<float32>, one per position: the largest logprob ``lp_0``, exact
+  (v1 rows hold float16, which float32 represents exactly).
+* ``topk_steps_lo`` / ``topk_steps_hi`` (binary, one value per row): with
+  ``d_i = lp_0 - lp_i >= 0`` (non-decreasing in ``i`` because entries are sorted) and
+  ``n_i = round(d_i / q)`` (so ``n_0 = 0`` and ``n`` is non-decreasing, since rounding is
+  monotone), the steps ``n_i - n_{i-1}`` for ``i = 1..k-1`` of every position: small
+  non-negative integers. Each row uses the narrowest width ``w`` bytes that holds its
+  largest step; ``_lo`` holds the low byte of every step, ``_hi`` the ``w - 1`` higher
+  byte planes one after the other (empty when ``w = 1``), so ``w`` follows from the
+  lengths. Splitting bytes into planes lets zstd's entropy stage see homogeneous bytes.
+* ``topk_ranks_lo`` / ``topk_ranks_hi`` (binary, the same plane layout), ``k`` per
+  position: each top-k id's index in the *id table*, which lists ids by decreasing
+  frequency among the top-k ids of the rows encoded (ties by id), so frequent ids become
+  small numbers (mostly one byte plus a low-entropy high byte).
+
+The schema is fixed (no per-table integer types), so a writer can stream row groups of
+any content into one Parquet file.
+
+The schema's key-value metadata holds the codec name, ``k``, ``q`` and the id table
+(int32 deltas, zlib, base64). ``encode_compact(rows, k, id_table=prev)`` keeps ``prev`` as a
+prefix and appends the ids it has not seen (most frequent first), so a writer that
+streams row groups into one shard can pass each table's id table to the next and store
+the last one (a superset valid for every row group) in the file footer.
+
+Error bound (per stored logprob, against the float16/float32 values given to the encoder):
+decoding computes ``lp̂_i = lp_0 - q * n_i`` in float64 and rounds once to float32, so
+
+    |lp_i - lp̂_i| <= q / 2 + ulp_f32(|lp̂_i|) / 2   (the top-1 itself is exact)
+
+With the default ``q = 2**-6``: ``q/2 = 0.0078125`` nats, and the float32 term is at most
+``2**-17`` (7.6e-6) for ``|lp| < 256`` (the logprobs that matter, p >= 1e-4, have
+``|lp| < 9.3``, where it is at most ``2**-20``). So every stored logprob above -256 is
+within ``ERROR_BOUND_NATS = q/2 + 2**-17 < 0.0079 < 0.01`` nats (below -256, i.e.
+p < 1e-111, the float32 term is ``|lp| * 2**-24``: still < 0.01 down to lp = -37000).
+
+For probabilities, ``p̂ = p * exp(lp̂ - lp)`` so ``|p - p̂| <= p * (exp(e) - 1)`` with
+``e = ERROR_BOUND_NATS``: a relative error of at most 0.79 %, hence for ``p >= 1e-4`` the
+absolute error is at most ``p * 0.0079`` (``<= 0.0079`` at p = 1, ``<= 7.9e-7`` at
+p = 1e-4). See :func:`prob_error_bound`. Relative to the teacher's float32 logprobs,
+add the float16 rounding v1 already makes (``<= |lp| * 2**-11``).
+
+Decoded rows have the v1 layout with ``topk_logprobs`` as float32 and ``topk_ids`` int32.
+Pure numpy/pyarrow.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from logitcache.storage.rows import Row, flat_list_column
+
+CODEC_NAME = "compact"
+DEFAULT_STEP = 2.0**-6  # q: a power of two, so q * n is exact in float64
+_F32_SLACK = 2.0**-17  # float32 rounding: half an ulp of any |lp| < 256 is at most 2**-17
+META_CODEC = b"logitcache.codec"
+META_K = b"logitcache.k"
+META_STEP = b"logitcache.step"
+META_IDS = b"logitcache.id_table"
+
+# Parquet settings chosen by measurement (benchmarks/storage.py, tiny-teacher and Zipf rows):
+# byte planes as PLAIN binary + zstd beat BYTE_STREAM_SPLIT / DELTA_BINARY_PACKED / dictionary
+# on uint8/uint16 list columns by 10-30 %; BYTE_STREAM_SPLIT suits the float32 columns and
+# input_ids, DELTA_BINARY_PACKED the character spans; zstd 9 is 1-10 % smaller than 3 at
+# about the same decode speed (zstd decompression barely depends on the level). Pass as ``pq.ParquetWriter(path, schema, **PARQUET_OPTIONS)``
+# (or use :func:`write_compact_parquet`). Keys are leaf paths: "<name>.list.element".
+PARQUET_COLUMN_ENCODING = {
+    "top1_logprob.list.element": "BYTE_STREAM_SPLIT",
+    "label_logprob.list.element": "BYTE_STREAM_SPLIT",
+    "logsumexp.list.element": "BYTE_STREAM_SPLIT",
+    "input_ids.list.element": "BYTE_STREAM_SPLIT",
+    "char_start.list.element": "DELTA_BINARY_PACKED",
+    "char_end.list.element": "DELTA_BINARY_PACKED",
+}
+PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "compression_level": 9,
+    "use_dictionary": False,
+    "column_encoding": PARQUET_COLUMN_ENCODING,
+}
+
+
+def compact_schema() -> pa.Schema:
+    """The Arrow schema of every compact table (without metadata); the same for any k."""
+    lst = pa.list_
+    return pa.schema(
+        [pa.field("id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False),
+         pa.field("prompt_chars", pa.int32(), nullable=False), pa.field("truncated", pa.bool_(), nullable=False)]
+        + [pa.field(n, lst(pa.int32()), nullable=False) for n in ("input_ids", "char_start", "char_end")]
+        + [pa.field(n, lst(pa.float32()), nullable=False) for n in ("label_logprob", "logsumexp", "top1_logprob")]
+        + [pa.field(n, pa.binary(), nullable=False) for n in ("topk_steps_lo", "topk_steps_hi", "topk_ranks_lo", "topk_ranks_hi")]
+    )
+
+
+def error_bound(step: float = DEFAULT_STEP) -> float:
+    """Largest |lp - lp̂| in nats of a decoded logprob (see the module docstring)."""
+    return step / 2 + _F32_SLACK
+
+
+ERROR_BOUND_NATS = error_bound()
+
+
+def prob_error_bound(p: float | np.ndarray, step: float = DEFAULT_STEP) -> float | np.ndarray:
+    """Largest |p - p̂| of a probability p given by a decoded logprob: p * (e^err - 1)."""
+    return np.asarray(p) * math.expm1(error_bound(step))
+
+
+def _encode_ids(ids: np.ndarray) -> bytes:
+    # Deltas: ids of equal count are ascending, so most deltas are small.
+    deltas = np.diff(np.asarray(ids, dtype=np.int64), prepend=0).astype("<i4")
+    return base64.b64encode(zlib.compress(deltas.tobytes(), 9))
+
+
+def _decode_ids(blob: bytes) -> np.ndarray:
+    deltas = np.frombuffer(zlib.decompress(base64.b64decode(blob)), dtype="<i4")
+    return np.cumsum(deltas, dtype=np.int64).astype(np.int32)
+
+
+def build_id_table(ids: np.ndarray, prefix: np.ndarray | None = None) -> np.ndarray:
+    """Ids of ``ids`` by decreasing count (ties: smaller id first), after ``prefix``."""
+    vals, counts = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1), return_counts=True)
+    if prefix is not None and len(prefix):
+        prefix = np.asarray(prefix, dtype=np.int32)
+        keep = ~np.isin(vals, prefix)
+        vals, counts = vals[keep], counts[keep]
+    order = np.lexsort((vals, -counts))
+    new = vals[order].astype(np.int32)
+    return new if prefix is None or not len(prefix) else np.concatenate([prefix, new])
+
+
+def _binary(chunks: list[bytes | np.ndarray]) -> pa.Array:
+    lengths = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks))
+    offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    data = np.concatenate([np.frombuffer(c, np.uint8) if isinstance(c, bytes) else c for c in chunks]) if chunks else np.zeros(0, np.uint8)
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise ValueError("too many values in one table; encode fewer rows at a time")
+    buffers = [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data.astype(np.uint8, copy=False))]
+    return pa.Array.from_buffers(pa.binary(), len(chunks), buffers)
+
+
+def _planes(values: np.ndarray, row_counts: Sequence[int]) -> tuple[pa.Array, pa.Array]:
+    """Non-negative ints -> (low-byte plane, higher planes) per row, each row its own width."""
+    lo_chunks, hi_chunks = [], []
+    start = 0
+    for c in row_counts:
+        v = values[start : start + c]
+        start += c
+        top = int(v.max()) if c else 0
+        if top >= 1 << 32:
+            raise ValueError(f"value {top} does not fit in 4 bytes")
+        w = max(1, (top.bit_length() + 7) // 8)
+        planes = np.ascontiguousarray(v.astype("<u4").view(np.uint8).reshape(c, 4)[:, :w].T)
+        lo_chunks.append(planes[0])
+        hi_chunks.append(planes[1:].reshape(-1))
+    return _binary(lo_chunks), _binary(hi_chunks)
+
+
+def _binary_parts(a: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, data) of a binary array, honouring slices; offsets index into data."""
+    bufs = a.buffers()
+    if len(a) == 0 or bufs[1] is None:
+        return np.zeros(1, np.int64), np.zeros(0, np.uint8)
+    off = np.frombuffer(bufs[1], np.int32)[a.offset : a.offset + len(a) + 1].astype(np.int64)
+    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return off, data
+
+
+def _unplanes(lo: pa.Array, hi: pa.Array, counts: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_planes`: all rows' values, concatenated, as int64."""
+    lo_off, lo_data = _binary_parts(lo)
+    hi_off, hi_data = _binary_parts(hi)
+    total = int(counts.sum())
+    counts = counts.astype(np.int64)
+    hi_len = np.diff(hi_off)
+    extra = hi_len // np.maximum(counts, 1)  # higher planes per row
+    if (extra * counts != hi_len).any():
+        raise ValueError("corrupt plane column: high planes do not match the value counts")
+    wide = int(extra.max()) if len(extra) else 0
+    out = lo_data[lo_off[0] : lo_off[-1]].astype(np.int32 if wide <= 2 else np.int64)
+    if len(out) != total:
+        raise ValueError(f"corrupt plane column: {len(out)} low bytes for {total} values")
+    if wide == 0:
+        return out
+    starts = np.cumsum(counts) - counts
+    for i in np.flatnonzero(extra):  # per row: its higher planes, vectorised over its values
+        c, s0, a = int(counts[i]), int(starts[i]), int(hi_off[i])
+        planes = hi_data[a : a + int(hi_len[i])].reshape(-1, c)
+        seg = out[s0 : s0 + c]
+        for j in range(planes.shape[0]):
+            seg |= planes[j].astype(out.dtype) << (8 * (j + 1))
+    return out
+
+
+def _list_of(flat: np.ndarray, lengths: Sequence[int], typ: pa.DataType) -> pa.ListArray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise ValueError("too many values in one table; encode fewer rows at a time")
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, type=typ))
+
+
+def _cat(chunks: list[np.ndarray], dtype: Any, width: int | None = None) -> np.ndarray:
+    if not chunks:
+        return np.zeros((0, width) if width else 0, dtype)
+    return np.concatenate(chunks).astype(dtype, copy=False)
+
+
+def encode_compact(
+    rows: Sequence[Row], k: int, *, step: float = DEFAULT_STEP, id_table: np.ndarray | None = None
+) -> pa.Table:
+    """Rows (v1 layout) -> a compact Arrow table; its schema metadata holds k, step, id table."""
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    n_pos = [max(len(r["input_ids"]) - 1, 0) for r in rows]
+    lp = _cat([np.asarray(r["topk_logprobs"], dtype=np.float64).reshape(-1, k) for r in rows], np.float64, k)
+    ids = _cat([np.asarray(r["topk_ids"]).reshape(-1, k) for r in rows], np.int64, k)
+    for name, arr in (("topk_logprobs", lp), ("topk_ids", ids)):
+        if arr.shape[0] != sum(n_pos):
+            raise ValueError(f"{name}: expected {sum(n_pos)} positions of k={k} entries, got {arr.shape}")
+    if not np.isfinite(lp).all():
+        raise ValueError("topk_logprobs holds a non-finite value; the compact codec stores finite logprobs only")
+    top1 = lp[:, 0].astype(np.float32)
+    if not np.array_equal(top1.astype(np.float64), lp[:, 0]):
+        raise ValueError("the top-1 logprobs must be float32-representable (v1 rows are float16)")
+    # Quantise each entry's distance from the top-1 (error <= q/2 each), then delta the integers.
+    n = np.rint((lp[:, :1] - lp) / step)
+    steps = np.diff(n, axis=1)
+    if steps.size and steps.min() < 0:
+        raise ValueError("topk_logprobs must be sorted in descending order at every position")
+    input_ids = [np.asarray(r["input_ids"], dtype=np.int32) for r in rows]
+    table_ids = build_id_table(ids, None if id_table is None else np.asarray(id_table, np.int32))
+    if len(table_ids) and (table_ids.min() < 0):
+        raise ValueError("topk_ids must be non-negative")
+    # id -> rank through a dense lookup (ids are vocabulary indices).
+    lookup = np.zeros(int(table_ids.max()) + 1 if len(table_ids) else 1, dtype=np.int64)
+    lookup[table_ids] = np.arange(len(table_ids))
+    ranks = lookup[ids] if ids.size else ids
+
+    def per_token(name: str, dtype: Any) -> pa.ListArray:
+        chunks = [np.asarray(r[name]).reshape(-1) for r in rows]
+        return _list_of(_cat(chunks, dtype), [len(c) for c in chunks], pa.from_numpy_dtype(dtype))
+
+    columns = {
+        "id": pa.array([r["id"] for r in rows], pa.string()),
+        "text": pa.array([r["text"] for r in rows], pa.string()),
+        "prompt_chars": pa.array([int(r["prompt_chars"]) for r in rows], pa.int32()),
+        "truncated": pa.array([bool(r["truncated"]) for r in rows], pa.bool_()),
+        "input_ids": _list_of(_cat(input_ids, np.int32), [len(c) for c in input_ids], pa.int32()),
+        "char_start": per_token("char_start", np.int32),
+        "char_end": per_token("char_end", np.int32),
+        "label_logprob": per_token("label_logprob", np.float32),
+        "logsumexp": per_token("logsumexp", np.float32),
+        "top1_logprob": _list_of(top1, n_pos, pa.float32()),
+    }
+    columns["topk_steps_lo"], columns["topk_steps_hi"] = _planes(steps.reshape(-1).astype(np.int64), [m * (k - 1) for m in n_pos])
+    columns["topk_ranks_lo"], columns["topk_ranks_hi"] = _planes(ranks.reshape(-1), [m * k for m in n_pos])
+    metadata = {
+        META_CODEC: CODEC_NAME.encode(),
+        META_K: str(k).encode(),
+        META_STEP: repr(float(step)).encode(),
+        META_IDS: _encode_ids(table_ids),
+    }
+    schema = compact_schema().with_metadata(metadata)
+    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+
+def write_compact_parquet(table: pa.Table, where: Any, **options: Any) -> None:
+    """Write a compact table as one Parquet file with :data:`PARQUET_OPTIONS`.
+
+    The id table goes into the footer's key-value metadata once (not also inside the
+    serialized Arrow schema, which would store it twice). ``pq.ParquetFile(...).iter_batches()``
+    hands it back in each batch's schema metadata; :func:`read_id_table` reads it directly.
+    """
+    import pyarrow.parquet as pq
+
+    meta = dict(table.schema.metadata or {})
+    ids = meta.pop(META_IDS)
+    table = table.replace_schema_metadata(meta)
+    with pq.ParquetWriter(where, table.schema, **{**PARQUET_OPTIONS, **options}) as w:
+        w.write_table(table, row_group_size=max(1, table.num_rows))
+        w.add_key_value_metadata({META_IDS: ids})
+
+
+def read_id_table(parquet_file: Any) -> np.ndarray:
+    """The id table in the footer of a compact Parquet file (a path or ``pq.ParquetFile``)."""
+    import pyarrow.parquet as pq
+
+    f = parquet_file if isinstance(parquet_file, pq.ParquetFile) else pq.ParquetFile(parquet_file)
+    meta = f.metadata.metadata or {}
+    if META_IDS not in meta:
+        raise ValueError("no logitcache.id_table in this Parquet file's footer; not a compact-codec shard")
+    return _decode_ids(meta[META_IDS])
+
+
+def id_table_of(schema: pa.Schema) -> np.ndarray:
+    """The id table stored in a compact table's (or Parquet file's) schema metadata."""
+    meta = schema.metadata or {}
+    if meta.get(META_CODEC) != CODEC_NAME.encode():
+        raise ValueError("not a compact-codec table (no logitcache.codec=compact in its schema metadata)")
+    return _decode_ids(meta[META_IDS])
+
+
+def decode_compact(
+    batch: pa.RecordBatch | pa.Table, *, id_table: np.ndarray | None = None
+) -> Iterator[Row]:
+    """A compact record batch -> rows in the v1 layout (``topk_logprobs`` float32).
+
+    ``id_table`` overrides the one in the batch's schema metadata (e.g. the shard footer's).
+    """
+    if isinstance(batch, pa.Table):
+        batch = batch.combine_chunks().to_batches()[0] if batch.num_rows else pa.RecordBatch.from_pylist([], schema=batch.schema)
+    meta = batch.schema.metadata or {}
+    if meta.get(META_CODEC) != CODEC_NAME.encode():
+        raise ValueError("not a compact-codec batch (no logitcache.codec=compact in its schema metadata)")
+    k = int(meta[META_K])
+    step = float(meta[META_STEP])
+    if id_table is None and META_IDS not in meta:
+        raise ValueError("this batch carries no id table; pass id_table=read_id_table(parquet_file)")
+    table_ids = _decode_ids(meta[META_IDS]) if id_table is None else np.asarray(id_table, dtype=np.int32)
+    col = batch.column
+    names = batch.schema.names
+
+    top1, pos_off = flat_list_column(col(names.index("top1_logprob")))
+    m = len(top1)
+    n_pos = np.diff(pos_off)
+    steps = _unplanes(col(names.index("topk_steps_lo")), col(names.index("topk_steps_hi")), n_pos * (k - 1))
+    ranks = _unplanes(col(names.index("topk_ranks_lo")), col(names.index("topk_ranks_hi")), n_pos * k)
+    n = np.zeros((m, k), dtype=steps.dtype)
+    if k > 1:
+        np.cumsum(steps.reshape(m, k - 1), axis=1, out=n[:, 1:])
+    if math.frexp(step)[0] == 0.5 and (not n.size or n.max() < 1 << 24):
+        # q a power of two and n < 2**24: n * q is exact in float32, so one float32
+        # subtraction rounds the exact lp_0 - n*q once, as float64 then float32 would.
+        lp = top1.astype(np.float32)[:, None] - n.astype(np.float32) * np.float32(step)
+    else:
+        lp = (top1.astype(np.float64)[:, None] - n * step).astype(np.float32)
+    ids = table_ids[ranks.reshape(m, k)] if m else np.zeros((0, k), np.int32)
+
+    out: dict[str, list[Any]] = {}
+    for name in ("id", "text", "prompt_chars", "truncated"):
+        out[name] = col(names.index(name)).to_pylist()
+    for name in ("input_ids", "char_start", "char_end", "label_logprob", "logsumexp"):
+        flat, off = flat_list_column(col(names.index(name)))
+        out[name] = [flat[off[i] : off[i + 1]] for i in range(len(off) - 1)]
+    out["topk_ids"] = [ids[pos_off[i] : pos_off[i + 1]] for i in range(len(pos_off) - 1)]
+    out["topk_logprobs"] = [lp[pos_off[i] : pos_off[i + 1]] for i in range(len(pos_off) - 1)]
+    order = ("id", "text", "prompt_chars", "truncated", "input_ids", "char_start", "char_end",
+             "topk_ids", "topk_logprobs", "label_logprob", "logsumexp")
+    for i in range(batch.num_rows):
+        yield {name: out[name][i] for name in order}
