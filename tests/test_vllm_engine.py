@@ -117,7 +117,7 @@ def test_hand_worked_example():
     ]
     s = scored_from_prompt_logprobs([5, 7, 3], pl, 2)
     assert s.topk_ids.dtype == np.int32 and s.topk_ids.tolist() == [[2, 7], [1, 4]]
-    assert s.topk_logprobs.dtype == np.float16 and s.topk_logprobs.tolist() == [[-0.5, -1.25], [-0.25, -1.5]]
+    assert s.topk_logprobs.dtype == np.float32 and s.topk_logprobs.tolist() == [[-0.5, -1.25], [-0.25, -1.5]]
     assert s.label_logprob.dtype == np.float32 and s.label_logprob.tolist() == [-1.25, -3.0]
     assert s.logsumexp.dtype == np.float32 and s.logsumexp.tolist() == [0.0, 0.0]
 
@@ -139,7 +139,7 @@ def test_actual_token_inside_and_outside_the_topk(flat):
     ids = [0] + [int(order[p, r]) for p, r in enumerate([0, 2, 4, 5, 19, 49])]
     s = scored_from_prompt_logprobs(ids, vllm_shaped(ids, logp, k, flat=flat), k)
     np.testing.assert_array_equal(s.topk_ids, order[:, :k])
-    np.testing.assert_array_equal(s.topk_logprobs, np.take_along_axis(logp, order[:, :k], 1).astype(np.float16))
+    np.testing.assert_array_equal(s.topk_logprobs, np.take_along_axis(logp, order[:, :k], 1).astype(np.float32))
     np.testing.assert_allclose(s.label_logprob, logp[np.arange(6), ids[1:]], rtol=1e-6)
     inside = (s.topk_ids == np.asarray(ids[1:])[:, None]).any(1)
     assert inside.tolist() == [True, True, True, False, False, False]

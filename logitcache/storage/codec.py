@@ -126,6 +126,11 @@ def _encode_ids(ids: np.ndarray) -> bytes:
     return base64.b64encode(zlib.compress(deltas.tobytes(), 9))
 
 
+def encode_id_table(ids: np.ndarray) -> bytes:
+    """The footer form of an id table (for a writer that streams row groups into one shard)."""
+    return _encode_ids(ids)
+
+
 def _decode_ids(blob: bytes) -> np.ndarray:
     deltas = np.frombuffer(zlib.decompress(base64.b64decode(blob)), dtype="<i4")
     return np.cumsum(deltas, dtype=np.int64).astype(np.int32)

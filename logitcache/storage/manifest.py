@@ -15,6 +15,7 @@ from logitcache.storage.fsutil import atomic_write_bytes
 from logitcache.storage.schema import FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS
 
 MANIFEST_NAME = "manifest.json"
+CODECS = ("v1", "compact")  # v1: fp16 + int32 (DESIGN.md §2); compact: storage/codec.py
 
 # The settings that decide a cache's content: a rerun must match all of them to resume.
 # (limit, batch size, device and shard size change how the work is done, not what it yields.)
@@ -115,6 +116,11 @@ class Manifest:
                 f"{where}: cache format_version {version!r} is not supported by this logitcache "
                 f"(it reads {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); "
                 "upgrade logitcache (pip install -U logitcache) or rewrite the cache."
+            )
+        if d.get("codec", "v1") not in CODECS:
+            raise LogitCacheError(
+                f"{where}: codec {d.get('codec')!r} is not known to this logitcache (it reads {', '.join(CODECS)}); "
+                "upgrade logitcache (pip install -U logitcache)."
             )
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [

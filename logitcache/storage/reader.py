@@ -10,8 +10,13 @@ import pyarrow.parquet as pq
 
 from logitcache.errors import LogitCacheError
 from logitcache.storage.manifest import Manifest, load_manifest
-from logitcache.storage.rows import Row, batch_to_rows
+from logitcache.storage.rows import Row, batch_to_rows, decode_rows, shard_id_table
 from logitcache.storage.writer import TOKENIZER_DIR
+
+
+# Columns stored as they are in both codecs (reading only these needs no decoding).
+_PLAIN_COLUMNS = {"id", "text", "prompt_chars", "truncated", "input_ids", "char_start", "char_end",
+                  "label_logprob", "logsumexp"}
 
 
 class CacheReader:
@@ -44,10 +49,15 @@ class CacheReader:
         return self.manifest.num_examples
 
     def iter_rows(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[Row]:
+        """Rows in cache order; ``columns`` (e.g. ``["id"]``) reads only those (v1 names)."""
+        compact = self.manifest.codec == "compact"
         for i in range(len(self.manifest.shards)):
             f = pq.ParquetFile(self.shard_path(i))
+            if compact and columns is not None and not set(columns) <= _PLAIN_COLUMNS:
+                columns = None  # top-k data lives in the codec's own columns: decode whole rows
+            id_table = shard_id_table(f) if compact and columns is None else None
             for batch in f.iter_batches(batch_size=batch_size, columns=columns):
-                yield from batch_to_rows(batch)
+                yield from (batch_to_rows(batch) if columns is not None else decode_rows(batch, id_table))
 
     def __iter__(self) -> Iterator[Row]:
         return self.iter_rows()
@@ -85,7 +95,7 @@ class CacheReader:
             n = f.metadata.row_group(g).num_rows
             if j < start + n:
                 table = f.read_row_group(g).slice(j - start, 1)
-                return next(batch_to_rows(table.to_batches()[0]))
+                return next(decode_rows(table, shard_id_table(f)))
             start += n
         raise LogitCacheError(f"{self.shard_path(shard)}: row {j} missing; run `logitcache verify`.")
 

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from logitcache.errors import LogitCacheError
 from logitcache.storage.fsutil import hash_files, sha256_file
 from logitcache.storage.manifest import load_manifest
-from logitcache.storage.rows import flat_list_column
+from logitcache.storage.rows import decode_rows, flat_list_column, rows_to_table, shard_id_table
 from logitcache.storage.schema import shard_schema
 from logitcache.storage.writer import DATA_DIR, TMP_PREFIX, TOKENIZER_DIR
 
@@ -98,7 +98,7 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> 
         try:
             rows, tokens = _check_shard(
                 path, m.k, vocab, seen_ids, check_values, report.problems, where,
-                has_logsumexp=m.teacher.get("logsumexp", True) is not False,
+                has_logsumexp=m.teacher.get("logsumexp", True) is not False, codec=m.codec,
             )
         except (pa.ArrowException, OSError) as e:
             report.problems.append(f"{where}: unreadable Parquet ({e})")
@@ -116,12 +116,21 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> 
 
 def _check_shard(
     path: Path, k: int, vocab: int, seen_ids: set[str], check_values: bool, problems: list[str], where: str,
-    *, has_logsumexp: bool = True,
+    *, has_logsumexp: bool = True, codec: str = "v1",
 ) -> tuple[int, int]:
     f = pq.ParquetFile(path)
-    expected = shard_schema(k)
-    if not f.schema_arrow.equals(expected):
-        problems.append(f"{where}: schema differs from format v1 with k={k}")
+    compact = codec == "compact"
+    if compact:
+        from logitcache.storage import codec as compact_codec
+
+        expected, label = compact_codec.compact_schema(), "the compact codec"
+        id_table = shard_id_table(f)
+        # A decoded logprob is within the codec's bound of the label's fp32 value.
+        extra_tol = compact_codec.ERROR_BOUND_NATS
+    else:
+        expected, label, id_table, extra_tol = shard_schema(k), f"format v1 with k={k}", None, 0.0
+    if not f.schema_arrow.equals(expected, check_metadata=False):
+        problems.append(f"{where}: schema differs from {label}")
         return f.metadata.num_rows, 0
     rows = tokens = 0
     for batch in f.iter_batches(batch_size=1024):
@@ -132,12 +141,16 @@ def _check_shard(
         rows += batch.num_rows
         tokens += int(pc.sum(pc.list_value_length(batch.column("input_ids"))).as_py() or 0)
         if check_values:
-            for msg in _check_values(batch, k, vocab, has_logsumexp):
+            if compact and batch.num_rows:  # check the decoded values, in v1 layout
+                batch = rows_to_table(list(decode_rows(batch, id_table)), k).to_batches()[0]
+            for msg in _check_values(batch, k, vocab, has_logsumexp, extra_tol):
                 problems.append(f"{where}: {msg}")
     return rows, tokens
 
 
-def _check_values(batch: pa.RecordBatch, k: int, vocab: int, has_logsumexp: bool = True) -> list[str]:
+def _check_values(
+    batch: pa.RecordBatch, k: int, vocab: int, has_logsumexp: bool = True, extra_tol: float = 0.0
+) -> list[str]:
     """Vectorised over the whole batch; returns one message per kind of problem found."""
     out: list[str] = []
     ids = batch.column("id").to_pylist()
@@ -194,7 +207,7 @@ def _check_values(batch: pa.RecordBatch, k: int, vocab: int, has_logsumexp: bool
         hit = tk == label_ids[:, None]
         in_topk = hit.any(axis=1)
         stored = np.where(in_topk, (lp32 * hit).sum(axis=1), 0.0)
-        tol = _FP16_RTOL * np.abs(label) + _FP16_ATOL
+        tol = _FP16_RTOL * np.abs(label) + _FP16_ATOL + extra_tol
         report(in_topk & (np.abs(stored - label) > tol), "whose label log-prob disagrees with its top-k entry")
         report(~in_topk & (label > lp32[:, -1] + tol), "whose label is outside the top-k but more likely than its k-th entry")
 

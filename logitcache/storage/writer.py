@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from logitcache.errors import LogitCacheError
 from logitcache.storage.card import render_card
 from logitcache.storage.fsutil import atomic_write_bytes, publish, sha256_file
-from logitcache.storage.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest
+from logitcache.storage.manifest import CODECS, MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 from logitcache.storage.rows import Row, row_nbytes, rows_to_table
 from logitcache.storage.schema import POSITION_COLUMNS, TOKEN_COLUMNS
 
@@ -52,6 +52,8 @@ class CacheWriter:
     ) -> None:
         if shard_bytes <= 0 or row_group_bytes <= 0:
             raise LogitCacheError("shard and row-group sizes must be positive.")
+        if manifest.codec not in CODECS:
+            raise LogitCacheError(f"codec {manifest.codec!r}: use one of {', '.join(CODECS)}.")
         self.cache_dir = Path(cache_dir)
         self.shard_bytes = shard_bytes
         self.row_group_bytes = min(row_group_bytes, shard_bytes)
@@ -61,6 +63,7 @@ class CacheWriter:
         self._buffer_bytes = 0
         self._pq: pq.ParquetWriter | None = None
         self._tmp_path: Path | None = None
+        self._id_table = None  # compact codec: this shard's id table so far
         self._shard_rows = self._shard_tokens = self._shard_truncated = 0
 
     # --- opening and resuming ----------------------------------------------------------
@@ -125,16 +128,26 @@ class CacheWriter:
         self.done_ids.add(example_id)
         self.manifest.skipped[example_id] = reason
 
+    def _encode(self, rows: list[Row]):
+        """Rows -> an Arrow table in the cache's codec, and the ParquetWriter options for it."""
+        if self.manifest.codec == "compact":
+            from logitcache.storage import codec
+
+            table = codec.encode_compact(rows, self.manifest.k, id_table=self._id_table)
+            self._id_table = codec.id_table_of(table.schema)
+            # The id table grows with each row group; the shard's final one goes into its footer.
+            meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != codec.META_IDS}
+            return table.replace_schema_metadata(meta), codec.PARQUET_OPTIONS
+        return rows_to_table(rows, self.manifest.k), {"compression": "zstd", "compression_level": ZSTD_LEVEL}
+
     def _flush_row_group(self) -> None:
         if not self._buffer:
             return
-        table = rows_to_table(self._buffer, self.manifest.k)
+        table, options = self._encode(self._buffer)
         if self._pq is None:
             index = len(self.manifest.shards)
             self._tmp_path = self.cache_dir / DATA_DIR / f"{TMP_PREFIX}shard-{index:05d}.parquet"
-            self._pq = pq.ParquetWriter(
-                self._tmp_path, table.schema, compression="zstd", compression_level=ZSTD_LEVEL
-            )
+            self._pq = pq.ParquetWriter(self._tmp_path, table.schema, **options)
         self._pq.write_table(table, row_group_size=len(self._buffer))
         self._shard_rows += len(self._buffer)
         self._shard_tokens += sum(len(r["input_ids"]) for r in self._buffer)
@@ -147,6 +160,11 @@ class CacheWriter:
     def _finish_shard(self) -> None:
         if self._pq is None:
             return
+        if self._id_table is not None:
+            from logitcache.storage import codec
+
+            self._pq.add_key_value_metadata({codec.META_IDS: codec.encode_id_table(self._id_table)})
+            self._id_table = None
         self._pq.close()
         self._pq = None
         tmp, self._tmp_path = self._tmp_path, None
@@ -189,6 +207,7 @@ class CacheWriter:
         if self._tmp_path is not None and self._tmp_path.exists():
             self._tmp_path.unlink()
         self._tmp_path = None
+        self._id_table = None
 
     def _write_card(self, manifest: Manifest) -> None:
         atomic_write_bytes(self.cache_dir / CARD_NAME, render_card(manifest).encode())

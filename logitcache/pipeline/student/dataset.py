@@ -33,7 +33,7 @@ from logitcache.errors import LogitCacheError
 from logitcache.pipeline.student.features import FeatureStats, StudentFeaturizer
 from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.reader import CacheReader
-from logitcache.storage.rows import Row, batch_to_rows
+from logitcache.storage.rows import Row, decode_rows, shard_id_table
 
 STATE_VERSION = 1
 
@@ -161,6 +161,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         self._featurizer: StudentFeaturizer | None = None
         self._featurizer_pid: int | None = None
         self._open: tuple[int, pq.ParquetFile] | None = None  # the shard being read
+        self._open_ids = None  # its id table (compact codec), None for v1
         if student_tokenizer is not None:
             self._get_featurizer()  # bad tokenizer or alignment: fail here, not in a worker
 
@@ -270,6 +271,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             if self.verify_shards:
                 self._verify(shard)
             self._open = (shard, pq.ParquetFile(self.cache.shard_path(shard)))
+            self._open_ids = shard_id_table(self._open[1])
         try:
             table = self._open[1].read_row_group(group)
         except (OSError, pa.ArrowException) as e:
@@ -296,9 +298,8 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             skip = max(0, start - pos)
             pos += n
             table = self._read_piece((piece[0], piece[1] + skip, piece[2]))
-            for batch in table.to_batches():
-                for row in batch_to_rows(batch):
-                    yield _copy_row(row) if copy else row
+            for row in decode_rows(table, self._open_ids):
+                yield _copy_row(row) if copy else row
             del table
 
     def _fetch(self, pieces: Sequence[Piece], starts: Sequence[int], keys: Sequence[int]) -> dict[int, Row]:
@@ -311,7 +312,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             unit, a, _ = pieces[p]
             lo, hi = min(ks) - starts[p], max(ks) - starts[p] + 1
             table = self._read_piece((unit, a + lo, a + hi))
-            rows = [row for batch in table.to_batches() for row in batch_to_rows(batch)]
+            rows = list(decode_rows(table, self._open_ids))
             for key in ks:
                 out[key] = _copy_row(rows[key - starts[p] - lo])
         return out

@@ -20,7 +20,7 @@ class ScoredSequence:
     """
 
     topk_ids: np.ndarray  # int32 [n - 1, k], most likely first
-    topk_logprobs: np.ndarray  # float16 [n - 1, k], descending
+    topk_logprobs: np.ndarray  # float32 [n - 1, k], descending (the cache's codec rounds them)
     label_logprob: np.ndarray  # float32 [n - 1]: log-prob of the actual next token
     logsumexp: np.ndarray  # float32 [n - 1]: log-normaliser of the raw logits
 

@@ -211,7 +211,7 @@ class HFTeacher:
 
 
 def _split(top: TopK, counts: list[int]) -> list[ScoredSequence]:
-    lp = top.logprobs.cpu().numpy().astype(np.float16)
+    lp = top.logprobs.cpu().numpy().astype(np.float32)  # the codec rounds (v1: to fp16)
     ids = top.ids.cpu().numpy().astype(np.int32)
     label = top.label_logprob.cpu().numpy().astype(np.float32)
     lse = top.logsumexp.cpu().numpy().astype(np.float32)

@@ -58,6 +58,7 @@ class TeacherConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     shard_bytes: int = DEFAULT_SHARD_BYTES
+    codec: str = "v1"  # v1 (fp16 + int32) or compact (storage/codec.py)
     topk_chunk: int = 1024
     # Cluster split: None reads SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID, else 1 / 0.
     num_workers: int | None = None
@@ -226,6 +227,7 @@ def run_teacher(cfg: TeacherConfig, *, progress: bool = True) -> TeacherResult:
             template=template.describe(add_special, getattr(tok, "chat_template", None)),
             max_length=max_length,
             worker={"index": index, "count": count} if count > 1 else None,
+            codec=cfg.codec,
             tool_version=logitcache.__version__,
         )
         writer = CacheWriter(cfg.out_dir(), manifest, tokenizer_dir=tok_dir, shard_bytes=cfg.shard_bytes)

@@ -215,7 +215,7 @@ def _finish(topk_ids: np.ndarray, topk_lp: np.ndarray, label: np.ndarray) -> Sco
         raise ValueError("the top-k log-probabilities do not decrease with rank.")
     return ScoredSequence(
         topk_ids=topk_ids.astype(np.int32),
-        topk_logprobs=topk_lp.astype(np.float16),
+        topk_logprobs=topk_lp.astype(np.float32),
         label_logprob=label.astype(np.float32),
         logsumexp=np.zeros(label.shape, dtype=np.float32),  # not available from vLLM
     )
