@@ -49,8 +49,9 @@ def build(work: Path, quick: bool, student_size: str = "small", records_lines: i
         for i in range(0, len(lines), records_lines):
             f.write(json.dumps({"text": "\n".join(lines[i : i + records_lines])}, ensure_ascii=False) + "\n")
     cache = work / "cache"
-    run_teacher(TeacherConfig(model=str(teacher), data=str(data), out=str(cache), top_k=64,
-                              template=TextTemplate(text_field="text"), batch_size=8), progress=False)
+    for codec, out in (("v1", cache), ("compact", work / "cache-compact")):
+        run_teacher(TeacherConfig(model=str(teacher), data=str(data), out=str(out), top_k=64, codec=codec,
+                                  template=TextTemplate(text_field="text"), batch_size=8), progress=False)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -113,10 +114,15 @@ def reader_throughput(tok, cache: Path) -> list[list]:
     torch.set_num_threads(1)
     teacher_tokens = open_cache(cache).manifest.num_tokens
     rows = []
-    for label, tokenizer in [("decode shards to numpy (raw rows)", None), ("student batches: retokenize + align + collate", tok)]:
+    compact = cache.with_name("cache-compact")
+    for label, path, tokenizer in [
+        ("decode shards to numpy (raw rows), v1", cache, None),
+        ("decode shards to numpy (raw rows), compact codec", compact, None),
+        ("student batches: retokenize + align + collate (v1)", cache, tok),
+    ]:
         best = float("inf")
         for _ in range(3):
-            ds = LogitCacheDataset(cache, tokenizer, alignment="offset", shuffle=False)
+            ds = LogitCacheDataset(path, tokenizer, alignment="offset", shuffle=False)
             collate = KDCollator(pad_token_id=tok.pad_token_id or 0)
             t0 = time.perf_counter()
             buf = []

@@ -7,6 +7,19 @@ import json
 from logitcache.storage.manifest import Manifest
 
 
+def _loading(m: Manifest) -> str:
+    if m.codec == "compact":
+        return (
+            "The shards use logitcache's compact codec (quantised log-probs, frequency-ranked ids in\n"
+            "byte planes): read them with `logitcache.open_cache(path)`; plain Parquet tools see the\n"
+            "encoded columns."
+        )
+    return (
+        "Load it with `logitcache.open_cache(path)`, with `pyarrow.parquet`, or with\n"
+        '`datasets.load_dataset("parquet", data_files="data/*.parquet")`.'
+    )
+
+
 def render_card(m: Manifest) -> str:
     teacher = m.teacher.get("name", "?")
     bpt = m.num_bytes / m.num_tokens if m.num_tokens else 0.0
@@ -39,8 +52,7 @@ the actual next token and the log-normaliser of the raw logits.
 | bytes/token | {bpt:.1f} |
 | status | {m.status} |
 
-Load it with `logitcache.open_cache(path)`, with `pyarrow.parquet`, or with
-`datasets.load_dataset("parquet", data_files="data/*.parquet")`. The teacher tokenizer is
+{_loading(m)} The teacher tokenizer is
 in `tokenizer/`; `manifest.json` has the settings and a sha256 per shard
 (`logitcache verify` checks them).
 
