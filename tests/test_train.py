@@ -199,3 +199,22 @@ def test_train_cli_refusals_are_one_line(case, needle, tmp_path, built_cache, ot
     errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and needle in errors[0] and "Traceback" not in r.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("loss", ["uld", "kl"])
+def test_kd_term_is_the_same_chunked_or_in_one_pass(loss):
+    from logitcache.pipeline.student.train import kd_term
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    t_lp = torch.log_softmax(torch.randn(2, 5, 11, generator=g, dtype=torch.float64), -1).topk(4, -1)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    values, grads = [], []
+    for chunk in (0, 3):  # 0: automatic (one pass at this size); 3: chunks of 3 positions
+        cfg = TrainConfig(student="s", cache="c", out="o", loss=loss, kd_chunk_size=chunk)
+        v = kd_term(cfg, logits, t_lp.values, t_lp.indices, mask)
+        (g_,) = torch.autograd.grad(v, logits)
+        values.append(v)
+        grads.append(g_)
+    torch.testing.assert_close(values[0], values[1])
+    torch.testing.assert_close(grads[0], grads[1])

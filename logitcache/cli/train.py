@@ -34,6 +34,7 @@ def train(
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Dataloader worker processes."),
     kl_kind: Optional[str] = typer.Option(None, "--kl-kind", help="forward, reverse or jsd (with --loss kl)."),
     mlot_variant: Optional[str] = typer.Option(None, "--mlot-variant", help="paper or code (with --loss mlot)."),
+    kd_chunk_size: Optional[int] = typer.Option(None, "--kd-chunk-size", help="ULD/KL over chunks of N positions: bounded memory, slower backward. 0 (default): chunk only when the KD logits exceed 512 MiB."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out (mid-epoch)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -56,7 +57,7 @@ def train(
         "num_epochs": num_epochs, "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
         "learning_rate": learning_rate, "max_length": max_length, "logging_steps": logging_steps,
         "save_steps": save_steps, "eval_cache": str(eval_cache) if eval_cache else None, "eval_steps": eval_steps,
-        "bf16": bf16, "seed": seed, "num_workers": num_workers, "kl_kind": kl_kind, "mlot_variant": mlot_variant,
+        "bf16": bf16, "seed": seed, "num_workers": num_workers, "kl_kind": kl_kind, "mlot_variant": mlot_variant, "kd_chunk_size": kd_chunk_size,
     }
     values.update({k: v for k, v in given.items() if v is not None})
     if resume:

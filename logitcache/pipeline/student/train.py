@@ -26,6 +26,7 @@ LOSSES = ("uld", "mlot", "kl", "sft")
 # The papers' alignment for the cross-tokenizer losses; exact spans for a shared vocabulary.
 DEFAULT_ALIGNMENT = {"uld": "position", "mlot": "position", "kl": "offset", "sft": "offset"}
 DATA_STATE = "logitcache_data_state_rank{rank}.json"
+AUTO_CHUNK_ELEMENTS = 2**27  # 512 MiB of fp32 logits: below it one pass is faster and fits
 
 
 @dataclass
@@ -60,6 +61,9 @@ class TrainConfig:
     kl_kind: str = "forward"  # forward | reverse | jsd
     mlot_variant: str = "paper"  # paper | code
     mlot_k: int = 50
+    # ULD/KL over chunks of this many positions (bounded memory, ~1.7x the loss time from the
+    # recompute in backward); 0: chunk only when the KD logits exceed AUTO_CHUNK_ELEMENTS.
+    kd_chunk_size: int = 0
     trust_remote_code: bool = False
     progress: bool = True
 
@@ -73,6 +77,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.loss not in LOSSES:
             raise LogitCacheError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}.")
+        if self.kd_chunk_size < 0:
+            raise LogitCacheError(f"--kd-chunk-size must be 0 (automatic) or positive (got {self.kd_chunk_size}).")
         for name in ("batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "mlot_k"):
             if getattr(self, name) <= 0:
                 raise LogitCacheError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)}).")
@@ -130,9 +136,10 @@ def kd_term(cfg: TrainConfig, logits: torch.Tensor, t_lp: torch.Tensor, t_ids: t
         return losses.multilevel_ot_loss(logits, t_lp, t_ids, mask, config)
     s, lp, ids = logits[mask], t_lp[mask], t_ids[mask]
     ones = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    chunk = cfg.kd_chunk_size or (1024 if s.numel() > AUTO_CHUNK_ELEMENTS else None)
     if cfg.loss == "uld":
-        return losses.uld_loss(s, lp, ones)
-    return losses.kl_loss(s, lp, ids, ones, kind=cfg.kl_kind)
+        return losses.uld_loss(s, lp, ones, chunk_size=chunk)
+    return losses.kl_loss(s, lp, ids, ones, kind=cfg.kl_kind, chunk_size=chunk)
 
 
 class _EpochDataLoader(DataLoader):
