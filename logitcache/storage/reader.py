@@ -51,10 +51,10 @@ class CacheReader:
     def iter_rows(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[Row]:
         """Rows in cache order; ``columns`` (e.g. ``["id"]``) reads only those (v1 names)."""
         compact = self.manifest.codec == "compact"
+        if compact and columns is not None and not set(columns) <= _PLAIN_COLUMNS:
+            columns = None  # top-k data lives in the codec's own columns: decode whole rows
         for i in range(len(self.manifest.shards)):
             f = pq.ParquetFile(self.shard_path(i))
-            if compact and columns is not None and not set(columns) <= _PLAIN_COLUMNS:
-                columns = None  # top-k data lives in the codec's own columns: decode whole rows
             id_table = shard_id_table(f) if compact and columns is None else None
             for batch in f.iter_batches(batch_size=batch_size, columns=columns):
                 yield from (batch_to_rows(batch) if columns is not None else decode_rows(batch, id_table))

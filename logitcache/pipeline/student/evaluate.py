@@ -16,6 +16,7 @@ import torch
 
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.offsets import encode_with_offsets
+from logitcache.pipeline.padding import pad_sequences, pad_token_id
 from logitcache.pipeline.student.align import target_positions
 from logitcache.pipeline.teacher.data import TextTemplate, add_special_tokens_for, iter_examples, load_records
 
@@ -91,12 +92,7 @@ def _score_batch(model, tok, batch, add_special, max_len, device, result: EvalRe
         seqs.append(ids)
         targets.append(t)
         result.chars += int(ends[-1]) - pc if len(t) else 0  # characters actually scored
-    T = max(map(len, seqs))
-    input_ids = torch.zeros((len(seqs), T), dtype=torch.long)
-    attn = torch.zeros_like(input_ids)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
+    input_ids, attn = pad_sequences(seqs, pad_token_id(tok))
     logp = torch.log_softmax(model(input_ids=input_ids.to(device), attention_mask=attn.to(device)).logits.float(), -1)
     for i, t in enumerate(targets):
         if len(t):
@@ -107,13 +103,9 @@ def _score_batch(model, tok, batch, add_special, max_len, device, result: EvalRe
 @torch.inference_mode()
 def _greedy_batch(model, tok, batch, add_special, max_new, device, result: EvalResult) -> None:
     prompts = [tok(p, add_special_tokens=add_special)["input_ids"] for p, _ in batch]
-    T = max(map(len, prompts))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    input_ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-    attn = torch.zeros_like(input_ids)
-    for i, p in enumerate(prompts):  # left padding: generation continues right after each prompt
-        input_ids[i, T - len(p) :] = torch.tensor(p)
-        attn[i, T - len(p) :] = 1
+    pad = pad_token_id(tok)
+    input_ids, attn = pad_sequences(prompts, pad, "left")  # generation continues right after each prompt
+    T = input_ids.shape[1]
     out = model.generate(
         input_ids=input_ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new,
         do_sample=False, pad_token_id=pad,

@@ -158,7 +158,11 @@ class KDTrainer(Trainer):
         # Our loss is a per-batch mean: let the Trainer divide it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
-        self._sums = {"ce": 0.0, "kd": 0.0, "kd_positions": 0, "targets": 0, "batches": 0}
+        self._sums = self._zero_sums()
+
+    @staticmethod
+    def _zero_sums() -> dict[str, float]:
+        return {"ce": 0.0, "kd": 0.0, "kd_positions": 0, "targets": 0, "batches": 0}
 
     def _loader(self, dataset) -> DataLoader:
         return _EpochDataLoader(
@@ -203,8 +207,7 @@ class KDTrainer(Trainer):
             logs["ce"] = round(self._sums["ce"] / n, 4)
             logs["kd"] = round(self._sums["kd"] / n, 4)
             logs["kd_fraction"] = round(self._sums["kd_positions"] / max(self._sums["targets"], 1), 4)
-            self._sums = dict.fromkeys(self._sums, 0)
-            self._sums["ce"] = self._sums["kd"] = 0.0
+            self._sums = self._zero_sums()
         super().log(logs, *args, **kwargs)
 
 
@@ -270,6 +273,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     from transformers.trainer_utils import get_last_checkpoint
 
     from logitcache.pipeline.loading import load_causal_lm, load_tokenizer
+    from logitcache.pipeline.padding import pad_token_id
     from logitcache.pipeline.student.collate import KDCollator
     from logitcache.pipeline.student.dataset import LogitCacheDataset
     from logitcache.storage import open_cache
@@ -331,7 +335,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             train_ds.load_state_dict(json.loads(state_file.read_text()))
         else:  # a checkpoint from before the data state was written: let the Trainer skip batches
             args.ignore_data_skip = False
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_token_id(tokenizer)
     trainer = KDTrainer(
         model=model,
         args=args,

@@ -19,6 +19,7 @@ import torch
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.loading import load_causal_lm, load_tokenizer
 from logitcache.pipeline.offsets import require_fast_tokenizer
+from logitcache.pipeline.padding import pad_sequences, pad_token_id
 from logitcache.pipeline.teacher.engine import GenerationConfig, ScoredSequence
 from logitcache.pipeline.teacher.topk import TopK, chunked_topk, chunked_topk_from_logits_fn
 
@@ -150,16 +151,7 @@ class HFTeacher:
         if not seqs:
             return []
         lens = torch.tensor([len(s) for s in seqs])
-        B, T = len(seqs), int(lens.max())
-        pad = self.tokenizer.pad_token_id
-        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-        input_ids = torch.full((B, T), pad, dtype=torch.long)
-        attn = torch.zeros((B, T), dtype=torch.long)
-        left = self.tokenizer.padding_side == "left"
-        for i, s in enumerate(seqs):
-            sl = slice(T - len(s), T) if left else slice(0, len(s))
-            input_ids[i, sl] = torch.as_tensor(s, dtype=torch.long)
-            attn[i, sl] = 1
+        input_ids, attn = pad_sequences(seqs, pad_token_id(self.tokenizer), self.tokenizer.padding_side)
         # Explicit positions: with left padding the first real token must still be position 0.
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
         # Predicting positions: real tokens that have a next token.
@@ -185,14 +177,9 @@ class HFTeacher:
         """Sample (or, at temperature 0, greedily pick) a response after each prompt."""
         if not prompts:
             return []
-        pad = self.tokenizer.pad_token_id
-        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-        T = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-        attn = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompts):  # left padding: every response starts at column T
-            input_ids[i, T - len(p) :] = torch.as_tensor(p, dtype=torch.long)
-            attn[i, T - len(p) :] = 1
+        pad = pad_token_id(self.tokenizer)
+        input_ids, attn = pad_sequences(prompts, pad, "left")  # every response starts at column T
+        T = input_ids.shape[1]
         torch.manual_seed(gen.seed)
         sample = gen.temperature > 0
         out = self.model.generate(

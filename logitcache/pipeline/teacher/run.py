@@ -236,7 +236,7 @@ def run_teacher(cfg: TeacherConfig, *, progress: bool = True) -> TeacherResult:
     n_records = len(ds) if cfg.limit is None else min(cfg.limit, len(ds))
     assigned = len(range(index, n_records, count))
     done = frozenset(writer.done_ids)  # read by the prefetch thread; the writer thread adds to its own set
-    examples = _assigned(ds, template, tok, cfg, index, count, done, generate=cfg.mode == "generate")
+    examples = _assigned(ds, template, tok, add_special, cfg, index, count, done, generate=cfg.mode == "generate")
     window_size = cfg.batch_size * _SORT_WINDOW_BATCHES
     start = time.perf_counter()
     # Three stages overlap: reading + tokenizing the next window (a thread), the teacher on
@@ -266,9 +266,8 @@ def run_teacher(cfg: TeacherConfig, *, progress: bool = True) -> TeacherResult:
     return result
 
 
-def _assigned(ds, template, tok, cfg, index, count, done, *, generate: bool) -> Iterator[_Pending | _Skip]:
+def _assigned(ds, template, tok, add_special, cfg, index, count, done, *, generate: bool) -> Iterator[_Pending | _Skip]:
     """This worker's records not yet in the cache, tokenized (score mode) or as prompts (generate)."""
-    add_special = add_special_tokens_for(template)
     for r, rid, text, prompt_chars in iter_examples(ds, template, tok, cfg.limit, generate=generate):
         if r % count != index or rid in done:
             continue
