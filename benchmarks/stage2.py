@@ -72,34 +72,43 @@ def step_times(tok, cache: Path, student, batch_size: int, rounds: int, max_leng
 
     from logitcache.pipeline.student.collate import KDCollator
     from logitcache.pipeline.student.dataset import LogitCacheDataset
-    from logitcache.pipeline.student.train import TrainConfig, causal_ce, kd_term
+    from logitcache.pipeline.student.train import TrainConfig, batch_loss, causal_ce, fused_loss_of
 
     ds = LogitCacheDataset(cache, tok, alignment="offset", shuffle=False, max_length=max_length)
     it = iter(ds)
     batch = KDCollator(pad_token_id=tok.pad_token_id or 0)([next(it) for _ in range(batch_size)])
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    losses = ["sft", "kl", "uld", "mlot"]
-    times: dict[str, list[float]] = {name: [] for name in losses}
+    # What `logitcache train --loss X` runs (the fused CE + KD pass), plus two references: SFT
+    # with torch's F.cross_entropy (what a plain Trainer computes) and ULD as CE, then the
+    # standalone uld_loss (the two-step path the trainer used before fusing).
+    runs = {
+        "sft": "sft", "kl": "kl", "uld": "uld", "mlot": "mlot",
+        "sft, F.cross_entropy": None, "uld, CE then uld_loss": "uld",
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
 
     def step(name: str) -> None:
-        cfg = TrainConfig(student="", cache="", out="", loss=name)
         out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss = causal_ce(out.logits, batch["labels"])
-        if name != "sft":
-            loss = loss + kd_term(cfg, out.logits, batch["teacher_logprobs"], batch["teacher_ids"], batch["kd_mask"])
+        if runs[name] is None:
+            loss = causal_ce(out.logits, batch["labels"])
+        else:
+            cfg = TrainConfig(student="", cache="", out="", loss=runs[name])
+            fused = None if "then" in name else fused_loss_of(cfg)
+            loss, _, _ = batch_loss(cfg, out.logits, batch["labels"], batch["teacher_logprobs"],
+                                    batch["teacher_ids"], batch["kd_mask"], fused)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for name in losses:  # warm-up
+    for name in runs:  # warm-up
         step(name)
     for _ in range(rounds):
-        for name in losses:
+        for name in runs:
             t0 = time.perf_counter()
             step(name)
             times[name].append(time.perf_counter() - t0)
     sft = statistics.median(times["sft"])
-    rows = [[n, f"{statistics.median(times[n]) * 1000:,.0f}", f"{statistics.median(times[n]) / sft:.2f}x"] for n in losses]
+    rows = [[n, f"{statistics.median(times[n]) * 1000:,.0f}", f"{statistics.median(times[n]) / sft:.2f}x"] for n in runs]
     info = {"B": batch_size, "T": int(batch["input_ids"].shape[1]), "N": int(batch["kd_mask"].sum())}
     return rows, info
 
@@ -159,6 +168,9 @@ def main() -> None:
         f"Student: Llama, hidden {scfg.hidden_size}, {scfg.num_layers} layers, {params:.1f}M parameters, tokenizer {tok_name}; "
         f"batch {info['B']} x {info['T']} tokens, {info['N']} KD positions, cache k=64, offset alignment "
         "(same tokenizer, so every target is aligned), MultiLevelOT paper variant (k=50).\n\n"
+        + "`sft`/`kl`/`uld`/`mlot`: what `logitcache train --loss X` runs (one fused CE + KD pass over "
+        "the logits). The last two rows are references: SFT with torch's `F.cross_entropy`, and ULD "
+        "computed as CE followed by the standalone chunkable `uld_loss`.\n\n"
         + table(["loss", "ms/step (fwd+bwd+AdamW)", "vs SFT"], steps)
         + "\n\n### Reader throughput (one thread; teacher tokens per second)\n\n"
         + table(["what", "tokens/s"], reader)

@@ -68,3 +68,17 @@ def cache_copy(built_cache, tmp_path) -> Path:
     dst = tmp_path / "cache"
     shutil.copytree(built_cache, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def student(tmp_path_factory, built_cache) -> Path:
+    """A tiny student (1 layer, hidden 32) sharing the teacher's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from logitcache.pipeline.tiny import TinyModelConfig, build_tiny_model
+
+    out = tmp_path_factory.mktemp("student") / "tiny"
+    tok = AutoTokenizer.from_pretrained(built_cache / "tokenizer")
+    build_tiny_model(tok, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, seed=1)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -353,6 +353,31 @@ def test_a_damaged_tokenizer_is_refused(tmp_path, parts):
     assert str(parts[0]) in message
 
 
+def test_a_shard_linked_from_outside_the_part_is_refused(tmp_path, parts):
+    # Same bytes, so size and sha256 match: only the link itself gives it away.
+    shard = parts[1] / load_manifest(parts[1]).shards[0].path
+    outside = tmp_path / "elsewhere.parquet"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)
+
+    refuse(tmp_path / "cache", parts, "outside the cache directory")
+
+
+def test_a_tokenizer_file_linked_from_outside_the_part_is_refused_even_without_verify(tmp_path, parts):
+    tok = parts[0] / "tokenizer" / "tokenizer.json"
+    outside = tmp_path / "tokenizer.json"
+    shutil.move(tok, outside)
+    tok.symlink_to(outside)
+
+    refuse(tmp_path / "cache", parts, "tokenizer", verify=False)
+
+
+def test_an_out_directory_inside_a_part_is_refused_before_anything_is_made(tmp_path, parts):
+    out = parts[0] / "merged"
+
+    refuse(out, parts, "inside the part")
+
+
 @pytest.mark.parametrize("existing", [True, False], ids=["empty-out", "new-out"])
 def test_a_failure_while_writing_leaves_no_cache(tmp_path, parts, monkeypatch, existing):
     calls = []

@@ -16,6 +16,7 @@ import random
 
 import numpy as np
 import pytest
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.offsets import encode_with_offsets, normalize_offsets, require_fast_tokenizer
@@ -124,20 +125,8 @@ def _raw(tok, text: str, add_special_tokens: bool = True):
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _gpt2_byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode: the printable character byte-level BPE uses for each byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-_BYTE_DECODER = _gpt2_byte_decoder()
+# Inverse of GPT-2's bytes_to_unicode: the printable character byte-level BPE uses for each byte.
+_BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _token_bytes(family: str, tok, ids: list[int], text: str) -> list[bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from typer.core import TyperGroup
 
 from logitcache.cli import cache as _cache
 from logitcache.cli import demo as _demo
@@ -10,9 +11,28 @@ from logitcache.cli import evaluate as _evaluate
 from logitcache.cli import merge as _merge
 from logitcache.cli import teacher as _teacher
 from logitcache.cli import train as _train
-from logitcache.cli.common import state
+from logitcache.cli.common import UsageError, state, usage_error
+
+
+class _Group(TyperGroup):
+    """Usage errors that click finds while parsing (a missing option, ``--top-k abc``) become one
+    ``error:`` line, like every other error, instead of a boxed usage panel."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as e:
+            usage_error(e)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:  # the command's own options are parsed in here
+            usage_error(e)
+
 
 app = typer.Typer(
+    cls=_Group,
     name="logitcache",
     help=(
         "Offline teacher-logit cache for LLM knowledge distillation.\n\n"

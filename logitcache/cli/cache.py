@@ -21,7 +21,13 @@ def inspect(
     alternatives: int = typer.Option(3, "--alternatives", "-a", help="Top alternatives shown per position."),
 ) -> None:
     """Summarise a cache and show one example token by token with the teacher's top alternatives."""
+    from logitcache.errors import LogitCacheError
     from logitcache.storage import open_cache
+
+    if tokens < 1:
+        raise LogitCacheError(f"--tokens must be positive (got {tokens}).")
+    if alternatives < 0:
+        raise LogitCacheError(f"--alternatives must be 0 or more (got {alternatives}).")
 
     c = open_cache(cache)
     m = c.manifest
@@ -51,7 +57,7 @@ def inspect(
 
 
 def _show_example(console: Console, c, row: dict, n_show: int, n_alt: int) -> None:
-    tok = _load_tokenizer(c.tokenizer_dir)
+    tok = _load_tokenizer(c, console)
     text, starts, ends = row["text"], row["char_start"], row["char_end"]
     n_pos = len(row["label_logprob"])
     # Start where the response starts: that is where students learn from the teacher.
@@ -73,13 +79,21 @@ def _show_example(console: Console, c, row: dict, n_show: int, n_alt: int) -> No
     console.print(table)
 
 
-def _load_tokenizer(path: Path):
-    if not path.is_dir():
+def _load_tokenizer(c, console: Console):
+    """The cache's tokenizer, only once its files match the manifest; else ids are shown."""
+    from logitcache.errors import LogitCacheError
+
+    if not c.tokenizer_dir.is_dir():
+        return None
+    try:
+        path = c.verified_tokenizer_dir()
+    except LogitCacheError as e:
+        console.print(f"[yellow]showing token ids, not pieces:[/yellow] {e}", soft_wrap=True)
         return None
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception:  # showing ids instead of pieces is fine for inspection
         return None
 

@@ -7,6 +7,9 @@ from pathlib import Path
 import typer
 
 from logitcache.cli.common import quiet_libraries, user_errors
+from logitcache.errors import LogitCacheError
+
+DEMO_MLOT_K = 50  # the MultiLevelOT student ranks this many teacher tokens (TrainConfig.mlot_k)
 
 
 @user_errors
@@ -28,6 +31,8 @@ def demo(
     and MultiLevelOT with a SentencePiece-style BPE tokenizer) and prints held-out bits per character and
     exact-match accuracy for each and for the teacher. Nothing is downloaded; a rerun resumes.
     """
+    _check_options(examples=examples, eval_examples=eval_examples, teacher_steps=teacher_steps,
+                   student_steps=student_steps, top_k=top_k, teacher_only=teacher_only)
     quiet_libraries()
     from logitcache.cli.cache import inspect, verify
     from logitcache.pipeline.demo import DemoConfig, format_table, run_students, run_teacher_part
@@ -49,3 +54,19 @@ def demo(
     table = format_table(rows)
     (out / "results.md").write_text(table + "\n")
     typer.echo(table)
+
+
+def _check_options(*, examples: int, eval_examples: int, teacher_steps: int, student_steps: int, top_k: int,
+                   teacher_only: bool) -> None:
+    """Refuse numbers the demo cannot run with before it builds anything."""
+    for option, value, least in [
+        ("--examples", examples, 1), ("--eval-examples", eval_examples, 1), ("--teacher-steps", teacher_steps, 0),
+        ("--student-steps", student_steps, 1), ("--top-k", top_k, 1),
+    ]:
+        if value < least:
+            raise LogitCacheError(f"{option} must be at least {least} (got {value}).")
+    if not teacher_only and top_k < DEMO_MLOT_K:
+        raise LogitCacheError(
+            f"--top-k {top_k}: the demo's MultiLevelOT student ranks the teacher's top {DEMO_MLOT_K} tokens; "
+            f"use --top-k {DEMO_MLOT_K} or more, or --teacher-only."
+        )

@@ -25,6 +25,7 @@ def eval_(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Greedy tokens per answer (default: longest answer + 4)."),
     accuracy: bool = typer.Option(True, "--accuracy/--no-accuracy", help="Also generate greedy answers for exact match."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run (off by default: it is code from the model's author)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     """Held-out loss per character (bits/char, comparable across tokenizers) and exact-match accuracy."""
@@ -36,6 +37,7 @@ def eval_(
         EvalConfig(
             model=model, data=data, split=split, batch_size=batch_size, limit=limit,
             max_new_tokens=max_new_tokens, accuracy=accuracy, device=device,
+            trust_remote_code=trust_remote_code,
             template=TextTemplate(text_field=text_field, prompt_field=prompt_field, response_field=response_field,
                                   messages_field=messages_field, separator=separator),
         )

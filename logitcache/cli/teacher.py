@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from logitcache.cli.common import quiet_libraries, user_errors
+from logitcache.errors import LogitCacheError
 
 
 @user_errors
 def teacher(
     model: str = typer.Option(..., "--model", "-m", help="Teacher: a model directory or a hub name (any AutoModelForCausalLM with a fast tokenizer)."),
     data: str = typer.Option(..., "--data", "-d", help="Input: a .jsonl/.json/.parquet/.csv/.arrow/.txt file, a directory of them, or a hub dataset name."),
-    out: Path = typer.Option(..., "--out", "-o", help="Cache directory to write. An existing cache with the same settings is resumed."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cache directory to write. An existing cache with the same settings is resumed (also after a crash or a full disk). One run at a time: a second run on the same directory refuses."),
     top_k: int = typer.Option(64, "--top-k", "-k", help="Log-probabilities kept per position (sorted, over the full vocabulary)."),
     engine: str = typer.Option("hf", "--engine", help="hf (transformers, CPU or GPU) or vllm (GPU; pip install 'logitcache[vllm]')."),
     mode: str = typer.Option("score", "--mode", help="score: teacher-forced over the given text; generate: the teacher writes the response to each prompt, then its own distribution along it is stored."),
@@ -53,6 +55,8 @@ def teacher(
         logitcache teacher --model ./teacher --data train.jsonl --prompt-field prompt
         --response-field response --out cache/ --top-k 64
     """
+    if not (math.isfinite(shard_size_mb) and shard_size_mb > 0):
+        raise LogitCacheError(f"--shard-size-mb must be a positive number of MiB (got {shard_size_mb}); the default is 256.")
     quiet_libraries()
     from logitcache.pipeline.teacher.data import TextTemplate
     from logitcache.pipeline.teacher.engine import GenerationConfig

@@ -34,8 +34,10 @@ def train(
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Dataloader worker processes."),
     kl_kind: Optional[str] = typer.Option(None, "--kl-kind", help="forward, reverse or jsd (with --loss kl)."),
     mlot_variant: Optional[str] = typer.Option(None, "--mlot-variant", help="paper or code (with --loss mlot)."),
-    kd_chunk_size: Optional[int] = typer.Option(None, "--kd-chunk-size", help="ULD/KL over chunks of N positions: bounded memory, slower backward. 0 (default): chunk only when the KD logits exceed 512 MiB."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out (mid-epoch)."),
+    kd_chunk_size: Optional[int] = typer.Option(None, "--kd-chunk-size", help="0 (default): CE and KD in one fused, memory-bounded pass over the logits. N > 0: CE, then the standalone ULD/KL loss over chunks of N positions (slower; for comparison)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in --out (mid-epoch); one cut short by a kill is passed over."),
+    skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards", help="Train without the cache's damaged shards (missing, resized, altered), naming them and the examples lost, instead of refusing the cache."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the student's own Python code to run (off by default: it is code from the model's author). The cache's tokenizer never runs code."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train a student from a teacher cache: CE + λ·KD on transformers' Trainer.
@@ -60,8 +62,9 @@ def train(
         "bf16": bf16, "seed": seed, "num_workers": num_workers, "kl_kind": kl_kind, "mlot_variant": mlot_variant, "kd_chunk_size": kd_chunk_size,
     }
     values.update({k: v for k, v in given.items() if v is not None})
-    if resume:
-        values["resume"] = True
+    for name, flag in (("resume", resume), ("skip_bad_shards", skip_bad_shards), ("trust_remote_code", trust_remote_code)):
+        if flag:  # a switch left off keeps what --config says
+            values[name] = True
     values["progress"] = progress
     missing = [f"--{k}" for k in ("student", "cache", "out") if not values.get(k)]
     if missing:

@@ -103,7 +103,9 @@ def _student_init(paths: DemoPaths, tokenizer_kind: str, cfg: DemoConfig) -> Pat
     if (init / "config.json").exists():
         return init
     if tokenizer_kind == "teacher":
-        tok = AutoTokenizer.from_pretrained(paths.cache / "tokenizer")
+        from logitcache.storage import open_cache
+
+        tok = AutoTokenizer.from_pretrained(open_cache(paths.cache).verified_tokenizer_dir(), trust_remote_code=False)
     else:
         tok = train_metaspace_bpe_tokenizer(generate_corpus(2000, cfg.seed + 7), vocab_size=400)
     model = build_tiny_model(tok, TinyModelConfig(hidden_size=64, num_layers=2, seed=cfg.seed + 1))

@@ -18,9 +18,10 @@ so spans of different tokenizers are comparable:
   SentencePiece mark exactly that: the space is part of the following token);
 * a token with an empty raw span (added special token) gets an empty span where the
   previous token ended;
-* SentencePiece's dummy prefix: a stand-alone '▁' token that does not stand for a space in
-  the text (the tokenizer reports the span of the character after it) gets an empty span
-  too, so that character goes to the token that carries it.
+* SentencePiece's dummy prefix: a stand-alone '▁' token that stands for no character of
+  the text (the tokenizer reports the span of the character after it, which the next token
+  reports too) gets an empty span too, so that character goes to the token that carries it.
+  A '▁' token that is a space of the text, or a literal '▁' character, keeps its span.
 
 So concatenating ``text[start:end]`` over all tokens gives ``text`` up to the last
 token's end, and ``text[start:end]`` is the token's surface text whenever the token
@@ -80,8 +81,12 @@ def encode_with_offsets(tokenizer, text: str, *, add_special_tokens: bool = True
     ids = list(enc["input_ids"])
     raw = list(enc["offset_mapping"])
     pieces = tokenizer.convert_ids_to_tokens(ids)
-    for i, (piece, (s, e)) in enumerate(zip(pieces, raw)):
-        if piece == METASPACE and e > s and not text[s].isspace():
-            raw[i] = (s, s)  # the dummy prefix: no character of the text
+    for i, piece in enumerate(pieces[:-1]):
+        (s, e), (next_s, next_e) = raw[i], raw[i + 1]
+        # The dummy prefix: the next token reports the same character. (Telling it by the
+        # character instead fails on a text that starts with '\n' or '\u3000', where the dummy
+        # '▁' would take the character from its token, and on a literal '▁' in the text.)
+        if piece == METASPACE and e > s and next_s <= s < next_e:
+            raw[i] = (s, s)
     starts, ends = normalize_offsets(raw)
     return ids, starts, ends

@@ -1,12 +1,51 @@
-"""Durable file operations: a file is either absent or complete, never half-written."""
+"""Durable file operations: a file is either absent or complete, never half-written.
+
+Crash testing: ``crash_point(name)`` marks a moment where a killed process must leave a
+cache that a rerun completes exactly. With ``LOGITCACHE_CRASH_AT=<name>:<n>`` in the
+environment, the process SIGKILLs itself the n-th time it reaches that point;
+``LOGITCACHE_CRASH_AT=<name>:<n>:<ERRNO>`` (e.g. ``shard.row_group:2:ENOSPC``) raises that
+OSError there instead, as a failing disk would. Unset (always, outside tests), a point costs
+one environment lookup. tests/test_kill_anywhere.py lists the points and kills at each.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import signal
 from pathlib import Path
 
 _CHUNK = 1 << 20
+CRASH_ENV = "LOGITCACHE_CRASH_AT"
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """A named moment for fault injection (see the module docstring); a no-op unless asked."""
+    spec = os.environ.get(CRASH_ENV)
+    if spec is not None:
+        _inject(spec, name)
+
+
+def _inject(spec: str, name: str) -> None:
+    target, _, rest = spec.partition(":")
+    if target != name:
+        return
+    nth, _, error = rest.partition(":")
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] != int(nth):
+        return
+    if error:
+        code = getattr(errno, error)
+        raise OSError(code, os.strerror(code))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def temp_name(path: str | os.PathLike) -> Path:
+    """Where ``atomic_write_bytes`` stages ``path``; a leftover one is from a killed run."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -29,20 +68,36 @@ def fsync_dir(path: str | os.PathLike) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file, fsync and rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            crash_point("atomic.written")
+            os.fsync(f.fileno())
+        crash_point("atomic.synced")
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)  # a failed write (disk full) must not leave half a file behind
+        raise
+    crash_point("atomic.renamed")
     fsync_dir(path.parent)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     """Make a finished temp file visible under its final name (fsync, rename, fsync dir)."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    crash_point("publish.synced")
     os.replace(tmp, final)
+    crash_point("publish.renamed")
     fsync_dir(Path(final).parent)
 
 

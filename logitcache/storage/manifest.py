@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from logitcache.errors import LogitCacheError
@@ -109,34 +110,11 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, where: str = "manifest") -> "Manifest":
-        version = d.get("format_version")
-        # type check: JSON true and 1.0 compare equal to 1 in Python
-        if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
-            raise LogitCacheError(
-                f"{where}: cache format_version {version!r} is not supported by this logitcache "
-                f"(it reads {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); "
-                "upgrade logitcache (pip install -U logitcache) or rewrite the cache."
-            )
-        if d.get("codec", "v1") not in CODECS:
-            raise LogitCacheError(
-                f"{where}: codec {d.get('codec')!r} is not known to this logitcache (it reads {', '.join(CODECS)}); "
-                "upgrade logitcache (pip install -U logitcache)."
-            )
+        """Build from manifest.json's data, after :func:`validate_manifest_dict` accepts it."""
+        validate_manifest_dict(d, where=where)
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = [
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
-            and f.name not in d
-        ]
-        if missing:
-            raise LogitCacheError(f"{where}: missing fields {missing}; the cache is damaged or not a logitcache cache.")
         kwargs = {k: v for k, v in d.items() if k in names}
-        try:
-            kwargs["shards"] = [ShardInfo.from_dict(s) for s in d.get("shards", [])]
-        except (KeyError, TypeError) as e:
-            raise LogitCacheError(f"{where}: malformed shard entry ({e}); the cache is damaged.") from e
+        kwargs["shards"] = [ShardInfo.from_dict(s) for s in d.get("shards", [])]
         return cls(**kwargs)
 
     def save(self, cache_dir: str | os.PathLike) -> None:
@@ -165,3 +143,195 @@ def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
     if not isinstance(data, dict):
         raise LogitCacheError(f"{path}: expected a JSON object; the manifest is damaged.")
     return Manifest.from_dict(data, where=str(path))
+
+
+# --- the schema of manifest.json ------------------------------------------------------------
+# Hand-written rather than a JSON-Schema document: the dataclasses above are the schema, and
+# this checks every field's JSON type and range so that a damaged or hostile manifest is
+# refused with the field's name before any of it is used.
+
+# A shard lives directly in data/ under a plain file name: the writer's shard-NNNNN.parquet,
+# merge's part-NNNNN-shard-NNNNN.parquet. No sub-directories, no "..", no absolute paths.
+SHARD_PATH_PATTERN = re.compile(r"data/[A-Za-z0-9][A-Za-z0-9_.-]*\.parquet")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+MODES = ("score", "generate")
+STATUSES = ("partial", "complete")
+
+_NUMBER = (int, float)
+# field -> allowed JSON types (None: null allowed)
+MANIFEST_FIELD_TYPES: dict[str, tuple] = {
+    "format_version": (int,),
+    "codec": (str,),
+    "teacher": (dict,),
+    "tokenizer": (dict,),
+    "k": (int,),
+    "mode": (str,),
+    "dataset": (dict,),
+    "template": (dict,),
+    "temperature": _NUMBER,
+    "generation": (dict, None),
+    "max_length": (int, None),
+    "worker": (dict, None),
+    "tool_version": (str,),
+    "created_at": (str,),
+    "updated_at": (str,),
+    "status": (str,),
+    "skipped": (dict,),
+    "shards": (list,),
+}
+_SHARD_FIELDS: dict[str, tuple] = {
+    "path": (str,), "rows": (int,), "tokens": (int,), "bytes": (int,), "sha256": (str,), "truncated": (int,),
+}
+_SHARD_OPTIONAL = ("truncated",)
+
+
+def _type_ok(value: Any, allowed: tuple) -> bool:
+    if value is None:
+        return None in allowed
+    if isinstance(value, bool):  # JSON true is not a number here
+        return bool in allowed
+    return any(t is not None and isinstance(value, t) for t in allowed)
+
+
+def _type_names(allowed: tuple) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list",
+             bool: "true/false", None: "null"}
+    return " or ".join(names[t] for t in allowed if not (t is int and float in allowed))
+
+
+def _bad(where: str, field_name: str, what: str) -> LogitCacheError:
+    return LogitCacheError(
+        f"{where}: field {field_name!r} {what}; the manifest is damaged or was edited "
+        "(restore manifest.json, or rewrite the cache with `logitcache teacher`)."
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate_manifest_dict(d: dict[str, Any], *, where: str = "manifest") -> None:
+    """Refuse, naming the field, a manifest.json whose fields have the wrong JSON type or range.
+
+    Checks the format_version and codec first (a newer cache gets "upgrade", not "damaged"),
+    then every known field, then each shard entry. Unknown top-level keys are allowed (a
+    newer writer of the same format version may add optional fields).
+    """
+    version = d.get("format_version")
+    # type check: JSON true and 1.0 compare equal to 1 in Python
+    if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
+        raise LogitCacheError(
+            f"{where}: cache format_version {version!r} is not supported by this logitcache "
+            f"(it reads {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); "
+            "upgrade logitcache (pip install -U logitcache) or rewrite the cache."
+        )
+    if d.get("codec", "v1") not in CODECS:
+        raise LogitCacheError(
+            f"{where}: codec {d.get('codec')!r} is not known to this logitcache (it reads {', '.join(CODECS)}); "
+            "upgrade logitcache (pip install -U logitcache)."
+        )
+    required = [
+        f.name for f in dataclasses.fields(Manifest)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in d]
+    if missing:
+        raise LogitCacheError(f"{where}: missing fields {missing}; the cache is damaged or not a logitcache cache.")
+    for name, allowed in MANIFEST_FIELD_TYPES.items():
+        if name in d and not _type_ok(d[name], allowed):
+            raise _bad(where, name, f"must be {_type_names(allowed)} (got {_short(d[name])})")
+    _check_values(d, where)
+    _check_tokenizer(d["tokenizer"], where)
+    _check_shards(d.get("shards", []), where)
+
+
+def _check_values(d: dict[str, Any], where: str) -> None:
+    if d["k"] < 1:
+        raise _bad(where, "k", f"must be at least 1 (got {d['k']})")
+    if d["mode"] not in MODES:
+        raise _bad(where, "mode", f"must be one of {', '.join(MODES)} (got {_short(d['mode'])})")
+    if d.get("status", "partial") not in STATUSES:
+        raise _bad(where, "status", f"must be one of {', '.join(STATUSES)} (got {_short(d['status'])})")
+    if d.get("max_length") is not None and d["max_length"] < 1:
+        raise _bad(where, "max_length", f"must be positive or null (got {d['max_length']})")
+    worker = d.get("worker")
+    if worker is not None:
+        index, count = worker.get("index"), worker.get("count")
+        if not (_type_ok(index, (int,)) and _type_ok(count, (int,)) and 0 <= index < count):
+            raise _bad(where, "worker", f"must be {{index, count}} with 0 <= index < count (got {_short(worker)})")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in d.get("skipped", {}).items()):
+        raise _bad(where, "skipped", "must map example ids to reason strings")
+
+
+def _check_tokenizer(tok: dict[str, Any], where: str) -> None:
+    if "vocab_size" in tok and not _type_ok(tok["vocab_size"], (int,)):
+        raise _bad(where, "tokenizer.vocab_size", f"must be an integer (got {_short(tok['vocab_size'])})")
+    files = tok.get("files")
+    if files is None:
+        return
+    if not isinstance(files, dict):
+        raise _bad(where, "tokenizer.files", "must map file names to sha256 digests")
+    for name, digest in files.items():
+        if not _is_plain_relative(name):
+            raise _bad(where, "tokenizer.files", f"names {name!r}, a path outside tokenizer/")
+        if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+            raise _bad(where, f"tokenizer.files[{name!r}]", f"must be a sha256 hex digest (got {_short(digest)})")
+
+
+def _check_shards(shards: list[Any], where: str) -> None:
+    seen: set[str] = set()
+    for i, entry in enumerate(shards):
+        name = f"shards[{i}]"
+        if not isinstance(entry, dict):
+            raise _bad(where, name, f"must be an object (got {_short(entry)})")
+        missing = [k for k in _SHARD_FIELDS if k not in entry and k not in _SHARD_OPTIONAL]
+        if missing:
+            raise _bad(where, name, f"lacks {', '.join(missing)}")
+        for key, allowed in _SHARD_FIELDS.items():
+            if key in entry and not _type_ok(entry[key], allowed):
+                raise _bad(where, f"{name}.{key}", f"must be {_type_names(allowed)} (got {_short(entry[key])})")
+            if key in entry and allowed == (int,) and entry[key] < 0:
+                raise _bad(where, f"{name}.{key}", f"must be 0 or more (got {entry[key]})")
+        path = entry["path"]
+        if not SHARD_PATH_PATTERN.fullmatch(path):
+            raise _bad(
+                where, f"{name}.path",
+                f"is {path!r}, not a shard file directly in data/ (like data/shard-00000.parquet); refusing a path "
+                "that could point outside the cache",
+            )
+        if path in seen:
+            raise _bad(where, f"{name}.path", f"lists {path!r} a second time")
+        seen.add(path)
+        if not _SHA256.fullmatch(entry["sha256"]):
+            raise _bad(where, f"{name}.sha256", f"must be a sha256 hex digest (got {_short(entry['sha256'])})")
+
+
+def _is_plain_relative(name: Any) -> bool:
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return False
+    p = PurePosixPath(name)
+    return not p.is_absolute() and ".." not in p.parts
+
+
+def resolve_inside(cache_dir: str | os.PathLike, rel: str) -> Path:
+    """``cache_dir / rel``, refused unless it stays inside ``cache_dir`` once symlinks are followed.
+
+    Every path a manifest names (shards, tokenizer files) goes through here, in the reader, in
+    verify and in the training dataset: a hostile or damaged cache must not make us read
+    ``/etc/passwd`` through ``../``, an absolute path, or a symlink pointing out.
+    """
+    root = Path(cache_dir)
+    if not _is_plain_relative(rel):
+        raise LogitCacheError(
+            f"{root}: the manifest names {rel!r}, a path outside the cache directory; refusing to read it "
+            "(the manifest is damaged or hostile)."
+        )
+    path = root / rel
+    target = path.resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise LogitCacheError(
+            f"{path}: links to {target}, outside the cache directory; refusing to read it "
+            "(copy the file into the cache instead of linking it)."
+        )
+    return path

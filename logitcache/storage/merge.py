@@ -33,8 +33,10 @@ import pyarrow.parquet as pq
 
 from logitcache.errors import LogitCacheError
 from logitcache.storage.card import render_card
-from logitcache.storage.fsutil import atomic_write_bytes, fsync_dir, hash_files, publish, sha256_file
-from logitcache.storage.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest
+from logitcache.storage.fsutil import atomic_write_bytes, fsync_dir, publish, sha256_file
+from logitcache.storage.lock import LOCK_NAME, CacheLock
+from logitcache.storage.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, resolve_inside
+from logitcache.storage.verify import tokenizer_problems
 from logitcache.storage.writer import CARD_NAME, DATA_DIR, TMP_PREFIX, TOKENIZER_DIR
 
 PART_GLOB = "part-*"
@@ -109,9 +111,18 @@ def merge_caches(
             manifests before linking anything. Sizes, row counts and ids are always checked.
 
     Raises ``LogitCacheError`` naming the problem and the fix when the parts do not make one
-    whole cache; ``out`` then holds no manifest.
+    whole cache; ``out`` then holds no manifest. Holds the lock on ``out`` throughout: a second
+    merge (or a teacher run) into the same directory refuses.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LogitCacheError(f"{out} is a file; give a new or empty directory for the merged cache.")
+    _check_out_outside_parts(out, parts)
+    with CacheLock(out, purpose="merging into"):
+        return _merge_locked(out, parts, link, verify)
+
+
+def _merge_locked(out: Path, parts: Sequence[str | os.PathLike], link: bool, verify: bool) -> MergeReport:
     _check_out(out)
     if not parts:
         raise LogitCacheError("no parts to merge; give the part-* directories written by the workers.")
@@ -121,6 +132,7 @@ def merge_caches(
     _check_workers(loaded)
     _check_files(loaded)
     report = MergeReport(out=out, parts=len(loaded))
+    _check_tokenizer(loaded[0])  # a few small files: checked even without --verify
     if verify:
         _verify_parts(loaded)
     _check_examples(loaded, report)
@@ -131,10 +143,21 @@ def merge_caches(
 # --- checks ------------------------------------------------------------------------------
 
 
+def _check_out_outside_parts(out: Path, parts: Sequence[str | os.PathLike]) -> None:
+    # Checked before the lock creates ``out``: writing the merged cache into a part would
+    # plant files in a cache we are about to read (and hard-link from).
+    where = out.resolve()
+    for part in parts:
+        root = Path(part).resolve()
+        if where == root or where.is_relative_to(root):
+            raise LogitCacheError(
+                f"{out} is inside the part {part}; give an output directory outside the parts for the merged cache."
+            )
+
+
 def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        what = "is a file" if not out.is_dir() else "is not empty"
-        raise LogitCacheError(f"{out} {what}; give a new or empty directory for the merged cache.")
+    if any(p.name != LOCK_NAME for p in out.iterdir()):  # the lock made ``out`` if it was missing
+        raise LogitCacheError(f"{out} is not empty; give a new or empty directory for the merged cache.")
 
 
 def _load_part(path: Path) -> _Part:
@@ -225,7 +248,7 @@ def _check_files(parts: list[_Part]) -> None:
     """Every listed shard is there with its listed size (cheap; ``verify`` also hashes them)."""
     for part in parts:
         for info in part.manifest.shards:
-            path = part.path / info.path
+            path = resolve_inside(part.path, info.path)
             size = path.stat().st_size if path.is_file() else None
             if size != info.bytes:
                 what = "is missing" if size is None else f"has {size} bytes, the manifest says {info.bytes}"
@@ -252,7 +275,7 @@ def _check_examples(parts: list[_Part], report: MergeReport) -> None:
         n = 0
         for info in part.manifest.shards:
             try:
-                ids = pq.read_table(part.path / info.path, columns=["id"]).column("id").to_pylist()
+                ids = pq.read_table(resolve_inside(part.path, info.path), columns=["id"]).column("id").to_pylist()
             except (pa.ArrowException, OSError) as e:
                 raise _damaged(part, f"{info.path} is unreadable: {' '.join(str(e).split())}") from e
             if len(ids) != info.rows:
@@ -290,43 +313,37 @@ def _check_examples(parts: list[_Part], report: MergeReport) -> None:
 
 
 def _verify_parts(parts: list[_Part]) -> None:
-    """Every shard's sha256, and the tokenizer files the merged cache takes from part 0.
+    """Every shard's sha256.
 
     Only hashes: ``verify_cache(check_values=False)`` would also decode every column (14x
     slower than hashing on a k=64 part); ``logitcache verify`` of the merged cache does that once.
     """
     jobs = [(part, info) for part in parts for info in part.manifest.shards]
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        digests = list(pool.map(lambda job: sha256_file(job[0].path / job[1].path), jobs))
+        digests = list(pool.map(lambda job: sha256_file(resolve_inside(job[0].path, job[1].path)), jobs))
     for (part, info), digest in zip(jobs, digests):
         if digest != info.sha256:
             raise _damaged(part, f"{info.path}: sha256 differs from the manifest")
-    ref = parts[0]
-    recorded = ref.manifest.tokenizer.get("files") or {}
-    tok = ref.path / TOKENIZER_DIR
-    actual = hash_files(tok)[1] if tok.is_dir() else {}
-    for name, digest in recorded.items():
-        if actual.get(name) != digest:
-            what = "missing" if name not in actual else "sha256 differs from the manifest"
-            raise _damaged(ref, f"{TOKENIZER_DIR}/{name}: {what}")
+
+
+def _check_tokenizer(part: _Part) -> None:
+    """The tokenizer files the merged cache copies from part 0: hashed, listed, none linked from outside."""
+    problems = tokenizer_problems(part.path, part.manifest)
+    if problems:
+        raise _damaged(part, problems[0])
 
 
 # --- writing -----------------------------------------------------------------------------
 
 
 def _write(out: Path, parts: list[_Part], link: bool, report: MergeReport) -> None:
-    made = None  # the outermost directory this merge creates, if any
-    for d in (out, *out.parents):
-        if d.exists():
-            break
-        made = d
     try:
         (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
         shards: list[ShardInfo] = []
         for part in parts:
             for j, info in enumerate(part.manifest.shards):
                 rel = f"{DATA_DIR}/part-{part.index:05d}-shard-{j:05d}.parquet"
-                linked = _place(part.path / info.path, out / rel, link)
+                linked = _place(resolve_inside(part.path, info.path), out / rel, link)
                 report.linked += linked
                 report.copied += not linked
                 shards.append(dataclasses.replace(info, path=rel))
@@ -348,7 +365,7 @@ def _write(out: Path, parts: list[_Part], link: bool, report: MergeReport) -> No
         atomic_write_bytes(out / CARD_NAME, render_card(merged).encode())
         merged.save(out)  # last: from here on ``out`` is a cache
     except BaseException as e:
-        _remove_output(out, made)
+        _remove_output(out)
         if isinstance(e, OSError):
             raise LogitCacheError(
                 f"could not write the merged cache to {out} ({e}); nothing was kept there. "
@@ -382,12 +399,12 @@ def _when(stamp: str) -> Any:
         return float("inf")
 
 
-def _remove_output(out: Path, made: Path | None) -> None:
-    """Undo a failed merge: ``out`` was absent or empty before, so all it holds now is ours."""
-    if made is not None:
-        shutil.rmtree(made, ignore_errors=True)
-        return
+def _remove_output(out: Path) -> None:
+    """Undo a failed merge: ``out`` was absent or empty before, so all it holds now is ours.
+    (Directories the merge created go when its lock is released.)"""
     for p in out.iterdir():
+        if p.name == LOCK_NAME:
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:

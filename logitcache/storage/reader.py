@@ -9,7 +9,7 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from logitcache.errors import LogitCacheError
-from logitcache.storage.manifest import Manifest, load_manifest
+from logitcache.storage.manifest import Manifest, load_manifest, resolve_inside
 from logitcache.storage.rows import Row, batch_to_rows, decode_rows, shard_id_table
 from logitcache.storage.writer import TOKENIZER_DIR
 
@@ -40,10 +40,31 @@ class CacheReader:
 
     @property
     def tokenizer_dir(self) -> Path:
+        """Where the teacher tokenizer's files are; use :meth:`verified_tokenizer_dir` to load them."""
         return self.path / TOKENIZER_DIR
 
+    def verified_tokenizer_dir(self) -> Path:
+        """The tokenizer directory, once every file in it matches the manifest's sha256.
+
+        Call this right before loading the teacher tokenizer from a cache: a tokenizer file
+        that was altered, added, or linked from outside the cache is refused, naming it.
+        """
+        from logitcache.storage.verify import tokenizer_problems
+
+        if not self.tokenizer_dir.is_dir():
+            raise LogitCacheError(f"{self.path}: this cache holds no teacher tokenizer ({TOKENIZER_DIR}/ is missing).")
+        problems = tokenizer_problems(self.path, self.manifest)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise LogitCacheError(
+                f"{self.path}: refusing to load the cache's tokenizer: {problems[0]}{more}; "
+                f"run `logitcache verify {self.path}`."
+            )
+        return self.tokenizer_dir
+
     def shard_path(self, i: int) -> Path:
-        return self.path / self.manifest.shards[i].path
+        """Shard ``i``'s file; refused if its path or a symlink leads outside the cache."""
+        return resolve_inside(self.path, self.manifest.shards[i].path)
 
     def __len__(self) -> int:
         return self.manifest.num_examples

@@ -6,8 +6,10 @@ descending, log-probabilities above 0 or not finite, probability mass above 1, i
 the vocabulary or repeated within a position, a label log-prob that disagrees with the
 top-k, character spans outside ``text`` or out of order, duplicate example ids, a
 logsumexp column that is not all 0 where the manifest says the engine gives none
-(``teacher.logsumexp: false``, the vllm engine), and tokenizer files that do not match
-their recorded hashes.
+(``teacher.logsumexp: false``, the vllm engine), tokenizer files that do not match their
+recorded hashes or are not listed, and shard or tokenizer files that are symlinks pointing
+outside the cache. A manifest that fails its schema (storage/manifest.py) is refused
+outright, with the field named.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from logitcache.errors import LogitCacheError
-from logitcache.storage.fsutil import hash_files, sha256_file
-from logitcache.storage.manifest import load_manifest
+from logitcache.storage.fsutil import sha256_file
+from logitcache.storage.manifest import Manifest, load_manifest, resolve_inside
 from logitcache.storage.rows import decode_rows, flat_list_column, rows_to_table, shard_id_table
 from logitcache.storage.schema import shard_schema
 from logitcache.storage.writer import DATA_DIR, TMP_PREFIX, TOKENIZER_DIR
@@ -66,15 +68,7 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> 
     report = VerifyReport(path=root)
     vocab = int(m.tokenizer.get("vocab_size") or 0)
 
-    files = m.tokenizer.get("files") or {}
-    if files:
-        tok_dir = root / TOKENIZER_DIR
-        _, actual = hash_files(tok_dir) if tok_dir.is_dir() else ("", {})
-        for name, digest in files.items():
-            if name not in actual:
-                report.problems.append(f"{TOKENIZER_DIR}/{name}: missing")
-            elif actual[name] != digest:
-                report.problems.append(f"{TOKENIZER_DIR}/{name}: sha256 differs from the manifest")
+    report.problems.extend(tokenizer_problems(root, m))
 
     listed = {s.path for s in m.shards}
     for p in sorted((root / DATA_DIR).glob("*")):
@@ -84,8 +78,10 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> 
 
     seen_ids: set[str] = set()
     for info in m.shards:
-        path = root / info.path
         where = info.path
+        path = _inside(root, where, report.problems)
+        if path is None:
+            continue
         if not path.is_file():
             report.problems.append(f"{where}: missing")
             continue
@@ -96,13 +92,19 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> 
             report.problems.append(f"{where}: sha256 differs from the manifest (corrupted or modified)")
             continue
         try:
-            rows, tokens = _check_shard(
+            counts = _check_shard(
                 path, m.k, vocab, seen_ids, check_values, report.problems, where,
                 has_logsumexp=m.teacher.get("logsumexp", True) is not False, codec=m.codec,
             )
         except (pa.ArrowException, OSError) as e:
             report.problems.append(f"{where}: unreadable Parquet ({e})")
             continue
+        except ValueError as e:  # columns that read but do not decode into rows
+            report.problems.append(f"{where}: rows cannot be decoded ({e})")
+            continue
+        if counts is None:  # not the expected columns: nothing more to count
+            continue
+        rows, tokens = counts
         if rows != info.rows or tokens != info.tokens:
             report.problems.append(
                 f"{where}: {rows} rows / {tokens} tokens, manifest says {info.rows} / {info.tokens}"
@@ -114,10 +116,58 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> 
     return report
 
 
+def _inside(root: Path, rel: str, problems: list[str]) -> Path | None:
+    """``root / rel`` if it stays inside the cache, else None with the problem noted."""
+    try:
+        return resolve_inside(root, rel)
+    except LogitCacheError:
+        problems.append(f"{rel}: leads outside the cache directory (a symlink or an escaping path); refused")
+        return None
+
+
+def tokenizer_problems(root: Path, m: Manifest) -> list[str]:
+    """What is wrong with the cache's tokenizer/ files against the manifest's sha256 of each:
+    missing, altered, unlisted (an extra file can change how the tokenizer loads), or linked
+    from outside the cache. Empty when the cache has no tokenizer and records none."""
+    files = m.tokenizer.get("files") or {}
+    tok_dir = root / TOKENIZER_DIR
+    if not tok_dir.exists() and not tok_dir.is_symlink():
+        return [f"{TOKENIZER_DIR}/: missing"] if files else []
+    problems: list[str] = []
+    if _inside(root, f"{TOKENIZER_DIR}/", problems) is None:
+        return problems
+    if not files:
+        return [f"{TOKENIZER_DIR}/: the manifest records no sha256 for these files, so they cannot be checked"]
+    for name, digest in files.items():
+        rel = f"{TOKENIZER_DIR}/{name}"
+        path = _inside(root, rel, problems)
+        if path is None:
+            continue
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    for p in sorted(tok_dir.rglob("*")):
+        name = p.relative_to(tok_dir).as_posix()
+        if name not in files and (p.is_file() or p.is_symlink()):
+            problems.append(f"{TOKENIZER_DIR}/{name}: not listed in the manifest (unknown file)")
+    return problems
+
+
+def compact_shard_k(metadata: pq.FileMetaData) -> int | None:
+    """The k a compact shard's footer records (None if it records none)."""
+    from logitcache.storage.codec import META_K
+
+    try:
+        return int((metadata.metadata or {})[META_K])
+    except (KeyError, ValueError):
+        return None
+
+
 def _check_shard(
     path: Path, k: int, vocab: int, seen_ids: set[str], check_values: bool, problems: list[str], where: str,
     *, has_logsumexp: bool = True, codec: str = "v1",
-) -> tuple[int, int]:
+) -> tuple[int, int] | None:
     f = pq.ParquetFile(path)
     compact = codec == "compact"
     if compact:
@@ -131,7 +181,11 @@ def _check_shard(
         expected, label, id_table, extra_tol = shard_schema(k), f"format v1 with k={k}", None, 0.0
     if not f.schema_arrow.equals(expected, check_metadata=False):
         problems.append(f"{where}: schema differs from {label}")
-        return f.metadata.num_rows, 0
+        return None
+    stored_k = compact_shard_k(f.metadata) if compact else k
+    if stored_k != k:  # the compact schema is the same for every k: its footer says which
+        problems.append(f"{where}: the shard holds top-{stored_k} entries, the manifest says k={k}")
+        return None
     rows = tokens = 0
     for batch in f.iter_batches(batch_size=1024):
         for rid in batch.column("id").to_pylist():

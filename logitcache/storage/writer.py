@@ -10,20 +10,31 @@ Rules (DESIGN.md §2): a shard is written under a temp name and becomes visible 
 complete (fsync, rename); manifest.json is rewritten atomically after each shard; opening
 an existing cache with the same settings resumes it (``done_ids`` says what is there), with
 different settings it refuses. Memory holds one row group, never the whole cache.
+
+Crashes: a process killed at any moment leaves a cache that the rerun completes exactly
+(tests/test_kill_anywhere.py kills it at each ``crash_point``). A new cache is created under
+an ``.init`` marker, so a run killed while creating it starts afresh; a rerun drops what a
+killed run left outside the manifest (temp files, a shard renamed but not yet listed).
+Disk errors (ENOSPC, EIO, ...) stop the run with a ``CacheWriteError`` that names the file
+and the fix; the unfinished shard is dropped, the listed ones stay valid.
+Concurrency: the writer holds the directory's ``CacheLock`` (storage/lock.py) while open.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 
 from logitcache.errors import LogitCacheError
 from logitcache.storage.card import render_card
-from logitcache.storage.fsutil import atomic_write_bytes, publish, sha256_file
+from logitcache.storage.fsutil import atomic_write_bytes, crash_point, fsync_dir, publish, sha256_file, temp_name
+from logitcache.storage.lock import LOCK_NAME, CacheLock
 from logitcache.storage.manifest import CODECS, MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 from logitcache.storage.rows import Row, row_nbytes, rows_to_table
 from logitcache.storage.schema import POSITION_COLUMNS, TOKEN_COLUMNS
@@ -32,14 +43,28 @@ DATA_DIR = "data"
 TOKENIZER_DIR = "tokenizer"
 CARD_NAME = "README.md"
 TMP_PREFIX = ".tmp-"
+INIT_MARKER = ".init"  # present while a new cache is being created (see _create)
+SHARD_NAME = "shard-{index:05d}.parquet"
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
 DEFAULT_ROW_GROUP_BYTES = 8 * 2**20  # in memory before compression: a few MB on disk
 ZSTD_LEVEL = 3
 
 
+class CacheWriteError(LogitCacheError):
+    """The disk refused a write (full, I/O error, read-only...). ``errno`` says which."""
+
+    def __init__(self, message: str, errno_: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
 class CacheWriter:
-    """Writes (or resumes) a cache at ``cache_dir``. Use as a context manager."""
+    """Writes (or resumes) a cache at ``cache_dir``. Use as a context manager.
+
+    ``lock``: a ``CacheLock`` on ``cache_dir`` that the caller already holds; without one the
+    writer takes its own and releases it when closed.
+    """
 
     def __init__(
         self,
@@ -49,6 +74,7 @@ class CacheWriter:
         tokenizer_dir: str | os.PathLike | None = None,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
+        lock: CacheLock | None = None,
     ) -> None:
         if shard_bytes <= 0 or row_group_bytes <= 0:
             raise LogitCacheError("shard and row-group sizes must be positive.")
@@ -57,8 +83,14 @@ class CacheWriter:
         self.cache_dir = Path(cache_dir)
         self.shard_bytes = shard_bytes
         self.row_group_bytes = min(row_group_bytes, shard_bytes)
-        self.manifest = self._open(manifest, tokenizer_dir)
-        self.done_ids: set[str] = self._read_done_ids()
+        self._own_lock = None if lock is not None else CacheLock(self.cache_dir).acquire()
+        self._broken = False  # a write failed: the open shard may be torn and must not be finished
+        try:
+            self.manifest = self._open(manifest, tokenizer_dir)
+            self.done_ids: set[str] = self._read_done_ids()
+        except BaseException:
+            self._release_lock()
+            raise
         self._buffer: list[Row] = []
         self._buffer_bytes = 0
         self._pq: pq.ParquetWriter | None = None
@@ -83,24 +115,53 @@ class CacheWriter:
                     f"{d} already holds a cache made with other settings ({detail}). "
                     "Rerun with the original settings to resume it, or choose a new --out directory."
                 )
-            self._remove_stale_temp_files()
+            self._remove_leftovers(existing)
             return existing
-        if d.exists() and any(d.iterdir()):
+        if (d / INIT_MARKER).exists():
+            # A run died while creating this cache: all here is that run's (it began empty).
+            _clear_dir(d, keep={LOCK_NAME, INIT_MARKER})
+        elif d.exists() and any(p.name != LOCK_NAME for p in d.iterdir()):
             raise LogitCacheError(
                 f"--out {d} is not empty and holds no cache (no {MANIFEST_NAME}); "
                 "choose a new or empty directory so nothing there is overwritten."
             )
-        (d / DATA_DIR).mkdir(parents=True, exist_ok=True)
-        if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, d / TOKENIZER_DIR)
-        wanted.save(d)
-        self._write_card(wanted)
+        with self._disk_errors(f"creating the cache in {d}"):
+            self._create(wanted, tokenizer_dir)
         return wanted
 
-    def _remove_stale_temp_files(self) -> None:
-        # Left by a run that died mid-shard; their rows are not in the manifest and get redone.
-        for p in (self.cache_dir / DATA_DIR).glob(f"{TMP_PREFIX}*"):
+    def _create(self, wanted: Manifest, tokenizer_dir: str | os.PathLike | None) -> None:
+        """Lay out a new cache. The manifest comes last: until it exists, the marker says that
+        the directory holds a half-made cache, which the next run may clear."""
+        d = self.cache_dir
+        d.mkdir(parents=True, exist_ok=True)
+        # Not atomic_write_bytes: a kill mid-way would leave its temp file and no marker.
+        (d / INIT_MARKER).touch()
+        fsync_dir(d)
+        (d / DATA_DIR).mkdir(exist_ok=True)
+        crash_point("init.data_dir")
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, d / TOKENIZER_DIR)
+        crash_point("init.tokenizer")
+        self._write_card(wanted)
+        wanted.save(d)
+        crash_point("init.manifest")
+        (d / INIT_MARKER).unlink()
+
+    def _remove_leftovers(self, manifest: Manifest) -> None:
+        """Drop what a killed run left outside the manifest; its rows get redone."""
+        data = self.cache_dir / DATA_DIR
+        for p in data.glob(f"{TMP_PREFIX}*"):  # shards it was writing
             p.unlink()
+        listed = {s.path for s in manifest.shards}
+        # A shard renamed into place just before the kill, not yet in the manifest; the next
+        # shard would overwrite it, but a reader or verify must not see it meanwhile.
+        orphan = data / SHARD_NAME.format(index=len(manifest.shards))
+        if orphan.relative_to(self.cache_dir).as_posix() not in listed:
+            orphan.unlink(missing_ok=True)
+        for name in (MANIFEST_NAME, CARD_NAME):  # staged by atomic_write_bytes
+            temp_name(self.cache_dir / name).unlink(missing_ok=True)
+        # Killed after the manifest, the last step of _create: the cache is whole.
+        (self.cache_dir / INIT_MARKER).unlink(missing_ok=True)
 
     def _read_done_ids(self) -> set[str]:
         done: set[str] = set()
@@ -143,12 +204,15 @@ class CacheWriter:
     def _flush_row_group(self) -> None:
         if not self._buffer:
             return
+        self._check_usable()
         table, options = self._encode(self._buffer)
-        if self._pq is None:
-            index = len(self.manifest.shards)
-            self._tmp_path = self.cache_dir / DATA_DIR / f"{TMP_PREFIX}shard-{index:05d}.parquet"
-            self._pq = pq.ParquetWriter(self._tmp_path, table.schema, **options)
-        self._pq.write_table(table, row_group_size=len(self._buffer))
+        index = len(self.manifest.shards)
+        with self._disk_errors(f"writing shard {DATA_DIR}/{SHARD_NAME.format(index=index)}"):
+            if self._pq is None:
+                self._tmp_path = self.cache_dir / DATA_DIR / (TMP_PREFIX + SHARD_NAME.format(index=index))
+                self._pq = pq.ParquetWriter(self._tmp_path, table.schema, **options)
+            self._pq.write_table(table, row_group_size=len(self._buffer))
+            crash_point("shard.row_group")
         self._shard_rows += len(self._buffer)
         self._shard_tokens += sum(len(r["input_ids"]) for r in self._buffer)
         self._shard_truncated += sum(bool(r["truncated"]) for r in self._buffer)
@@ -160,57 +224,115 @@ class CacheWriter:
     def _finish_shard(self) -> None:
         if self._pq is None:
             return
-        if self._id_table is not None:
-            from logitcache.storage import codec
+        final = self._tmp_path.with_name(self._tmp_path.name[len(TMP_PREFIX) :])
+        rel = final.relative_to(self.cache_dir).as_posix()
+        with self._disk_errors(f"writing shard {rel}"):
+            if self._id_table is not None:
+                from logitcache.storage import codec
 
-            self._pq.add_key_value_metadata({codec.META_IDS: codec.encode_id_table(self._id_table)})
-            self._id_table = None
-        self._pq.close()
-        self._pq = None
-        tmp, self._tmp_path = self._tmp_path, None
-        final = tmp.with_name(tmp.name[len(TMP_PREFIX) :])
-        publish(tmp, final)
-        self.manifest.shards.append(
-            ShardInfo(
-                path=final.relative_to(self.cache_dir).as_posix(),
-                rows=self._shard_rows,
-                tokens=self._shard_tokens,
-                bytes=final.stat().st_size,
-                sha256=sha256_file(final),
-                truncated=self._shard_truncated,
-            )
-        )
+                self._pq.add_key_value_metadata({codec.META_IDS: codec.encode_id_table(self._id_table)})
+            self._pq.close()
+            crash_point("shard.closed")
+            publish(self._tmp_path, final)
+            crash_point("shard.published")
+        self._pq = self._tmp_path = self._id_table = None
+        try:
+            with self._disk_errors(f"writing shard {rel}"):
+                info = ShardInfo(
+                    path=rel,
+                    rows=self._shard_rows,
+                    tokens=self._shard_tokens,
+                    bytes=final.stat().st_size,
+                    sha256=sha256_file(final),
+                    truncated=self._shard_truncated,
+                )
+            self.manifest.shards.append(info)
+            self._save_manifest()
+        except CacheWriteError:
+            if self.manifest.shards and self.manifest.shards[-1].path == rel:
+                self.manifest.shards.pop()
+            self._unpublish(rel)
+            raise
         self._shard_rows = self._shard_tokens = self._shard_truncated = 0
-        self.manifest.save(self.cache_dir)
+        crash_point("shard.listed")
+
+    def _unpublish(self, rel: str) -> None:
+        """The manifest could not list this shard: remove it, so what is left verifies."""
+        try:
+            listed = {s.path for s in load_manifest(self.cache_dir).shards}
+            if rel not in listed:  # the manifest's rename may have happened before the error
+                (self.cache_dir / rel).unlink()
+        except Exception:  # the disk is failing: the rerun drops the shard (_remove_leftovers)
+            pass
+
+    def _save_manifest(self) -> None:
+        with self._disk_errors(f"updating {MANIFEST_NAME}"):
+            self.manifest.save(self.cache_dir)
+
+    @contextlib.contextmanager
+    def _disk_errors(self, what: str) -> Iterator[None]:
+        """Turn an OSError of the disk into a one-line CacheWriteError; the writer stops."""
+        try:
+            yield
+        except OSError as e:
+            self._broken = True
+            manifest = getattr(self, "manifest", None)  # None while the cache is being created
+            kept = None if manifest is None else len(manifest.shards)
+            raise CacheWriteError(_disk_message(e, what, self.cache_dir, kept), e.errno) from e
+
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise LogitCacheError("the cache writer stopped after a failed write; rerun the same command to resume.")
 
     def flush(self) -> None:
         """Close the current shard so everything written so far is durable and listed."""
+        self._check_usable()
         self._flush_row_group()
         self._finish_shard()
-        self.manifest.save(self.cache_dir)
+        self._save_manifest()
 
     def mark_complete(self) -> None:
         """Every input record has been processed: the cache is complete."""
         self.manifest.status = "complete"
 
     def close(self) -> None:
-        self.flush()
-        self._write_card(self.manifest)
+        """Finish the last shard, the manifest and the card; then release the lock."""
+        try:
+            self.flush()
+            crash_point("close.flushed")
+            with self._disk_errors(f"writing {CARD_NAME}"):
+                self._write_card(self.manifest)
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._release_lock()
 
     def abort(self) -> None:
         """Drop the unfinished shard (its rows are redone by the next run)."""
         if self._pq is not None:
             try:
                 self._pq.close()
+            except Exception:  # a failed disk fails again here; the shard is dropped anyway
+                pass
             finally:
                 self._pq = None
-        if self._tmp_path is not None and self._tmp_path.exists():
-            self._tmp_path.unlink()
+        if self._tmp_path is not None:
+            try:
+                self._tmp_path.unlink(missing_ok=True)
+            except OSError:  # the rerun removes it
+                pass
         self._tmp_path = None
         self._id_table = None
+        self._buffer.clear()
+        self._buffer_bytes = 0
 
     def _write_card(self, manifest: Manifest) -> None:
         atomic_write_bytes(self.cache_dir / CARD_NAME, render_card(manifest).encode())
+
+    def _release_lock(self) -> None:
+        if self._own_lock is not None:
+            self._own_lock.release()
 
     def __enter__(self) -> "CacheWriter":
         return self
@@ -219,12 +341,45 @@ class CacheWriter:
         if exc_type is None:
             self.close()
             return
-        # Interrupted (Ctrl-C, an error in the engine): keep the finished rows, they are
-        # valid; if even that fails (disk full), drop the partial shard and keep the rest.
         try:
-            self.flush()
+            if not self._broken:
+                # Interrupted (Ctrl-C, an error in the engine): the finished rows are valid,
+                # keep them; if even that fails (disk full), drop the partial shard.
+                self.flush()
+            else:  # after a failed write the open shard may be torn: never finish it
+                self.abort()
         except BaseException:
             self.abort()
+        finally:
+            self._release_lock()
+
+
+def _disk_message(e: OSError, what: str, cache_dir: Path, kept: int | None) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        problem = "no space left on the device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        fix = "free some space"
+    elif e.errno == errno.EIO:
+        problem = "I/O error (EIO)"
+        fix = "check the disk and its filesystem"
+    else:
+        problem = e.strerror or str(e)
+        fix = "fix the cause"
+    if kept is None:
+        return f"{problem} while {what}: {fix}, then rerun the same command."
+    return (
+        f"{problem} while {what} in {cache_dir}: {fix}, then rerun the same command to resume "
+        f"({kept} finished shard{'s' if kept != 1 else ''} kept, the unfinished one is redone)."
+    )
+
+
+def _clear_dir(d: Path, keep: set[str]) -> None:
+    for p in d.iterdir():
+        if p.name in keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _check_row(row: Row, k: int) -> None:

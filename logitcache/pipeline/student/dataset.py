@@ -12,15 +12,23 @@ shuffle buffer, mid-epoch resume, shard integrity).
 
 The unit of work is one Parquet row group (a few MB), planned from the shards' footers.
 Memory holds the row group being read plus the shuffle buffer, whatever the cache's size.
+
+Before the first example, the dataset checks every shard it lists (size, sha256, footer,
+row count, schema): a damaged cache is refused at construction, not in the middle of an
+epoch, unless ``skip_bad_shards`` drops the bad shards from the plan (and says so).
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import os
 import random
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -34,6 +42,11 @@ from logitcache.pipeline.student.features import FeatureStats, StudentFeaturizer
 from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.rows import Row, decode_rows, shard_id_table
+from logitcache.storage.schema import shard_schema
+from logitcache.storage.verify import compact_shard_k
+
+logger = logging.getLogger(__name__)
+logger.addHandler(logging.NullHandler())  # the caller decides where warnings go (run_train: stderr)
 
 STATE_VERSION = 1
 
@@ -45,6 +58,16 @@ Piece = tuple[int, int, int]
 # Shards whose bytes this process has hashed and found equal to the manifest, keyed by
 # (absolute path, size, mtime_ns, sha256): a file replaced or rewritten is checked again.
 _VERIFIED: set[tuple[str, int, int, str]] = set()
+_HASH_THREADS = 4  # hashlib releases the GIL: a few threads keep a fast disk busy
+
+
+@dataclass(frozen=True)
+class BadShard:
+    """A shard the dataset will not read: its manifest path, its examples, what is wrong."""
+
+    path: str
+    rows: int
+    reason: str
 
 
 class LogitCacheDataset(torch.utils.data.IterableDataset):
@@ -63,8 +86,12 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         rank, world_size: the DDP split; default: ``torch.distributed`` if initialised,
             else 0 / 1. Give both or neither. (With accelerate's ``dispatch_batches``, where
             rank 0 reads for everyone, pass ``rank=0, world_size=1``.)
-        verify_shards: hash each shard (sha256 and size against the manifest) the first
-            time this process reads from it.
+        verify_shards: hash every shard (sha256 against the manifest) at construction,
+            and again if a file changes before it is read. Sizes, footers, row counts and
+            schemas are checked either way.
+        skip_bad_shards: drop shards that are missing, resized, altered or unreadable from
+            the plan (``skipped_shards`` lists them) instead of refusing the cache. The
+            epoch order and ``len`` then cover the remaining shards only.
         num_workers: the number of dataloader workers (0: none) you will use. Optional;
             given, every worker checks it and a resume state must match it exactly.
 
@@ -123,6 +150,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         world_size: int | None = None,
         verify_shards: bool = True,
         num_workers: int | None = None,
+        skip_bad_shards: bool = False,
     ) -> None:
         super().__init__()
         self.cache = CacheReader(cache_dir)
@@ -157,7 +185,10 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         self.epoch = 0
         self._consumed: dict[int, int] = {}
         self._state_workers: tuple[int, bool] | None = None  # (num_workers, exact) of a loaded state
+        self.skip_bad_shards = skip_bad_shards
+        self.skipped_shards: list[BadShard] = []
         self._units: list[Unit] = self._plan_units()
+        self._num_examples = sum(n for _, _, n in self._units)
         self._featurizer: StudentFeaturizer | None = None
         self._featurizer_pid: int | None = None
         self._open: tuple[int, pq.ParquetFile] | None = None  # the shard being read
@@ -167,29 +198,103 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
 
     # --- planning -------------------------------------------------------------------
     def _plan_units(self) -> list[Unit]:
-        """Every row group of every shard, in cache order, from the footers alone."""
+        """Every row group of every sound shard, in cache order, from the footers alone."""
+        paths = [self.cache.shard_path(i) for i in range(len(self.manifest.shards))]  # refuses path escapes
+        with ThreadPoolExecutor(_HASH_THREADS) as pool:
+            byte_problems = list(pool.map(self._bytes_problem, range(len(paths))))
         units: list[Unit] = []
-        for i, shard in enumerate(self.manifest.shards):
-            path = self.cache.shard_path(i)
-            try:
-                meta = pq.read_metadata(path)
-            except (OSError, pa.ArrowException) as e:
-                raise LogitCacheError(
-                    f"{path}: cannot read the shard's Parquet footer ({e}); run `logitcache verify {self.cache.path}`."
-                ) from e
-            rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-            if sum(rows) != shard.rows:
-                raise LogitCacheError(
-                    f"{path}: {sum(rows)} rows, the manifest says {shard.rows}; "
-                    f"run `logitcache verify {self.cache.path}`."
-                )
+        bad: list[BadShard] = []
+        for i, (shard, path) in enumerate(zip(self.manifest.shards, paths)):
+            problem = byte_problems[i]
+            rows: list[int] = []
+            if problem is None:
+                rows, problem = self._footer(path, shard.rows)
+            if problem is not None:
+                bad.append(BadShard(shard.path, shard.rows, problem))
+                continue
             units.extend((i, g, n) for g, n in enumerate(rows) if n)
+        if bad:
+            self._refuse_or_skip(bad)
         return units
+
+    def _refuse_or_skip(self, bad: list[BadShard]) -> None:
+        first = bad[0]
+        if not self.skip_bad_shards:
+            more = f" (and {len(bad) - 1} more bad shard(s))" if len(bad) > 1 else ""
+            raise LogitCacheError(
+                f"{self.cache.path / first.path}: {first.reason}{more}; refusing to read a damaged cache. "
+                f"Run `logitcache verify {self.cache.path}` to see every problem, or pass --skip-bad-shards "
+                "to train without the bad shards."
+            )
+        if len(bad) == len(self.manifest.shards):
+            raise LogitCacheError(
+                f"{self.cache.path}: all {len(bad)} shards are bad (first: {first.path}: {first.reason}), nothing is "
+                f"left to read; run `logitcache verify {self.cache.path}`."
+            )
+        for b in bad:
+            logger.warning("%s: skipped (%s)", self.cache.path / b.path, b.reason)
+        self.skipped_shards = bad
+        logger.warning("%s", self.skipped_summary())
+
+    def skipped_summary(self) -> str | None:
+        """One line on the shards ``skip_bad_shards`` dropped; None when none was."""
+        if not self.skipped_shards:
+            return None
+        rows = sum(b.rows for b in self.skipped_shards)
+        names = ", ".join(b.path for b in self.skipped_shards)
+        return f"{self.cache.path}: skipped {len(self.skipped_shards)} bad shard(s) ({rows} examples): {names}"
+
+    def _bytes_problem(self, i: int) -> str | None:
+        """What is wrong with shard ``i``'s file (missing, size, sha256 if verifying), or None."""
+        shard = self.manifest.shards[i]
+        path = self.cache.shard_path(i)
+        try:
+            st = path.stat()
+        except OSError:
+            return "shard missing"
+        if st.st_size != shard.bytes:
+            return f"shard is {st.st_size} bytes, the manifest says {shard.bytes} (truncated or replaced)"
+        if not self.verify_shards:
+            return None
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, shard.sha256)
+        if key in _VERIFIED:
+            return None
+        digest = sha256_file(path)
+        if digest != shard.sha256:
+            return (
+                f"shard sha256 {digest[:12]}… does not match the manifest ({shard.sha256[:12]}…): "
+                "the shard is damaged or was modified"
+            )
+        _VERIFIED.add(key)
+        return None
+
+    def _footer(self, path: Path, manifest_rows: int) -> tuple[list[int], str | None]:
+        """Row counts of the shard's row groups from its footer, or what is wrong with it."""
+        try:
+            meta = pq.read_metadata(path)
+            schema = meta.schema.to_arrow_schema()
+        except (OSError, pa.ArrowException) as e:
+            return [], f"cannot read the shard's Parquet footer ({e})"
+        rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        if sum(rows) != manifest_rows:
+            return [], f"{sum(rows)} rows, the manifest says {manifest_rows}"
+        if not schema.equals(self._expected_schema(), check_metadata=False):
+            return [], f"its columns differ from the manifest's (codec {self.manifest.codec}, k={self.manifest.k})"
+        if self.manifest.codec == "compact" and (k := compact_shard_k(meta)) != self.manifest.k:
+            return [], f"the shard holds top-{k} entries, the manifest says k={self.manifest.k}"
+        return rows, None
+
+    def _expected_schema(self) -> pa.Schema:
+        if self.manifest.codec == "compact":
+            from logitcache.storage.codec import compact_schema
+
+            return compact_schema()
+        return shard_schema(self.manifest.k)
 
     @property
     def num_examples(self) -> int:
-        """Examples in the cache (all ranks)."""
-        return self.manifest.num_examples
+        """Examples per epoch over all ranks: the cache's, less those of skipped bad shards."""
+        return self._num_examples
 
     def rank_and_world(self) -> tuple[int, int]:
         if self._world_size is not None:
@@ -241,27 +346,12 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
 
     # --- reading --------------------------------------------------------------------
     def _verify(self, i: int) -> None:
-        shard = self.manifest.shards[i]
-        path = self.cache.shard_path(i)
-        try:
-            st = path.stat()
-        except OSError as e:
-            raise LogitCacheError(f"{path}: shard missing ({e}); run `logitcache verify {self.cache.path}`.") from e
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, shard.sha256)
-        if key in _VERIFIED:
-            return
-        if st.st_size != shard.bytes:
+        """Check shard ``i`` again before reading it: a file may change after construction."""
+        problem = self._bytes_problem(i)
+        if problem is not None:
             raise LogitCacheError(
-                f"{path}: shard is {st.st_size} bytes, the manifest says {shard.bytes}; the shard is damaged "
-                f"or was replaced. Run `logitcache verify {self.cache.path}`."
+                f"{self.cache.shard_path(i)}: {problem}; run `logitcache verify {self.cache.path}`."
             )
-        digest = sha256_file(path)
-        if digest != shard.sha256:
-            raise LogitCacheError(
-                f"{path}: shard sha256 {digest[:12]}… does not match the manifest ({shard.sha256[:12]}…); "
-                f"the shard is damaged or was modified. Run `logitcache verify {self.cache.path}`."
-            )
-        _VERIFIED.add(key)
 
     def _read_piece(self, piece: Piece) -> pa.Table:
         """Decode the rows ``piece`` names: one row group read, then sliced."""

@@ -32,6 +32,7 @@ class EvalConfig:
     max_new_tokens: int | None = None  # default: the longest reference answer in tokens + 4
     accuracy: bool = True
     device: str = "auto"
+    trust_remote_code: bool = False  # run the model's own Python code (only for models you trust)
 
 
 @dataclass
@@ -61,11 +62,13 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
 
     if cfg.batch_size <= 0:
         raise LogitCacheError(f"--batch-size must be positive (got {cfg.batch_size}).")
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
+        raise LogitCacheError(f"--max-new-tokens must be positive (got {cfg.max_new_tokens}).")
     ds = load_records(cfg.data, cfg.split)
     template = cfg.template.resolved(list(ds.column_names))
     device = resolve_device(cfg.device)
-    tok = load_tokenizer(cfg.model, "--model")
-    model = load_causal_lm(cfg.model, "--model").to(device).eval()
+    tok = load_tokenizer(cfg.model, "--model", trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(cfg.model, "--model", trust_remote_code=cfg.trust_remote_code).to(device).eval()
     add_special = add_special_tokens_for(template)
     records = [(text, pc) for _, _, text, pc in iter_examples(ds, template, tok, cfg.limit) if text.strip() and pc >= 0]
     if not records:

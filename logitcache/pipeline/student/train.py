@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from logitcache.errors import LogitCacheError
+from logitcache.pipeline.student import losses
 
 LOSSES = ("uld", "mlot", "kl", "sft")
 # The papers' alignment for the cross-tokenizer losses; exact spans for a shared vocabulary.
@@ -58,13 +59,17 @@ class TrainConfig:
     shuffle_buffer: int = 1024
     num_workers: int = 0
     resume: bool = False
+    # Train without shards that are missing, resized or altered (they are named on stderr)
+    # instead of refusing the cache.
+    skip_bad_shards: bool = False
     kl_kind: str = "forward"  # forward | reverse | jsd
     mlot_variant: str = "paper"  # paper | code
     mlot_k: int = 50
-    # ULD/KL over chunks of this many positions (bounded memory, ~1.7x the loss time from the
-    # recompute in backward); 0: chunk only when the KD logits exceed AUTO_CHUNK_ELEMENTS.
+    # 0: CE + KD in one fused pass (losses.fused; MultiLevelOT "code" falls back to the standalone
+    # loss, chunked only when the KD logits exceed AUTO_CHUNK_ELEMENTS). N > 0: CE, then the
+    # standalone ULD/KL over chunks of N positions.
     kd_chunk_size: int = 0
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the student's own Python code (never the cache's tokenizer's)
     progress: bool = True
 
     @classmethod
@@ -126,8 +131,6 @@ def causal_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def kd_term(cfg: TrainConfig, logits: torch.Tensor, t_lp: torch.Tensor, t_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The KD loss of ``cfg.loss`` on logits [B, T, Vs] against aligned teacher top-k [B, T, K]."""
-    from logitcache.pipeline.student import losses
-
     if not mask.any():
         return logits.sum() * 0.0
     logits = logits.float()
@@ -140,6 +143,39 @@ def kd_term(cfg: TrainConfig, logits: torch.Tensor, t_lp: torch.Tensor, t_ids: t
     if cfg.loss == "uld":
         return losses.uld_loss(s, lp, ones, chunk_size=chunk)
     return losses.kl_loss(s, lp, ids, ones, kind=cfg.kl_kind, chunk_size=chunk)
+
+
+def fused_loss_of(cfg: TrainConfig) -> "losses.FusedLoss | None":
+    """The one-pass CE + KD of ``cfg`` (see losses.fused), or None where only the two-step path exists.
+
+    ``--kd-chunk-size`` asks for the standalone chunked losses explicitly, so it turns fusing off.
+    """
+    spec = losses.FusedLoss(
+        loss=cfg.loss, weight=cfg.kd_weight, kl_kind=cfg.kl_kind,
+        mlot=losses.MLOTConfig(variant=cfg.mlot_variant, k=cfg.mlot_k),
+    )
+    return spec if losses.fused_supports(spec) and not cfg.kd_chunk_size else None
+
+
+def batch_loss(
+    cfg: TrainConfig,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    kd_mask: torch.Tensor,
+    fused: "losses.FusedLoss | None",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CE + kd_weight * KD, CE, KD) of a batch: logits [B, T, V], labels [B, T], teacher [B, T, K], kd_mask [B, T].
+
+    ``fused`` is ``fused_loss_of(cfg)``: the one-pass loss where it exists, else CE then the
+    standalone KD loss.
+    """
+    if fused is not None:
+        return losses.ce_kd_loss(logits, labels, teacher_logprobs, teacher_ids, kd_mask, fused)
+    ce = causal_ce(logits, labels)
+    kd = kd_term(cfg, logits, teacher_logprobs, teacher_ids, kd_mask) if cfg.loss != "sft" else ce.new_zeros(())
+    return ce + cfg.kd_weight * kd, ce, kd
 
 
 class _EpochDataLoader(DataLoader):
@@ -155,6 +191,7 @@ class KDTrainer(Trainer):
     def __init__(self, *args, kd_config: TrainConfig, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.kd_config = kd_config
+        self.fused_loss = fused_loss_of(kd_config)
         # Our loss is a per-batch mean: let the Trainer divide it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -187,12 +224,7 @@ class KDTrainer(Trainer):
         if workers is not None and model.training:
             self.train_dataset.mark_consumed(workers.tolist(), indices.tolist())
         outputs = model(**inputs)
-        ce = causal_ce(outputs.logits, labels)
-        if self.kd_config.loss == "sft":
-            kd = ce.new_zeros(())
-        else:
-            kd = kd_term(self.kd_config, outputs.logits, t_lp, t_ids, kd_mask)
-        loss = ce + self.kd_config.kd_weight * kd
+        loss, ce, kd = batch_loss(self.kd_config, outputs.logits, labels, t_lp, t_ids, kd_mask, self.fused_loss)
         if model.training:
             self._sums["ce"] += float(ce.detach())
             self._sums["kd"] += float(kd.detach())
@@ -212,19 +244,62 @@ class KDTrainer(Trainer):
 
 
 class DataStateCallback(TrainerCallback):
-    """Saves the dataset's position next to every checkpoint (one file per rank)."""
+    """Saves the dataset's position (JSON, one file per rank) into every checkpoint.
+
+    The state is written when the step ends with a save due, before the Trainer writes the
+    checkpoint, whose ``trainer_state.json`` comes last. So a checkpoint is complete when
+    it holds ``trainer_state.json`` and every rank's data state: a job killed while saving
+    leaves a checkpoint without them, which :meth:`last_complete_checkpoint` passes over.
+    """
 
     def __init__(self, dataset, rank: int) -> None:
         self.dataset, self.rank = dataset, rank
 
-    def on_save(self, args, state, control, **kwargs):
+    def _write(self, args, state) -> None:
         from logitcache.storage.fsutil import atomic_write_bytes
 
         # Other ranks can get here before rank 0 has created the folder.
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         ckpt.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(ckpt / DATA_STATE.format(rank=self.rank), json.dumps(self.dataset.state_dict()).encode())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self._write(args, state)
         return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self._write(args, state)  # the same state again; covers saves not announced at step end
+        return control
+
+    @staticmethod
+    def is_complete(checkpoint: Path) -> bool:
+        """Whether a save finished: ``trainer_state.json`` and every rank's data state are there."""
+        if not (checkpoint / "trainer_state.json").is_file():
+            return False
+        states = sorted(checkpoint.glob(DATA_STATE.format(rank="*")))
+        if not states:
+            return False
+        try:
+            world = int(json.loads(states[0].read_text())["world_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return all((checkpoint / DATA_STATE.format(rank=r)).is_file() for r in range(world))
+
+    @classmethod
+    def last_complete_checkpoint(cls, out: Path) -> tuple[Path | None, list[Path]]:
+        """The highest-numbered complete ``checkpoint-N`` in ``out``, and the incomplete ones above it."""
+        found = []
+        for p in out.iterdir() if out.is_dir() else []:
+            name = p.name.split("-")
+            if p.is_dir() and len(name) == 2 and name[0] == "checkpoint" and name[1].isdigit():
+                found.append((int(name[1]), p))
+        partial: list[Path] = []
+        for _, p in sorted(found, reverse=True):
+            if cls.is_complete(p):
+                return p, partial
+            partial.append(p)
+        return None, partial
 
 
 def _warmup_kwargs(warmup: float) -> dict[str, Any]:
@@ -247,12 +322,16 @@ class TrainResult:
     feature_stats: dict | None
 
 
-def check_compatibility(cfg: TrainConfig, student_tokenizer, manifest, cache_tokenizer_dir: Path) -> None:
-    """Refuse combinations that cannot work, before any model is trained."""
+def check_compatibility(cfg: TrainConfig, student_tokenizer, cache) -> None:
+    """Refuse combinations that cannot work, before any model is trained (``cache``: a CacheReader)."""
+    manifest = cache.manifest
     if cfg.loss == "kl":
-        from transformers import AutoTokenizer
+        from logitcache.pipeline.loading import load_tokenizer
 
-        teacher_tok = AutoTokenizer.from_pretrained(cache_tokenizer_dir)
+        # The cache's tokenizer is data from whoever wrote the cache: its files must match the
+        # manifest's sha256, and it never runs code of its own.
+        tok_dir = cache.verified_tokenizer_dir()
+        teacher_tok = load_tokenizer(str(tok_dir), "the cache's tokenizer", trust_remote_code=False)
         if student_tokenizer.get_vocab() != teacher_tok.get_vocab():
             raise LogitCacheError(
                 "--loss kl needs a student with the teacher's vocabulary, and this student's tokenizer differs "
@@ -264,6 +343,17 @@ def check_compatibility(cfg: TrainConfig, student_tokenizer, manifest, cache_tok
             f"--loss mlot ranks the top {cfg.mlot_k} teacher tokens, but the cache keeps only k={manifest.k}; "
             f"rerun the teacher with --top-k {cfg.mlot_k} or more, or pass --mlot-k {manifest.k}."
         )
+
+
+def _notify(messages: list[str], show: bool) -> None:
+    """Things a user must know before training starts: to the log, and once to stderr."""
+    import logging
+    import sys
+
+    for message in messages:
+        logging.getLogger(__name__).info(message)
+        if show:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def run_train(cfg: TrainConfig) -> TrainResult:
@@ -279,17 +369,19 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     from logitcache.storage import open_cache
 
     cfg.validate()
-    cache = open_cache(cfg.cache)  # refuses non-caches and unknown versions
+    cache = open_cache(cfg.cache)  # refuses non-caches, unknown versions and manifests that fail the schema
     out = Path(cfg.out)
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if last and not cfg.resume:
+    newest = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if newest and not cfg.resume:
         raise LogitCacheError(
-            f"--out {out} already holds checkpoints ({Path(last).name}); pass --resume to continue, "
+            f"--out {out} already holds checkpoints ({Path(newest).name}); pass --resume to continue, "
             "or choose a new --out so nothing is overwritten."
         )
+    # Not transformers' get_last_checkpoint: it takes the highest number, even a save that a
+    # kill cut short (weights without optimizer or trainer state: the resume fails or goes wrong).
+    last, partial = DataStateCallback.last_complete_checkpoint(out) if cfg.resume else (None, [])
     tokenizer = load_tokenizer(cfg.student, "--student", trust_remote_code=cfg.trust_remote_code)
-    check_compatibility(cfg, tokenizer, cache.manifest, cache.tokenizer_dir)
-    model = load_causal_lm(cfg.student, "--student", trust_remote_code=cfg.trust_remote_code)
+    check_compatibility(cfg, tokenizer, cache)
 
     args = TrainingArguments(
         output_dir=str(out),
@@ -325,16 +417,26 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             path, tokenizer, alignment=cfg.resolved_alignment(), max_length=cfg.max_length,
             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, shuffle=shuffle,
             rank=args.process_index, world_size=args.world_size, num_workers=cfg.num_workers,
+            skip_bad_shards=cfg.skip_bad_shards,
         )
 
+    # Every shard is checked here, before the model is loaded: a damaged cache stops the run now.
     train_ds = dataset(cfg.cache, shuffle=True)
     eval_ds = dataset(cfg.eval_cache, shuffle=False) if cfg.eval_cache else None
-    if last and cfg.resume:
-        state_file = Path(last) / DATA_STATE.format(rank=args.process_index)
-        if state_file.is_file():
-            train_ds.load_state_dict(json.loads(state_file.read_text()))
-        else:  # a checkpoint from before the data state was written: let the Trainer skip batches
-            args.ignore_data_skip = False
+    notices = [ds.skipped_summary() for ds in (train_ds, eval_ds) if ds is not None and ds.skipped_shards]
+    if partial:
+        notices.append(
+            f"--resume: passed over {', '.join(p.name for p in partial)}, incomplete (the job stopped while saving "
+            "it); " + (f"resuming from {last.name}." if last else "no complete checkpoint is left, starting from step 0.")
+        )
+    _notify(notices, args.process_index == 0)
+    if last is not None:
+        # A rank without its own state (more ranks than saved it) gets rank 0's, which
+        # load_state_dict refuses, naming the world size.
+        own = last / DATA_STATE.format(rank=args.process_index)
+        state_file = own if own.is_file() else last / DATA_STATE.format(rank=0)
+        train_ds.load_state_dict(json.loads(state_file.read_text()))
+    model = load_causal_lm(cfg.student, "--student", trust_remote_code=cfg.trust_remote_code)
     pad = pad_token_id(tokenizer)
     trainer = KDTrainer(
         model=model,
@@ -347,11 +449,25 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         kd_config=cfg,
     )
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last if (last and cfg.resume) else None)
+    result = trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         (out / "logitcache_train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    _leave_process_group()
     return TrainResult(
         out=str(out), global_step=result.global_step, train_loss=float(result.training_loss),
         seconds=time.perf_counter() - t0, feature_stats=train_ds.featurizer_stats(),
     )
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: all ranks meet, then close the group together.
+
+    Otherwise the first rank to exit closes its gloo sockets while another is still tearing
+    down its own, which can abort that rank (SIGABRT) after a successful run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

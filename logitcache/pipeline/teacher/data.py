@@ -17,6 +17,12 @@ from logitcache.errors import LogitCacheError
 _BUILDERS = {
     ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text",
 }
+# Of those, the text formats: checked for UTF-8 before `datasets` reads them.
+_TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
+
+
+class _RecordError(LogitCacheError):
+    """A problem with one record; ``iter_examples`` adds which one."""
 
 
 @dataclass
@@ -118,14 +124,14 @@ def render(record: dict[str, Any], t: TextTemplate, tokenizer) -> tuple[str, int
         return prompt + response, len(prompt) if response else -1
     messages = record[t.messages_field]
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise LogitCacheError(f"--messages-field {t.messages_field!r} must hold a list of {{role, content}} objects.")
+        raise _RecordError(f"--messages-field {t.messages_field!r} must hold a list of {{role, content}} objects.")
     if getattr(tokenizer, "chat_template", None) is None:
         raise LogitCacheError(
             "--messages-field needs a chat template, and the teacher tokenizer has none; "
             "use --prompt-field/--response-field instead."
         )
     if messages[-1].get("role") != "assistant":
-        raise LogitCacheError(
+        raise _RecordError(
             f"the last message of a chat must be the assistant's response (got role {messages[-1].get('role')!r})."
         )
     full = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -152,7 +158,7 @@ def render_prompt(record: dict[str, Any], t: TextTemplate, tokenizer) -> str:
         return prompt + t.separator if prompt else ""
     messages = record[t.messages_field]
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise LogitCacheError(f"--messages-field {t.messages_field!r} must hold a list of {{role, content}} objects.")
+        raise _RecordError(f"--messages-field {t.messages_field!r} must hold a list of {{role, content}} objects.")
     if messages and messages[-1].get("role") == "assistant":
         messages = messages[:-1]
     if not messages:
@@ -164,10 +170,49 @@ def render_prompt(record: dict[str, Any], t: TextTemplate, tokenizer) -> str:
 
 def _as_str(value: Any, field: str) -> str:
     if value is None:
-        return ""
+        raise _RecordError(f"field {field!r} is missing (or null); give every record that field, or drop the record.")
     if not isinstance(value, str):
-        raise LogitCacheError(f"field {field!r} holds a {type(value).__name__}, expected a string.")
+        raise _RecordError(f"field {field!r} holds a {type(value).__name__}, expected a string.")
     return value
+
+
+# Arrow types a text field may have: strings, or all-null (caught as missing).
+def _is_text_type(typ) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)
+
+
+def check_records(ds, t: TextTemplate) -> None:
+    """Every record has the template's fields, text fields hold strings: checked over the whole
+    table at once (Arrow, no Python loop), so a bad record 900k stops the run before it starts.
+
+    ``t`` is a resolved template. Raises ``LogitCacheError`` naming the field and the first
+    bad record (counted from 1, as a JSON-lines file's records are its non-empty lines).
+    """
+    table = getattr(ds, "data", None)
+    table = getattr(table, "table", table)
+    if table is None or getattr(ds, "_indices", None) is not None:
+        return  # a view (select/shuffle): rows are checked one by one as they are read
+    for opt, name, text in [
+        ("--text-field", t.text_field, True), ("--prompt-field", t.prompt_field, True),
+        ("--response-field", t.response_field, True), ("--messages-field", t.messages_field, False),
+        ("--id-field", t.id_field, False),
+    ]:
+        if name is None or name not in table.column_names:
+            continue
+        column = table.column(name)
+        if text and not _is_text_type(column.type):
+            raise LogitCacheError(
+                f"{opt} {name!r} holds {column.type} values, expected text; name a field of strings."
+            )
+        if column.null_count:
+            import pyarrow.compute as pc
+
+            first = pc.index(pc.is_null(column), True).as_py()
+            raise LogitCacheError(
+                f"record {first + 1}: field {name!r} is missing (or null); give every record that field, or drop the record."
+            )
 
 
 def load_records(data: str, split: str = "train"):
@@ -189,8 +234,12 @@ def load_records(data: str, split: str = "train"):
                 )
             if path.stat().st_size == 0:
                 raise LogitCacheError(f"--data {data} is empty; give a file with at least one record.")
+            if path.suffix.lower() in _TEXT_SUFFIXES:
+                check_utf8(path, f"--data {data}")
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         elif path.is_dir():
+            for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in _TEXT_SUFFIXES and p.is_file()):
+                check_utf8(file, f"--data {data}: {file.relative_to(path)}")
             ds = datasets.load_dataset(str(path), split=split)
         elif looks_like_path:
             raise LogitCacheError(f"--data {data}: no such file or directory; check the path.")
@@ -207,6 +256,42 @@ def load_records(data: str, split: str = "train"):
     return ds
 
 
+def check_utf8(path: Path, where: str, block_size: int = 1 << 22) -> None:
+    """Refuse a text file that is not UTF-8, naming the line and byte (datasets would fail later,
+    mid-run, or read it as garbage). Reads the file once, in blocks."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes read before this block
+    newlines = 0  # b"\n" before this block
+    last_newline = -1  # file offset of the last b"\n" before this block
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(block_size)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                # err.object: the decoder's pending bytes (part of one character, no b"\n") + block
+                base = offset - (len(err.object) - len(block))
+                before = err.object[: err.start]
+                nl = before.rfind(b"\n")
+                line_start = base + nl + 1 if nl >= 0 else last_newline + 1
+                bad = base + err.start
+                bad_line = newlines + before.count(b"\n") + 1
+                raise LogitCacheError(
+                    f"{where}: line {bad_line} is not valid UTF-8 (byte 0x{err.object[err.start]:02x} at "
+                    f"byte {bad - line_start + 1} of the line, offset {bad} in the file); "
+                    "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+                ) from None
+            if not block:
+                return
+            newlines += block.count(b"\n")
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                last_newline = offset + nl
+            offset += len(block)
+
+
 def _explain_load_error(data: str, e: BaseException) -> str:
     path = Path(data)
     if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
@@ -216,6 +301,11 @@ def _explain_load_error(data: str, e: BaseException) -> str:
     root = e
     while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
         root = root.__cause__ or root.__context__
+    if path.is_dir() and type(root).__name__ in ("EmptyDatasetError", "DataFilesNotFoundError"):
+        return (
+            f"--data {data}: a directory with no data files; put {', '.join(sorted(_BUILDERS))} files "
+            "in it, or give a file."
+        )
     text = str(root).strip()
     first = text.splitlines()[0] if text else type(root).__name__
     return f"--data {data}: could not be read ({type(root).__name__}: {first})."
@@ -264,14 +354,20 @@ def iter_examples(
     the prompt alone and ``prompt_chars`` its length. Without an id field the id is a hash of
     the text; repeated texts get "-2", "-3", ... in order of appearance.
     """
+    if limit is not None and limit < 0:
+        raise LogitCacheError(f"--limit must be 0 or more (got {limit}).")
+    check_records(ds, t)
     seen: dict[str, int] = {}
     n = len(ds) if limit is None else min(limit, len(ds))
     for i, record in enumerate(islice(ds, n)):
-        if generate:
-            text = render_prompt(record, t, tokenizer)
-            prompt_chars = len(text)
-        else:
-            text, prompt_chars = render(record, t, tokenizer)
+        try:
+            if generate:
+                text = render_prompt(record, t, tokenizer)
+                prompt_chars = len(text)
+            else:
+                text, prompt_chars = render(record, t, tokenizer)
+        except _RecordError as e:
+            raise LogitCacheError(f"record {i + 1}: {e}") from e
         if t.id_field:
             rid = str(record[t.id_field])
             if rid in seen:

@@ -20,12 +20,14 @@ from logitcache.pipeline.offsets import encode_with_offsets
 from logitcache.pipeline.teacher.data import (
     TextTemplate,
     add_special_tokens_for,
+    check_records,
     dataset_fingerprint,
     iter_examples,
     load_records,
 )
 from logitcache.pipeline.teacher.engine import ENGINES, GenerationConfig, TeacherEngine
-from logitcache.storage.fsutil import hash_files
+from logitcache.storage.fsutil import crash_point, hash_files
+from logitcache.storage.lock import CacheLock
 from logitcache.storage.manifest import Manifest
 from logitcache.storage.rows import Row
 from logitcache.storage.writer import DEFAULT_SHARD_BYTES, CacheWriter
@@ -181,11 +183,21 @@ def make_engine(cfg: TeacherConfig) -> TeacherEngine:
 
 
 def run_teacher(cfg: TeacherConfig, *, progress: bool = True) -> TeacherResult:
-    """Write (or resume) this worker's cache. Returns what this run did."""
+    """Write (or resume) this worker's cache. Returns what this run did.
+
+    Holds the lock on the cache (or the worker's part) from the start, so a second run
+    pointed at it refuses at once rather than after loading its model.
+    """
     cfg.validate()
+    with CacheLock(cfg.out_dir()) as lock:
+        return _run_locked(cfg, lock, progress)
+
+
+def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherResult:
     index, count = cfg.worker()
     ds = load_records(cfg.data, cfg.split)  # before the model: bad data fails in seconds
     template = cfg.template.resolved(list(ds.column_names), cfg.mode)
+    check_records(ds, template)  # a bad record 900k in stops us now, not hours into the run
     engine = make_engine(cfg)
     if cfg.top_k > engine.vocab_size:
         raise LogitCacheError(
@@ -230,7 +242,7 @@ def run_teacher(cfg: TeacherConfig, *, progress: bool = True) -> TeacherResult:
             codec=cfg.codec,
             tool_version=logitcache.__version__,
         )
-        writer = CacheWriter(cfg.out_dir(), manifest, tokenizer_dir=tok_dir, shard_bytes=cfg.shard_bytes)
+        writer = CacheWriter(cfg.out_dir(), manifest, tokenizer_dir=tok_dir, shard_bytes=cfg.shard_bytes, lock=lock)
 
     result = TeacherResult(out=str(cfg.out_dir()), already_done=len(writer.done_ids))
     n_records = len(ds) if cfg.limit is None else min(cfg.limit, len(ds))
@@ -259,6 +271,7 @@ def run_teacher(cfg: TeacherConfig, *, progress: bool = True) -> TeacherResult:
         if writing is not None:
             writing.result()
         if n_records == len(ds):
+            crash_point("run.before_complete")
             writer.mark_complete()
             result.complete = True
     result.seconds = time.perf_counter() - start
@@ -353,6 +366,7 @@ def _write_window(writer: CacheWriter, window: list, scored: dict, result: Teach
         result.tokens += len(p.ids)
         result.truncated += p.truncated
         bar.advance(1, len(p.ids))
+    crash_point("run.window_written")
 
 
 def _windows(items: Iterator, size: int) -> Iterator[list]:

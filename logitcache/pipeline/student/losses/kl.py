@@ -79,13 +79,7 @@ def kl_loss(
         ValueError: a masked-in teacher id is outside [0, V) (the student does not share the
             teacher's vocabulary), a shape mismatch, or a bad ``kind``/``beta``.
     """
-    if kind not in ("forward", "reverse", "jsd"):
-        raise ValueError(f"kl_loss: kind must be 'forward', 'reverse' or 'jsd', got {kind!r}.")
-    if kind == "jsd" and not 0.0 < beta < 1.0:
-        raise ValueError(
-            f"kl_loss: beta must be in (0, 1) for kind='jsd', got {beta}; at 0 or 1 the JSD is "
-            "identically 0 (use kind='forward' or 'reverse' for a one-sided divergence)."
-        )
+    check_kind(kind, beta)
     if student_logits.dim() != 2 or teacher_logprobs.dim() != 2 or teacher_ids.shape != teacher_logprobs.shape:
         raise ValueError(
             "kl_loss expects student_logits [N, V], teacher_logprobs [N, K], teacher_ids [N, K]; got "
@@ -96,7 +90,32 @@ def kl_loss(
             f"kl_loss: mask must be a bool [N] tensor with N = {student_logits.shape[0]}, "
             f"got {mask.dtype} {tuple(mask.shape)}."
         )
-    v = student_logits.shape[-1]
+    ids = ids_in_vocab(teacher_ids, mask, student_logits.shape[-1])
+
+    total = chunked_position_sum(
+        lambda x, m, lp, i: _kl_sum(x, m, lp, i, kind, beta), student_logits, mask, teacher_logprobs, ids,
+        chunk_size=chunk_size,
+    )
+    return total / mask.sum().clamp_min(1).to(total.dtype)
+
+
+def check_kind(kind: str, beta: float) -> None:
+    """Raise ValueError unless ``kind``/``beta`` name a divergence :func:`kl_loss` computes."""
+    if kind not in ("forward", "reverse", "jsd"):
+        raise ValueError(f"kl_loss: kind must be 'forward', 'reverse' or 'jsd', got {kind!r}.")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(
+            f"kl_loss: beta must be in (0, 1) for kind='jsd', got {beta}; at 0 or 1 the JSD is "
+            "identically 0 (use kind='forward' or 'reverse' for a one-sided divergence)."
+        )
+
+
+def ids_in_vocab(teacher_ids: torch.Tensor, mask: torch.Tensor, v: int) -> torch.Tensor:
+    """[..., K] teacher ids as long, checked to lie in [0, v) where ``mask`` [...] is True, 0 elsewhere.
+
+    Raises:
+        ValueError: a masked-in id is outside the student vocabulary.
+    """
     ids = teacher_ids.long()
     live_ids = ids[mask]
     out_of_range = live_ids[(live_ids < 0) | (live_ids >= v)]
@@ -107,13 +126,7 @@ def kl_loss(
             "student that shares the teacher's tokenizer; across tokenizers use uld_loss or "
             "multilevel_ot_loss."
         )
-    ids = torch.where(mask[:, None], ids, torch.zeros_like(ids))  # padding ids must not index out of range
-
-    total = chunked_position_sum(
-        lambda x, m, lp, i: _kl_sum(x, m, lp, i, kind, beta), student_logits, mask, teacher_logprobs, ids,
-        chunk_size=chunk_size,
-    )
-    return total / mask.sum().clamp_min(1).to(total.dtype)
+    return torch.where(mask[..., None], ids, torch.zeros_like(ids))  # padding ids must not index out of range
 
 
 def _kl_sum(
@@ -126,19 +139,13 @@ def _kl_sum(
 ) -> torch.Tensor:
     """The plain formula: the divergence summed over the masked-in rows (``ids`` already in range)."""
     dtype = student_logits.dtype
-    t_lp = teacher_logprobs.to(dtype)
-    t = t_lp.exp()
     s_top_logits = student_logits.gather(-1, ids)  # [N, K]
     if ids.shape[-1] >= student_logits.shape[-1]:
         # The ids cover the whole vocabulary: there is no tail bucket. (The teacher's
         # 1 - sum(t) is rounding noise here, and against a structurally empty student tail
         # it would blow up the forward KL.)
-        t_all, t_log = t, t_lp
         s_log = s_top_logits - logsumexp_last(student_logits)
     else:
-        t_tail = (1.0 - t.sum(dim=-1, keepdim=True)).clamp_min(0.0)
-        t_all = torch.cat([t, t_tail], dim=-1)  # [N, K+1]
-        t_log = torch.cat([t_lp, t_tail.log()], dim=-1)  # -inf where a bucket is empty
         # Student log-probs of the K+1 buckets from two log-sums: over the teacher ids and
         # over the complement (the ids filled with the dtype's lowest finite value rather than
         # -inf, so a row whose ids repeat stays finite in value and gradient). Their logaddexp
@@ -147,9 +154,34 @@ def _kl_sum(
         lse_rest = logsumexp_last(rest)  # [N, 1]
         lse = torch.logaddexp(torch.logsumexp(s_top_logits, dim=-1, keepdim=True), lse_rest)
         s_log = torch.cat([s_top_logits - lse, lse_rest - lse], dim=-1)  # [N, K+1]
+    per_position = kl_per_position(s_log, teacher_logprobs, kind, beta)
+    return torch.where(mask, per_position, torch.zeros_like(per_position)).sum()
+
+
+def kl_per_position(student_bucket_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, kind: KLKind, beta: float) -> torch.Tensor:
+    """The divergence of :func:`kl_loss` at each position, from the student's bucket log-probs.
+
+    Args:
+        student_bucket_logprobs: [N, K+1] log s_b of the K teacher ids then the tail, or [N, K]
+            when the ids cover the whole vocabulary (no tail bucket).
+        teacher_logprobs: [N, K].
+
+    Returns:
+        [N] per-position divergence.
+    """
+    s_log = student_bucket_logprobs
+    dtype = s_log.dtype
+    t_lp = teacher_logprobs.to(dtype)
+    t = t_lp.exp()
+    if s_log.shape[-1] == t_lp.shape[-1]:
+        t_all, t_log = t, t_lp
+    else:
+        t_tail = (1.0 - t.sum(dim=-1, keepdim=True)).clamp_min(0.0)
+        t_all = torch.cat([t, t_tail], dim=-1)  # [N, K+1]
+        t_log = torch.cat([t_lp, t_tail.log()], dim=-1)  # -inf where a bucket is empty
     s_all = s_log.exp()
 
-    zero = torch.zeros((), dtype=dtype, device=student_logits.device)
+    zero = torch.zeros((), dtype=dtype, device=s_log.device)
     if kind == "forward":
         per_bucket = torch.where(t_all > 0, t_all * (t_log - s_log), zero)
     elif kind == "reverse":
@@ -160,6 +192,4 @@ def _kl_sum(
         kl_t_m = torch.where(t_all > 0, t_all * (t_log - m_log), zero)
         kl_s_m = s_all * (s_log - m_log)
         per_bucket = beta * kl_t_m + (1.0 - beta) * kl_s_m
-    per_position = per_bucket.sum(dim=-1)  # [N]
-
-    return torch.where(mask, per_position, torch.zeros_like(per_position)).sum()
+    return per_bucket.sum(dim=-1)  # [N]

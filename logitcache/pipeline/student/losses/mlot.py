@@ -171,35 +171,17 @@ def multilevel_ot_loss(
         ValueError: K < k, Vs < k, bad shapes or a negative teacher id at a valid position.
         ImportError: ``student_rank="assignment"`` without scipy.
     """
-    cfg = (config or MLOTConfig()).resolved()
-    if student_logits.dim() != 3 or teacher_logprobs.dim() != 3 or teacher_ids.shape != teacher_logprobs.shape:
-        raise ValueError(
-            "multilevel_ot_loss expects student_logits [B, T, Vs], teacher_logprobs and teacher_ids "
-            f"[B, T, K]; got {tuple(student_logits.shape)}, {tuple(teacher_logprobs.shape)}, "
-            f"{tuple(teacher_ids.shape)}."
-        )
-    b, t, vs = student_logits.shape
-    if teacher_logprobs.shape[:2] != (b, t) or mask.shape != (b, t) or mask.dtype != torch.bool:
-        raise ValueError(
-            f"multilevel_ot_loss: teacher tensors and mask must be [B, T] = [{b}, {t}] in their first "
-            f"dims and mask bool; got {tuple(teacher_logprobs.shape)}, mask {mask.dtype} {tuple(mask.shape)}."
-        )
-    k_cache = teacher_logprobs.shape[-1]
-    if k_cache < cfg.k:
-        raise ValueError(
-            f"The cache keeps the teacher's top-{k_cache} per position, but MultiLevelOT ranks k={cfg.k} "
-            f"teacher dims: re-run the teacher with --top-k {cfg.k} or more, or lower MLOTConfig.k "
-            f"(--mlot-k) to {k_cache} or less."
-        )
-    if vs < cfg.k:
-        raise ValueError(f"MultiLevelOT: the student vocabulary ({vs}) is smaller than k={cfg.k}; lower MLOTConfig.k.")
+    cfg = checked_config(config, student_logits.shape, teacher_logprobs, teacher_ids, mask)
+    if cfg.variant == "paper" and cfg.student_rank == "sum" and not return_parts and not teacher_logprobs.requires_grad:
+        # Memory-bounded: the fused pass over chunks of positions (losses.fused), with no CE target.
+        from logitcache.pipeline.student.losses.fused import FusedLoss, ce_kd_loss
 
+        no_targets = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
+        total, _, _ = ce_kd_loss(student_logits, no_targets, teacher_logprobs, teacher_ids, mask, FusedLoss("mlot", mlot=cfg))
+        return total.to(student_logits.dtype)
     dtype = student_logits.dtype
     valid = mask
-    ids = teacher_ids.long()
-    if bool((ids[valid] < 0).any()):
-        raise ValueError("multilevel_ot_loss: negative teacher id at a position where mask is True.")
-    ids = torch.where(valid[..., None], ids, torch.zeros_like(ids))
+    ids = _valid_ids(teacher_ids, valid)
     t_lp = teacher_logprobs.to(dtype)
     over_batch = cfg.rank_over == "batch"
 
@@ -224,18 +206,106 @@ def multilevel_ot_loss(
         p_s = torch.softmax(z_rank, dim=-1).masked_fill_(~valid[..., None], 0.0)
         del z_rank
         if cfg.student_rank == "sum":
-            sums = p_s.sum(dim=1)  # [B, Vs]
-            if over_batch:
-                sums = sums.sum(dim=0, keepdim=True).expand(b, -1)
-            s_ids_ranked = _top_k_stable(sums, cfg.k)
+            s_ids_ranked = rank_student_ids(p_s.sum(dim=1), cfg)
         else:
             t_cols = _gather_ranked(t_rank, ids, t_ids_ranked)
             s_ids_ranked = _assign_student_ids(t_cols, p_s, valid, over_batch)
         del p_s
 
-    # --- HAD and SL at tau_SL ------------------------------------------------------------
     t_r = _gather_ranked(torch.where(valid[..., None], t_sl, zeros_k), ids, t_ids_ranked)  # [B, T, k]
     s_log_r = _student_ranked_logprobs(z_s, s_ids_ranked, cfg.tau_sl)  # [B, T, k], has grad
+    if cfg.variant == "code":
+        t_sd = torch.softmax(t_r / cfg.tau_sd, dim=-1)
+        s_sd = torch.softmax(s_log_r.exp() / cfg.tau_sd, dim=-1)
+    else:
+        t_sd = _gather_ranked(torch.where(valid[..., None], _teacher_probs(t_lp, cfg.tau_sd), zeros_k), ids, t_ids_ranked)
+        s_sd = s_log_r.exp() if cfg.tau_sd == cfg.tau_sl else _student_ranked_logprobs(z_s, s_ids_ranked, cfg.tau_sd).exp()
+    return mlot_terms(cfg, t_r, t_sd, s_log_r, s_sd, valid, return_parts=return_parts)
+
+
+def checked_config(
+    config: MLOTConfig | None,
+    student_shape: torch.Size,
+    teacher_logprobs: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    mask: torch.Tensor,
+) -> MLOTConfig:
+    """The resolved config, after checking the shapes of :func:`multilevel_ot_loss`'s inputs against it."""
+    cfg = (config or MLOTConfig()).resolved()
+    if len(student_shape) != 3 or teacher_logprobs.dim() != 3 or teacher_ids.shape != teacher_logprobs.shape:
+        raise ValueError(
+            "multilevel_ot_loss expects student_logits [B, T, Vs], teacher_logprobs and teacher_ids "
+            f"[B, T, K]; got {tuple(student_shape)}, {tuple(teacher_logprobs.shape)}, "
+            f"{tuple(teacher_ids.shape)}."
+        )
+    b, t, vs = student_shape
+    if teacher_logprobs.shape[:2] != (b, t) or mask.shape != (b, t) or mask.dtype != torch.bool:
+        raise ValueError(
+            f"multilevel_ot_loss: teacher tensors and mask must be [B, T] = [{b}, {t}] in their first "
+            f"dims and mask bool; got {tuple(teacher_logprobs.shape)}, mask {mask.dtype} {tuple(mask.shape)}."
+        )
+    k_cache = teacher_logprobs.shape[-1]
+    if k_cache < cfg.k:
+        raise ValueError(
+            f"The cache keeps the teacher's top-{k_cache} per position, but MultiLevelOT ranks k={cfg.k} "
+            f"teacher dims: re-run the teacher with --top-k {cfg.k} or more, or lower MLOTConfig.k "
+            f"(--mlot-k) to {k_cache} or less."
+        )
+    if vs < cfg.k:
+        raise ValueError(f"MultiLevelOT: the student vocabulary ({vs}) is smaller than k={cfg.k}; lower MLOTConfig.k.")
+    return cfg
+
+
+def _valid_ids(teacher_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, T, K] teacher ids as long, 0 where ``valid`` is False (padding such as -100 is fine there)."""
+    ids = teacher_ids.long()
+    if bool((ids[valid] < 0).any()):
+        raise ValueError("multilevel_ot_loss: negative teacher id at a position where mask is True.")
+    return torch.where(valid[..., None], ids, torch.zeros_like(ids))
+
+
+def paper_teacher_side(
+    cfg: MLOTConfig, teacher_logprobs: torch.Tensor, teacher_ids: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's ranked ids [B, k] and ranked vectors at tau_SL and tau_SD [B, T, k] ("paper" variant).
+
+    The same values :func:`multilevel_ot_loss` computes, for callers that supply the student side
+    themselves (the trainer's fused CE + KD pass).
+    """
+    ids = _valid_ids(teacher_ids, valid)
+    vz = valid[..., None]
+    zero = torch.zeros((), dtype=teacher_logprobs.dtype, device=teacher_logprobs.device)
+    t_rank = torch.where(vz, teacher_logprobs.exp(), zero)
+    t_ids_ranked = _teacher_rank_ids(t_rank, ids, cfg.k, cfg.rank_over == "batch")
+    t_r = _gather_ranked(torch.where(vz, _teacher_probs(teacher_logprobs, cfg.tau_sl), zero), ids, t_ids_ranked)
+    t_sd = _gather_ranked(torch.where(vz, _teacher_probs(teacher_logprobs, cfg.tau_sd), zero), ids, t_ids_ranked)
+    return t_ids_ranked, t_r, t_sd
+
+
+def rank_student_ids(prob_sums: torch.Tensor, cfg: MLOTConfig) -> torch.Tensor:
+    """[B, Vs] student probabilities summed over each sequence's valid positions -> [B, k] ranked ids."""
+    if cfg.rank_over == "batch":
+        prob_sums = prob_sums.sum(dim=0, keepdim=True).expand(prob_sums.shape[0], -1)
+    return _top_k_stable(prob_sums, cfg.k)
+
+
+def mlot_terms(
+    cfg: MLOTConfig,
+    t_r: torch.Tensor,
+    t_sd: torch.Tensor,
+    s_log_r: torch.Tensor,
+    s_sd: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    return_parts: bool = False,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """HAD, SL and SD from the ranked vectors, all [B, T, k]; ``valid`` [B, T] bool.
+
+    ``t_r``/``s_log_r``: teacher probabilities and student log-probabilities at tau_SL;
+    ``t_sd``/``s_sd``: the probabilities the Sinkhorn compares. Returns the weighted total (or
+    the parts, as :func:`multilevel_ot_loss` documents).
+    """
+    dtype = s_log_r.dtype
     s_r = s_log_r.exp()
     had_pos = (t_r - s_r).abs().sum(dim=-1)  # [B, T]
     if cfg.variant == "code":
@@ -243,19 +313,10 @@ def multilevel_ot_loss(
     else:
         sl_pos = -(t_r * s_log_r).sum(dim=-1)
 
-    # --- SD at tau_SD ----------------------------------------------------------------------
-    if cfg.variant == "code":
-        t_sd = torch.softmax(t_r / cfg.tau_sd, dim=-1)
-        s_sd = torch.softmax(s_r / cfg.tau_sd, dim=-1)
-    else:
-        t_sd_all = _teacher_probs(t_lp, cfg.tau_sd)
-        t_sd = _gather_ranked(torch.where(valid[..., None], t_sd_all, zeros_k), ids, t_ids_ranked)
-        s_sd = s_r if cfg.tau_sd == cfg.tau_sl else _student_ranked_logprobs(z_s, s_ids_ranked, cfg.tau_sd).exp()
-
     n_pos = valid.sum(dim=1)  # [B]
     seq_ok = n_pos > 0
     n_ok = seq_ok.sum().clamp_min(1).to(dtype)
-    zero = torch.zeros((), dtype=dtype, device=student_logits.device)
+    zero = torch.zeros((), dtype=dtype, device=s_log_r.device)
     # Only sequences with a valid position enter the OT (an empty one has no marginal).
     ok_idx = seq_ok.nonzero().squeeze(-1)
     v_ok = valid.index_select(0, ok_idx)

@@ -86,20 +86,32 @@ def _uld_sum(student_logits: torch.Tensor, mask: torch.Tensor, teacher_logprobs:
     """The plain formula: sum of ``uld_p`` over the masked-in rows (shapes as in :func:`uld_loss`)."""
     k = teacher_logprobs.shape[-1]
     vs = student_logits.shape[-1]
-    t = teacher_logprobs.to(student_logits.dtype).exp().sort(dim=-1, descending=True).values  # [N, K]
-
     # Top-K on the logits, normalised by the log-partition: no [N, Vs] probability tensor is
     # built in the forward pass, and the backward pass touches the full row only twice.
     lse = logsumexp_last(student_logits)  # [N, 1]
     top = torch.topk(student_logits, min(k, vs), dim=-1, sorted=True).values  # [N, min(K, Vs)]
-    s = (top - lse).exp()
-    if vs < k:
-        s = torch.nn.functional.pad(s, (0, k - vs))  # the paper's zero-padding of the shorter vector
+    per_position = uld_per_position(top - lse, teacher_logprobs)
+    # where() rather than a multiply: a masked row's value never reaches the sum.
+    return torch.where(mask, per_position, torch.zeros_like(per_position)).sum()
 
+
+def uld_per_position(student_top_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """``uld_p`` of :func:`uld_loss` from the student's sorted top log-probabilities.
+
+    Args:
+        student_top_logprobs: [N, K'] the student's K' = min(K, Vs) largest log-probabilities,
+            sorted descending (zero-padded to K in probability when Vs < K).
+        teacher_logprobs: [N, K] teacher log-probabilities, any order.
+
+    Returns:
+        [N] per-position ULD.
+    """
+    k = teacher_logprobs.shape[-1]
+    t = teacher_logprobs.to(student_top_logprobs.dtype).exp().sort(dim=-1, descending=True).values  # [N, K]
+    s = student_top_logprobs.exp()
+    if s.shape[-1] < k:
+        s = torch.nn.functional.pad(s, (0, k - s.shape[-1]))  # the paper's zero-padding of the shorter vector
     # A student tail that rounds slightly below 0 would be an error of the sum, not mass.
     s_tail = (1.0 - s.sum(dim=-1)).clamp_min(0.0)
     t_tail = (1.0 - t.sum(dim=-1)).clamp_min(0.0)
-    per_position = (s - t).abs().sum(dim=-1) + (s_tail - t_tail).abs()  # [N]
-
-    # where() rather than a multiply: a masked row's value never reaches the sum.
-    return torch.where(mask, per_position, torch.zeros_like(per_position)).sum()
+    return (s - t).abs().sum(dim=-1) + (s_tail - t_tail).abs()  # [N]

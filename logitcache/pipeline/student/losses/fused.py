@@ -1,0 +1,294 @@
+"""The trainer's loss, CE + weight * KD, in two passes over the student logits.
+
+Every loss here sees a row of student logits x [V] only through
+
+- log-partitions ``lse_tau = logsumexp(x / tau)`` at one or two temperatures, and
+- the logits at a few ids per row: the label, the teacher's top-K ids (KL), the student's own
+  top-K (ULD), MultiLevelOT's ranked ids.
+
+So the gradient is dense only through softmaxes::
+
+    dL/dx_j = sum_tau (dL/dlse_tau) * softmax(x / tau)_j / tau  +  sum_{i: id_i = j} dL/dx_{id_i}
+
+The forward pass makes one chunked, no-grad pass over the logits for the log-partitions and
+for what chooses the ids (the student's top-K, MultiLevelOT's ranking sums, KL's exact tail
+mass). The loss itself is then an ordinary autograd computation on [N, m] tensors, whose
+gradients w.r.t. the gathered logits and the log-partitions are kept. Backward writes the
+[N, V] gradient in one more chunked pass. CE shares its log-partition with the KD term, no
+[N, V] intermediate exists besides the gradient itself (the chunked losses' bound), and the
+loss formulas are the very functions the standalone losses use (``uld_per_position``,
+``kl_per_position``, ``mlot_terms``), so the two paths agree to rounding (tested).
+
+What does not fit this shape runs the standalone losses instead (:func:`supports`):
+MultiLevelOT's "code" variant (it divides logits by their std over the vocabulary) and its
+"assignment" student ranking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from logitcache.pipeline.student.losses.kl import KLKind, check_kind, ids_in_vocab, kl_per_position
+from logitcache.pipeline.student.losses.mlot import (
+    MLOTConfig,
+    checked_config,
+    mlot_terms,
+    paper_teacher_side,
+    rank_student_ids,
+)
+from logitcache.pipeline.student.losses.uld import uld_per_position
+
+# Rows per chunk of the dense passes: about 4M logits (16 MiB in fp32) whatever the vocabulary.
+CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class FusedLoss:
+    """What :func:`ce_kd_loss` computes: CE + ``weight`` * the KD term ``loss`` ("sft": CE only)."""
+
+    loss: Literal["sft", "kl", "uld", "mlot"]
+    weight: float = 1.0
+    kl_kind: KLKind = "forward"
+    kl_beta: float = 0.5
+    mlot: MLOTConfig = field(default_factory=MLOTConfig)
+
+
+def supports(spec: FusedLoss) -> bool:
+    """Whether :func:`ce_kd_loss` computes ``spec`` (else use ``causal_ce`` + the standalone loss)."""
+    if spec.loss != "mlot":
+        return True
+    cfg = spec.mlot.resolved()
+    return cfg.variant == "paper" and cfg.student_rank == "sum"
+
+
+def ce_kd_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    kd_mask: torch.Tensor,
+    spec: FusedLoss,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token CE + ``spec.weight`` * KD over a batch, with its gradient, in two passes over the logits.
+
+    Args:
+        logits: [B, T, V] student logits (any float dtype; the loss is computed in fp32).
+        labels: [B, T] long, the input ids with -100 where no target; logits at q score labels[q + 1].
+        teacher_logprobs: [B, T, K] aligned teacher top-K log-probabilities (any order for ULD).
+        teacher_ids: [B, T, K] long, their teacher token ids (KL and MultiLevelOT).
+        kd_mask: [B, T] bool, True where a position has an aligned teacher target.
+        spec: which KD term and its weight.
+
+    Returns:
+        (total, ce, kd): the scalar to backpropagate (fp32; gradient to ``logits`` only), and its
+        two parts, detached. ``ce`` is the mean over targets (0 when there is none), ``kd`` the
+        KD loss's own mean (0 when no position is masked in, and for "sft").
+
+    Raises:
+        ValueError: what the standalone loss would raise (e.g. a teacher id outside the student
+            vocabulary for KL, a cache top-K below MultiLevelOT's k), or a spec that
+            :func:`supports` rejects.
+    """
+    if not supports(spec):
+        raise ValueError(f"ce_kd_loss cannot fuse {spec}; use causal_ce + the standalone loss.")
+    if spec.loss == "kl":
+        check_kind(spec.kl_kind, spec.kl_beta)
+    b, t, v = logits.shape
+    targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)  # [B, T]: row q's label
+    total, ce, kd = _CEKD.apply(logits.reshape(b * t, v), spec, (b, t), targets, teacher_logprobs, teacher_ids, kd_mask)
+    return total, ce, kd
+
+
+class _CEKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec, bt, targets, t_lp, t_ids, kd_mask):  # noqa: ANN001, ANN205 (autograd signature)
+        problem = _Problem(x, spec, bt, targets, t_lp, t_ids, kd_mask)
+        with torch.enable_grad():
+            total, ce, kd = problem.loss()
+            leaves = [problem.gathered, *problem.lse.values()]
+            grads = torch.autograd.grad(total, leaves, allow_unused=True)
+        dg = grads[0] if grads[0] is not None else torch.zeros_like(problem.gathered)
+        dlse = [g if g is not None else torch.zeros_like(l) for g, l in zip(grads[1:], leaves[1:])]
+        ctx.temps = list(problem.lse)
+        ctx.save_for_backward(x, problem.index, dg, *(l.detach() for l in leaves[1:]), *dlse)
+        ce, kd = ce.detach(), kd.detach()
+        ctx.mark_non_differentiable(ce, kd)
+        return total.detach(), ce, kd
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, _grad_ce, _grad_kd):  # noqa: ANN001, ANN205
+        x, index, dg, *rest = ctx.saved_tensors
+        n_t = len(ctx.temps)
+        lses, dlses = rest[:n_t], rest[n_t:]
+        dtype = _work_dtype(x)
+        scale = grad_total.to(dtype)
+        dg = dg * scale
+        grad = torch.empty_like(x)
+        lse1, dl1 = lses[0], dlses[0]  # temperature 1.0 comes first
+        for a, b in _chunks(x):
+            # fp32 logits: build the chunk's gradient in place in the output, no copy.
+            acc = grad[a:b] if x.dtype == dtype else torch.empty(b - a, x.shape[1], dtype=dtype, device=x.device)
+            torch.sub(x[a:b], lse1[a:b, None], out=acc).exp_()  # softmax(x)
+            other = None
+            for tau, lse, dl in zip(ctx.temps[1:], lses[1:], dlses[1:]):
+                # softmax(x / tau) = softmax(x) ** (1 / tau) * exp(lse_1 / tau - lse_tau): a power, not an exp.
+                term = acc.pow(1.0 / tau).mul_(((lse1[a:b] / tau - lse[a:b]).exp() * dl[a:b] * (scale / tau))[:, None])
+                other = term if other is None else other.add_(term)
+            acc.mul_((dl1[a:b] * scale)[:, None])
+            if other is not None:
+                acc.add_(other)
+            acc.scatter_add_(1, index[a:b], dg[a:b])
+            if acc.data_ptr() != grad[a:b].data_ptr():
+                grad[a:b] = acc
+        return grad, None, None, None, None, None, None
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision logits (and fp32), fp64 kept (the tests' references run in fp64)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunks(x: torch.Tensor) -> list[tuple[int, int]]:
+    n, v = x.shape
+    step = max(1, CHUNK_ELEMENTS // max(v, 1))
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+class _Problem:
+    """One batch's loss as a function of a few gathered logits and log-partitions per row."""
+
+    def __init__(self, x, spec: FusedLoss, bt, targets, t_lp, t_ids, kd_mask) -> None:  # noqa: ANN001
+        self.x, self.spec, (self.b, self.t) = x, spec, bt
+        n, v = x.shape
+        self.dtype = dtype = _work_dtype(x)
+        self.kd_mask = kd_mask.reshape(n)
+        self.t_lp = teacher_lp = t_lp.reshape(n, -1).to(dtype)
+        self.has_target = targets.reshape(n) != -100
+        label_ids = torch.where(self.has_target, targets.reshape(n), torch.zeros_like(targets.reshape(n)))
+
+        self.mlot_cfg = None
+        if spec.loss == "mlot":
+            self.mlot_cfg = checked_config(spec.mlot, torch.Size((self.b, self.t, v)), t_lp, t_ids, kd_mask)
+            temps = [1.0] + sorted({self.mlot_cfg.tau_sl, self.mlot_cfg.tau_sd} - {1.0})
+        else:
+            temps = [1.0]
+        self.teacher_ids = None
+        if spec.loss == "kl":
+            self.teacher_ids = ids_in_vocab(t_ids.reshape(n, -1), self.kd_mask, v)
+        self.with_tail = self.teacher_ids is not None and self.teacher_ids.shape[-1] < v
+        top_k = min(teacher_lp.shape[-1], v) if spec.loss == "uld" else 0
+
+        stats = self._dense_pass(temps, top_k)
+        # The ids whose logits the loss reads, one block per role; their gradients scatter back here.
+        blocks = {"label": label_ids[:, None]}
+        if self.teacher_ids is not None:
+            blocks["teacher"] = self.teacher_ids
+        if top_k:
+            blocks["top"] = stats["top_ids"]
+        if self.mlot_cfg is not None:
+            self.t_ids_ranked, self.t_r, self.t_sd = paper_teacher_side(
+                self.mlot_cfg, t_lp.to(dtype), t_ids, kd_mask
+            )
+            ranked = rank_student_ids(stats["rank_sums"], self.mlot_cfg)  # [B, k]
+            blocks["ranked"] = ranked.repeat_interleave(self.t, dim=0)  # [N, k]
+        self.index = torch.cat(list(blocks.values()), dim=1)
+        self.widths = {name: blk.shape[1] for name, blk in blocks.items()}
+        self.gathered = x.gather(1, self.index).to(dtype).requires_grad_()
+        self.lse = {tau: stats["lse"][tau].requires_grad_() for tau in temps}  # 1.0 first
+        self.tail = stats.get("tail")
+
+    @torch.no_grad()
+    def _dense_pass(self, temps: list[float], top_k: int) -> dict:
+        """Log-partitions per temperature, plus the student top-K ids, MLOT ranking sums and KL tails."""
+        x = self.x
+        n, v = x.shape
+        dtype = self.dtype
+        lse = {tau: torch.empty(n, dtype=dtype, device=x.device) for tau in temps}
+        out: dict = {"lse": lse}
+        if top_k:
+            out["top_ids"] = torch.empty(n, top_k, dtype=torch.long, device=x.device)
+        if self.with_tail:
+            out["tail"] = torch.empty(n, dtype=dtype, device=x.device)
+        if self.mlot_cfg is not None:
+            out["rank_sums"] = torch.zeros(self.b, v, dtype=dtype, device=x.device)
+            seq_of_row = torch.arange(n, device=x.device) // self.t
+        for a, b in _chunks(x):
+            xc = x[a:b].to(dtype)
+            if temps == [1.0] and not (self.with_tail or self.mlot_cfg is not None):
+                lse[1.0][a:b] = torch.logsumexp(xc, dim=-1)
+                if top_k:
+                    out["top_ids"][a:b] = torch.topk(xc, top_k, dim=-1, sorted=True).indices
+                continue
+            m = xc.amax(dim=-1, keepdim=True)
+            e = (xc - m).exp_()  # [n, V] in (0, 1]
+            z = e.sum(dim=-1, keepdim=True)
+            lse[1.0][a:b] = (m + z.log()).squeeze(-1)
+            for tau in temps:
+                if tau != 1.0:
+                    # exp((x - m) / tau) = e ** (1 / tau): a power, not a second exp of the logits.
+                    lse[tau][a:b] = (m / tau + e.pow(1.0 / tau).sum(dim=-1, keepdim=True).log()).squeeze(-1)
+            if top_k:
+                out["top_ids"][a:b] = torch.topk(xc, top_k, dim=-1, sorted=True).indices
+            if self.mlot_cfg is not None:
+                # Softmax at temperature 1 summed over each sequence's valid positions (the
+                # ranking), as one matrix product: weights [n, B] = mask / z on the row's sequence.
+                weights = torch.zeros(b - a, self.b, dtype=dtype, device=x.device)
+                weights.scatter_(1, seq_of_row[a:b, None], (self.kd_mask[a:b, None] / z).to(dtype))
+                out["rank_sums"].addmm_(weights.T, e)
+            elif self.with_tail:
+                # The student's mass outside the teacher ids, summed directly: 1 - sum(s_ids)
+                # would cancel when the top-K holds nearly everything.
+                out["tail"][a:b] = (e.scatter_(1, self.teacher_ids[a:b], 0.0).sum(dim=-1, keepdim=True) / z).squeeze(-1)
+        return out
+
+    def _block(self, name: str) -> torch.Tensor:
+        start = 0
+        for key, width in self.widths.items():
+            if key == name:
+                return self.gathered[:, start : start + width]
+            start += width
+        raise KeyError(name)
+
+    def loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lse1 = self.lse[1.0]
+        zero = lse1.new_zeros(())
+        ce_rows = torch.where(self.has_target, lse1 - self._block("label")[:, 0], zero)
+        ce = ce_rows.sum() / self.has_target.sum().clamp_min(1)
+        kd = self._kd(lse1) if self.spec.loss != "sft" else zero
+        return ce + self.spec.weight * kd, ce, kd
+
+    def _kd(self, lse1: torch.Tensor) -> torch.Tensor:
+        spec, mask = self.spec, self.kd_mask
+        if spec.loss == "mlot":
+            cfg = self.mlot_cfg
+            g = self._block("ranked")
+            shape = (self.b, self.t, g.shape[1])
+            s_log_r = (g / cfg.tau_sl - self.lse[cfg.tau_sl][:, None]).reshape(shape)
+            if cfg.tau_sd == cfg.tau_sl:
+                s_sd = s_log_r.exp()
+            else:
+                s_sd = (g / cfg.tau_sd - self.lse[cfg.tau_sd][:, None]).exp().reshape(shape)
+            return mlot_terms(cfg, self.t_r, self.t_sd, s_log_r, s_sd, mask.reshape(self.b, self.t))
+        if spec.loss == "uld":
+            per_position = uld_per_position(self._block("top") - lse1[:, None], self.t_lp)
+        else:
+            s_log = self._block("teacher") - lse1[:, None]
+            if self.with_tail:
+                s_log = torch.cat([s_log, self._log_tail(s_log)[:, None]], dim=1)
+            per_position = kl_per_position(s_log, self.t_lp, spec.kl_kind, spec.kl_beta)
+        per_position = torch.where(mask, per_position, torch.zeros_like(per_position))
+        return per_position.sum() / mask.sum().clamp_min(1)
+
+    def _log_tail(self, s_log_ids: torch.Tensor) -> torch.Tensor:
+        """log of the student's tail mass: the exact value, with the gradient of ``log(1 - sum s_ids)``.
+
+        The two are equal as functions of the logits, so their gradients are too; the exact
+        value keeps the small tails that ``1 - sum`` would cancel to noise.
+        """
+        tail = self.tail.clamp_min(torch.finfo(self.tail.dtype).tiny)
+        expr = 1.0 - s_log_ids.exp().sum(dim=-1)
+        return tail.log() + (expr - expr.detach()) / tail
