@@ -26,6 +26,7 @@ bench: $(VENV)/.installed  ## benchmarks; results in benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/stage2.py --student 100m
 	$(BIN)/python benchmarks/losses_memory.py
 	$(BIN)/python benchmarks/storage.py
+	$(BIN)/python benchmarks/soak.py
 
 clean:
 	rm -rf demo-out .pytest_cache

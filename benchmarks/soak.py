@@ -425,10 +425,14 @@ def main() -> None:
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--leak", action="store_true", help="keep every example in the workers (a simulated leak)")
     p.add_argument("--work", default=None, help="directory for the cache (default: a temp dir)")
+    p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     a = p.parse_args()
     import tempfile
 
     from logitcache.storage import load_manifest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import machine, update_results
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
@@ -441,13 +445,20 @@ def main() -> None:
         run_s = time.perf_counter() - t0
         ids = {i for r in results for e in r["epochs"] for i in e["ids"]}
         once = all(sorted(i for r in results for i in r["epochs"][e]["ids"]) == sorted(ids) for e in range(a.epochs))
-        print(f"cache: {m.num_examples} examples, {m.num_tokens} tokens, {m.num_bytes / MiB:.1f} MiB in "
-              f"{len(m.shards)} shards; built in {build_s:.1f} s")
-        print(f"{a.world} ranks (gloo) x {a.workers} dataloader workers x {a.epochs} epochs in {run_s:.1f} s; "
-              f"every example exactly once per epoch: {once and len(ids) == m.num_examples}")
-        print(summary(results))
-        print()
-        print(memory_table(results))
+        report = "\n".join([
+            f"## Reader soak ({time.strftime('%Y-%m-%d')})\n",
+            f"Machine: {machine()}\n",
+            f"Cache: {m.num_examples} examples, {m.num_tokens:,} tokens, {m.num_bytes / MiB:.1f} MiB in "
+            f"{len(m.shards)} shards; built in {build_s:.1f} s. "
+            f"{a.world} ranks (gloo) x {a.workers} dataloader workers x {a.epochs} epochs in {run_s:.1f} s; "
+            f"every example exactly once per epoch: {once and len(ids) == m.num_examples}.\n",
+            summary(results),
+            "",
+            memory_table(results),
+        ])
+        print(report)
+        if not (a.no_write or a.leak):
+            update_results("soak", report)
 
 
 if __name__ == "__main__":
