@@ -38,7 +38,7 @@ from logitcache.storage.codec import (
     error_bound,
     write_compact_parquet,
 )
-from logitcache.storage.rows import batch_to_rows, rows_to_table
+from logitcache.storage.rows import V1_PARQUET_OPTIONS, batch_to_rows, rows_to_table
 
 KS = (8, 32, 64, 128)
 
@@ -140,7 +140,7 @@ def decode_rate(data: bytes, decode, n_tokens: int, repeats: int) -> float:
 
 def measure(rows: list[dict], k: int, V: int, repeats: int) -> dict:
     tokens = sum(len(r["input_ids"]) for r in rows)
-    v1 = parquet_bytes(rows_to_table(rows, k), compression="zstd", compression_level=3)
+    v1 = parquet_bytes(rows_to_table(rows, k), **V1_PARQUET_OPTIONS)
     ctab = encode_compact(rows, k)
     buf = io.BytesIO()
     write_compact_parquet(ctab, buf)

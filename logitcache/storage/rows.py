@@ -48,6 +48,13 @@ def _flat(chunks: Sequence[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate([c.reshape(-1) for c in chunks]).astype(dtype, copy=False) if chunks else np.zeros(0, dtype)
 
 
+# Parquet options of a v1 shard. No dictionary encoding: the top-k matrices have far too
+# many distinct values for one to pay (pyarrow tries, then falls back per page), and
+# decoding through it made v1 reads 2x slower for a 1% larger file (benchmarks/storage.py).
+# The layout is unchanged: any Parquet reader reads PLAIN pages.
+V1_PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3, "use_dictionary": False}
+
+
 def rows_to_table(rows: Sequence[Row], k: int) -> pa.Table:
     schema = shard_schema(k)
     columns: dict[str, pa.Array] = {

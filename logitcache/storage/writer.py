@@ -36,7 +36,7 @@ from logitcache.storage.card import render_card
 from logitcache.storage.fsutil import atomic_write_bytes, crash_point, fsync_dir, publish, sha256_file, temp_name
 from logitcache.storage.lock import LOCK_NAME, CacheLock
 from logitcache.storage.manifest import CODECS, MANIFEST_NAME, Manifest, ShardInfo, load_manifest
-from logitcache.storage.rows import Row, row_nbytes, rows_to_table
+from logitcache.storage.rows import V1_PARQUET_OPTIONS, Row, row_nbytes, rows_to_table
 from logitcache.storage.schema import POSITION_COLUMNS, TOKEN_COLUMNS
 
 DATA_DIR = "data"
@@ -48,7 +48,6 @@ SHARD_NAME = "shard-{index:05d}.parquet"
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
 DEFAULT_ROW_GROUP_BYTES = 8 * 2**20  # in memory before compression: a few MB on disk
-ZSTD_LEVEL = 3
 
 
 class CacheWriteError(LogitCacheError):
@@ -199,7 +198,7 @@ class CacheWriter:
             # The id table grows with each row group; the shard's final one goes into its footer.
             meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != codec.META_IDS}
             return table.replace_schema_metadata(meta), codec.PARQUET_OPTIONS
-        return rows_to_table(rows, self.manifest.k), {"compression": "zstd", "compression_level": ZSTD_LEVEL}
+        return rows_to_table(rows, self.manifest.k), V1_PARQUET_OPTIONS
 
     def _flush_row_group(self) -> None:
         if not self._buffer:
