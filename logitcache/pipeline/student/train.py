@@ -65,12 +65,15 @@ class TrainConfig:
     kl_kind: str = "forward"  # forward | reverse | jsd
     mlot_variant: str = "paper"  # paper | code
     mlot_k: int = 50
-    # 0: CE + KD in one fused pass (losses.fused; MultiLevelOT "code" falls back to the standalone
-    # loss, chunked only when the KD logits exceed AUTO_CHUNK_ELEMENTS). N > 0: CE, then the
-    # standalone ULD/KL over chunks of N positions.
+    # 0: CE + KD in one fused pass (losses.fused; MultiLevelOT "code" and "assignment" run CE, then
+    # the standalone loss). N > 0: CE, then the standalone ULD/KL over chunks of N positions.
     kd_chunk_size: int = 0
     trust_remote_code: bool = False  # run the student's own Python code (never the cache's tokenizer's)
     progress: bool = True
+
+    def mlot_config(self) -> "losses.MLOTConfig":
+        """The MultiLevelOT hyper-parameters these options choose."""
+        return losses.MLOTConfig(variant=self.mlot_variant, k=self.mlot_k)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -135,8 +138,7 @@ def kd_term(cfg: TrainConfig, logits: torch.Tensor, t_lp: torch.Tensor, t_ids: t
         return logits.sum() * 0.0
     logits = logits.float()
     if cfg.loss == "mlot":
-        config = losses.MLOTConfig(variant=cfg.mlot_variant, k=cfg.mlot_k)
-        return losses.multilevel_ot_loss(logits, t_lp, t_ids, mask, config)
+        return losses.multilevel_ot_loss(logits, t_lp, t_ids, mask, cfg.mlot_config())
     s, lp, ids = logits[mask], t_lp[mask], t_ids[mask]
     ones = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
     chunk = cfg.kd_chunk_size or (1024 if s.numel() > AUTO_CHUNK_ELEMENTS else None)
@@ -152,7 +154,7 @@ def fused_loss_of(cfg: TrainConfig) -> "losses.FusedLoss | None":
     """
     spec = losses.FusedLoss(
         loss=cfg.loss, weight=cfg.kd_weight, kl_kind=cfg.kl_kind,
-        mlot=losses.MLOTConfig(variant=cfg.mlot_variant, k=cfg.mlot_k),
+        mlot=cfg.mlot_config(),
     )
     return spec if losses.fused_supports(spec) and not cfg.kd_chunk_size else None
 

@@ -26,6 +26,7 @@ MultiLevelOT's "code" variant (it divides logits by their std over the vocabular
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,8 +37,8 @@ from logitcache.pipeline.student.losses.mlot import (
     MLOTConfig,
     checked_config,
     mlot_terms,
-    paper_teacher_side,
     rank_student_ids,
+    teacher_side,
 )
 from logitcache.pipeline.student.losses.uld import uld_per_position
 
@@ -190,13 +191,13 @@ class _Problem:
         if top_k:
             blocks["top"] = stats["top_ids"]
         if self.mlot_cfg is not None:
-            self.t_ids_ranked, self.t_r, self.t_sd = paper_teacher_side(
-                self.mlot_cfg, t_lp.to(dtype), t_ids, kd_mask
-            )
+            teacher = teacher_side(self.mlot_cfg, t_lp.to(dtype), t_ids, kd_mask)
+            self.t_r, self.t_sd = teacher.r, teacher.sd
             ranked = rank_student_ids(stats["rank_sums"], self.mlot_cfg)  # [B, k]
             blocks["ranked"] = ranked.repeat_interleave(self.t, dim=0)  # [N, k]
         self.index = torch.cat(list(blocks.values()), dim=1)
-        self.widths = {name: blk.shape[1] for name, blk in blocks.items()}
+        ends = list(itertools.accumulate(blk.shape[1] for blk in blocks.values()))
+        self.columns = {name: slice(end - blk.shape[1], end) for (name, blk), end in zip(blocks.items(), ends)}
         self.gathered = x.gather(1, self.index).to(dtype).requires_grad_()
         self.lse = {tau: stats["lse"][tau].requires_grad_() for tau in temps}  # 1.0 first
         self.tail = stats.get("tail")
@@ -216,12 +217,15 @@ class _Problem:
         if self.mlot_cfg is not None:
             out["rank_sums"] = torch.zeros(self.b, v, dtype=dtype, device=x.device)
             seq_of_row = torch.arange(n, device=x.device) // self.t
+        # The ranking and the tail need the chunk's exp anyway: the log-partition comes with it.
+        # (More than one temperature only happens for MultiLevelOT.)
+        needs_exp = self.with_tail or self.mlot_cfg is not None
         for a, b in _chunks(x):
             xc = x[a:b].to(dtype)
-            if temps == [1.0] and not (self.with_tail or self.mlot_cfg is not None):
+            if top_k:
+                out["top_ids"][a:b] = torch.topk(xc, top_k, dim=-1, sorted=True).indices
+            if not needs_exp:
                 lse[1.0][a:b] = torch.logsumexp(xc, dim=-1)
-                if top_k:
-                    out["top_ids"][a:b] = torch.topk(xc, top_k, dim=-1, sorted=True).indices
                 continue
             m = xc.amax(dim=-1, keepdim=True)
             e = (xc - m).exp_()  # [n, V] in (0, 1]
@@ -231,8 +235,6 @@ class _Problem:
                 if tau != 1.0:
                     # exp((x - m) / tau) = e ** (1 / tau): a power, not a second exp of the logits.
                     lse[tau][a:b] = (m / tau + e.pow(1.0 / tau).sum(dim=-1, keepdim=True).log()).squeeze(-1)
-            if top_k:
-                out["top_ids"][a:b] = torch.topk(xc, top_k, dim=-1, sorted=True).indices
             if self.mlot_cfg is not None:
                 # Softmax at temperature 1 summed over each sequence's valid positions (the
                 # ranking), as one matrix product: weights [n, B] = mask / z on the row's sequence.
@@ -246,12 +248,8 @@ class _Problem:
         return out
 
     def _block(self, name: str) -> torch.Tensor:
-        start = 0
-        for key, width in self.widths.items():
-            if key == name:
-                return self.gathered[:, start : start + width]
-            start += width
-        raise KeyError(name)
+        """The gathered logits of one role ("label", "teacher", "top", "ranked"): [N, width]."""
+        return self.gathered[:, self.columns[name]]
 
     def loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lse1 = self.lse[1.0]

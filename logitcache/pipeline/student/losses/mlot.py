@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -179,28 +179,19 @@ def multilevel_ot_loss(
         no_targets = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
         total, _, _ = ce_kd_loss(student_logits, no_targets, teacher_logprobs, teacher_ids, mask, FusedLoss("mlot", mlot=cfg))
         return total.to(student_logits.dtype)
-    dtype = student_logits.dtype
     valid = mask
-    ids = _valid_ids(teacher_ids, valid)
-    t_lp = teacher_logprobs.to(dtype)
-    over_batch = cfg.rank_over == "batch"
+    teacher = teacher_side(cfg, teacher_logprobs.to(student_logits.dtype), teacher_ids, valid)
 
-    # What the softmaxes act on. "code" standardises the spread of both sides' logits.
+    # What the student's softmaxes act on. "code" standardises the spread of the logits.
     if cfg.variant == "code":
         z_s = student_logits / (student_logits.std(dim=-1, keepdim=True) + cfg.std_eps)
-        z_t = t_lp / (t_lp.std(dim=-1, keepdim=True) + cfg.std_eps)  # std of the K known values only
-        t_sl = torch.softmax(z_t / cfg.tau_sl, dim=-1)
-        t_rank, rank_tau = t_sl, cfg.tau_sl  # the code ranks the very probabilities it compares
+        rank_tau = cfg.tau_sl  # the code ranks the very probabilities it compares
     else:
         z_s = student_logits
-        t_sl = _teacher_probs(t_lp, cfg.tau_sl)
-        t_rank, rank_tau = t_lp.exp(), 1.0  # the paper ranks the model's own distributions
-    zeros_k = torch.zeros_like(t_rank)
-    t_rank = torch.where(valid[..., None], t_rank, zeros_k)
+        rank_tau = 1.0  # the paper ranks the model's own distributions
 
-    # --- ranking: a discrete choice, no gradient ------------------------------------------
+    # --- student ranking: a discrete choice, no gradient -----------------------------------
     with torch.no_grad():
-        t_ids_ranked = _teacher_rank_ids(t_rank, ids, cfg.k, over_batch)  # [B, k]
         # Student probabilities for the ranking, one [B, T, Vs] buffer, dropped after it.
         z_rank = z_s.detach() if rank_tau == 1.0 else z_s.detach() / rank_tau
         p_s = torch.softmax(z_rank, dim=-1).masked_fill_(~valid[..., None], 0.0)
@@ -208,19 +199,16 @@ def multilevel_ot_loss(
         if cfg.student_rank == "sum":
             s_ids_ranked = rank_student_ids(p_s.sum(dim=1), cfg)
         else:
-            t_cols = _gather_ranked(t_rank, ids, t_ids_ranked)
-            s_ids_ranked = _assign_student_ids(t_cols, p_s, valid, over_batch)
+            t_cols = _gather_ranked(teacher.rank, teacher.ids, teacher.ranked_ids)
+            s_ids_ranked = _assign_student_ids(t_cols, p_s, valid, cfg.rank_over == "batch")
         del p_s
 
-    t_r = _gather_ranked(torch.where(valid[..., None], t_sl, zeros_k), ids, t_ids_ranked)  # [B, T, k]
     s_log_r = _student_ranked_logprobs(z_s, s_ids_ranked, cfg.tau_sl)  # [B, T, k], has grad
     if cfg.variant == "code":
-        t_sd = torch.softmax(t_r / cfg.tau_sd, dim=-1)
         s_sd = torch.softmax(s_log_r.exp() / cfg.tau_sd, dim=-1)
     else:
-        t_sd = _gather_ranked(torch.where(valid[..., None], _teacher_probs(t_lp, cfg.tau_sd), zeros_k), ids, t_ids_ranked)
         s_sd = s_log_r.exp() if cfg.tau_sd == cfg.tau_sl else _student_ranked_logprobs(z_s, s_ids_ranked, cfg.tau_sd).exp()
-    return mlot_terms(cfg, t_r, t_sd, s_log_r, s_sd, valid, return_parts=return_parts)
+    return mlot_terms(cfg, teacher.r, teacher.sd, s_log_r, s_sd, valid, return_parts=return_parts)
 
 
 def checked_config(
@@ -264,22 +252,40 @@ def _valid_ids(teacher_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid[..., None], ids, torch.zeros_like(ids))
 
 
-def paper_teacher_side(
-    cfg: MLOTConfig, teacher_logprobs: torch.Tensor, teacher_ids: torch.Tensor, valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The teacher's ranked ids [B, k] and ranked vectors at tau_SL and tau_SD [B, T, k] ("paper" variant).
+class TeacherSide(NamedTuple):
+    """The teacher's half of :func:`multilevel_ot_loss` (shapes [B, T, K] / [B, k] / [B, T, k])."""
 
-    The same values :func:`multilevel_ot_loss` computes, for callers that supply the student side
-    themselves (the trainer's fused CE + KD pass).
+    ids: torch.Tensor  # cached ids, 0 where the position is not valid
+    rank: torch.Tensor  # probabilities the ranking sums, 0 where not valid
+    ranked_ids: torch.Tensor  # the k ranked teacher ids per sequence (or batch)
+    r: torch.Tensor  # ranked vectors at tau_SL
+    sd: torch.Tensor  # ranked vectors the Sinkhorn compares
+
+
+def teacher_side(cfg: MLOTConfig, teacher_logprobs: torch.Tensor, teacher_ids: torch.Tensor, valid: torch.Tensor) -> TeacherSide:
+    """Ranking and ranked vectors of the teacher, for either variant (no student involved).
+
+    Also used by the trainer's fused CE + KD pass, which supplies the student side itself.
     """
     ids = _valid_ids(teacher_ids, valid)
     vz = valid[..., None]
     zero = torch.zeros((), dtype=teacher_logprobs.dtype, device=teacher_logprobs.device)
-    t_rank = torch.where(vz, teacher_logprobs.exp(), zero)
-    t_ids_ranked = _teacher_rank_ids(t_rank, ids, cfg.k, cfg.rank_over == "batch")
-    t_r = _gather_ranked(torch.where(vz, _teacher_probs(teacher_logprobs, cfg.tau_sl), zero), ids, t_ids_ranked)
-    t_sd = _gather_ranked(torch.where(vz, _teacher_probs(teacher_logprobs, cfg.tau_sd), zero), ids, t_ids_ranked)
-    return t_ids_ranked, t_r, t_sd
+    if cfg.variant == "code":
+        z_t = teacher_logprobs / (teacher_logprobs.std(dim=-1, keepdim=True) + cfg.std_eps)  # std of the K known values only
+        t_sl = torch.softmax(z_t / cfg.tau_sl, dim=-1)
+        rank = t_sl  # the code ranks the very probabilities it compares
+    else:
+        t_sl = _teacher_probs(teacher_logprobs, cfg.tau_sl)
+        rank = teacher_logprobs.exp()  # the paper ranks the model's own distributions
+    rank = torch.where(vz, rank, zero)
+    with torch.no_grad():
+        ranked_ids = _teacher_rank_ids(rank, ids, cfg.k, cfg.rank_over == "batch")  # [B, k]
+    t_r = _gather_ranked(torch.where(vz, t_sl, zero), ids, ranked_ids)  # [B, T, k]
+    if cfg.variant == "code":
+        t_sd = torch.softmax(t_r / cfg.tau_sd, dim=-1)
+    else:
+        t_sd = _gather_ranked(torch.where(vz, _teacher_probs(teacher_logprobs, cfg.tau_sd), zero), ids, ranked_ids)
+    return TeacherSide(ids, rank, ranked_ids, t_r, t_sd)
 
 
 def rank_student_ids(prob_sums: torch.Tensor, cfg: MLOTConfig) -> torch.Tensor:
