@@ -110,16 +110,19 @@ def step():
     elif name == "uld-fullsort":
         loss = uld_full_sort(logits, t_lp, mask)
     elif name.startswith("fused-"):
+        # tempered: a stand-in of the teacher at MultiLevelOT's tau_SD = 2 (memory, not values, is measured).
         loss, _, _ = ce_kd_loss(logits.view(B, T, V), labels.view(B, T), t_lp.view(B, T, K), t_ids.view(B, T, K),
-                                mask.view(B, T), FusedLoss(name[len("fused-"):]))
+                                mask.view(B, T), FusedLoss(name[len("fused-"):]), tempered={2.0: t_lp.view(B, T, K)})
     elif name.startswith("kl-"):
         kind, _, chunked = name[3:].partition("-")
         loss = kl_loss(logits, t_lp, t_ids, mask, kind=kind, chunk_size=CHUNK if chunked else None)
     else:
         _, variant, rank = name.split("-")
+        # Stand-ins of the exact teacher targets a cache gives (memory, not values, is measured).
         loss = multilevel_ot_loss(
             logits.view(B, T, V), t_lp.view(B, T, K), t_ids.view(B, T, K), mask.view(B, T),
             MLOTConfig(variant=variant, student_rank=rank),
+            tempered={2.0: t_lp.view(B, T, K)}, std_logprobs=t_lp.view(B, T, K),
         )
     loss.backward()
 

@@ -72,7 +72,10 @@ def step_times(tok, cache: Path, student, batch_size: int, rounds: int, max_leng
 
     from logitcache.pipeline.student.collate import KDCollator
     from logitcache.pipeline.student.dataset import LogitCacheDataset
-    from logitcache.pipeline.student.train import TrainConfig, batch_loss, causal_ce, fused_loss_of
+    from logitcache.pipeline.student.train import (
+        TEACHER_EXTRAS, TrainConfig, batch_loss, causal_ce, fused_loss_of, teacher_targets,
+    )
+    from logitcache.storage import open_cache
 
     ds = LogitCacheDataset(cache, tok, alignment="offset", shuffle=False, max_length=max_length)
     it = iter(ds)
@@ -81,10 +84,15 @@ def step_times(tok, cache: Path, student, batch_size: int, rounds: int, max_leng
     # What `logitcache train --loss X` runs (the fused CE + KD pass), plus two references: SFT
     # with torch's F.cross_entropy (what a plain Trainer computes) and ULD as CE, then the
     # standalone uld_loss (the two-step path the trainer used before fusing).
+    # "τ=2": --kd-temperature 2 (exact tempered teacher from the cache's lse_tau, one more
+    # log-partition in the fused pass).
     runs = {
         "sft": "sft", "kl": "kl", "uld": "uld", "mlot": "mlot",
         "sft, F.cross_entropy": None, "uld, CE then uld_loss": "uld",
+        "uld, τ=2": "uld", "kl, τ=2": "kl",
     }
+    temperatures = open_cache(cache).manifest.temperatures
+    extras = {k: batch[k] for k in TEACHER_EXTRAS if k in batch}
     times: dict[str, list[float]] = {name: [] for name in runs}
 
     def step(name: str) -> None:
@@ -92,10 +100,11 @@ def step_times(tok, cache: Path, student, batch_size: int, rounds: int, max_leng
         if runs[name] is None:
             loss = causal_ce(out.logits, batch["labels"])
         else:
-            cfg = TrainConfig(student="", cache="", out="", loss=runs[name])
+            cfg = TrainConfig(student="", cache="", out="", loss=runs[name], kd_temperature=2.0 if "τ=2" in name else 1.0)
             fused = None if "then" in name else fused_loss_of(cfg)
+            tempered, std_lp = teacher_targets(cfg, batch["teacher_logprobs"], extras, temperatures)
             loss, _, _ = batch_loss(cfg, out.logits, batch["labels"], batch["teacher_logprobs"],
-                                    batch["teacher_ids"], batch["kd_mask"], fused)
+                                    batch["teacher_ids"], batch["kd_mask"], fused, tempered, std_lp)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -174,7 +183,9 @@ def main() -> None:
         "(same tokenizer, so every target is aligned), MultiLevelOT paper variant (k=50).\n\n"
         + "`sft`/`kl`/`uld`/`mlot`: what `logitcache train --loss X` runs (one fused CE + KD pass over "
         "the logits). The last two rows are references: SFT with torch's `F.cross_entropy`, and ULD "
-        "computed as CE followed by the standalone chunkable `uld_loss`.\n\n"
+        "computed as CE followed by the standalone chunkable `uld_loss`. `uld, τ=2`/`kl, τ=2`: "
+        "`--kd-temperature 2` (the teacher exact at 2 from the cache's log-partition; the fused pass "
+        "computes a second log-partition and softmax).\n\n"
         + table(["loss", "ms/step (fwd+bwd+AdamW), median", "range", "vs SFT (medians)"], steps)
         + "\n\n### Reader throughput (one thread; teacher tokens per second)\n\n"
         + table(["what", "tokens/s"], reader)

@@ -5,17 +5,22 @@ its public names (listed explicitly so editors and linters see them).
 """
 
 from logitcache.pipeline.student.losses import (
+    REDUCTIONS,
     REVERSE_KL_TEACHER_FLOOR,
     FusedLoss,
     MLOTConfig,
     ce_kd_loss,
     fused_supports,
+    kd_weights,
     kl_loss,
+    mlot_temperatures,
     multilevel_ot_loss,
     uld_loss,
 )
+from logitcache.pipeline.student.losses import ALMConfig, HybridConfig, alm_loss, hybrid_loss
 
 __all__ = [
-    "REVERSE_KL_TEACHER_FLOOR", "FusedLoss", "MLOTConfig", "ce_kd_loss", "fused_supports", "kl_loss",
-    "multilevel_ot_loss", "uld_loss",
+    "REDUCTIONS", "REVERSE_KL_TEACHER_FLOOR", "FusedLoss", "MLOTConfig", "ce_kd_loss", "fused_supports",
+    "kd_weights", "kl_loss", "mlot_temperatures", "multilevel_ot_loss", "uld_loss",
+    "ALMConfig", "HybridConfig", "alm_loss", "hybrid_loss",
 ]

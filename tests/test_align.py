@@ -11,13 +11,23 @@ T_START, T_END = np.array([0, 0, 2, 4]), np.array([0, 2, 4, 5])
 S_START, S_END = np.array([0, 0, 1, 2, 3]), np.array([0, 1, 2, 3, 5])
 
 
-def test_targets_are_positions_whose_next_token_starts_in_the_response():
-    # teacher position 1 predicts " c" (starts at 2), position 2 predicts "d"
+def test_targets_are_positions_whose_next_token_ends_in_the_response():
+    # teacher position 1 predicts " c" (ends at 4), position 2 predicts "d"
     assert target_positions(T_START, T_END, prompt_chars=2).tolist() == [1, 2]
     # student position 2 predicts " ", position 3 predicts "cd"
     assert target_positions(S_START, S_END, prompt_chars=2).tolist() == [2, 3]
     # a limit cuts targets that end past it
     assert target_positions(T_START, T_END, 2, limit_chars=4).tolist() == [1]
+
+
+def test_a_token_straddling_the_boundary_is_a_target():
+    # prompt "a:" + response "\nb": the token ":\n" (1,3) covers the response's first character
+    starts, ends = np.array([0, 0, 1, 3]), np.array([0, 1, 3, 4])  # <s> | a | ":\n" | b
+    assert target_positions(starts, ends, prompt_chars=2).tolist() == [1, 2]
+    # an empty span (a later byte piece) counts by where it sits
+    starts, ends = np.array([0, 0, 2, 2]), np.array([0, 2, 2, 3])  # <s> | a: | (piece at 2) | b
+    assert target_positions(starts, ends, prompt_chars=2).tolist() == [2]
+    assert target_positions(starts, ends, prompt_chars=1).tolist() == [0, 1, 2]
 
 
 def test_position_alignment_pairs_responses_index_by_index():
@@ -86,9 +96,10 @@ def _rows(cache_dir):
 
 
 def test_same_tokenizer_offset_alignment_is_the_identity(built_cache, teacher_tok):
-    from logitcache.pipeline.student.features import StudentFeaturizer
+    from logitcache import open_cache
+    from logitcache.pipeline.student.features import featurizer_for_cache
 
-    f = StudentFeaturizer(teacher_tok, alignment="offset")
+    f = featurizer_for_cache(open_cache(built_cache), teacher_tok, alignment="offset")
     for row in _rows(built_cache):
         ex = f(row)
         assert ex["input_ids"].tolist() == row["input_ids"].tolist()
@@ -105,8 +116,11 @@ def test_labels_cover_the_response_only(built_cache, unigram):
     ex = StudentFeaturizer(unigram)(row)
     enc = unigram(row["text"], return_offsets_mapping=True)
     for j, (tid, lab) in enumerate(zip(ex["input_ids"], ex["labels"])):
-        starts_in_response = j >= 1 and enc["offset_mapping"][j][0] >= row["prompt_chars"]
-        assert lab == (tid if starts_in_response else -100)
+        if j == len(enc["input_ids"]):  # the student's EOS, appended: a target
+            assert tid == unigram.eos_token_id and lab == tid
+            continue
+        ends_in_response = j >= 1 and enc["offset_mapping"][j][1] > row["prompt_chars"]
+        assert lab == (tid if ends_in_response else -100)
     # KD only where there is a CE target (the position before a response token)
     assert not (ex["kd_mask"][:-1] & (ex["labels"][1:] == -100)).any()
 

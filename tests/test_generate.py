@@ -53,13 +53,28 @@ def test_rescoring_the_generated_text_gives_the_same_numbers(generated, teacher_
     ))
     scored = tmp_path / "scored"
     run_teacher(make_config(teacher_dir, data, scored), progress=False)
+    eos = open_cache(out).manifest.eos_id
     for row in open_cache(scored):
         g = rows[row["id"]]
         assert row["text"] == g["text"] and row["prompt_chars"] == g["prompt_chars"]
-        np.testing.assert_array_equal(row["input_ids"], g["input_ids"])
-        np.testing.assert_array_equal(row["topk_ids"], g["topk_ids"])
-        np.testing.assert_allclose(row["topk_logprobs"].astype(float), g["topk_logprobs"].astype(float), rtol=1e-3, atol=1e-3)
-        np.testing.assert_allclose(row["label_logprob"], g["label_logprob"], rtol=1e-5, atol=1e-5)
+        # A response cut at max_new_tokens has no end; score mode ends the same text with EOS.
+        n = len(g["input_ids"])
+        assert row["input_ids"][-1] == eos and len(row["input_ids"]) == n + (g["input_ids"][-1] != eos)
+        np.testing.assert_array_equal(row["input_ids"][:n], g["input_ids"])
+        np.testing.assert_array_equal(row["topk_ids"][: n - 1], g["topk_ids"])
+        np.testing.assert_allclose(row["topk_logprobs"][: n - 1].astype(float), g["topk_logprobs"].astype(float), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(row["label_logprob"][: n - 1], g["label_logprob"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_response_cut_at_max_new_tokens_gets_no_end_and_is_flagged(generated):
+    """The teacher did not stop there: no EOS is appended, and the row says it was cut."""
+    out, r = generated
+    eos = open_cache(out).manifest.eos_id
+    assert eos is not None
+    cut = [row for row in open_cache(out) if row["input_ids"][-1] != eos]
+    assert cut and r.unfinished == len(cut)  # the random tiny teacher rarely stops within 12 tokens
+    assert all(row["truncated"] for row in cut)
+    assert verify_cache(out).ok
 
 
 def test_sampling_is_stored_at_temperature_one(teacher_dir, data_file, tmp_path):

@@ -85,3 +85,20 @@ def test_bfloat16_teacher_stays_close_to_fp32(teacher_dir, engine):
     for a, b in zip(bf16.score(seqs, k=4), engine.score(seqs, k=4)):
         assert a.topk_logprobs.dtype == np.float32  # the cache codec rounds (v1: to fp16)
         np.testing.assert_allclose(a.label_logprob, b.label_logprob, atol=0.1)
+
+
+@pytest.mark.parametrize("head_path", [True, False])
+def test_extra_temperatures_and_logit_stats_match_the_full_logits(teacher_dir, head_path):
+    """Both scoring paths (chunked LM head, the model's own forward) give the extra columns."""
+    engine = HFTeacher(str(teacher_dir), dtype="float32", device="cpu", temperatures=(2.0, 4.0), logit_stats=True)
+    engine.uses_head_path = head_path and engine.uses_head_path
+    seqs = [engine.tokenizer(t)["input_ids"] for t in TEXTS]
+    for ids, s in zip(seqs, engine.score(seqs, k=8)):
+        with torch.no_grad():
+            logits = engine.model(input_ids=torch.tensor([ids])).logits[0, :-1].double()
+        for j, tau in enumerate((2.0, 4.0)):
+            np.testing.assert_allclose(s.lse_tau[:, j], torch.logsumexp(logits / tau, -1).numpy(), rtol=1e-5, atol=1e-5)
+        std = logits.std(-1)
+        np.testing.assert_allclose(s.logit_mean, logits.mean(-1).numpy(), atol=1e-5)
+        np.testing.assert_allclose(s.logit_std, std.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s.lse_std, torch.logsumexp(logits / (std[:, None] + 1e-4), -1).numpy(), rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ from logitcache.pipeline.student.losses import (
     MLOTConfig,
     ce_kd_loss,
     fused_supports,
+    kd_weights,
     kl_loss,
     multilevel_ot_loss,
     uld_loss,
@@ -23,14 +24,28 @@ from logitcache.pipeline.student.losses import (
 from logitcache.pipeline.student.train import TrainConfig, fused_loss_of
 
 
+TEMPERATURES = (2.0, 3.0)
+
+
 def _batch(b=2, t=12, v=70, k=16, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(b, t, v, generator=g, dtype=dtype) * 2.5
     labels = torch.randint(0, v, (b, t), generator=g)
     labels[0, :3] = -100  # a prompt: no CE target there
-    teacher = torch.log_softmax(torch.randn(b, t, v, generator=g, dtype=dtype) * 2.5, dim=-1).topk(k, dim=-1)
+    full = torch.randn(b, t, v, generator=g, dtype=dtype) * 2.5
+    teacher = torch.log_softmax(full, dim=-1).topk(k, dim=-1)
     kd_mask = torch.rand(b, t, generator=g) > 0.25
     return logits, labels, teacher.values, teacher.indices, kd_mask
+
+
+def _tempered(b=2, t=12, v=70, k=16, seed=0, dtype=torch.float64) -> dict:
+    """The teacher of ``_batch`` at other temperatures, exact at its top-K ids (as a cache gives it)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.randn(b, t, v, generator=g, dtype=dtype)
+    torch.randint(0, v, (b, t), generator=g)
+    full = torch.randn(b, t, v, generator=g, dtype=dtype) * 2.5
+    ids = torch.log_softmax(full, dim=-1).topk(k, dim=-1).indices
+    return {tau: torch.log_softmax(full / tau, dim=-1).gather(-1, ids) for tau in TEMPERATURES}
 
 
 def _ce_reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -43,18 +58,22 @@ def _ce_reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack(terms).mean() if terms else logits.sum() * 0.0
 
 
-def _kd_reference(spec: FusedLoss, logits, t_lp, t_ids, mask) -> torch.Tensor:
+def _kd_reference(spec: FusedLoss, logits, t_lp, t_ids, mask, tempered) -> torch.Tensor:
     if spec.loss == "sft":
         return logits.sum() * 0.0
     if spec.loss == "mlot":
         # return_parts takes the plain autograd path (the scalar form itself runs the fused pass).
-        return multilevel_ot_loss(logits, t_lp, t_ids, mask, spec.mlot, return_parts=True)["total"]
+        return multilevel_ot_loss(logits, t_lp, t_ids, mask, spec.mlot, tempered=tempered, reduction=spec.reduction,
+                                  return_parts=True)["total"]
     v = logits.shape[-1]
     flat = logits.reshape(-1, v)
+    n = flat.shape[0]
+    lp = t_lp if spec.temperature == 1.0 else tempered[spec.temperature]
+    w = kd_weights(mask, spec.reduction).reshape(-1)
     if spec.loss == "uld":
-        return uld_loss(flat, t_lp.reshape(flat.shape[0], -1), mask.reshape(-1), chunk_size=None)
-    return kl_loss(flat, t_lp.reshape(flat.shape[0], -1), t_ids.reshape(flat.shape[0], -1), mask.reshape(-1),
-                   kind=spec.kl_kind, beta=spec.kl_beta, chunk_size=None)
+        return uld_loss(flat, lp.reshape(n, -1), mask.reshape(-1), temperature=spec.temperature, weights=w, chunk_size=None)
+    return kl_loss(flat, lp.reshape(n, -1), t_ids.reshape(n, -1), mask.reshape(-1), kind=spec.kl_kind,
+                   beta=spec.kl_beta, temperature=spec.temperature, weights=w, chunk_size=None)
 
 
 SPECS = {
@@ -64,7 +83,16 @@ SPECS = {
     "kl-jsd": FusedLoss("kl", kl_kind="jsd", kl_beta=0.3),
     "uld": FusedLoss("uld", weight=2.0),
     "mlot-paper": FusedLoss("mlot", mlot=MLOTConfig(k=10)),
-    "mlot-paper-batch-rank": FusedLoss("mlot", mlot=MLOTConfig(k=10, rank_over="batch", tau_sl=1.5)),
+    "mlot-paper-batch-rank": FusedLoss("mlot", mlot=MLOTConfig(k=10, rank_over="batch", tau_sl=3.0)),
+    # --kd-temperature and --kd-reduction (issue 12 §2, §1d)
+    "uld-tau2": FusedLoss("uld", temperature=2.0),
+    "uld-tau3-token": FusedLoss("uld", temperature=3.0, reduction="token"),
+    "kl-forward-tau2": FusedLoss("kl", temperature=2.0, weight=0.5),
+    "kl-reverse-tau2-token": FusedLoss("kl", kl_kind="reverse", temperature=2.0, reduction="token"),
+    "kl-jsd-tau3": FusedLoss("kl", kl_kind="jsd", kl_beta=0.3, temperature=3.0),
+    "kl-token": FusedLoss("kl", reduction="token"),
+    "mlot-paper-token": FusedLoss("mlot", mlot=MLOTConfig(k=10), reduction="token"),
+    "mlot-paper-tau_sl2-scaled": FusedLoss("mlot", mlot=MLOTConfig(k=10, tau_sl=2.0, hinton_scale=True)),
 }
 
 
@@ -72,13 +100,14 @@ SPECS = {
 def test_value_and_gradient_equal_ce_plus_standalone_loss(name: str) -> None:
     spec = SPECS[name]
     logits, labels, t_lp, t_ids, mask = _batch()
+    tempered = _tempered()
     a = logits.clone().requires_grad_()
     ce_ref = _ce_reference(a, labels)
-    kd_ref = _kd_reference(spec, a, t_lp, t_ids, mask)
+    kd_ref = _kd_reference(spec, a, t_lp, t_ids, mask, tempered)
     (ce_ref + spec.weight * kd_ref).backward()
 
     b = logits.clone().requires_grad_()
-    total, ce, kd = ce_kd_loss(b, labels, t_lp, t_ids, mask, spec)
+    total, ce, kd = ce_kd_loss(b, labels, t_lp, t_ids, mask, spec, tempered=tempered)
     total.backward()
 
     assert float(ce) == pytest.approx(float(ce_ref.detach()), abs=1e-12)

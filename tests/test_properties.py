@@ -16,10 +16,10 @@ Properties (offsets.py and align.py promise them):
 2. spans tile the text: the first starts at 0, each starts where the previous one ended (so
    starts and ends are non-decreasing), and the last ends at len(text);
 3. offset alignment pairs a student position only with a teacher position whose predicted
-   token has the identical span (and, for the empty spans of a split character, is the same
-   piece), both in the response; no teacher position is used twice;
-4. it misses none: a student target whose span (and piece) the teacher also predicts in the
-   response is paired; so with one tokenizer on both sides every target pairs.
+   token stands for the same bytes of the UTF-8 text (checked against a slow byte cursor over
+   the pieces), both in the response; no teacher position is used twice;
+4. it misses none: a student target whose bytes the teacher also predicts in the response is
+   paired; so with one tokenizer on both sides every target pairs.
 
 Runs are deterministic (``derandomize=True``, no example database): 150 examples per test,
 about 15 s in all; set LOGITCACHE_PROPERTY_EXAMPLES for a deeper search.
@@ -37,7 +37,13 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from logitcache.pipeline.offsets import METASPACE, encode_with_offsets
+from logitcache.pipeline.offsets import (
+    METASPACE,
+    byte_spans,
+    char_byte_offsets,
+    encode_with_offsets,
+    piece_bytes_table,
+)
 from logitcache.pipeline.student.align import align_by_offset, target_positions
 from logitcache.pipeline.student.features import StudentFeaturizer
 from logitcache.pipeline.tiny import (
@@ -192,13 +198,21 @@ def test_whole_character_tokens_get_their_surface_text(tokenizers, family, text)
 # --- 3 and 4: offset alignment ----------------------------------------------------------------
 
 
-def _piece_order(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """For each token, how many tokens before it have the identical span (0 for most)."""
-    order = np.zeros(len(starts), dtype=np.int64)
-    for i in range(1, len(starts)):
-        if starts[i] == starts[i - 1] and ends[i] == ends[i - 1]:
-            order[i] = order[i - 1] + 1
-    return order
+def _reference_bytes(tok, family: str, ids, starts, ends, text: str) -> list[tuple[int, int]] | None:
+    """Slow, independent: each token's byte range, walking the tokens with a byte cursor (byte
+    pieces stand for their bytes, other tokens for their span's characters, added tokens with
+    no span and the dummy prefix for nothing). None where the tokens' bytes do not spell the
+    text (an <unk>, a normaliser): no reference there."""
+    special = set(tok.all_special_ids)
+    pieces = tok.convert_ids_to_tokens(list(ids))
+    cursor, out, spelled = 0, [], b""
+    for t, piece, s, e in zip(ids, pieces, starts, ends):
+        raw = None if int(t) in special else _byte_piece(family, piece)
+        chunk = raw if raw is not None else text[s:e].encode("utf-8", "surrogatepass")
+        out.append((cursor, cursor + len(chunk)))
+        cursor += len(chunk)
+        spelled += chunk
+    return out if spelled == text.encode("utf-8", "surrogatepass") else None
 
 
 def _teacher_row(tok, text: str, prompt_chars: int, k: int = 2) -> dict:
@@ -225,33 +239,40 @@ def texts_with_prompt(draw):
 @given(case=texts_with_prompt(), max_length=st.one_of(st.none(), st.integers(2, 40)))
 @example(case=("Zoë 👍🏽 \u05e9\u05dc\u05d5\u05dd\u200f x\u0301\u0302 東京", 0), max_length=None)
 @example(case=("prompt:\x00\u200d answer 🇫🇷🇯🇵 " + "b" * 300, 9), max_length=7)
-def test_offset_alignment_pairs_only_identical_spans_and_misses_none(tokenizers, teacher, student, case, max_length):
+@example(case=("\U0001F600\U0001F44D\U0001F3FD \u6771\u4eac x\u0301", 0), max_length=None)
+def test_offset_alignment_pairs_only_identical_bytes_and_misses_none(tokenizers, teacher, student, case, max_length):
     text, prompt_chars = case
-    row = _teacher_row(tokenizers[teacher], text, prompt_chars)
-    featurizer = StudentFeaturizer(tokenizers[student], alignment="offset", max_length=max_length)
+    t_tok, s_tok = tokenizers[teacher], tokenizers[student]
+    row = _teacher_row(t_tok, text, prompt_chars)
+    featurizer = StudentFeaturizer(s_tok, alignment="offset", max_length=max_length,
+                                   teacher_bytes=piece_bytes_table(t_tok))
     out = featurizer(row)
 
-    s_ids, s_starts, s_ends = encode_with_offsets(tokenizers[student], text)
-    n = len(out["input_ids"])
-    s_starts, s_ends = s_starts[:n], s_ends[:n]
+    s_ids, s_starts, s_ends = encode_with_offsets(s_tok, text)
+    n = min(len(out["input_ids"]), len(s_ids))  # the student's appended EOS is not text
+    s_ids, s_starts, s_ends = s_ids[:n], s_starts[:n], s_ends[:n]
     t_starts, t_ends = row["char_start"], row["char_end"]
-    s_order, t_order = _piece_order(s_starts, s_ends), _piece_order(t_starts, t_ends)
-    limit = int(s_ends[-1]) if max_length is not None and len(s_ids) > max_length else None
+    limit = int(s_ends[-1]) if featurizer.stats.truncated else None  # the teacher is cut where the student is
     t_targets = set(target_positions(t_starts, t_ends, prompt_chars, limit).tolist())
     s_targets = target_positions(s_starts, s_ends, prompt_chars)
+    t_bytes = _reference_bytes(t_tok, teacher, row["input_ids"], t_starts, t_ends, text)
+    s_bytes = _reference_bytes(s_tok, student, s_ids, s_starts, s_ends, text)
 
     paired = {int(q): int(out["teacher_ids"][q, 0]) for q in np.flatnonzero(out["kd_mask"])}
-    # 3: only identical spans (and the same piece of a split character), only targets, each teacher position once
+    # 3: only targets, each teacher position once, only the same bytes
     for q, p in paired.items():
         assert q in s_targets and p in t_targets
-        assert (s_starts[q + 1], s_ends[q + 1]) == (t_starts[p + 1], t_ends[p + 1]), (q, p)
-        assert s_order[q + 1] == t_order[p + 1], (q, p)
+        if t_bytes is not None and s_bytes is not None:
+            assert s_bytes[q + 1] == t_bytes[p + 1], (q, p, "pairs tokens that stand for other bytes")
+        else:  # no byte reference: at least the same characters
+            assert (s_starts[q + 1], s_ends[q + 1]) == (t_starts[p + 1], t_ends[p + 1]), (q, p)
     assert len(set(paired.values())) == len(paired)
-    # 4: none missed
-    teacher_keys = {(t_starts[p + 1], t_ends[p + 1], t_order[p + 1]) for p in t_targets}
-    for q in s_targets:
-        if (s_starts[q + 1], s_ends[q + 1], s_order[q + 1]) in teacher_keys:
-            assert q in paired, f"student target {q} has a teacher twin but no pair"
+    # 4: none missed (where the reference knows both sides' bytes)
+    if t_bytes is not None and s_bytes is not None:
+        teacher_ranges = {t_bytes[p + 1] for p in t_targets if t_bytes[p + 1][0] < t_bytes[p + 1][1]}
+        for q in s_targets:
+            if s_bytes[q + 1] in teacher_ranges:
+                assert q in paired, f"student target {q} has a teacher twin {s_bytes[q + 1]} but no pair"
     assert out["kd_mask"].sum() == featurizer.stats.matched
 
 
@@ -259,12 +280,17 @@ def test_offset_alignment_pairs_only_identical_spans_and_misses_none(tokenizers,
 @CHECK
 @given(case=texts_with_prompt())
 @example(case=("\u0301\u200d🏳️‍🌈" + "\t" * 30, 0))
+@example(case=("\u2581 a\u2581b", 0))
 def test_offset_alignment_with_the_teachers_own_tokenizer_pairs_every_target(tokenizers, family, case):
     text, prompt_chars = case
-    row = _teacher_row(tokenizers[family], text, prompt_chars)
+    tok = tokenizers[family]
+    row = _teacher_row(tok, text, prompt_chars)
     t_targets = target_positions(row["char_start"], row["char_end"], prompt_chars)
-    al = align_by_offset(row["char_start"], row["char_end"], t_targets,
-                         row["char_start"], row["char_end"], t_targets, max(len(row["input_ids"]) - 1, 0))
+    table = piece_bytes_table(tok)
+    b_start, b_end, known = byte_spans(row["input_ids"], row["char_start"], row["char_end"], table,
+                                       char_byte_offsets(text))
+    al = align_by_offset(b_start, b_end, t_targets, b_start, b_end, t_targets, max(len(row["input_ids"]) - 1, 0),
+                         t_known=known, s_known=known)
 
     assert al.matched == al.targets == len(t_targets)
     assert al.teacher_pos[t_targets].tolist() == t_targets.tolist()

@@ -44,15 +44,46 @@ def _cfg(student, cache, out, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+@pytest.fixture(scope="session")
+def stats_cache(tmp_path_factory, teacher_dir, data_file) -> Path:
+    """The built_cache's records with the log-partitions at 2 and 4 and the logit statistics."""
+    from conftest import make_config
+
+    from logitcache.pipeline.teacher.run import run_teacher
+
+    out = tmp_path_factory.mktemp("cache") / "stats"
+    run_teacher(make_config(teacher_dir, data_file, out, temperatures=(2, 4), logit_stats=True), progress=False)
+    return out
+
+
 @pytest.mark.parametrize(
     "loss, extra",
-    [("sft", {}), ("uld", {}), ("mlot", {"mlot_k": 8}), ("mlot", {"mlot_k": 8, "mlot_variant": "code"}), ("uld", {"alignment": "offset"})],
+    [("sft", {}), ("uld", {}), ("mlot", {"mlot_k": 8}), ("uld", {"alignment": "offset"})],
 )
 def test_cross_tokenizer_losses_train_and_save(loss, extra, tmp_path, built_cache, other_vocab_student):
     r = run_train(_cfg(other_vocab_student, built_cache, tmp_path / "run", loss=loss, **extra))
     assert r.global_step == 3 and torch.isfinite(torch.tensor(r.train_loss))
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert r.feature_stats["examples"] > 0
+
+
+@pytest.mark.parametrize(
+    "loss, extra",
+    [
+        ("mlot", {"mlot_k": 8, "mlot_variant": "code"}),  # needs --logit-stats
+        ("uld", {"kd_temperature": 4.0, "kd_reduction": "token"}),
+        ("mlot", {"mlot_k": 8, "kd_temperature": 4.0, "kd_chunk_size": 16}),  # tau_SL = 4, tau_SD = 2; unfused
+    ],
+)
+def test_losses_that_need_the_cache_extras_train(loss, extra, tmp_path, stats_cache, other_vocab_student):
+    r = run_train(_cfg(other_vocab_student, stats_cache, tmp_path / "run", loss=loss, **extra))
+    assert r.global_step == 3 and torch.isfinite(torch.tensor(r.train_loss))
+
+
+@pytest.mark.parametrize("kind", ["forward", "jsd"])
+def test_kl_at_a_temperature_trains(kind, tmp_path, stats_cache, same_vocab_student):
+    r = run_train(_cfg(same_vocab_student, stats_cache, tmp_path / "run", loss="kl", kl_kind=kind, kd_temperature=2.0))
+    assert r.global_step == 3 and torch.isfinite(torch.tensor(r.train_loss))
 
 
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
@@ -171,6 +202,9 @@ def test_torchrun_two_processes_on_cpu(tmp_path, built_cache, other_vocab_studen
         ("not a cache", "not a logitcache cache"),
         ("kl, other vocabulary", "teacher's vocabulary"),
         ("mlot, k too small", "--top-k 50"),
+        ("temperature the cache lacks", "logitcache teacher --temperatures 3"),
+        ("mlot code without stats", "logitcache teacher --logit-stats"),
+        ("bad reduction", "--kd-reduction 'mean'"),
         ("missing --out", "missing --out"),
         ("unknown loss", "--loss 'xent'"),
         ("zero batch size", "--batch-size must be positive"),
@@ -188,6 +222,11 @@ def test_train_cli_refusals_are_one_line(case, needle, tmp_path, built_cache, ot
         "not a cache": base + ["--cache", str(tmp_path / "junk"), "--out", str(tmp_path / "o")],
         "kl, other vocabulary": base + ["--cache", str(built_cache), "--out", str(tmp_path / "o"), "--loss", "kl"],
         "mlot, k too small": base + ["--cache", str(built_cache), "--out", str(tmp_path / "o"), "--loss", "mlot"],
+        "temperature the cache lacks": base + ["--cache", str(built_cache), "--out", str(tmp_path / "o"),
+                                               "--kd-temperature", "3"],
+        "mlot code without stats": base + ["--cache", str(built_cache), "--out", str(tmp_path / "o"), "--loss", "mlot",
+                                           "--mlot-k", "8", "--mlot-variant", "code"],
+        "bad reduction": base + ["--cache", str(built_cache), "--out", str(tmp_path / "o"), "--kd-reduction", "mean"],
         "missing --out": base + ["--cache", str(built_cache)],
         "unknown loss": base + ["--cache", str(built_cache), "--out", str(tmp_path / "o"), "--loss", "xent"],
         "zero batch size": base + ["--cache", str(built_cache), "--out", str(tmp_path / "o"), "--batch-size", "0"],
@@ -218,3 +257,153 @@ def test_kd_term_is_the_same_chunked_or_in_one_pass(loss):
         grads.append(g_)
     torch.testing.assert_close(values[0], values[1])
     torch.testing.assert_close(grads[0], grads[1])
+
+
+# --- exact teacher targets (issue 12 §1b, §1c, §2) and the reduction (§1d) ------------------------
+def _manifest(temperatures=(), logit_stats=False, logsumexp=True):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(temperatures=list(temperatures), logit_stats=logit_stats, teacher={"logsumexp": logsumexp})
+
+
+@pytest.mark.parametrize(
+    "overrides, manifest, needle",
+    [
+        ({"loss": "uld", "kd_temperature": 3.0}, _manifest([2.0]), "--loss uld --kd-temperature 3: .*`logitcache teacher --temperatures 3`"),
+        ({"loss": "kl", "kd_temperature": 2.0}, _manifest([], logsumexp=False), "--engine hf --temperatures 2"),
+        ({"loss": "mlot"}, _manifest([]), "tau_SD.*`logitcache teacher --temperatures 2`.*--approximate-temperature"),
+        ({"loss": "mlot", "kd_temperature": 4.0}, _manifest([2.0]), r"temperature 4 \(--kd-temperature\).*--temperatures 4"),
+        ({"loss": "mlot", "mlot_variant": "code"}, _manifest([2.0]), "`logitcache teacher --logit-stats`"),
+        ({"loss": "mlot", "mlot_variant": "code"}, _manifest([], logsumexp=False), "--engine hf --logit-stats"),
+    ],
+)
+def test_a_cache_without_the_targets_a_loss_needs_is_refused_in_one_line(overrides, manifest, needle):
+    from logitcache.pipeline.student.train import check_teacher_targets
+
+    cfg = TrainConfig(student="s", cache="c", out="o", **overrides)
+    with pytest.raises(LogitCacheError, match=needle) as e:
+        check_teacher_targets(cfg, manifest)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, manifest",
+    [
+        ({"loss": "uld"}, _manifest([])),  # temperature 1 needs nothing: caches from before issue 12 work
+        ({"loss": "kl", "kd_temperature": 4.0}, _manifest([2.0, 4.0])),
+        ({"loss": "mlot"}, _manifest([2.0])),
+        ({"loss": "mlot", "approximate_temperature": True}, _manifest([])),  # the biased opt-in
+        ({"loss": "mlot", "mlot_variant": "code"}, _manifest([], logit_stats=True)),
+        ({"loss": "sft", "kd_temperature": 3.0}, _manifest([], logsumexp=False)),
+    ],
+)
+def test_a_cache_with_what_the_loss_needs_is_accepted(overrides, manifest):
+    from logitcache.pipeline.student.train import check_teacher_targets
+
+    check_teacher_targets(TrainConfig(student="s", cache="c", out="o", **overrides), manifest)
+
+
+def test_teacher_targets_pick_the_cache_column_of_each_temperature():
+    from logitcache.pipeline.student.train import teacher_targets
+
+    g = torch.Generator().manual_seed(0)
+    lp = torch.randn(2, 3, 4, generator=g)
+    lse, lse_tau = torch.randn(2, 3, generator=g), torch.randn(2, 3, 2, generator=g)
+    std, lse_std = torch.rand(2, 3, generator=g) + 0.5, torch.randn(2, 3, generator=g)
+    extras = {"teacher_lse": lse, "teacher_lse_tau": lse_tau, "teacher_logit_std": std, "teacher_lse_std": lse_std}
+    cfg = TrainConfig(student="s", cache="c", out="o", loss="uld", kd_temperature=4.0)
+    tempered, std_lp = teacher_targets(cfg, lp, extras, [2.0, 4.0])
+    assert list(tempered) == [4.0] and std_lp is None
+    torch.testing.assert_close(tempered[4.0], (lp + lse[..., None]) / 4 - lse_tau[..., 1:2])
+    mlot = TrainConfig(student="s", cache="c", out="o", loss="mlot", kd_temperature=4.0)
+    assert sorted(teacher_targets(mlot, lp, extras, [2.0, 4.0])[0]) == [2.0, 4.0]
+    code = TrainConfig(student="s", cache="c", out="o", loss="mlot", mlot_variant="code")
+    _, std_lp = teacher_targets(code, lp, extras, [2.0, 4.0])
+    torch.testing.assert_close(std_lp, (lp + lse[..., None]) / (std[..., None] + 1e-4) - lse_std[..., None])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"kd_temperature": 0.0}, "--kd-temperature must be a positive number"),
+        ({"kd_reduction": "batch"}, "--kd-reduction 'batch'"),
+        ({"loss": "mlot", "mlot_variant": "code", "kd_temperature": 2.0}, "--mlot-variant code runs at temperature 1"),
+    ],
+)
+def test_bad_temperature_and_reduction_options_are_refused(overrides, message):
+    with pytest.raises(LogitCacheError, match=message):
+        TrainConfig(student="s", cache="c", out="o", **overrides).validate()
+
+
+@pytest.mark.parametrize("loss", ["uld", "kl", "mlot"])
+@pytest.mark.parametrize("reduction", ["sample", "token"])
+def test_fused_and_two_step_trainer_losses_agree_at_a_temperature(loss, reduction):
+    # The trainer's two paths (fused; --kd-chunk-size: CE then the standalone loss, which computes in
+    # float32; fused == standalone to 1e-10 in float64 is test_losses_fused's).
+    from logitcache.pipeline.student.train import batch_loss, fused_loss_of
+
+    g = torch.Generator().manual_seed(1)
+    b, t, v, k = 3, 9, 23, 12
+    logits = torch.randn(b, t, v, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, v, (b, t), generator=g)
+    full = torch.randn(b, t, v, generator=g, dtype=torch.float64) * 2
+    lp, ids = torch.log_softmax(full, -1).topk(k, -1)
+    tempered = {tau: torch.log_softmax(full / tau, -1).gather(-1, ids) for tau in (2.0, 3.0)}
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    mask[0, :8], mask[1, 2:4], mask[2, 1:6] = True, True, True
+    extra = {"mlot_k": 8} if loss == "mlot" else {}
+    results = []
+    for chunk in (0, 4):
+        cfg = TrainConfig(student="s", cache="c", out="o", loss=loss, kd_temperature=3.0, kd_reduction=reduction,
+                          kd_chunk_size=chunk, **extra)
+        x = logits.clone().requires_grad_()
+        total, ce, kd = batch_loss(cfg, x, labels, lp, ids, mask, fused_loss_of(cfg), tempered)
+        total.backward()
+        results.append((total.detach(), kd.detach(), x.grad))
+    (t0, kd0, g0), (t1, kd1, g1) = results
+    assert float(t1) == pytest.approx(float(t0), rel=1e-5) and float(kd1) == pytest.approx(float(kd0), rel=1e-5)
+    assert float((g0 - g1).abs().max()) < 1e-6
+
+
+def test_mlot_with_approximate_temperature_runs_on_a_batch_without_lse_tau():
+    # A cache from before issue 12: no teacher_lse_tau in the batch, so MultiLevelOT falls back to
+    # the renormalised top-k at tau_SD (the opt-in); without the opt-in the loss refuses.
+    from logitcache.pipeline.student.train import kd_term, teacher_targets
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 6, 30, generator=g, dtype=torch.float64, requires_grad=True)
+    lp, ids = torch.log_softmax(torch.randn(2, 6, 40, generator=g, dtype=torch.float64), -1).topk(10, -1)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    cfg = TrainConfig(student="s", cache="c", out="o", loss="mlot", mlot_k=8, approximate_temperature=True)
+    tempered, std_lp = teacher_targets(cfg, lp, {"teacher_lse": torch.zeros(2, 6)}, [])
+    assert tempered == {} and std_lp is None
+    assert torch.isfinite(kd_term(cfg, logits, lp, ids, mask, tempered, std_lp))
+    strict = TrainConfig(student="s", cache="c", out="o", loss="mlot", mlot_k=8)
+    with pytest.raises(ValueError, match="--temperatures 2"):
+        kd_term(strict, logits, lp, ids, mask, {}, None)
+
+
+def test_temperature_and_reduction_flags_reach_the_config(tmp_path, built_cache, other_vocab_student):
+    from typer.testing import CliRunner
+
+    from logitcache.cli import app
+
+    args = ["train", "--student", str(other_vocab_student), "--cache", str(built_cache), "--out", str(tmp_path / "run"),
+            "--loss", "uld", "--kd-temperature", "2", "--kd-reduction", "token", "--max-steps", "1", "--batch-size", "4",
+            "--no-progress"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "run" / "logitcache_train_config.json").read_text())
+    assert (saved["kd_temperature"], saved["kd_reduction"], saved["approximate_temperature"]) == (2.0, "token", False)
+
+
+def test_an_eval_cache_with_the_temperature_in_another_column_is_refused():
+    # The trainer reads teacher_lse_tau's columns in the order of --cache's manifest.
+    from logitcache.pipeline.student.train import check_eval_targets
+
+    cfg = TrainConfig(student="s", cache="c", out="o", loss="uld", kd_temperature=4.0)
+    check_eval_targets(cfg, _manifest([2.0, 4.0]), _manifest([2.0, 4.0, 8.0]))
+    with pytest.raises(LogitCacheError, match="--eval-cache has temperature 4 in another column"):
+        check_eval_targets(cfg, _manifest([2.0, 4.0]), _manifest([4.0]))
+    with pytest.raises(LogitCacheError, match="--eval-cache: .*--temperatures 4"):
+        check_eval_targets(cfg, _manifest([2.0, 4.0]), _manifest([2.0]))

@@ -56,11 +56,11 @@ def read_rows(path: Path) -> list[dict]:
 def rewrite_shard(cache: Path, rel: str, damage: Callable[[list[dict]], None]) -> None:
     """Rewrite shard ``rel`` after ``damage(rows)`` edits its rows in place, then record the
     new file's bytes and sha256 in manifest.json, so hashes and counts stay consistent."""
-    k = load_manifest(cache).k
+    m = load_manifest(cache)
     path = cache / rel
     rows = read_rows(path)
     damage(rows)
-    pq.write_table(rows_to_table(rows, k), path, compression="zstd")
+    pq.write_table(rows_to_table(rows, m.k, len(m.temperatures), m.logit_stats), path, compression="zstd")
     data = read_manifest_json(cache)
     (entry,) = [s for s in data["shards"] if s["path"] == rel]
     entry["bytes"] = path.stat().st_size

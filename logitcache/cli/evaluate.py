@@ -1,4 +1,4 @@
-"""`logitcache eval`: held-out bits per character and exact-match accuracy."""
+"""`logitcache eval`: held-out bits per character, prefix-match and exact-match accuracy."""
 
 from __future__ import annotations
 
@@ -43,9 +43,11 @@ def eval_(
         )
     )
     res = {"model": model, "examples": r.examples, "chars": r.chars, "bits_per_char": r.bits_per_char,
-           "char_perplexity": r.char_perplexity, "accuracy": r.accuracy, "answered": r.answered}
+           "char_perplexity": r.char_perplexity, "accuracy": r.accuracy, "exact_match": r.exact_match,
+           "answered": r.answered}
     if as_json:
         typer.echo(json.dumps(res))
         return
-    acc = f", exact match {r.accuracy:.1%} of {r.answered}" if r.accuracy is not None else ""
+    acc = (f", prefix match {r.accuracy:.1%}, exact match (stopping included) {r.exact_match:.1%} of {r.answered}"
+           if r.accuracy is not None else "")
     typer.echo(f"{model}: {r.bits_per_char:.4f} bits/char (char perplexity {r.char_perplexity:.3f}) over {r.chars} chars of {r.examples} examples{acc}")

@@ -46,6 +46,9 @@ def teacher(
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model."),
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="vllm: share of GPU memory to use."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="vllm: context length (default --max-length or the model's)."),
+    eos: bool = typer.Option(True, "--eos/--no-eos", help="Append the tokenizer's end-of-sequence token to every example that ended (not truncated, not cut at --max-new-tokens), so its last position holds the teacher's prediction of the end; not when the text already ends with it."),
+    temperatures: Optional[str] = typer.Option(None, "--temperatures", help="Extra temperatures (comma-separated, e.g. 2,4) whose full-vocabulary log-normaliser is stored per position, so the top-k is exact at them in stage 2 (4 bytes per position each); 1 is always there. 'none' for no extra. Default: 2 with --engine hf, none with vllm (which cannot give it)."),
+    logit_stats: bool = typer.Option(False, "--logit-stats/--no-logit-stats", help="Also store per position the logits' mean and std over the full vocabulary and the log-normaliser of logits / (std + 1e-4) (12 bytes per position; MultiLevelOT's code variant needs them)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Run a teacher over a dataset and write its top-k logit cache (stage 1).
@@ -74,7 +77,7 @@ def teacher(
         generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
         truncate_prompts=truncate_prompts, num_workers=num_workers, worker_index=worker_index,
         tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-        max_model_len=max_model_len,
+        max_model_len=max_model_len, eos=eos, temperatures=parse_temperatures(temperatures), logit_stats=logit_stats,
     )
     r = run_teacher(cfg, progress=progress)
     m = r.manifest
@@ -83,11 +86,31 @@ def teacher(
         parts.append(f"{r.already_done} already in the cache")
     if r.skipped:
         parts.append("skipped " + ", ".join(f"{n} {why}" for why, n in r.skipped.items()))
-    if r.truncated:
-        parts.append(f"{r.truncated} truncated to {m.max_length} tokens")
+    if r.truncated - r.unfinished:
+        parts.append(f"{r.truncated - r.unfinished} truncated to {m.max_length} tokens")
+    if r.unfinished:
+        parts.append(f"{r.unfinished} responses cut at --max-new-tokens (stored without an end, flagged truncated)")
     if r.retokenized:
         parts.append(f"{r.retokenized} generated responses re-tokenize differently (stored: the canonical tokenization)")
     typer.echo("; ".join(parts))
     bpt = m.num_bytes / m.num_tokens if m.num_tokens else 0.0
     state = "complete" if r.complete else "partial (rerun to continue)"
     typer.echo(f"cache {r.out}: {m.num_examples} examples, {m.num_tokens} tokens, {bpt:.1f} bytes/token, {state}")
+
+
+def parse_temperatures(value: Optional[str]) -> Optional[tuple[float, ...]]:
+    """``--temperatures``: None (the engine's default), 'none' or '' (no extra), or '2,4'."""
+    if value is None:
+        return None
+    if value.strip().lower() in ("", "none"):
+        return ()
+    taus = []
+    for part in value.split(","):
+        try:
+            tau = float(part)
+        except ValueError:
+            raise LogitCacheError(f"--temperatures {value!r}: {part.strip()!r} is not a number; give e.g. --temperatures 2,4 (or none).") from None
+        if not (math.isfinite(tau) and tau > 0):
+            raise LogitCacheError(f"--temperatures {value!r}: {part.strip()} is not a positive temperature; give e.g. --temperatures 2,4.")
+        taus.append(tau)
+    return tuple(taus)

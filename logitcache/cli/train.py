@@ -15,8 +15,8 @@ def train(
     student: Optional[str] = typer.Option(None, "--student", "-s", help="Student to train: a model directory or hub name (any AutoModelForCausalLM with a fast tokenizer)."),
     cache: Optional[Path] = typer.Option(None, "--cache", "-c", help="Teacher cache written by `logitcache teacher`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory: checkpoints and the final model."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="uld (any tokenizer), mlot (MultiLevelOT, any tokenizer), kl (same vocabulary as the teacher) or sft (no teacher). Default uld."),
-    alignment: Optional[str] = typer.Option(None, "--alignment", help="offset (exact character spans) or position (the papers' index pairing). Default: position for uld/mlot, offset for kl."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="uld (any tokenizer), mlot (MultiLevelOT, any tokenizer), hybrid (TRL GOLD: exact JSD on tokens both vocabularies share, ULD on the rest; --config keys hybrid_beta, hybrid_matched_weight, hybrid_unmatched_weight), alm (approximate likelihood matching of chunks both tokenizations bound; keys alm_temperature, alm_divergence; its gradient is about 1/1000 of CE's at τ=100, so beside CE give --kd-weight 100 or more), kl (same vocabulary as the teacher) or sft (no teacher). Default uld."),
+    alignment: Optional[str] = typer.Option(None, "--alignment", help="offset (exact character spans) or position (the papers' index pairing). Default: position for uld/mlot, offset for kl/hybrid; alm uses its own chunks (chunk)."),
     kd_weight: Optional[float] = typer.Option(None, "--kd-weight", help="λ in CE + λ·KD (default 1)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options (flags given on the command line win)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --num-epochs)."),
@@ -33,7 +33,11 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for initialisation and shuffling."),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Dataloader worker processes."),
     kl_kind: Optional[str] = typer.Option(None, "--kl-kind", help="forward, reverse or jsd (with --loss kl)."),
-    mlot_variant: Optional[str] = typer.Option(None, "--mlot-variant", help="paper or code (with --loss mlot)."),
+    mlot_variant: Optional[str] = typer.Option(None, "--mlot-variant", help="paper or code (with --loss mlot; code needs a cache written with `logitcache teacher --logit-stats`)."),
+    mlot_k: Optional[int] = typer.Option(None, "--mlot-k", help="Ranked vocabulary dimensions MultiLevelOT compares (default 50, the paper's; the cache's k must be at least this)."),
+    kd_temperature: Optional[float] = typer.Option(None, "--kd-temperature", help="KD at temperature τ (uld, kl; MultiLevelOT's τ_SL): the student's softmax(logits/τ) against the teacher's exact probabilities at τ (the cache needs `logitcache teacher --temperatures τ`), KD term × τ² (Hinton et al.). Default 1."),
+    kd_reduction: Optional[str] = typer.Option(None, "--kd-reduction", help="sample (default): KD averaged over each example's aligned positions, then over examples (llm-recipes, Multi-Level-OT, TRL); token: over all aligned positions of the batch. CE is always the mean over the batch's targets."),
+    approximate_temperature: bool = typer.Option(False, "--approximate-temperature", help="--loss mlot on a cache without `--temperatures 2`: renormalise the teacher's top-k at τ_SD instead of refusing (biased: the tail's mass is dropped)."),
     kd_chunk_size: Optional[int] = typer.Option(None, "--kd-chunk-size", help="0 (default): CE and KD in one fused, memory-bounded pass over the logits. N > 0: CE, then the standalone ULD/KL loss over chunks of N positions (slower; for comparison)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in --out (mid-epoch); one cut short by a kill is passed over."),
     skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards", help="Train without the cache's damaged shards (missing, resized, altered), naming them and the examples lost, instead of refusing the cache."),
@@ -60,9 +64,12 @@ def train(
         "learning_rate": learning_rate, "max_length": max_length, "logging_steps": logging_steps,
         "save_steps": save_steps, "eval_cache": str(eval_cache) if eval_cache else None, "eval_steps": eval_steps,
         "bf16": bf16, "seed": seed, "num_workers": num_workers, "kl_kind": kl_kind, "mlot_variant": mlot_variant, "kd_chunk_size": kd_chunk_size,
+        "kd_temperature": kd_temperature, "kd_reduction": kd_reduction, "mlot_k": mlot_k,
     }
     values.update({k: v for k, v in given.items() if v is not None})
-    for name, flag in (("resume", resume), ("skip_bad_shards", skip_bad_shards), ("trust_remote_code", trust_remote_code)):
+    switches = (("resume", resume), ("skip_bad_shards", skip_bad_shards), ("trust_remote_code", trust_remote_code),
+                ("approximate_temperature", approximate_temperature))
+    for name, flag in switches:
         if flag:  # a switch left off keeps what --config says
             values[name] = True
     values["progress"] = progress

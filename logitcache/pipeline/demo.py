@@ -4,18 +4,26 @@ Everything is built on the spot (no download) and sized for 2 CPU cores:
 1. a tiny teacher (byte-level BPE tokenizer + small Llama) trained on generated text where
    knowledge matters: made-up capitals, sums, and multilingual lines;
 2. its top-k cache over the students' training set, written once;
-3. students of one size, trained on the same budget from that cache: SFT and KL with the
-   teacher's tokenizer, SFT, ULD and MultiLevelOT with a different (SentencePiece-style
-   BPE) tokenizer;
+3. students of one size, trained on the same budget from that cache (``DemoConfig.students``):
+   SFT and KL with the teacher's tokenizer; SFT and the cross-tokenizer losses with a
+   different (SentencePiece-style BPE) tokenizer;
 4. held-out bits per character and exact-match accuracy of every student and the teacher.
+
+Every stage that takes more than a moment reports steps done / total, loss, elapsed time and
+an estimate of the time left (:class:`StepProgress`).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, TextIO
 
 from logitcache.pipeline.teacher.data import TextTemplate
 from logitcache.pipeline.teacher.run import TeacherConfig, TeacherResult, run_teacher
@@ -27,6 +35,45 @@ from logitcache.pipeline.tiny import (
     train_metaspace_bpe_tokenizer,
     write_demo_dataset,
 )
+
+# The demo's models (hidden 64-128, 2 layers) are too small for a second thread to help on an
+# idle machine, and on a busy one every OpenMP parallel region waits at a barrier for a thread
+# the OS has descheduled: measured on 2 shared cores at load 6-11, the teacher's training step
+# took 2.1 s wall and 0.84 s CPU with 2 threads against 0.10 s and 0.047 s with 1.
+DEMO_THREADS = 1
+
+TOKENIZER_LABELS = {"teacher": "teacher (BPE 512)", "sp": "SentencePiece-style BPE 400"}
+DEMO_TRAIN_STATS = "demo_train_stats.json"  # per student: aligned fraction and training seconds
+
+
+@dataclass
+class DemoStudent:
+    """One row of the demo's table: a student trained from the cache.
+
+    ``tokenizer``: "teacher" (the cache's own tokenizer) or "sp" (a SentencePiece-style BPE with
+    other token boundaries). ``options``: TrainConfig fields this row sets beyond the shared budget.
+    """
+
+    name: str
+    tokenizer: str
+    loss: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def default_students() -> list[DemoStudent]:
+    """SFT and KL with the teacher's tokenizer; SFT and each cross-tokenizer loss with another.
+
+    To add a row, append here: every row gets the same student size, steps and data.
+    """
+    return [
+        DemoStudent("sft-bpe", "teacher", "sft"),
+        DemoStudent("kl-bpe", "teacher", "kl"),
+        DemoStudent("sft-sp", "sp", "sft"),
+        DemoStudent("uld-sp", "sp", "uld"),
+        DemoStudent("mlot-sp", "sp", "mlot"),
+        DemoStudent("hybrid-sp", "sp", "hybrid"),
+        DemoStudent("alm-sp", "sp", "alm"),
+    ]
 
 
 @dataclass
@@ -40,16 +87,7 @@ class DemoConfig:
     student_lr: float = 3e-3
     top_k: int = 64
     seed: int = 0
-    students: list[tuple[str, str, str]] = field(
-        default_factory=lambda: [
-            # (name, tokenizer, loss)
-            ("sft-bpe", "teacher", "sft"),
-            ("kl-bpe", "teacher", "kl"),
-            ("sft-sp", "sp", "sft"),
-            ("uld-sp", "sp", "uld"),
-            ("mlot-sp", "sp", "mlot"),
-        ]
-    )
+    students: list[DemoStudent] = field(default_factory=default_students)
 
 
 @dataclass
@@ -73,14 +111,252 @@ class DemoPaths:
     students: Path
 
 
-def run_teacher_part(cfg: DemoConfig, progress: bool = True) -> tuple[DemoPaths, TeacherResult]:
+# --- CPUs and threads ---------------------------------------------------------------------
+
+
+def cgroup_cpu_limit(cgroup_root: str | os.PathLike = "/sys/fs/cgroup", proc_cgroup: str | os.PathLike = "/proc/self/cgroup") -> float | None:
+    """The CPU quota of this process' cgroup in CPUs (``cpu.max`` 150000 100000 -> 1.5), or None.
+
+    A container limited to 2 CPUs still shows the host's CPUs to ``os.cpu_count()`` and to
+    the affinity mask; only the quota says how much CPU time it really gets. Reads cgroup v2
+    (``cpu.max``, from the process' own group up to the root, the tightest wins) and v1
+    (``cpu/cpu.cfs_quota_us`` / ``cpu.cfs_period_us``).
+    """
+    root = Path(cgroup_root)
+    limits: list[float] = []
+    own: list[str] = []
+    try:
+        for line in Path(proc_cgroup).read_text().splitlines():
+            parts = line.split(":", 2)
+            if len(parts) == 3 and parts[0] == "0" and parts[1] == "":
+                own.append(parts[2])
+    except OSError:
+        pass
+    dirs = []
+    for rel in own:  # cgroup v2: the own group and its parents
+        p = root / rel.strip("/")
+        while True:
+            dirs.append(p)
+            if p == root or root not in p.parents:
+                break
+            p = p.parent
+    dirs.append(root)
+    for d in dict.fromkeys(dirs):
+        try:
+            quota, period = (d / "cpu.max").read_text().split()[:2]
+        except (OSError, ValueError):
+            continue
+        if quota != "max" and float(period) > 0:
+            limits.append(float(quota) / float(period))
+    for v1 in (root / "cpu", root / "cpu,cpuacct"):  # cgroup v1
+        try:
+            quota_us = float((v1 / "cpu.cfs_quota_us").read_text())
+            period_us = float((v1 / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        if quota_us > 0 and period_us > 0:
+            limits.append(quota_us / period_us)
+    return min(limits) if limits else None
+
+
+def usable_cpus() -> int:
+    """CPUs this process can really use: its affinity mask, capped by its cgroup's CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, max(1, math.floor(limit)))
+    return max(1, n)
+
+
+def configure_threads(threads: int | None = None) -> str:
+    """Set torch's thread count for the demo and say what was chosen and why (one line).
+
+    ``threads`` None: ``OMP_NUM_THREADS`` if the user set it, else :data:`DEMO_THREADS`. Never
+    more than :func:`usable_cpus`. The tokenizers' own thread pool is capped the same way (it
+    reads ``RAYON_NUM_THREADS`` when it starts, so this must run before the first tokenization).
+    """
+    import torch
+
+    cpus = usable_cpus()
+    os.environ.setdefault("RAYON_NUM_THREADS", str(cpus))
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        threads, why = (int(env), "OMP_NUM_THREADS") if env.isdigit() and int(env) > 0 else (DEMO_THREADS, "demo default")
+    else:
+        why = "--threads"
+    chosen = max(1, min(threads, cpus))
+    torch.set_num_threads(chosen)
+    limit = cgroup_cpu_limit()
+    quota = f"cgroup quota {limit:g} CPUs" if limit is not None else "no cgroup CPU quota"
+    return (f"torch threads: {chosen} ({why}{', capped' if chosen < threads else ''}); usable CPUs: {cpus} "
+            f"(affinity {_affinity()}, {quota}, os.cpu_count {os.cpu_count()})")
+
+
+def _affinity() -> int | str:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return "n/a"
+
+
+# --- progress -------------------------------------------------------------------------------
+
+
+def clock(seconds: float) -> str:
+    """Seconds as m:ss (h:mm:ss from an hour)."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def progress_enabled(requested: bool = True) -> bool:
+    """Whether progress is shown: asked for, and not switched off by LOGITCACHE_NO_PROGRESS."""
+    return requested and not os.environ.get("LOGITCACHE_NO_PROGRESS")
+
+
+class StepProgress:
+    """Progress of one long stage: done / total, loss, elapsed time and time left.
+
+    On a terminal: a rich progress bar. Anywhere else (a log file, a pipe, CI): a plain line at
+    most every ``interval`` seconds, so a log never stays silent for long. Disabled: nothing
+    until the end. Always: one closing line with the count, the time taken and the last loss.
+    The time left is estimated from the rate since the first update, so set-up before the first
+    step (imports, building a tokenizer) and steps an earlier run did (a resumed stage starts at
+    ``start``) do not distort it.
+    """
+
+    def __init__(self, label: str, total: int, *, unit: str = "steps", enabled: bool = True, interval: float = 5.0,
+                 stream: TextIO | None = None, start: int = 0) -> None:
+        self.label, self.total, self.unit, self.interval = label, total, unit, interval
+        self.stream = stream if stream is not None else sys.stdout
+        self.enabled = enabled
+        self.start = self.done = start
+        self.loss: float | None = None
+        self.note = ""
+        self.t0 = self.last_print = time.perf_counter()
+        self._first: tuple[float, int] | None = None  # (time, done) of the first update
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> "StepProgress":
+        self.t0 = self.last_print = time.perf_counter()
+        if self.enabled and self._isatty():
+            from rich.console import Console
+            from rich.markup import escape
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn(f"  [bold]{escape(self.label)}"), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                console=Console(file=self.stream), transient=True,
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.label, total=self.total, completed=self.start, info="")
+        return self
+
+    def _isatty(self) -> bool:
+        try:
+            return bool(self.stream.isatty())
+        except (AttributeError, ValueError):
+            return False
+
+    def update(self, done: int, loss: float | None = None, note: str = "") -> None:
+        if self._first is None:
+            self._first = (time.perf_counter(), done)
+        self.done = done
+        if loss is not None:
+            self.loss = loss
+        if note:
+            self.note = note
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, info=self._info())
+            return
+        now = time.perf_counter()
+        if now - self.last_print >= self.interval and done < self.total:
+            self.last_print = now
+            self._print(self.line())
+
+    def _info(self) -> str:
+        parts = [f"loss {self.loss:.4g}"] if self.loss is not None else []
+        if self.note:
+            parts.append(self.note)
+        return "  ".join(parts)
+
+    def eta(self) -> float | None:
+        """Seconds left at the rate since the first update; None before the first step."""
+        if self._first is None:
+            return None
+        t_first, done_first = self._first
+        ran = self.done - done_first
+        if ran <= 0:
+            return None
+        return (time.perf_counter() - t_first) / ran * max(self.total - self.done, 0)
+
+    def line(self) -> str:
+        """The plain progress line: `label: 120/600 steps (20%)  loss 2.31  elapsed 0:12  left ~0:48`."""
+        pct = f" ({self.done / self.total:.0%})" if self.total else ""
+        eta = self.eta()
+        info = self._info()
+        return (f"  {self.label}: {self.done}/{self.total} {self.unit}{pct}" + (f"  {info}" if info else "")
+                + f"  elapsed {clock(time.perf_counter() - self.t0)}" + (f"  left ~{clock(eta)}" if eta is not None else ""))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(exc_type, exc, tb)
+            self._bar = None
+        if exc_type is None:
+            info = self._info()
+            self._print(f"  {self.label}: {self.done}/{self.total} {self.unit} in {clock(time.perf_counter() - self.t0)}"
+                        + (f", {info}" if info else ""))
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+
+def _trainer_progress(progress: StepProgress):
+    """A transformers TrainerCallback that feeds a StepProgress: global step and the last logged loss."""
+    from transformers import TrainerCallback
+
+    class _Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            progress.total = state.max_steps or progress.total
+            progress.start = progress.done = state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                progress.loss = float(logs["loss"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            progress.update(state.global_step)
+
+    return _Callback()
+
+
+# --- the stages -----------------------------------------------------------------------------
+
+
+def demo_paths(cfg: DemoConfig) -> DemoPaths:
     out = Path(cfg.out)
-    paths = DemoPaths(out / "teacher", out / "train.jsonl", out / "heldout.jsonl", out / "cache", out / "students")
+    return DemoPaths(out / "teacher", out / "train.jsonl", out / "heldout.jsonl", out / "cache", out / "students")
+
+
+def run_teacher_part(cfg: DemoConfig, progress: bool = True) -> tuple[DemoPaths, TeacherResult]:
+    paths = demo_paths(cfg)
     if not (paths.teacher / "config.json").exists():
-        build_tiny_teacher(
-            paths.teacher, train_steps=cfg.teacher_steps,
-            model_cfg=TinyModelConfig(hidden_size=128, num_layers=2, seed=cfg.seed), seed=cfg.seed,
-        )
+        tmp = paths.teacher.with_name(paths.teacher.name + ".tmp")  # a killed run leaves no half-saved teacher
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(paths.teacher, ignore_errors=True)  # an earlier demo version saved in place
+        with StepProgress("teacher training", cfg.teacher_steps, enabled=progress_enabled(progress)) as bar:
+            build_tiny_teacher(
+                tmp, train_steps=cfg.teacher_steps,
+                model_cfg=TinyModelConfig(hidden_size=128, num_layers=2, seed=cfg.seed), seed=cfg.seed,
+                on_step=lambda step, loss: bar.update(step, loss),
+            )
+        tmp.rename(paths.teacher)
     if not paths.data.exists():
         write_demo_dataset(paths.data, n=cfg.examples, seed=cfg.seed + 1)
     if not paths.heldout.exists():
@@ -90,7 +366,7 @@ def run_teacher_part(cfg: DemoConfig, progress: bool = True) -> tuple[DemoPaths,
             model=os.fspath(paths.teacher), data=os.fspath(paths.data), out=os.fspath(paths.cache), top_k=cfg.top_k,
             template=TextTemplate(prompt_field="prompt", response_field="response"), batch_size=16,
         ),
-        progress=progress,
+        progress=progress_enabled(progress),
     )
     return paths, result
 
@@ -99,6 +375,10 @@ def _student_init(paths: DemoPaths, tokenizer_kind: str, cfg: DemoConfig) -> Pat
     """The same-size untrained student for a tokenizer, built once and shared by its runs."""
     from transformers import AutoTokenizer
 
+    if tokenizer_kind not in TOKENIZER_LABELS:
+        from logitcache.errors import LogitCacheError
+
+        raise LogitCacheError(f"demo student tokenizer {tokenizer_kind!r}: use one of {', '.join(TOKENIZER_LABELS)}.")
     init = paths.students / f"init-{tokenizer_kind}"
     if (init / "config.json").exists():
         return init
@@ -117,39 +397,73 @@ def _student_init(paths: DemoPaths, tokenizer_kind: str, cfg: DemoConfig) -> Pat
     return init
 
 
-def run_students(cfg: DemoConfig, paths: DemoPaths, progress: bool = True) -> list[DemoRow]:
-    from logitcache.pipeline.student.evaluate import EvalConfig, evaluate
+@dataclass
+class _Trained:
+    student: DemoStudent
+    out: Path
+    alignment: str
+    aligned: float | None
+    seconds: float
+
+
+def train_students(cfg: DemoConfig, paths: DemoPaths, progress: bool = True,
+                   echo: Callable[[str], None] = print) -> list[_Trained]:
+    """Every student of ``cfg.students`` on the same budget; one already trained by an earlier run is kept."""
     from logitcache.pipeline.student.train import TrainConfig, run_train
 
-    template = TextTemplate(prompt_field="prompt", response_field="response")
-
-    def held_out(model_dir: Path):
-        return evaluate(EvalConfig(model=os.fspath(model_dir), data=os.fspath(paths.heldout), template=template))
-
-    rows = []
-    t = held_out(paths.teacher)
-    rows.append(DemoRow("teacher", "teacher (BPE 512)", "-", "-", None, 0.0, t.bits_per_char, t.accuracy))
-    for name, tok_kind, loss in cfg.students:
-        init = _student_init(paths, tok_kind, cfg)
-        out = paths.students / name
+    trained = []
+    for i, s in enumerate(cfg.students, 1):
+        init = _student_init(paths, s.tokenizer, cfg)
+        out = paths.students / s.name
         tcfg = TrainConfig(
-            student=os.fspath(init), cache=os.fspath(paths.cache), out=os.fspath(out), loss=loss,
+            student=os.fspath(init), cache=os.fspath(paths.cache), out=os.fspath(out), loss=s.loss,
             max_steps=cfg.student_steps, batch_size=cfg.student_batch_size, learning_rate=cfg.student_lr,
-            save_steps=cfg.student_steps, logging_steps=max(cfg.student_steps // 5, 1), seed=cfg.seed,
-            progress=progress, shuffle_buffer=256,
+            save_steps=cfg.student_steps, logging_steps=max(cfg.student_steps // 30, 1), seed=cfg.seed,
+            progress=False, shuffle_buffer=256, **s.options,
         )
-        done = out / "logitcache_train_config.json"
-        if done.exists():
-            seconds, aligned = 0.0, None  # trained by an earlier run of the demo
-        else:
-            tcfg.resume = out.exists()
-            r = run_train(tcfg)
-            seconds, aligned = r.seconds, (r.feature_stats or {}).get("fraction_matched")
-        e = held_out(out)
-        tok_label = "teacher (BPE 512)" if tok_kind == "teacher" else "SentencePiece-style BPE 400"
-        rows.append(DemoRow(name, tok_label, loss, tcfg.resolved_alignment() if loss != "sft" else "-",
-                            aligned if loss != "sft" else None, seconds, e.bits_per_char, e.accuracy))
+        alignment = tcfg.resolved_alignment() if s.loss != "sft" else "-"
+        if (out / "logitcache_train_config.json").exists():
+            echo(f"  {s.name}: trained by an earlier run, kept")
+            try:  # what that run measured, for the table
+                seen = json.loads((out / DEMO_TRAIN_STATS).read_text())
+            except (OSError, ValueError):
+                seen = {}
+            trained.append(_Trained(s, out, alignment, seen.get("aligned"), float(seen.get("seconds") or 0.0)))
+            continue
+        tcfg.resume = out.exists()
+        label = f"student {i}/{len(cfg.students)} {s.name} ({s.loss})"
+        with StepProgress(label, cfg.student_steps, enabled=progress_enabled(progress)) as bar:
+            r = run_train(tcfg, progress_callback=_trainer_progress(bar))
+        aligned = (r.feature_stats or {}).get("fraction_matched") if s.loss != "sft" else None
+        (out / DEMO_TRAIN_STATS).write_text(json.dumps({"aligned": aligned, "seconds": r.seconds}))
+        trained.append(_Trained(s, out, alignment, aligned, r.seconds))
+    return trained
+
+
+def evaluate_all(cfg: DemoConfig, paths: DemoPaths, trained: list[_Trained], progress: bool = True) -> list[DemoRow]:
+    """Held-out bits/char and exact match of the teacher and every student, one model at a time."""
+    from logitcache.pipeline.student.evaluate import EvalConfig, evaluate
+
+    template = TextTemplate(prompt_field="prompt", response_field="response")
+    models = [("teacher", paths.teacher)] + [(t.student.name, t.out) for t in trained]
+    results = {}
+    with StepProgress("held-out eval", len(models), unit="models", enabled=progress_enabled(progress), interval=0.0) as bar:
+        for i, (name, model_dir) in enumerate(models):
+            e = evaluate(EvalConfig(model=os.fspath(model_dir), data=os.fspath(paths.heldout), template=template))
+            results[name] = e
+            bar.update(i + 1, note=f"{name} {e.bits_per_char:.3f} bits/char")
+    t = results["teacher"]
+    rows = [DemoRow("teacher", TOKENIZER_LABELS["teacher"], "-", "-", None, 0.0, t.bits_per_char, t.accuracy)]
+    for tr in trained:
+        e = results[tr.student.name]
+        rows.append(DemoRow(tr.student.name, TOKENIZER_LABELS[tr.student.tokenizer], tr.student.loss, tr.alignment,
+                            tr.aligned, tr.seconds, e.bits_per_char, e.accuracy))
     return rows
+
+
+def run_students(cfg: DemoConfig, paths: DemoPaths, progress: bool = True) -> list[DemoRow]:
+    """Train every student, then evaluate them all and the teacher: the table's rows."""
+    return evaluate_all(cfg, paths, train_students(cfg, paths, progress), progress)
 
 
 def format_table(rows: list[DemoRow]) -> str:

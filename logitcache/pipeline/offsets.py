@@ -30,6 +30,7 @@ covers whole characters.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -90,3 +91,158 @@ def encode_with_offsets(tokenizer, text: str, *, add_special_tokens: bool = True
             raw[i] = (s, s)
     starts, ends = normalize_offsets(raw)
     return ids, starts, ends
+
+
+# --- bytes -------------------------------------------------------------------------------------
+#
+# Character spans cannot tell the pieces of a split character apart: every later piece has an
+# empty span at the character's end. Offset alignment pairs tokens by the BYTES of the UTF-8 text
+# they stand for, which needs each token's byte length: a property of the tokenizer, one table
+# per tokenizer, built once per process.
+
+
+@dataclass(frozen=True)
+class PieceBytes:
+    """Per token id, how many bytes of the UTF-8 text the token stands for.
+
+    ``nbytes`` is -1 where that is unknown: the token then stands for the characters of its span
+    if it has whole ones, and for nothing a pairing can rely on if it is a piece of a split
+    character. ``added`` marks added tokens (special or not): one with an empty span was put
+    there by the tokenizer (BOS, EOS) and stands for no text, one with a span for its characters.
+    """
+
+    nbytes: np.ndarray  # int32 [V]
+    added: np.ndarray  # bool [V]
+    kind: str  # "byte_level" | "sentencepiece" | "unknown"
+
+
+def _decoder_kinds(tokenizer) -> set[str]:
+    import json
+
+    def walk(d) -> set[str]:
+        if not isinstance(d, dict):
+            return set()
+        kinds = {str(d.get("type"))}
+        if d.get("type") == "Replace" and METASPACE in json.dumps(d.get("pattern"), ensure_ascii=False):
+            kinds.add("MetaspaceReplace")
+        for sub in d.get("decoders") or []:
+            kinds |= walk(sub)
+        return kinds
+
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
+        return set()
+    try:
+        return walk(json.loads(decoder.__getstate__()))
+    except Exception:  # an exotic decoder: no byte lengths, whole characters still pair
+        return set()
+
+
+def piece_bytes_table(tokenizer) -> PieceBytes:
+    """The byte length of every token of a fast tokenizer.
+
+    * byte-level BPE (GPT-2, Llama-3, Tekken: a ByteLevel decoder): every character of a piece
+      is one byte (GPT-2's ``bytes_to_unicode``, inverted), so lengths are exact, including
+      pieces that end one character and start the next;
+    * SentencePiece style (Metaspace / byte fallback): a ``<0xNN>`` piece is one byte; other
+      pieces cover whole characters, so their characters are used (unknown here; this also
+      keeps the dummy-prefix '▁' and a literal '▁' in the text right);
+    * anything else: unknown, so whole characters pair and pieces of split characters do not.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = tokenizer.get_vocab()
+    size = max(max(vocab.values(), default=-1) + 1, len(tokenizer))
+    nbytes = np.full(size, -1, dtype=np.int32)
+    added = np.zeros(size, dtype=bool)
+    kinds = _decoder_kinds(tokenizer)
+    kind = "byte_level" if "ByteLevel" in kinds else (
+        "sentencepiece" if kinds & {"Metaspace", "ByteFallback", "MetaspaceReplace"} else "unknown")
+    if kind == "byte_level":
+        byte_of = {c: 1 for c in bytes_to_unicode().values()}
+        for piece, i in vocab.items():
+            if all(c in byte_of for c in piece):
+                nbytes[i] = len(piece)
+    elif kind == "sentencepiece":
+        for piece, i in vocab.items():
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                nbytes[i] = 1
+    added_vocab = dict(tokenizer.get_added_vocab())
+    for i in getattr(tokenizer, "all_special_ids", []) or []:
+        added_vocab.setdefault(tokenizer.convert_ids_to_tokens(i), i)
+    for content, i in added_vocab.items():
+        if 0 <= i < size:
+            added[i] = True
+            nbytes[i] = len(content.encode("utf-8", "surrogatepass"))
+    return PieceBytes(nbytes=nbytes, added=added, kind=kind)
+
+
+def char_byte_offsets(text: str) -> np.ndarray:
+    """int64 [len(text) + 1]: the UTF-8 byte offset of every character index of ``text``."""
+    if text.isascii():
+        return np.arange(len(text) + 1, dtype=np.int64)
+    cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    out = np.zeros(len(cp) + 1, dtype=np.int64)
+    np.cumsum(1 + (cp >= 0x80).astype(np.int64) + (cp >= 0x800) + (cp >= 0x10000), out=out[1:])
+    return out
+
+
+def byte_spans(
+    ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, table: PieceBytes | None, char_bytes: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The UTF-8 byte range every token stands for, and whether it is known.
+
+    Args:
+        ids, starts, ends: [n] token ids and their normalised character spans (see above).
+        table: the tokenizer's :func:`piece_bytes_table` (None: all lengths unknown).
+        char_bytes: :func:`char_byte_offsets` of the text.
+    Returns:
+        ``(byte_start, byte_end, known)``, int64, int64, bool [n]. Where ``known``, the token
+        stands for exactly ``text.encode()[byte_start:byte_end]`` (empty for an added token the
+        tokenizer put in: BOS, EOS); where not, it must not be paired by bytes.
+
+    Tokens tile the bytes of the text, so each ends where the next starts, and none ends past the
+    end of its character span: ``end[i] = min(start[i+1], bytes of ends[i])``, solved backwards in
+    one vectorised pass (a reversed running minimum). The spans anchor it again after anything
+    that is not byte-exact (a gap, a normaliser, an unknown length), and a range that does not fit
+    its character span (it must end inside the span's last character and start inside the
+    character before the span's first, or at it) is marked unknown.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    s = np.asarray(starts, dtype=np.int64)
+    e = np.asarray(ends, dtype=np.int64)
+    n = len(ids)
+    empty = s == e
+    if table is None or n == 0:
+        length = np.full(n, -1, dtype=np.int64)
+        added = np.zeros(n, dtype=bool)
+    elif n and 0 <= ids.min() and ids.max() < len(table.nbytes):
+        length = table.nbytes[ids].astype(np.int64)
+        added = table.added[ids]
+    else:
+        inside = (ids >= 0) & (ids < len(table.nbytes))
+        safe = np.where(inside, ids, 0)
+        length = np.where(inside, table.nbytes[safe], -1).astype(np.int64)
+        added = inside & table.added[safe]
+    if len(char_bytes) == char_bytes[-1] + 1:
+        # ASCII: no character is split, every span is its bytes (what the general pass gives, faster).
+        return s, e, ~empty | added
+    cs, ce = char_bytes[s], char_bytes[e]
+    unknown = (length < 0) & ~added
+    # an added token stands for its span's characters (none when the tokenizer put it in)
+    length = np.where(added | unknown, ce - cs, length)
+    csum = np.cumsum(length)
+    end = csum + np.minimum.accumulate((ce - csum)[::-1])[::-1]  # never past ce, by construction
+    start = np.maximum(end - length, 0)  # a prefix space ('Ġ' or '▁' the text lacks) stands for no byte
+
+    last_char = char_bytes[np.maximum(e - 1, 0)]
+    before_first = char_bytes[np.maximum(s - 1, 0)]
+    whole = ~empty & (end > last_char) & (start <= cs) & ((s == 0) | (start > before_first))
+    # A token of unknown length is trusted only for whole characters, and not when it is the
+    # first piece of a split character (the next token is a later piece of it).
+    next_is_piece = np.zeros(n, dtype=bool)
+    next_is_piece[:-1] = empty[1:] & ~added[1:]
+    whole &= ~unknown | ((start == cs) & (end == ce) & ~next_is_piece)
+    piece = empty & ~added & ~unknown & (length > 0) & (e > 0) & (start > last_char)
+    known = whole | piece | (empty & added)
+    return start, end, known

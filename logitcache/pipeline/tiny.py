@@ -15,6 +15,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
@@ -201,22 +202,42 @@ def build_tiny_model(tokenizer, cfg: TinyModelConfig = TinyModelConfig()):
     raise ValueError(f"unknown tiny arch {cfg.arch!r}; use 'llama' or 'gpt2'")
 
 
-def train_briefly(model, tokenizer, texts: list[str], steps: int = 200, batch_size: int = 16, lr: float = 3e-3, seed: int = 0) -> float:
-    """A few hundred AdamW steps so the teacher's logits carry the corpus' facts. Returns the last loss."""
+def train_briefly(
+    model,
+    tokenizer,
+    texts: list[str],
+    steps: int = 200,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> float:
+    """A few hundred AdamW steps so the teacher's logits carry the corpus' facts. Returns the last loss.
+
+    Every text ends with the tokenizer's end-of-sequence token, as a real teacher's training
+    data does: the teacher learns where an answer stops, so the cache's end-of-sequence targets
+    mean something. ``on_step(steps_done, loss)`` is called after every step (progress display).
+    """
     import torch
+
+    from logitcache.pipeline.padding import pad_sequences, pad_token_id
 
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
+    pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
     loss_value = float("nan")
-    for _ in range(steps):
-        batch = tokenizer(rng.sample(texts, min(batch_size, len(texts))), return_tensors="pt", padding=True)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss = model(**batch, labels=labels).loss
+    for step in range(steps):
+        encoded = tokenizer(rng.sample(texts, min(batch_size, len(texts))))["input_ids"]
+        input_ids, attention_mask = pad_sequences([ids + [eos] if eos is not None else ids for ids in encoded], pad)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
         loss_value = float(loss.detach())
+        if on_step is not None:
+            on_step(step + 1, loss_value)
     model.eval()
     return loss_value
 
@@ -262,16 +283,18 @@ def build_tiny_teacher(
     model_cfg: TinyModelConfig = TinyModelConfig(),
     corpus_size: int = 2000,
     seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> Path:
     """Save a tiny causal LM with its tokenizer to ``out_dir``: the given ``tokenizer``, or
-    a byte-level BPE of ``vocab_size`` trained on the generated corpus."""
+    a byte-level BPE of ``vocab_size`` trained on the generated corpus. ``on_step(steps_done, loss)``
+    follows the training (see :func:`train_briefly`)."""
     out_dir = Path(out_dir)
     corpus = generate_corpus(corpus_size, seed)
     if tokenizer is None:
         tokenizer = train_bpe_tokenizer(corpus, vocab_size)
     model = build_tiny_model(tokenizer, model_cfg)
     if train_steps:
-        train_briefly(model, tokenizer, corpus, steps=train_steps, seed=seed)
+        train_briefly(model, tokenizer, corpus, steps=train_steps, seed=seed, on_step=on_step)
     tokenizer.save_pretrained(out_dir)
     model.save_pretrained(out_dir)
     return out_dir

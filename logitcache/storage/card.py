@@ -20,6 +20,31 @@ def _loading(m: Manifest) -> str:
     )
 
 
+def _extras(m: Manifest) -> str:
+    """What the rows hold beyond format v1's columns (issue 12), as card paragraphs."""
+    parts = []
+    if m.eos_id is not None:
+        parts.append(
+            f"Every example that ended (not `truncated`) ends with the end-of-sequence token (id {m.eos_id}),\n"
+            "appended on an empty span at the end of `text` unless the text already ended with it: the\n"
+            "last position holds the teacher's prediction of the end of the response."
+        )
+    else:
+        parts.append("No end-of-sequence token was appended to the examples.")
+    if m.temperatures:
+        taus = ", ".join(f"{t:g}" for t in m.temperatures)
+        parts.append(
+            f"`lse_tau` holds, per position, `logsumexp(logits / tau)` for tau = {taus}: the log-prob of a\n"
+            "stored entry at tau is `(logprob + logsumexp) / tau - lse_tau`, exact over the full vocabulary."
+        )
+    if m.logit_stats:
+        parts.append(
+            "`logit_mean` and `logit_std` are the mean and (unbiased) standard deviation of the logits over\n"
+            "the vocabulary, and `lse_std` is `logsumexp(logits / (logit_std + 1e-4))`."
+        )
+    return "\n\n".join(parts)
+
+
 def render_card(m: Manifest) -> str:
     teacher = m.teacher.get("name", "?")
     bpt = m.num_bytes / m.num_tokens if m.num_tokens else 0.0
@@ -41,6 +66,8 @@ Every row is one example: the exact `text` the teacher read, its tokens with cha
 spans, and per position the teacher's top-{m.k} next-token log-probabilities (sorted,
 temperature {m.temperature}, normalised over the full vocabulary), the log-probability of
 the actual next token and the log-normaliser of the raw logits.
+
+{_extras(m)}
 
 | | |
 |---|---|

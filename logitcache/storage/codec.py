@@ -63,7 +63,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from logitcache.storage.rows import Row, flat_list_column
+from logitcache.storage.rows import Row, extra_arrays, flat_list_column
+from logitcache.storage.schema import EXTRA_COLUMNS, extra_fields
 
 CODEC_NAME = "compact"
 DEFAULT_STEP = 2.0**-6  # q: a power of two, so q * n is exact in float64
@@ -86,6 +87,11 @@ PARQUET_COLUMN_ENCODING = {
     "input_ids.list.element": "BYTE_STREAM_SPLIT",
     "char_start.list.element": "DELTA_BINARY_PACKED",
     "char_end.list.element": "DELTA_BINARY_PACKED",
+    # The optional columns (schema.extra_fields), stored as they are (float32), as in v1.
+    "lse_tau.list.element.list.element": "BYTE_STREAM_SPLIT",
+    "logit_mean.list.element": "BYTE_STREAM_SPLIT",
+    "logit_std.list.element": "BYTE_STREAM_SPLIT",
+    "lse_std.list.element": "BYTE_STREAM_SPLIT",
 }
 PARQUET_OPTIONS: dict[str, Any] = {
     "compression": "zstd",
@@ -95,8 +101,9 @@ PARQUET_OPTIONS: dict[str, Any] = {
 }
 
 
-def compact_schema() -> pa.Schema:
-    """The Arrow schema of every compact table (without metadata); the same for any k."""
+def compact_schema(n_temperatures: int = 0, logit_stats: bool = False) -> pa.Schema:
+    """The Arrow schema of every compact table (without metadata); the same for any k.
+    The optional columns (schema.extra_fields) follow, as in v1."""
     lst = pa.list_
     return pa.schema(
         [pa.field("id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False),
@@ -104,6 +111,7 @@ def compact_schema() -> pa.Schema:
         + [pa.field(n, lst(pa.int32()), nullable=False) for n in ("input_ids", "char_start", "char_end")]
         + [pa.field(n, lst(pa.float32()), nullable=False) for n in ("label_logprob", "logsumexp", "top1_logprob")]
         + [pa.field(n, pa.binary(), nullable=False) for n in ("topk_steps_lo", "topk_steps_hi", "topk_ranks_lo", "topk_ranks_hi")]
+        + extra_fields(n_temperatures, logit_stats)
     )
 
 
@@ -227,7 +235,8 @@ def _cat(chunks: list[np.ndarray], dtype: Any, width: int | None = None) -> np.n
 
 
 def encode_compact(
-    rows: Sequence[Row], k: int, *, step: float = DEFAULT_STEP, id_table: np.ndarray | None = None
+    rows: Sequence[Row], k: int, *, step: float = DEFAULT_STEP, id_table: np.ndarray | None = None,
+    n_temperatures: int = 0, logit_stats: bool = False,
 ) -> pa.Table:
     """Rows (v1 layout) -> a compact Arrow table; its schema metadata holds k, step, id table."""
     if k < 1:
@@ -275,13 +284,14 @@ def encode_compact(
     }
     columns["topk_steps_lo"], columns["topk_steps_hi"] = _planes(steps.reshape(-1).astype(np.int64), [m * (k - 1) for m in n_pos])
     columns["topk_ranks_lo"], columns["topk_ranks_hi"] = _planes(ranks.reshape(-1), [m * k for m in n_pos])
+    columns.update(extra_arrays(rows, n_temperatures, logit_stats))
     metadata = {
         META_CODEC: CODEC_NAME.encode(),
         META_K: str(k).encode(),
         META_STEP: repr(float(step)).encode(),
         META_IDS: _encode_ids(table_ids),
     }
-    schema = compact_schema().with_metadata(metadata)
+    schema = compact_schema(n_temperatures, logit_stats).with_metadata(metadata)
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
 
 
@@ -367,5 +377,10 @@ def decode_compact(
     out["topk_logprobs"] = [lp[pos_off[i] : pos_off[i + 1]] for i in range(len(pos_off) - 1)]
     order = ("id", "text", "prompt_chars", "truncated", "input_ids", "char_start", "char_end",
              "topk_ids", "topk_logprobs", "label_logprob", "logsumexp")
+    extras = tuple(name for name in EXTRA_COLUMNS if name in names)
+    for name in extras:
+        flat, off = flat_list_column(col(names.index(name)))
+        out[name] = [flat[off[i] : off[i + 1]] for i in range(len(off) - 1)]
+    order += extras
     for i in range(batch.num_rows):
         yield {name: out[name][i] for name in order}

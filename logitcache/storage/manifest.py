@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 
 from logitcache.errors import LogitCacheError
 from logitcache.storage.fsutil import atomic_write_bytes
-from logitcache.storage.schema import FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS
+from logitcache.storage.schema import FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS, shard_schema
 
 MANIFEST_NAME = "manifest.json"
 CODECS = ("v1", "compact")  # v1: fp16 + int32 (DESIGN.md §2); compact: storage/codec.py
@@ -33,6 +34,9 @@ SETTINGS_KEYS = (
     "template",
     "max_length",
     "worker",
+    "eos_id",
+    "temperatures",
+    "logit_stats",
 )
 
 
@@ -71,6 +75,13 @@ class Manifest:
     # worker i takes the records whose index r has r % n == i.
     worker: dict[str, int] | None = None
     codec: str = "v1"
+    # Optional content, all absent from caches written before issue 12 (read as these defaults):
+    # the end-of-sequence id appended to every example that ended (None: none appended);
+    eos_id: int | None = None
+    # the extra temperatures of the per-position ``lse_tau`` column (1 is never listed);
+    temperatures: list[float] = field(default_factory=list)
+    # whether the rows hold ``logit_mean``, ``logit_std`` and ``lse_std``.
+    logit_stats: bool = False
     format_version: int = FORMAT_VERSION
     tool_version: str = ""
     created_at: str = field(default_factory=_now)
@@ -95,6 +106,19 @@ class Manifest:
     @property
     def num_truncated(self) -> int:
         return sum(s.truncated for s in self.shards)
+
+    @property
+    def has_logsumexp(self) -> bool:
+        """Whether the engine gave the raw logits' log-normaliser (vllm does not)."""
+        return self.teacher.get("logsumexp", True) is not False
+
+    def arrow_schema(self):
+        """The Arrow schema of this cache's shards (codec, k and optional columns)."""
+        if self.codec == "compact":
+            from logitcache.storage.codec import compact_schema
+
+            return compact_schema(len(self.temperatures), self.logit_stats)
+        return shard_schema(self.k, len(self.temperatures), self.logit_stats)
 
     def settings(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in SETTINGS_KEYS}
@@ -172,6 +196,9 @@ MANIFEST_FIELD_TYPES: dict[str, tuple] = {
     "generation": (dict, None),
     "max_length": (int, None),
     "worker": (dict, None),
+    "eos_id": (int, None),
+    "temperatures": (list,),
+    "logit_stats": (bool,),
     "tool_version": (str,),
     "created_at": (str,),
     "updated_at": (str,),
@@ -260,6 +287,11 @@ def _check_values(d: dict[str, Any], where: str) -> None:
         index, count = worker.get("index"), worker.get("count")
         if not (_type_ok(index, (int,)) and _type_ok(count, (int,)) and 0 <= index < count):
             raise _bad(where, "worker", f"must be {{index, count}} with 0 <= index < count (got {_short(worker)})")
+    if d.get("eos_id") is not None and d["eos_id"] < 0:
+        raise _bad(where, "eos_id", f"must be a token id (0 or more) or null (got {d['eos_id']})")
+    taus = d.get("temperatures", [])
+    if not all(_type_ok(t, _NUMBER) and math.isfinite(t) and t > 0 and t != 1 for t in taus) or len(set(taus)) != len(taus):
+        raise _bad(where, "temperatures", f"must list distinct positive temperatures other than 1 (got {_short(taus)})")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in d.get("skipped", {}).items()):
         raise _bad(where, "skipped", "must map example ids to reason strings")
 

@@ -11,12 +11,13 @@ import pyarrow.parquet as pq
 from logitcache.errors import LogitCacheError
 from logitcache.storage.manifest import Manifest, load_manifest, resolve_inside
 from logitcache.storage.rows import Row, batch_to_rows, decode_rows, shard_id_table
+from logitcache.storage.schema import EXTRA_COLUMNS
 from logitcache.storage.writer import TOKENIZER_DIR
 
 
 # Columns stored as they are in both codecs (reading only these needs no decoding).
 _PLAIN_COLUMNS = {"id", "text", "prompt_chars", "truncated", "input_ids", "char_start", "char_end",
-                  "label_logprob", "logsumexp"}
+                  "label_logprob", "logsumexp", *EXTRA_COLUMNS}
 
 
 class CacheReader:

@@ -7,6 +7,9 @@ A row is::
     topk_ids:                               int32 [n - 1, k]
     topk_logprobs:                          float16 [n - 1, k]
     label_logprob, logsumexp:               float32 [n - 1]
+
+and, when the cache has them (schema.py): ``lse_tau`` float32 [n - 1, M],
+``logit_mean``, ``logit_std``, ``lse_std`` float32 [n - 1].
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from logitcache.storage.schema import shard_schema
+from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN, shard_schema
 
 Row = dict[str, Any]
 
@@ -28,13 +31,16 @@ _FLAT_DTYPES = {
     "logsumexp": np.float32,
 }
 _MATRIX_DTYPES = {"topk_ids": np.int32, "topk_logprobs": np.float16}
+_EXTRA_FLAT = dict.fromkeys(STATS_COLUMNS, np.float32)
 
 
 def row_nbytes(row: Row) -> int:
     """Approximate in-memory size, used to cut row groups and shards."""
     n = len(row["input_ids"])
     k = row["topk_ids"].shape[1] if n > 1 else 0
-    return len(row["text"]) + 12 * n + (6 * k + 8) * max(n - 1, 0) + 64
+    m = row[TAU_COLUMN].shape[1] if TAU_COLUMN in row and n > 1 else 0
+    extra = 4 * (m + sum(name in row for name in STATS_COLUMNS))
+    return len(row["text"]) + 12 * n + (6 * k + 8 + extra) * max(n - 1, 0) + 64
 
 
 def _list_array(chunks: Sequence[np.ndarray], values: pa.Array) -> pa.ListArray:
@@ -55,8 +61,9 @@ def _flat(chunks: Sequence[np.ndarray], dtype: type) -> np.ndarray:
 V1_PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3, "use_dictionary": False}
 
 
-def rows_to_table(rows: Sequence[Row], k: int) -> pa.Table:
-    schema = shard_schema(k)
+def rows_to_table(rows: Sequence[Row], k: int, n_temperatures: int = 0, logit_stats: bool = False) -> pa.Table:
+    """Rows -> a v1 table; the optional columns as the cache's manifest says (each row must hold them)."""
+    schema = shard_schema(k, n_temperatures, logit_stats)
     columns: dict[str, pa.Array] = {
         "id": pa.array([r["id"] for r in rows], pa.string()),
         "text": pa.array([r["text"] for r in rows], pa.string()),
@@ -71,7 +78,23 @@ def rows_to_table(rows: Sequence[Row], k: int) -> pa.Table:
         mats = [np.asarray(r[name], dtype=dtype).reshape(-1, k) for r in rows]
         values = pa.FixedSizeListArray.from_arrays(pa.array(_flat(mats, dtype), type=inner.value_type), k)
         columns[name] = _list_array(mats, values)
+    columns.update(extra_arrays(rows, n_temperatures, logit_stats))
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def extra_arrays(rows: Sequence[Row], n_temperatures: int, logit_stats: bool) -> dict[str, pa.Array]:
+    """The optional per-position columns (schema.extra_fields) of ``rows``, for either codec."""
+    columns: dict[str, pa.Array] = {}
+    if n_temperatures:
+        m = n_temperatures
+        mats = [np.asarray(r[TAU_COLUMN], dtype=np.float32).reshape(-1, m) for r in rows]
+        values = pa.FixedSizeListArray.from_arrays(pa.array(_flat(mats, np.float32), type=pa.float32()), m)
+        columns[TAU_COLUMN] = _list_array(mats, values)
+    if logit_stats:
+        for name in STATS_COLUMNS:
+            chunks = [np.asarray(r[name]) for r in rows]
+            columns[name] = _list_array(chunks, pa.array(_flat(chunks, np.float32), type=pa.float32()))
+    return columns
 
 
 def flat_list_column(col: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
@@ -120,7 +143,7 @@ def batch_to_rows(batch: pa.RecordBatch) -> Iterator[Row]:
     n_rows = batch.num_rows
     for name in names:
         col = batch.column(names.index(name))
-        if name in _FLAT_DTYPES or name in _MATRIX_DTYPES:
+        if name in _FLAT_DTYPES or name in _MATRIX_DTYPES or name in _EXTRA_FLAT or name == TAU_COLUMN:
             out[name] = _split(*flat_list_column(col))
         else:
             out[name] = col.to_pylist()

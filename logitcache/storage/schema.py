@@ -4,6 +4,14 @@ One row is one example. Per-token columns have one entry per teacher token
 (``input_ids``, ``char_start``, ``char_end``); per-position columns have one entry
 per prediction, i.e. ``len(input_ids) - 1`` entries: position ``p`` holds the
 teacher's distribution over token ``p + 1``.
+
+Optional per-position columns, after the v1 columns, present when the manifest says so
+(issue 12; the format version stays 1, a reader of an older cache finds none of them):
+
+* ``lse_tau`` list<fixed_size_list<float32, M>>: ``logsumexp(logits / tau)`` for each of the
+  manifest's M ``temperatures``;
+* ``logit_mean``, ``logit_std``, ``lse_std`` list<float32> (manifest ``logit_stats``): the
+  logits' mean and unbiased std over the vocabulary, and ``logsumexp(logits / (std + 1e-4))``.
 """
 
 from __future__ import annotations
@@ -18,9 +26,23 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 TOKEN_COLUMNS = ("input_ids", "char_start", "char_end")
 # Columns with one entry per prediction (len(input_ids) - 1).
 POSITION_COLUMNS = ("topk_ids", "topk_logprobs", "label_logprob", "logsumexp")
+# Optional per-position columns (stored as they are in both codecs).
+TAU_COLUMN = "lse_tau"
+STATS_COLUMNS = ("logit_mean", "logit_std", "lse_std")
+EXTRA_COLUMNS = (TAU_COLUMN, *STATS_COLUMNS)
 
 
-def shard_schema(k: int) -> pa.Schema:
+def extra_fields(n_temperatures: int = 0, logit_stats: bool = False) -> list[pa.Field]:
+    """The optional per-position columns of a cache with these settings, in their order."""
+    fields = []
+    if n_temperatures:
+        fields.append(pa.field(TAU_COLUMN, pa.list_(pa.list_(pa.float32(), n_temperatures)), nullable=False))
+    if logit_stats:
+        fields += [pa.field(name, pa.list_(pa.float32()), nullable=False) for name in STATS_COLUMNS]
+    return fields
+
+
+def shard_schema(k: int, n_temperatures: int = 0, logit_stats: bool = False) -> pa.Schema:
     """The Arrow schema of a v1 shard for a cache with top-``k`` entries per position."""
     return pa.schema(
         [
@@ -36,4 +58,5 @@ def shard_schema(k: int) -> pa.Schema:
             pa.field("label_logprob", pa.list_(pa.float32()), nullable=False),
             pa.field("logsumexp", pa.list_(pa.float32()), nullable=False),
         ]
+        + extra_fields(n_temperatures, logit_stats)
     )

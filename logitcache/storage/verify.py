@@ -10,6 +10,13 @@ logsumexp column that is not all 0 where the manifest says the engine gives none
 recorded hashes or are not listed, and shard or tokenizer files that are symlinks pointing
 outside the cache. A manifest that fails its schema (storage/manifest.py) is refused
 outright, with the field named.
+
+Optional content (issue 12): a row that ended (not ``truncated``) must end with the
+manifest's ``eos_id`` (appended: on an empty span at the end of the text); ``lse_tau`` must be finite and at least
+``max(logits) / tau`` (``logsumexp(x / tau) >= max(x) / tau``, with ``max(x) = top-1
+log-prob + logsumexp``) and at most that plus ``log(vocab)``; ``logit_mean`` finite and
+not above the largest logit, ``logit_std`` finite and positive, ``lse_std`` finite and
+within the same bounds for the scale ``1 / (std + 1e-4)``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from logitcache.errors import LogitCacheError
 from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.manifest import Manifest, load_manifest, resolve_inside
 from logitcache.storage.rows import decode_rows, flat_list_column, rows_to_table, shard_id_table
-from logitcache.storage.schema import shard_schema
+from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN
 from logitcache.storage.writer import DATA_DIR, TMP_PREFIX, TOKENIZER_DIR
 
 # fp16 keeps 11 significant bits: a stored log-prob is within 2^-11 relative of the truth.
@@ -92,10 +99,7 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> 
             report.problems.append(f"{where}: sha256 differs from the manifest (corrupted or modified)")
             continue
         try:
-            counts = _check_shard(
-                path, m.k, vocab, seen_ids, check_values, report.problems, where,
-                has_logsumexp=m.teacher.get("logsumexp", True) is not False, codec=m.codec,
-            )
+            counts = _check_shard(path, m, vocab, seen_ids, check_values, report.problems, where)
         except (pa.ArrowException, OSError) as e:
             report.problems.append(f"{where}: unreadable Parquet ({e})")
             continue
@@ -165,20 +169,25 @@ def compact_shard_k(metadata: pq.FileMetaData) -> int | None:
 
 
 def _check_shard(
-    path: Path, k: int, vocab: int, seen_ids: set[str], check_values: bool, problems: list[str], where: str,
-    *, has_logsumexp: bool = True, codec: str = "v1",
+    path: Path, m: Manifest, vocab: int, seen_ids: set[str], check_values: bool, problems: list[str], where: str,
 ) -> tuple[int, int] | None:
     f = pq.ParquetFile(path)
-    compact = codec == "compact"
+    k, compact = m.k, m.codec == "compact"
+    has_logsumexp = m.has_logsumexp
+    expected = m.arrow_schema()
     if compact:
         from logitcache.storage import codec as compact_codec
 
-        expected, label = compact_codec.compact_schema(), "the compact codec"
+        label = "the compact codec"
         id_table = shard_id_table(f)
         # A decoded logprob is within the codec's bound of the label's fp32 value.
         extra_tol = compact_codec.ERROR_BOUND_NATS
     else:
-        expected, label, id_table, extra_tol = shard_schema(k), f"format v1 with k={k}", None, 0.0
+        label, id_table, extra_tol = f"format v1 with k={k}", None, 0.0
+    if m.temperatures or m.logit_stats:
+        label += " and " + ", ".join(
+            ([f"temperatures {m.temperatures}"] if m.temperatures else []) + (["logit stats"] if m.logit_stats else [])
+        )
     if not f.schema_arrow.equals(expected, check_metadata=False):
         problems.append(f"{where}: schema differs from {label}")
         return None
@@ -196,14 +205,16 @@ def _check_shard(
         tokens += int(pc.sum(pc.list_value_length(batch.column("input_ids"))).as_py() or 0)
         if check_values:
             if compact and batch.num_rows:  # check the decoded values, in v1 layout
-                batch = rows_to_table(list(decode_rows(batch, id_table)), k).to_batches()[0]
-            for msg in _check_values(batch, k, vocab, has_logsumexp, extra_tol):
+                rows_ = list(decode_rows(batch, id_table))
+                batch = rows_to_table(rows_, k, len(m.temperatures), m.logit_stats).to_batches()[0]
+            for msg in _check_values(batch, k, vocab, has_logsumexp, extra_tol, m):
                 problems.append(f"{where}: {msg}")
     return rows, tokens
 
 
 def _check_values(
-    batch: pa.RecordBatch, k: int, vocab: int, has_logsumexp: bool = True, extra_tol: float = 0.0
+    batch: pa.RecordBatch, k: int, vocab: int, has_logsumexp: bool = True, extra_tol: float = 0.0,
+    m: Manifest | None = None,
 ) -> list[str]:
     """Vectorised over the whole batch; returns one message per kind of problem found."""
     out: list[str] = []
@@ -276,8 +287,70 @@ def _check_values(
         rows = np.zeros(len(ids), bool)
         rows[row_of_tok[bad_span]] = True
         out.append(f"{int(bad_span.sum())} token spans outside the text or out of order (first: id {first_bad(rows)})")
+    if m is not None:
+        out.extend(_check_optional(batch, m, vocab, ids, texts, in_ids, tok_off, cs, ce, lp32, lse, row_of_pos, extra_tol, first_bad))
     prompt = batch.column("prompt_chars").to_numpy()
     bad_prompt = (prompt < 0) | (prompt > text_len)
     if bad_prompt.any():
         out.append(f"{int(bad_prompt.sum())} rows with prompt_chars outside the text (first: id {first_bad(bad_prompt)})")
+    return out
+
+
+def _check_optional(batch, m: Manifest, vocab, ids, texts, in_ids, tok_off, cs, ce, lp32, lse, row_of_pos, extra_tol, first_bad) -> list[str]:
+    """The manifest's optional content: EOS at the end of rows that ended, lse_tau and the logit stats."""
+    out: list[str] = []
+
+    def report(mask_pos: np.ndarray, what: str) -> None:
+        if mask_pos.any():
+            rows = np.zeros(len(ids), bool)
+            rows[row_of_pos[mask_pos]] = True
+            out.append(f"{int(mask_pos.sum())} positions {what} (first: id {first_bad(rows)})")
+
+    if m.eos_id is not None and len(ids):
+        truncated = np.asarray(batch.column("truncated").to_pylist(), dtype=bool)
+        last = tok_off[1:] - 1
+        # Appended by stage 1 on an empty span at len(text); a text that already ended with it
+        # (a chat template rendering the marker) keeps the span of its characters.
+        text_len = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+        ok = (in_ids[last] == m.eos_id) & ((cs[last] != ce[last]) | (ce[last] == text_len))
+        bad = ~truncated & ~ok
+        if bad.any():
+            out.append(
+                f"{int(bad.sum())} rows that ended (not truncated) do not end with the end-of-sequence id "
+                f"{m.eos_id} (first: id {first_bad(bad)})"
+            )
+    _, pos_off = flat_list_column(batch.column("label_logprob"))
+    present = [name for name in (TAU_COLUMN, *STATS_COLUMNS) if name in batch.schema.names]
+    lengths_bad = np.zeros(len(ids), bool)
+    for name in present:
+        lengths_bad |= np.diff(flat_list_column(batch.column(name))[1]) != np.diff(pos_off)
+    if lengths_bad.any():
+        out.append(f"{int(lengths_bad.sum())} rows whose {'/'.join(present)} lengths differ from their positions (first: id {first_bad(lengths_bad)})")
+        return out
+    if not len(lp32):
+        return out
+    # The largest raw logit, from the stored top-1 (rounded: fp16, or the compact codec's step).
+    top1 = lp32[:, 0].astype(np.float64) + lse
+    tol = _FP16_RTOL * np.abs(lp32[:, 0]) + _FP16_ATOL + extra_tol + 1e-5 * (1 + np.abs(lse))
+    log_v = np.log(max(vocab, lp32.shape[1], 1))
+
+    def check_partition(value: np.ndarray, scale: np.ndarray, what: str) -> None:
+        value = value.astype(np.float64)
+        report(~np.isfinite(value), f"with a non-finite {what}")
+        low = scale * top1
+        bad = np.isfinite(value) & ((value < low - scale * tol - 1e-4) | (value > low + log_v + scale * tol + 1e-4))
+        report(bad, f"whose {what} is outside [max(logits) * s, max(logits) * s + log(vocab)]")
+
+    if m.temperatures and TAU_COLUMN in batch.schema.names:
+        taus, _ = flat_list_column(batch.column(TAU_COLUMN))
+        for j, tau in enumerate(m.temperatures):
+            check_partition(taus[:, j], np.full(len(top1), 1 / tau), f"lse_tau at tau={tau:g}")
+    if m.logit_stats and all(name in batch.schema.names for name in STATS_COLUMNS):
+        mean, _ = flat_list_column(batch.column("logit_mean"))
+        std, _ = flat_list_column(batch.column("logit_std"))
+        lse_std, _ = flat_list_column(batch.column("lse_std"))
+        report(~np.isfinite(mean) | (mean > top1 + tol + 1e-4), "with a logit_mean that is not finite or above the largest logit")
+        report(~np.isfinite(std) | (std <= 0), "with a logit_std that is not finite and positive")
+        ok_std = np.isfinite(std) & (std > 0)
+        check_partition(np.where(ok_std, lse_std, 0.0), np.where(ok_std, 1 / (std.astype(np.float64) + 1e-4), 0.0), "lse_std")
     return out

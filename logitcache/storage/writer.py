@@ -29,6 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from logitcache.errors import LogitCacheError
@@ -37,7 +38,7 @@ from logitcache.storage.fsutil import atomic_write_bytes, crash_point, fsync_dir
 from logitcache.storage.lock import LOCK_NAME, CacheLock
 from logitcache.storage.manifest import CODECS, MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 from logitcache.storage.rows import V1_PARQUET_OPTIONS, Row, row_nbytes, rows_to_table
-from logitcache.storage.schema import POSITION_COLUMNS, TOKEN_COLUMNS
+from logitcache.storage.schema import POSITION_COLUMNS, STATS_COLUMNS, TAU_COLUMN, TOKEN_COLUMNS
 
 DATA_DIR = "data"
 TOKENIZER_DIR = "tokenizer"
@@ -110,9 +111,11 @@ class CacheWriter:
                     f"{key}: cache has {getattr(existing, key)!r}, this run has {getattr(wanted, key)!r}"
                     for key in diffs
                 )
+                flags = _flags_for(existing, diffs)
+                hint = f" (for this cache: {' '.join(flags)})" if flags else ""
                 raise LogitCacheError(
                     f"{d} already holds a cache made with other settings ({detail}). "
-                    "Rerun with the original settings to resume it, or choose a new --out directory."
+                    f"Rerun with the original settings to resume it{hint}, or choose a new --out directory."
                 )
             self._remove_leftovers(existing)
             return existing
@@ -176,7 +179,7 @@ class CacheWriter:
         rid = row["id"]
         if rid in self.done_ids:
             raise LogitCacheError(f"example id {rid!r} is already in the cache; ids must be unique.")
-        _check_row(row, self.manifest.k)
+        _check_row(row, self.manifest)
         self.done_ids.add(rid)
         self._buffer.append(row)
         self._buffer_bytes += row_nbytes(row)
@@ -193,12 +196,16 @@ class CacheWriter:
         if self.manifest.codec == "compact":
             from logitcache.storage import codec
 
-            table = codec.encode_compact(rows, self.manifest.k, id_table=self._id_table)
+            table = codec.encode_compact(
+                rows, self.manifest.k, id_table=self._id_table,
+                n_temperatures=len(self.manifest.temperatures), logit_stats=self.manifest.logit_stats,
+            )
             self._id_table = codec.id_table_of(table.schema)
             # The id table grows with each row group; the shard's final one goes into its footer.
             meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != codec.META_IDS}
             return table.replace_schema_metadata(meta), codec.PARQUET_OPTIONS
-        return rows_to_table(rows, self.manifest.k), V1_PARQUET_OPTIONS
+        m = self.manifest
+        return rows_to_table(rows, m.k, len(m.temperatures), m.logit_stats), V1_PARQUET_OPTIONS
 
     def _flush_row_group(self) -> None:
         if not self._buffer:
@@ -371,6 +378,19 @@ def _disk_message(e: OSError, what: str, cache_dir: Path, kept: int | None) -> s
     )
 
 
+def _flags_for(m: Manifest, keys: list[str]) -> list[str]:
+    """The `logitcache teacher` flags that repeat ``m``'s optional settings among ``keys`` (a cache
+    made before they existed resumes only with --no-eos --temperatures none)."""
+    flags = []
+    if "eos_id" in keys:
+        flags.append("--no-eos" if m.eos_id is None else "--eos")
+    if "temperatures" in keys:
+        flags.append("--temperatures " + (",".join(f"{t:g}" for t in m.temperatures) or "none"))
+    if "logit_stats" in keys:
+        flags.append("--logit-stats" if m.logit_stats else "--no-logit-stats")
+    return flags
+
+
 def _clear_dir(d: Path, keep: set[str]) -> None:
     for p in d.iterdir():
         if p.name in keep:
@@ -381,12 +401,19 @@ def _clear_dir(d: Path, keep: set[str]) -> None:
             p.unlink()
 
 
-def _check_row(row: Row, k: int) -> None:
+def _check_row(row: Row, m: Manifest) -> None:
+    k = m.k
     n = len(row["input_ids"])
     for name in TOKEN_COLUMNS:
         if len(row[name]) != n:
             raise ValueError(f"row {row['id']!r}: {name} has {len(row[name])} entries, input_ids has {n}")
-    for name in POSITION_COLUMNS:
+    extra = ((TAU_COLUMN,) if m.temperatures else ()) + (STATS_COLUMNS if m.logit_stats else ())
+    for name in extra:
+        if name not in row:
+            raise ValueError(f"row {row['id']!r}: no {name} column, which this cache's manifest promises")
+    if m.temperatures and n > 1 and np.shape(row[TAU_COLUMN])[-1] != len(m.temperatures):
+        raise ValueError(f"row {row['id']!r}: lse_tau has {np.shape(row[TAU_COLUMN])[-1]} temperatures, the cache {len(m.temperatures)}")
+    for name in POSITION_COLUMNS + extra:
         if len(row[name]) != max(n - 1, 0):
             raise ValueError(f"row {row['id']!r}: {name} has {len(row[name])} positions, expected {n - 1}")
     if n > 1 and row["topk_ids"].shape[1] != k:

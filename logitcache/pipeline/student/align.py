@@ -1,17 +1,39 @@
 """Which teacher position each student position learns from.
 
 Both tokenizations cover the same ``text``. Position p of a sequence predicts token p+1, so
-a position "is" the span of the token it predicts. A position is a *target* when its
-predicted token starts in the response (at or after ``prompt_chars``); only targets get
-CE and KD. Result: for every student position q (0..n_s-2) the teacher position it is
-paired with, or -1.
+a position "is" the span of the token it predicts. Only *targets* get CE and KD.
+
+Targets. A position is a target when its predicted token covers at least one character of
+the response: its span ENDS after ``prompt_chars``. So a token that straddles the
+prompt/response boundary (byte-level BPE's ``':\\n'`` for prompt ``'Answer:'`` + response
+``'\\nYes'``) belongs to the response, on the teacher's side and the student's alike; it gets
+CE and can get KD, and the response starts at the same place on both sides whichever way each
+tokenizer cut the boundary. A token with an empty span (a later byte piece of a split
+character, an added special token) counts by its position: a target when it sits after
+``prompt_chars``. (Before this rule a straddling token was dropped on one side only, and every
+later ``position`` pair was shifted by one.)
+
+The end. A sequence may end with an end-of-sequence token (the teacher's, appended in stage 1
+and recorded as the manifest's ``eos_id``; the student's, appended by the featurizer), with an
+empty span at ``len(text)``. Its position predicts "the response is over": a target, always,
+paired with the other side's end by both alignments (ends have no characters, so they are
+paired as ends, not by span or bytes). A side without an end (an old cache, a student
+tokenizer without EOS, a student cut by ``max_length``) leaves the other side's end unpaired:
+CE only for the student's.
+
+Result: for every student position q (0..n_s-2) the teacher position it is paired with, or -1.
 
 * ``position`` (the ULD and MultiLevelOT papers): the i-th target of the student is paired
-  with the i-th target of the teacher, up to the shorter of the two responses.
+  with the i-th target of the teacher, up to the shorter of the two responses, counted from
+  the same character on both sides (the first character after the prompt where both
+  tokenizations end a token: see ``align_by_position``); the ends are paired with each other.
 * ``offset`` (DSKD's exact token alignment, on stored offsets): a student target is paired
-  with the teacher target whose predicted token has exactly the same character span (for
-  the empty-span later pieces of a split character: the same piece in order); unmatched
-  positions get no KD (CE still applies).
+  with the teacher target whose predicted token stands for exactly the same BYTES of the
+  UTF-8 text (``offsets.byte_spans``): for whole characters that is the same character span;
+  a piece of a split character pairs only with a piece covering the same bytes (a byte-level
+  piece ``'ĺ'`` with a byte-fallback ``<0x98>`` of that byte, never with the piece before or
+  after it); a token whose bytes are not known pairs with nothing. Unmatched positions get
+  no KD (CE still applies).
 """
 
 from __future__ import annotations
@@ -26,8 +48,10 @@ ALIGNMENTS = ("offset", "position")
 @dataclass
 class Alignment:
     teacher_pos: np.ndarray  # int64 [n_s - 1]: paired teacher position, -1 where none
-    targets: int  # student target positions
+    targets: int  # student target positions (the end included)
     matched: int  # of which paired with a teacher position
+    end_targets: int = 0  # 1 when the student has an end target
+    end_matched: int = 0  # 1 when it is paired with the teacher's end
 
     @property
     def fraction_matched(self) -> float:
@@ -35,63 +59,112 @@ class Alignment:
 
 
 def target_positions(starts: np.ndarray, ends: np.ndarray, prompt_chars: int, limit_chars: int | None = None) -> np.ndarray:
-    """Positions p (predicting token p+1) whose predicted token starts in the response and,
-    with ``limit_chars``, ends within the first ``limit_chars`` characters.
+    """Positions p (predicting token p+1) whose predicted token ends after ``prompt_chars`` (it
+    covers a response character, or it is an empty span after the prompt) and, with
+    ``limit_chars``, ends within the first ``limit_chars`` characters.
 
     Args:
-        starts, ends: [n] character spans of the tokens (normalised, see offsets.py).
+        starts, ends: [n] character spans of the tokens (normalised, see offsets.py), without
+            an end-of-sequence token (the featurizer handles the ends).
     Returns:
         int64 ascending array of positions in 0..n-2.
     """
-    s, e = np.asarray(starts[1:]), np.asarray(ends[1:])
-    keep = s >= prompt_chars
+    e = np.asarray(ends[1:])
+    keep = e > prompt_chars
     if limit_chars is not None:
         keep &= e <= limit_chars
     return np.flatnonzero(keep)
 
 
-def align_by_position(teacher_targets: np.ndarray, student_targets: np.ndarray, n_student_positions: int) -> Alignment:
-    """Pair the i-th student target with the i-th teacher target (response starts aligned)."""
+def _pair_ends(out: np.ndarray, teacher_end: int | None, student_end: int | None) -> tuple[int, int]:
+    if student_end is None:
+        return 0, 0
+    if teacher_end is None:
+        return 1, 0
+    out[student_end] = teacher_end
+    return 1, 1
+
+
+def align_by_position(
+    teacher_targets: np.ndarray, student_targets: np.ndarray, n_student_positions: int,
+    *, teacher_target_ends: np.ndarray | None = None, student_target_ends: np.ndarray | None = None,
+    teacher_end: int | None = None, student_end: int | None = None,
+) -> Alignment:
+    """Pair the i-th student target with the i-th teacher target, and the student's end (position
+    predicting its EOS) with the teacher's.
+
+    With the targets' token ends (characters, ``*_target_ends``), both sides start at the same
+    character: the first character where both tokenizations end a target token (a boundary
+    token may cover ``':\n\n'`` on one side, ``'\n'`` + ``'\n'`` on the other) is where the
+    counting starts. The tokens up to it are paired from that boundary backwards (the ones
+    ending there with each other; a side's extra leading pieces get CE only), then index by
+    index after it, up to the shorter response.
+    """
     out = np.full(n_student_positions, -1, dtype=np.int64)
-    m = min(len(teacher_targets), len(student_targets))
-    out[student_targets[:m]] = teacher_targets[:m]
-    return Alignment(out, targets=len(student_targets), matched=m)
+    jt = js = 0
+    if teacher_target_ends is not None and student_target_ends is not None and len(student_target_ends):
+        # Both are non-decreasing: the first teacher end that the student has too.
+        at = np.searchsorted(student_target_ends, teacher_target_ends)
+        hit = student_target_ends[np.minimum(at, len(student_target_ends) - 1)] == teacher_target_ends
+        if hit.any():
+            first = teacher_target_ends[int(hit.argmax())]
+            jt = int(np.searchsorted(teacher_target_ends, first, side="right"))
+            js = int(np.searchsorted(student_target_ends, first, side="right"))
+    m0 = min(jt, js)
+    out[student_targets[js - m0 : js]] = teacher_targets[jt - m0 : jt]
+    m1 = min(len(teacher_targets) - jt, len(student_targets) - js)
+    out[student_targets[js : js + m1]] = teacher_targets[jt : jt + m1]
+    end_t, end_m = _pair_ends(out, teacher_end, student_end)
+    matched = m0 + m1 + end_m
+    return Alignment(out, targets=len(student_targets) + end_t, matched=matched, end_targets=end_t, end_matched=end_m)
 
 
-def _span_keys(starts: np.ndarray, ends: np.ndarray, text_len: int) -> np.ndarray:
+def _span_keys(starts: np.ndarray, ends: np.ndarray, total: int) -> np.ndarray:
     """One int64 key per token: its span, plus its order within a run of identical spans.
 
-    Spans tile the text, so only empty spans repeat: the later pieces of a character split
-    over several tokens (byte-level BPE, byte fallback) sit at that character's end. The
-    order tells the second piece from the third, so two tokenizers that split a character
-    the same way pair up piece by piece. Keys increase along the sequence.
+    Spans tile the text (in characters or bytes), so only empty spans repeat; the order tells
+    them apart (two added tokens at one place; with character spans, the later pieces of a
+    split character). Keys increase along the sequence.
     """
     s, e = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
-    n = len(s)
-    idx = np.arange(n)
-    new_run = np.ones(n, dtype=bool)
-    new_run[1:] = (s[1:] != s[:-1]) | (e[1:] != e[:-1])
+    keys = (s * (total + 1) + e) * 1024
+    repeat = keys[1:] == keys[:-1]
+    if not repeat.any():
+        return keys
+    idx = np.arange(len(s))
+    new_run = np.ones(len(s), dtype=bool)
+    new_run[1:] = ~repeat
     order = idx - np.maximum.accumulate(np.where(new_run, idx, 0))
-    return (s * (text_len + 1) + e) * 1024 + np.minimum(order, 1023)
+    return keys + np.minimum(order, 1023)
 
 
 def align_by_offset(
     t_starts: np.ndarray, t_ends: np.ndarray, teacher_targets: np.ndarray,
     s_starts: np.ndarray, s_ends: np.ndarray, student_targets: np.ndarray,
     n_student_positions: int,
+    *, t_known: np.ndarray | None = None, s_known: np.ndarray | None = None,
+    teacher_end: int | None = None, student_end: int | None = None,
 ) -> Alignment:
     """Pair a student target with the teacher target predicting a token of identical span.
 
-    Tokens with an empty span match only as the same piece (by order) after the same
-    character: exact when both tokenizers split that character alike, which covers a
-    student sharing the teacher's tokenizer (every target then matches).
+    Spans are the tokens' byte ranges (``offsets.byte_spans``; then ``*_known`` says which are
+    known, the others pair with nothing) or, without them, character spans (empty spans then
+    pair by order after the same character). The ends are paired with each other. With one
+    tokenizer on both sides every target pairs.
     """
     out = np.full(n_student_positions, -1, dtype=np.int64)
-    text_len = int(max(np.max(t_ends, initial=0), np.max(s_ends, initial=0)))
-    t_keys = _span_keys(t_starts, t_ends, text_len)[teacher_targets + 1]
-    s_keys = _span_keys(s_starts, s_ends, text_len)[student_targets + 1]
+    total = max(int(t_ends[-1]) if len(t_ends) else 0, int(s_ends[-1]) if len(s_ends) else 0)  # ends never decrease
+    t_all = _span_keys(t_starts, t_ends, total)
+    s_all = _span_keys(s_starts, s_ends, total)
+    if t_known is not None:
+        teacher_targets = teacher_targets[t_known[teacher_targets + 1]]
+    t_keys = t_all[teacher_targets + 1]
+    s_keys = s_all[student_targets + 1]
+    s_ok = np.ones(len(student_targets), dtype=bool) if s_known is None else s_known[student_targets + 1]
     idx = np.searchsorted(t_keys, s_keys)
-    found = idx < len(t_keys)
+    found = s_ok & (idx < len(t_keys))
     found[found] = t_keys[idx[found]] == s_keys[found]
     out[student_targets[found]] = teacher_targets[idx[found]]
-    return Alignment(out, targets=len(student_targets), matched=int(found.sum()))
+    end_t, end_m = _pair_ends(out, teacher_end, student_end)
+    matched = int(found.sum()) + end_m
+    return Alignment(out, targets=len(student_targets) + end_t, matched=matched, end_targets=end_t, end_matched=end_m)

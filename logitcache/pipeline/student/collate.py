@@ -9,6 +9,10 @@ import numpy as np
 import torch
 
 
+# Optional teacher columns (features.teacher_extras) -> their padding value.
+_EXTRAS = {"teacher_lse": 0.0, "teacher_lse_tau": 0.0, "teacher_logit_std": 1.0, "teacher_lse_std": 0.0}
+
+
 @dataclass
 class KDCollator:
     """Pads a list of featurized examples (see features.py) on the right.
@@ -17,7 +21,10 @@ class KDCollator:
         input_ids [B, T] long, attention_mask [B, T] long, labels [B, T] long (-100 on
         prompt and padding), teacher_logprobs [B, T, K] float32, teacher_ids [B, T, K]
         long, kd_mask [B, T] bool, and, when the dataset tags examples for resuming,
-        stream_worker / stream_index [B] long.
+        stream_worker / stream_index [B] long. When the cache has them (features.teacher_extras):
+        teacher_lse [B, T], teacher_lse_tau [B, T, M], teacher_logit_std [B, T] and
+        teacher_lse_std [B, T], float32 (padding: 0, std 1). For ALM (features' alm_chunks):
+        alm_chunk [B, T] long (-1: no chunk) and alm_teacher_ll [B, C] float32 (padding: 0).
     """
 
     pad_token_id: int = 0
@@ -48,6 +55,20 @@ class KDCollator:
             "teacher_ids": torch.from_numpy(t_ids),
             "kd_mask": torch.from_numpy(kd_mask),
         }
+        for name, fill in _EXTRAS.items():
+            if name in examples[0]:
+                first = np.asarray(examples[0][name])
+                padded = np.full((B, T, *first.shape[1:]), fill, dtype=np.float32)
+                for i, e in enumerate(examples):
+                    padded[i, : len(e[name])] = e[name]
+                batch[name] = torch.from_numpy(padded)
+        if "alm_chunk" in examples[0]:  # ALM's chunks (features.py), -1 / 0 on padding
+            chunk = np.full((B, T), -1, dtype=np.int64)
+            t_ll = np.zeros((B, max(1, max(len(e["alm_teacher_ll"]) for e in examples))), dtype=np.float32)
+            for i, e in enumerate(examples):
+                chunk[i, : len(e["alm_chunk"])] = e["alm_chunk"]
+                t_ll[i, : len(e["alm_teacher_ll"])] = e["alm_teacher_ll"]
+            batch["alm_chunk"], batch["alm_teacher_ll"] = torch.from_numpy(chunk), torch.from_numpy(t_ll)
         if "_worker" in examples[0]:
             batch["stream_worker"] = torch.tensor([e["_worker"] for e in examples], dtype=torch.long)
             batch["stream_index"] = torch.tensor([e["_index"] for e in examples], dtype=torch.long)

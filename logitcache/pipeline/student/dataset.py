@@ -38,11 +38,10 @@ import torch
 import torch.utils.data
 
 from logitcache.errors import LogitCacheError
-from logitcache.pipeline.student.features import FeatureStats, StudentFeaturizer
+from logitcache.pipeline.student.features import FeatureStats, StudentFeaturizer, featurizer_for_cache
 from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.rows import Row, decode_rows, shard_id_table
-from logitcache.storage.schema import shard_schema
 from logitcache.storage.verify import compact_shard_k
 
 logger = logging.getLogger(__name__)
@@ -285,11 +284,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         return rows, None
 
     def _expected_schema(self) -> pa.Schema:
-        if self.manifest.codec == "compact":
-            from logitcache.storage.codec import compact_schema
-
-            return compact_schema()
-        return shard_schema(self.manifest.k)
+        return self.manifest.arrow_schema()
 
     @property
     def num_examples(self) -> int:
@@ -456,12 +451,8 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
 
     def _get_featurizer(self) -> StudentFeaturizer:
         if self._featurizer is None or self._featurizer_pid != os.getpid():
-            self._featurizer = StudentFeaturizer(
-                self.student_tokenizer,
-                alignment=self.alignment,
-                max_length=self.max_length,
-                add_special_tokens=self.manifest.template.get("add_special_tokens", True),
-            )
+            # the cache's EOS id and its tokenizer's byte lengths come with it: features.py
+            self._featurizer = featurizer_for_cache(self.cache, self.student_tokenizer, self.alignment, self.max_length)
             self._featurizer_pid = os.getpid()
         return self._featurizer
 

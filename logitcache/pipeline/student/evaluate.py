@@ -1,10 +1,24 @@
 """Held-out evaluation comparable across tokenizers: loss per character, greedy exact match.
 
 Bits per character = (sum of the response tokens' negative log-likelihood) / ln 2 /
-(response characters). Dividing by characters, not tokens, makes students with different
-tokenizers (and the teacher) comparable. Exact match (where records have answers): the
-greedy continuation of the prompt, stripped, starts with the reference response, stripped
-(tiny models rarely emit an end-of-sequence token, so we do not require one).
+(characters those tokens cover). Dividing by characters, not tokens, makes students with
+different tokenizers (and the teacher) comparable. The tokens scored are the training targets
+(align.py): every token that covers a response character, so a token straddling the
+prompt/response boundary (byte-level ``':\n'``) is scored, and its prompt characters are
+counted too (characters run from the first scored token's start to the response's end: still a
+per-character figure; at most a character or two per example differs between tokenizers). When
+the model's tokenizer has an EOS token, its prediction after the response (the model saying
+"the answer is over") is scored as well: its NLL is added, with no characters (it is spread over
+the response's characters, as the cache and training do).
+
+Two accuracies where records have answers, both on the greedy continuation of the prompt:
+* prefix match (``accuracy``): the continuation, stripped, starts with the reference response,
+  stripped; the model may go on talking;
+* exact match (``exact_match``): the continuation up to the model's EOS, stripped, equals the
+  reference, stripped (a reference ending with the EOS token rendered as text, as some chat
+  templates write it, is compared without it): the answer AND stopping. A continuation that
+  reaches ``max_new_tokens`` without EOS is not an exact match; for a tokenizer without EOS the
+  whole continuation must equal the reference.
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from logitcache.errors import LogitCacheError
@@ -41,7 +56,8 @@ class EvalResult:
     chars: int
     nll_nats: float
     answered: int  # records with a reference answer (for exact match)
-    correct: int
+    correct: int  # prefix match: the greedy continuation starts with the reference
+    exact: int = 0  # exact match: the continuation up to EOS is the reference (stopping included)
 
     @property
     def bits_per_char(self) -> float:
@@ -53,7 +69,13 @@ class EvalResult:
 
     @property
     def accuracy(self) -> float | None:
+        """Prefix match rate."""
         return self.correct / self.answered if self.answered else None
+
+    @property
+    def exact_match(self) -> float | None:
+        """Exact match rate of the whole answer, stopping included."""
+        return self.exact / self.answered if self.answered else None
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
@@ -88,13 +110,23 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
 @torch.inference_mode()
 def _score_batch(model, tok, batch, add_special, max_len, device, result: EvalResult) -> None:
     seqs, targets = [], []
+    eos = tok.eos_token_id
     for text, pc in batch:
         ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=add_special)
+        has_end = eos is not None and len(ids) > 0 and ids[-1] == eos and starts[-1] == ends[-1] == len(text)
+        if has_end:  # the tokenizer put its EOS there itself: keep the spans of the text's tokens
+            starts, ends = starts[:-1], ends[:-1]
+        elif eos is not None:
+            ids = list(ids) + [eos]  # the end of the answer is scored, as in training (features.py)
+        cut = len(ids) > max_len
         ids, starts, ends = ids[:max_len], starts[:max_len], ends[:max_len]
         t = target_positions(starts, ends, pc)
+        if len(t):  # characters actually scored: from the first scored token's start
+            result.chars += int(ends[t[-1] + 1]) - int(starts[t[0] + 1])
+        if eos is not None and not cut:
+            t = np.append(t, len(ids) - 2)
         seqs.append(ids)
         targets.append(t)
-        result.chars += int(ends[-1]) - pc if len(t) else 0  # characters actually scored
     input_ids, attn = pad_sequences(seqs, pad_token_id(tok))
     logp = torch.log_softmax(model(input_ids=input_ids.to(device), attention_mask=attn.to(device)).logits.float(), -1)
     for i, t in enumerate(targets):
@@ -109,11 +141,21 @@ def _greedy_batch(model, tok, batch, add_special, max_new, device, result: EvalR
     pad = pad_token_id(tok)
     input_ids, attn = pad_sequences(prompts, pad, "left")  # generation continues right after each prompt
     T = input_ids.shape[1]
+    eos = tok.eos_token_id
+    stop = {} if eos is None else {"eos_token_id": eos}
     out = model.generate(
         input_ids=input_ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new,
-        do_sample=False, pad_token_id=pad,
+        do_sample=False, pad_token_id=pad, **stop,
     )
     for i, (_, response) in enumerate(batch):
-        continuation = tok.decode(out[i, T:].tolist(), skip_special_tokens=True)
+        new = out[i, T:].tolist()
+        stopped = eos is None or eos in new
+        if eos is not None and eos in new:
+            new = new[: new.index(eos)]
+        continuation = tok.decode(new, skip_special_tokens=True).strip()
+        reference = response.strip()
         result.answered += 1
-        result.correct += continuation.strip().startswith(response.strip())
+        result.correct += continuation.startswith(reference)
+        if tok.eos_token and reference.endswith(tok.eos_token):  # a chat template's rendered end of turn
+            reference = reference[: -len(tok.eos_token)].strip()
+        result.exact += stopped and continuation == reference

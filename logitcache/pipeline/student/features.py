@@ -1,14 +1,32 @@
-"""One cache row -> one student training example (retokenize, truncate, align, gather)."""
+"""One cache row -> one student training example (retokenize, truncate, align, gather).
+
+The end of the response is a target (see align.py): the student's featurizer appends the
+student tokenizer's EOS (``tokenizer.eos_token_id``, when it has one and the encoded text does
+not already end with it) with an empty span at ``len(text)``; it gets CE, and KD from the
+teacher's end where the cache has one (manifest ``eos_id``; caches made before it have none:
+CE only there). When ``max_length`` cuts the student's side, the cut side has no end, and the
+teacher's end is not used either.
+"""
 
 from __future__ import annotations
 
+import functools
+import itertools
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from logitcache.errors import LogitCacheError
-from logitcache.pipeline.offsets import encode_with_offsets, require_fast_tokenizer
+from logitcache.pipeline.offsets import (
+    PieceBytes,
+    byte_spans,
+    char_byte_offsets,
+    encode_with_offsets,
+    piece_bytes_table,
+    require_fast_tokenizer,
+)
 from logitcache.pipeline.student.align import (
     ALIGNMENTS,
     align_by_offset,
@@ -25,15 +43,49 @@ class FeatureStats:
     examples: int = 0
     truncated: int = 0  # student side cut to max_length (teacher side cut to match)
     no_kd: int = 0  # examples where no position aligned: CE only
-    targets: int = 0  # student target positions
+    targets: int = 0  # student target positions (ends included)
     matched: int = 0  # of which paired with a teacher position
+    end_targets: int = 0  # student ends (EOS predictions) among the targets
+    end_matched: int = 0  # of which paired with the teacher's end
 
     @property
     def fraction_matched(self) -> float:
         return self.matched / self.targets if self.targets else 0.0
 
+    @property
+    def fraction_text_matched(self) -> float:
+        """The aligned fraction of the targets that predict text (ends left out: they always pair)."""
+        targets = self.targets - self.end_targets
+        return (self.matched - self.end_matched) / targets if targets else 0.0
+
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "fraction_matched": self.fraction_matched}
+
+
+def _end_of(ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, eos_id: int | None, text_len: int) -> bool:
+    """Whether the sequence ends with an appended end: ``eos_id`` with an empty span at the end of the
+    text (an EOS written in the text, as some chat templates render it, is text like any other)."""
+    return (
+        eos_id is not None and len(ids) > 1 and int(ids[-1]) == eos_id
+        and int(starts[-1]) == int(ends[-1]) == text_len
+    )
+
+
+_PIECE_BYTES: "weakref.WeakKeyDictionary[Any, PieceBytes]" = weakref.WeakKeyDictionary()
+
+
+def _piece_bytes_of(tokenizer) -> PieceBytes:
+    """The tokenizer's byte table, built once per tokenizer object (a featurizer per worker,
+    and tests make many)."""
+    try:
+        return _PIECE_BYTES[tokenizer]
+    except (KeyError, TypeError):
+        table = piece_bytes_table(tokenizer)
+    try:
+        _PIECE_BYTES[tokenizer] = table
+    except TypeError:  # not weakly referenceable: built each time
+        pass
+    return table
 
 
 @dataclass
@@ -41,30 +93,49 @@ class StudentFeaturizer:
     """Turns a cache row into the student's view of it.
 
     Output (``n`` = student tokens after truncation):
-        input_ids       int64 [n]
-        labels          int64 [n]      token id on response tokens, -100 on prompt tokens
+        input_ids       int64 [n]      the student's tokens, its EOS appended (see the module)
+        labels          int64 [n]      token id on target tokens (those covering a response
+                                       character, and the EOS), -100 elsewhere
         teacher_logprobs float16 [n, K] at student position q: the aligned teacher top-k
         teacher_ids     int32 [n, K]
         kd_mask         bool [n]       q has an aligned teacher position
     Student position q (logits row q) predicts token q+1, like the teacher's positions.
+
+    ``teacher_bytes``: the cache tokenizer's :func:`piece_bytes_table`, for ``offset`` alignment
+    of split characters (without it, their pieces get CE only). ``teacher_eos_id``: the
+    manifest's ``eos_id`` (None: the cache has no ends).
     """
 
     tokenizer: Any
     alignment: str = "offset"
     max_length: int | None = None
     add_special_tokens: bool = True
+    teacher_bytes: PieceBytes | None = None
+    teacher_eos_id: int | None = None
+    # ALM's chunks (chunks.py): adds alm_chunk int64 [n] and alm_teacher_ll float32 [C].
+    # alignment "chunk" (``--loss alm``'s) is "offset" plus the chunks.
+    alm_chunks: bool = False
     stats: FeatureStats = field(default_factory=FeatureStats)
 
     def __post_init__(self) -> None:
         require_fast_tokenizer(self.tokenizer, "student tokenizer")
+        if self.alignment == "chunk":
+            self.alignment, self.alm_chunks = "offset", True
         if self.alignment not in ALIGNMENTS:
             raise LogitCacheError(f"--alignment {self.alignment!r}: use one of {', '.join(ALIGNMENTS)}.")
         if self.max_length is not None and self.max_length < 2:
             raise LogitCacheError(f"--max-length must be at least 2 tokens (got {self.max_length}).")
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        self._eos_id: int | None = int(eos) if isinstance(eos, (int, np.integer)) else None
+        self._student_bytes = _piece_bytes_of(self.tokenizer) if self.alignment != "position" else None
 
     def __call__(self, row: Row) -> dict[str, Any]:
         text, prompt_chars = row["text"], int(row["prompt_chars"])
         ids, s_starts, s_ends = encode_with_offsets(self.tokenizer, text, add_special_tokens=self.add_special_tokens)
+        if self._eos_id is not None and (not ids or ids[-1] != self._eos_id):
+            ids = ids + [self._eos_id]
+            end = np.array([len(text)], dtype=s_starts.dtype)
+            s_starts, s_ends = np.concatenate((s_starts, end)), np.concatenate((s_ends, end))
         ids = np.asarray(ids, dtype=np.int64)
         limit_chars = None
         if self.max_length is not None and len(ids) > self.max_length:
@@ -74,15 +145,33 @@ class StudentFeaturizer:
             self.stats.truncated += 1
         n = len(ids)
         t_starts, t_ends = row["char_start"], row["char_end"]
-        s_targets = target_positions(s_starts, s_ends, prompt_chars)
-        t_targets = target_positions(t_starts, t_ends, prompt_chars, limit_chars)
+        s_end = _end_of(ids, s_starts, s_ends, self._eos_id, len(text))
+        t_end = _end_of(row["input_ids"], t_starts, t_ends, self.teacher_eos_id, len(text))
+        # The text without the ends: the ends are targets of their own, paired with each other.
+        n_s, n_t = n - s_end, len(t_starts) - t_end
+        s_targets = target_positions(s_starts[:n_s], s_ends[:n_s], prompt_chars)
+        t_targets = target_positions(t_starts[:n_t], t_ends[:n_t], prompt_chars, limit_chars)
+        student_end = n_s - 1 if s_end else None
+        teacher_end = n_t - 1 if t_end and s_end else None
         if self.alignment == "position":
-            al = align_by_position(t_targets, s_targets, max(n - 1, 0))
+            al = align_by_position(
+                t_targets, s_targets, max(n - 1, 0), teacher_target_ends=t_ends[t_targets + 1],
+                student_target_ends=s_ends[s_targets + 1], teacher_end=teacher_end, student_end=student_end,
+            )
         else:
-            al = align_by_offset(t_starts, t_ends, t_targets, s_starts, s_ends, s_targets, max(n - 1, 0))
+            char_bytes = char_byte_offsets(text)
+            t_tokens = row["input_ids"][:n_t]
+            tb_start, tb_end, t_known = byte_spans(t_tokens, t_starts[:n_t], t_ends[:n_t], self.teacher_bytes, char_bytes)
+            sb_start, sb_end, s_known = byte_spans(ids[:n_s], s_starts[:n_s], s_ends[:n_s], self._student_bytes, char_bytes)
+            al = align_by_offset(
+                tb_start, tb_end, t_targets, sb_start, sb_end, s_targets, max(n - 1, 0),
+                t_known=t_known, s_known=s_known, teacher_end=teacher_end, student_end=student_end,
+            )
 
         labels = np.full(n, -100, dtype=np.int64)
         labels[s_targets + 1] = ids[s_targets + 1]
+        if student_end is not None:
+            labels[n - 1] = ids[n - 1]
         k = row["topk_ids"].shape[1] if row["topk_ids"].ndim == 2 else 0
         t_lp = np.zeros((n, k), dtype=np.float16)
         t_ids = np.zeros((n, k), dtype=np.int32)
@@ -91,10 +180,22 @@ class StudentFeaturizer:
         kd_mask[q] = True
         t_lp[q] = row["topk_logprobs"][al.teacher_pos[q]]
         t_ids[q] = row["topk_ids"][al.teacher_pos[q]]
+        extras = teacher_extras(row, al.teacher_pos, n)
+        if self.alm_chunks:  # the ends are targets too (chunks.py pairs them as a chunk of their own)
+            from logitcache.pipeline.student.chunks import alm_chunks
+
+            t_all = np.append(t_targets, n_t - 1) if t_end else t_targets
+            s_all = np.append(s_targets, n_s - 1) if s_end else s_targets
+            extras["alm_chunk"], extras["alm_teacher_ll"] = alm_chunks(
+                t_starts, t_ends, t_all, np.asarray(row["label_logprob"]), s_starts, s_ends, s_all, n,
+                teacher_eos=t_end, student_eos=s_end,
+            )
 
         self.stats.examples += 1
         self.stats.targets += al.targets
         self.stats.matched += al.matched
+        self.stats.end_targets += al.end_targets
+        self.stats.end_matched += al.end_matched
         self.stats.no_kd += al.matched == 0
         return {
             "id": row["id"],
@@ -103,4 +204,100 @@ class StudentFeaturizer:
             "teacher_logprobs": t_lp,
             "teacher_ids": t_ids,
             "kd_mask": kd_mask,
+            **extras,
         }
+
+
+# --- extra teacher columns (issue 12 §1b, §2), gathered at the aligned teacher positions ---------
+
+
+def teacher_extras(row: Row, teacher_pos: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """The cache's optional per-position columns at each of the ``n`` student positions' aligned
+    teacher position (``teacher_pos`` [<= n], -1 where none), only those the row has:
+
+        teacher_lse       float32 [n]     the raw logits' log-normaliser (with lse_tau or the stats)
+        teacher_lse_tau   float32 [n, M]  logsumexp(logits / tau) per manifest temperature
+        teacher_logit_std float32 [n]     std of the logits over the vocabulary
+        teacher_lse_std   float32 [n]     logsumexp(logits / (std + 1e-4))
+
+    Unaligned positions hold 0 (std: 1, so that dividing by it stays finite); kd_mask masks them.
+    The log-normaliser comes only with the columns that need it: a vllm cache has none (its
+    logsumexp column holds 0), and neither lse_tau nor the stats.
+    """
+    has_tau, has_stats = "lse_tau" in row, "logit_std" in row and "lse_std" in row
+    if not (has_tau or has_stats):
+        return {}
+    q = np.flatnonzero(teacher_pos >= 0)
+    at = teacher_pos[q]
+
+    def gather(column: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        out = np.full((n, *column.shape[1:]), fill, dtype=np.float32)
+        out[q] = column[at]
+        return out
+
+    out = {"teacher_lse": gather(np.asarray(row["logsumexp"]))}
+    if has_tau:
+        out["teacher_lse_tau"] = gather(np.asarray(row["lse_tau"]).reshape(len(row["logsumexp"]), -1))
+    if has_stats:
+        out["teacher_logit_std"] = gather(np.asarray(row["logit_std"]), fill=1.0)
+        out["teacher_lse_std"] = gather(np.asarray(row["lse_std"]))
+    return out
+
+
+# --- the cache's side: its tokenizer's bytes, and a refusal of students that align nothing ------
+
+
+@functools.lru_cache(maxsize=8)
+def _teacher_bytes_at(tokenizer_dir: str) -> PieceBytes:
+    from logitcache.pipeline.loading import load_tokenizer
+
+    # The cache's tokenizer is data from whoever wrote the cache: verified, and never runs code.
+    return piece_bytes_table(load_tokenizer(tokenizer_dir, "the cache's tokenizer", trust_remote_code=False))
+
+
+def teacher_piece_bytes(cache) -> PieceBytes | None:
+    """The byte lengths of the cache tokenizer's tokens (``cache``: a CacheReader), loaded once per
+    process; None when the cache holds no tokenizer (split characters then get CE only)."""
+    if not cache.tokenizer_dir.is_dir():
+        return None
+    return _teacher_bytes_at(str(cache.verified_tokenizer_dir()))
+
+
+def featurizer_for_cache(cache, tokenizer, alignment: str = "offset", max_length: int | None = None) -> StudentFeaturizer:
+    """The featurizer of ``cache`` (a CacheReader) for a student ``tokenizer``, as training uses it."""
+    manifest = cache.manifest
+    return StudentFeaturizer(
+        tokenizer,
+        alignment=alignment,
+        max_length=max_length,
+        add_special_tokens=manifest.template.get("add_special_tokens", True),
+        teacher_bytes=teacher_piece_bytes(cache) if alignment != "position" else None,
+        teacher_eos_id=getattr(manifest, "eos_id", None),
+    )
+
+
+def aligned_fraction(cache_dir, tokenizer, alignment: str = "offset", rows: int = 48, *, skip_bad_shards: bool = False) -> float:
+    """The fraction of the student's text targets (ends left out: they always pair) that align
+    with a teacher position, over the first ``rows`` examples of the cache; 1.0 for a cache
+    without response text. Rows are read as training reads them (shards checked, bad ones
+    refused or, with ``skip_bad_shards``, passed over)."""
+    from logitcache.pipeline.student.dataset import LogitCacheDataset  # here: dataset.py imports this module
+
+    raw = LogitCacheDataset(cache_dir, None, shuffle=False, rank=0, world_size=1, skip_bad_shards=skip_bad_shards)
+    featurizer = featurizer_for_cache(raw.cache, tokenizer, alignment)
+    for row in itertools.islice(iter(raw), rows):
+        featurizer(row)
+    stats = featurizer.stats
+    return stats.fraction_text_matched if stats.targets > stats.end_targets else 1.0
+
+
+def refuse_unaligned(cache_dir, tokenizer, alignment: str = "offset", rows: int = 48, *, skip_bad_shards: bool = False) -> None:
+    """Refuse, before training, a student tokenizer that aligns nothing with the cache."""
+    fraction = aligned_fraction(cache_dir, tokenizer, alignment, rows, skip_bad_shards=skip_bad_shards)
+    if fraction == 0.0:
+        name = getattr(tokenizer, "name_or_path", "") or "the student"
+        raise LogitCacheError(
+            f"the student's tokenizer {name!r} aligns {fraction:.1%} of the cache's target positions "
+            f"(alignment {alignment}, first {rows} examples): KD would teach it nothing; check that it is the "
+            "student's own tokenizer and that it keeps the text's characters (offsets), or use --alignment position."
+        )

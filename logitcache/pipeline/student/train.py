@@ -23,9 +23,13 @@ from transformers import Trainer, TrainerCallback
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.student import losses
 
-LOSSES = ("uld", "mlot", "kl", "sft")
+LOSSES = ("uld", "mlot", "kl", "sft", "hybrid", "alm")
+# Optional per-position teacher columns of a batch (collate.py), read by teacher_targets().
+TEACHER_EXTRAS = ("teacher_lse", "teacher_lse_tau", "teacher_logit_std", "teacher_lse_std")
 # The papers' alignment for the cross-tokenizer losses; exact spans for a shared vocabulary.
 DEFAULT_ALIGNMENT = {"uld": "position", "mlot": "position", "kl": "offset", "sft": "offset"}
+# hybrid pairs positions by offsets (as GOLD, by byte offsets); ALM by its own chunks (offset + chunks.py).
+DEFAULT_ALIGNMENT.update({"hybrid": "offset", "alm": "chunk"})
 DATA_STATE = "logitcache_data_state_rank{rank}.json"
 AUTO_CHUNK_ELEMENTS = 2**27  # 512 MiB of fp32 logits: below it one pass is faster and fits
 
@@ -65,15 +69,44 @@ class TrainConfig:
     kl_kind: str = "forward"  # forward | reverse | jsd
     mlot_variant: str = "paper"  # paper | code
     mlot_k: int = 50
+    # KD at temperature tau (ULD, KL; MultiLevelOT's tau_SL): student softmax(logits / tau), the
+    # teacher's exact log-probabilities at tau from the cache, KD term times tau**2 (Hinton).
+    kd_temperature: float = 1.0
+    # How the KD term averages its per-position losses: "sample" (per sequence, then over the
+    # sequences, as llm-recipes, Multi-Level-OT and TRL do) or "token" (over the batch's positions).
+    # CE is always the mean over the batch's targets (as in those references).
+    kd_reduction: str = "sample"
+    # MultiLevelOT on a cache without the temperatures it needs (tau_SD = 2): renormalise the
+    # top-K at tau instead of refusing (biased; see losses.MLOTConfig.approximate_temperature).
+    approximate_temperature: bool = False
     # 0: CE + KD in one fused pass (losses.fused; MultiLevelOT "code" and "assignment" run CE, then
     # the standalone loss). N > 0: CE, then the standalone ULD/KL over chunks of N positions.
     kd_chunk_size: int = 0
+    # TRL GOLD's hybrid (--loss hybrid): JSD beta on matched tokens; weights None = GOLD's adaptive
+    # ones (the share of the teacher vocabulary that maps, and 1 minus it).
+    hybrid_beta: float = 0.5
+    hybrid_matched_weight: float | None = None
+    hybrid_unmatched_weight: float | None = None
+    # ALM (--loss alm): tokenkit's binarisation temperature and distance.
+    alm_temperature: float = 100.0
+    alm_divergence: str = "binary_kl"  # binary_kl | binary_ce
     trust_remote_code: bool = False  # run the student's own Python code (never the cache's tokenizer's)
     progress: bool = True
 
     def mlot_config(self) -> "losses.MLOTConfig":
-        """The MultiLevelOT hyper-parameters these options choose."""
-        return losses.MLOTConfig(variant=self.mlot_variant, k=self.mlot_k)
+        """The MultiLevelOT hyper-parameters these options choose (--kd-temperature is its tau_SL)."""
+        return losses.MLOTConfig(
+            variant=self.mlot_variant, k=self.mlot_k, tau_sl=self.kd_temperature, hinton_scale=True,
+            approximate_temperature=self.approximate_temperature,
+        )
+
+    def teacher_temperatures(self) -> list[float]:
+        """The temperatures other than 1 at which the KD term reads the teacher (sorted)."""
+        if self.loss in ("uld", "kl"):
+            return [] if self.kd_temperature == 1.0 else [float(self.kd_temperature)]
+        if self.loss == "mlot":
+            return losses.mlot_temperatures(self.mlot_config())
+        return []
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -100,6 +133,36 @@ class TrainConfig:
             raise LogitCacheError(f"--kl-kind {self.kl_kind!r}: use forward, reverse or jsd.")
         if self.mlot_variant not in ("paper", "code"):
             raise LogitCacheError(f"--mlot-variant {self.mlot_variant!r}: use paper or code.")
+        if not (isinstance(self.kd_temperature, (int, float)) and 0 < self.kd_temperature < math.inf):
+            raise LogitCacheError(f"--kd-temperature must be a positive number (got {self.kd_temperature}).")
+        if self.kd_reduction not in losses.REDUCTIONS:
+            raise LogitCacheError(f"--kd-reduction {self.kd_reduction!r}: use sample or token.")
+        if self.loss == "mlot" and self.mlot_variant == "code" and self.kd_temperature != 1.0:
+            raise LogitCacheError(
+                "--mlot-variant code runs at temperature 1 (the cache's std-normalised log-partition is at 1 "
+                "only); drop --kd-temperature or use --mlot-variant paper."
+            )
+        self._validate_h4()
+
+    def _validate_h4(self) -> None:
+        """the hybrid's and ALM's options."""
+        if self.loss == "alm" and self.alignment not in (None, "chunk"):
+            raise LogitCacheError(f"--loss alm aligns by its own chunks; drop --alignment {self.alignment}.")
+        if self.loss in ("hybrid", "alm") and self.kd_temperature != 1.0:
+            raise LogitCacheError(f"--loss {self.loss} runs at temperature 1 (as GOLD and tokenkit do); drop --kd-temperature.")
+        if self.alignment == "chunk" and self.loss != "alm":
+            raise LogitCacheError("--alignment chunk is ALM's; use offset or position with --loss " f"{self.loss}.")
+        if not 0.0 <= self.hybrid_beta <= 1.0:
+            raise LogitCacheError(f"hybrid_beta must be in [0, 1] (got {self.hybrid_beta}).")
+        if (self.hybrid_matched_weight is None) != (self.hybrid_unmatched_weight is None):
+            raise LogitCacheError("give both hybrid_matched_weight and hybrid_unmatched_weight, or neither (GOLD's adaptive weights).")
+        for w in (self.hybrid_matched_weight, self.hybrid_unmatched_weight):
+            if w is not None and (w < 0 or not math.isfinite(w)):
+                raise LogitCacheError(f"hybrid weights must be 0 or more (got {w}).")
+        if not (self.alm_temperature > 0 and math.isfinite(self.alm_temperature)):
+            raise LogitCacheError(f"alm_temperature must be positive (got {self.alm_temperature}).")
+        if self.alm_divergence not in ("binary_kl", "binary_ce"):
+            raise LogitCacheError(f"alm_divergence {self.alm_divergence!r}: use binary_kl or binary_ce.")
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -132,29 +195,99 @@ def causal_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
 
 
-def kd_term(cfg: TrainConfig, logits: torch.Tensor, t_lp: torch.Tensor, t_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The KD loss of ``cfg.loss`` on logits [B, T, Vs] against aligned teacher top-k [B, T, K]."""
+def teacher_targets(
+    cfg: TrainConfig, teacher_logprobs: torch.Tensor, extras: dict[str, torch.Tensor], temperatures: list[float]
+) -> tuple[dict[float, torch.Tensor], torch.Tensor | None]:
+    """The teacher's exact targets that ``cfg``'s KD term needs besides its temperature-1 log-probabilities.
+
+    Args:
+        teacher_logprobs: [B, T, K]. extras: the batch's TEACHER_EXTRAS present (collate.py).
+        temperatures: the cache's extra temperatures (manifest), the order of ``teacher_lse_tau``.
+
+    Returns:
+        ({tau: [B, T, K] log-probabilities at tau}, [B, T, K] std-normalised log-probabilities
+        or None). A temperature the batch lacks is left out (check_compatibility refused the
+        run unless MultiLevelOT's --approximate-temperature allows it).
+    """
+    from logitcache.pipeline.student import targets
+
+    tempered: dict[float, torch.Tensor] = {}
+    if "teacher_lse_tau" in extras:
+        for tau in cfg.teacher_temperatures():
+            if any(abs(t - tau) <= 1e-9 * max(1.0, tau) for t in temperatures):
+                column = extras["teacher_lse_tau"][..., targets.tau_column(temperatures, tau)]
+                tempered[tau] = targets.tempered_logprobs(teacher_logprobs, extras["teacher_lse"], column, tau)
+    std_lp = None
+    if cfg.loss == "mlot" and cfg.mlot_variant == "code" and "teacher_lse_std" in extras:
+        std_lp = targets.std_normalised_logprobs(
+            teacher_logprobs, extras["teacher_lse"], extras["teacher_logit_std"], extras["teacher_lse_std"]
+        )
+    return tempered, std_lp
+
+
+def kd_term(
+    cfg: TrainConfig,
+    logits: torch.Tensor,
+    t_lp: torch.Tensor,
+    t_ids: torch.Tensor,
+    mask: torch.Tensor,
+    tempered: dict[float, torch.Tensor] | None = None,
+    std_logprobs: torch.Tensor | None = None,
+    matched_fraction: float = 1.0,
+) -> torch.Tensor:
+    """The KD loss of ``cfg.loss`` on logits [B, T, Vs] against aligned teacher top-k [B, T, K].
+
+    ``tempered`` / ``std_logprobs``: the exact teacher targets of :func:`teacher_targets`.
+    """
     if not mask.any():
         return logits.sum() * 0.0
     logits = logits.float()
     if cfg.loss == "mlot":
-        return losses.multilevel_ot_loss(logits, t_lp, t_ids, mask, cfg.mlot_config())
+        return losses.multilevel_ot_loss(
+            logits, t_lp, t_ids, mask, cfg.mlot_config(), tempered=tempered, std_logprobs=std_logprobs,
+            reduction=cfg.kd_reduction,
+        )
+    tau = float(cfg.kd_temperature)
+    if tau != 1.0:
+        if not tempered or tau not in tempered:
+            raise LogitCacheError(f"--kd-temperature {tau:g}: the batch has no teacher log-normaliser at {tau:g}; "
+                                  f"rewrite the cache with `logitcache teacher --temperatures {tau:g}`.")
+        t_lp = tempered[tau]
+    weights = losses.kd_weights(mask, cfg.kd_reduction, dtype=logits.dtype)[mask]
     s, lp, ids = logits[mask], t_lp[mask], t_ids[mask]
     ones = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
     chunk = cfg.kd_chunk_size or (1024 if s.numel() > AUTO_CHUNK_ELEMENTS else None)
     if cfg.loss == "uld":
-        return losses.uld_loss(s, lp, ones, chunk_size=chunk)
-    return losses.kl_loss(s, lp, ids, ones, kind=cfg.kl_kind, chunk_size=chunk)
+        return losses.uld_loss(s, lp, ones, temperature=tau, weights=weights, chunk_size=chunk)
+    if cfg.loss == "hybrid":  # t_ids are the mapped student ids here
+        h = _h4_spec_fields(cfg, matched_fraction)["hybrid"]
+        return losses.hybrid_loss(s, lp, ids, ones, beta=h.beta, matched_weight=h.matched_weight,
+                                  unmatched_weight=h.unmatched_weight, weights=weights, chunk_size=chunk)
+    return losses.kl_loss(s, lp, ids, ones, kind=cfg.kl_kind, temperature=tau, weights=weights, chunk_size=chunk)
 
 
-def fused_loss_of(cfg: TrainConfig) -> "losses.FusedLoss | None":
+def _h4_spec_fields(cfg: TrainConfig, matched_fraction: float) -> dict[str, Any]:
+    """the hybrid's weights resolved (GOLD's adaptive ones from the vocabulary map) and ALM's config."""
+    w_m, w_u = losses.HybridConfig(matched_weight=cfg.hybrid_matched_weight, unmatched_weight=cfg.hybrid_unmatched_weight).weights(matched_fraction)
+    return {
+        "hybrid": losses.HybridConfig(beta=cfg.hybrid_beta, matched_weight=w_m, unmatched_weight=w_u),
+        "alm": losses.ALMConfig(temperature=cfg.alm_temperature, divergence=cfg.alm_divergence),
+    }
+
+
+def fused_loss_of(cfg: TrainConfig, matched_fraction: float = 1.0) -> "losses.FusedLoss | None":
     """The one-pass CE + KD of ``cfg`` (see losses.fused), or None where only the two-step path exists.
 
     ``--kd-chunk-size`` asks for the standalone chunked losses explicitly, so it turns fusing off.
+    ``matched_fraction``: the hybrid's vocabulary map's share of the teacher vocabulary (its
+    adaptive weights).
     """
     spec = losses.FusedLoss(
         loss=cfg.loss, weight=cfg.kd_weight, kl_kind=cfg.kl_kind,
         mlot=cfg.mlot_config(),
+        temperature=float(cfg.kd_temperature) if cfg.loss in ("uld", "kl") else 1.0,
+        reduction=cfg.kd_reduction,
+        **_h4_spec_fields(cfg, matched_fraction),
     )
     return spec if losses.fused_supports(spec) and not cfg.kd_chunk_size else None
 
@@ -167,16 +300,26 @@ def batch_loss(
     teacher_ids: torch.Tensor,
     kd_mask: torch.Tensor,
     fused: "losses.FusedLoss | None",
+    tempered: dict[float, torch.Tensor] | None = None,
+    std_logprobs: torch.Tensor | None = None,
+    alm: "tuple[torch.Tensor, torch.Tensor] | None" = None,
+    matched_fraction: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CE + kd_weight * KD, CE, KD) of a batch: logits [B, T, V], labels [B, T], teacher [B, T, K], kd_mask [B, T].
 
     ``fused`` is ``fused_loss_of(cfg)``: the one-pass loss where it exists, else CE then the
-    standalone KD loss.
+    standalone KD loss. ``tempered`` / ``std_logprobs``: :func:`teacher_targets`.
     """
     if fused is not None:
-        return losses.ce_kd_loss(logits, labels, teacher_logprobs, teacher_ids, kd_mask, fused)
+        return losses.ce_kd_loss(logits, labels, teacher_logprobs, teacher_ids, kd_mask, fused, tempered=tempered, alm=alm)
     ce = causal_ce(logits, labels)
-    kd = kd_term(cfg, logits, teacher_logprobs, teacher_ids, kd_mask) if cfg.loss != "sft" else ce.new_zeros(())
+    if cfg.loss == "alm":  # ALM needs only the label log-probs: the standalone path is plain autograd
+        kd = losses.alm_loss(logits.float(), labels, alm[0], alm[1], _h4_spec_fields(cfg, 1.0)["alm"], reduction=cfg.kd_reduction)
+        return ce + cfg.kd_weight * kd, ce, kd
+    if cfg.loss == "sft":
+        kd = ce.new_zeros(())
+    else:
+        kd = kd_term(cfg, logits, teacher_logprobs, teacher_ids, kd_mask, tempered, std_logprobs, matched_fraction)
     return ce + cfg.kd_weight * kd, ce, kd
 
 
@@ -190,10 +333,16 @@ class _EpochDataLoader(DataLoader):
 class KDTrainer(Trainer):
     """Trainer whose loss is CE + kd_weight · KD; logs `ce`, `kd` and `kd_fraction` (aligned targets)."""
 
-    def __init__(self, *args, kd_config: TrainConfig, **kwargs) -> None:
+    def __init__(self, *args, kd_config: TrainConfig, cache_temperatures: list[float] | None = None, vocab_map=None,  # noqa: ANN001
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.kd_config = kd_config
-        self.fused_loss = fused_loss_of(kd_config)
+        self.cache_temperatures = [float(t) for t in cache_temperatures or []]  # the order of teacher_lse_tau
+        # the hybrid's teacher -> student id map (vocab_map.VocabMap), as a tensor.
+        self.vocab_map = vocab_map
+        self._t2s = torch.from_numpy(vocab_map.teacher_to_student) if vocab_map is not None else None
+        self._matched_fraction = vocab_map.matched_fraction if vocab_map is not None else 1.0
+        self.fused_loss = fused_loss_of(kd_config, self._matched_fraction)
         # Our loss is a per-batch mean: let the Trainer divide it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -201,7 +350,7 @@ class KDTrainer(Trainer):
 
     @staticmethod
     def _zero_sums() -> dict[str, float]:
-        return {"ce": 0.0, "kd": 0.0, "kd_positions": 0, "targets": 0, "batches": 0}
+        return {"ce": 0.0, "kd": 0.0, "kd_positions": 0, "targets": 0, "batches": 0, "mapped_mass": 0.0, "topk_mass": 0.0}
 
     def _loader(self, dataset) -> DataLoader:
         return _EpochDataLoader(
@@ -223,17 +372,39 @@ class KDTrainer(Trainer):
         t_lp, t_ids, kd_mask = inputs.pop("teacher_logprobs"), inputs.pop("teacher_ids"), inputs.pop("kd_mask")
         workers, indices = inputs.pop("stream_worker", None), inputs.pop("stream_index", None)
         labels = inputs.pop("labels")
+        extras = {name: inputs.pop(name) for name in TEACHER_EXTRAS if name in inputs}
+        alm = (inputs.pop("alm_chunk"), inputs.pop("alm_teacher_ll")) if "alm_chunk" in inputs else None
+        if self._t2s is not None:  # the hybrid reads the student ids of the teacher entries
+            t_ids = self._map_ids(t_ids)
         if workers is not None and model.training:
             self.train_dataset.mark_consumed(workers.tolist(), indices.tolist())
         outputs = model(**inputs)
-        loss, ce, kd = batch_loss(self.kd_config, outputs.logits, labels, t_lp, t_ids, kd_mask, self.fused_loss)
+        tempered, std_lp = teacher_targets(self.kd_config, t_lp, extras, self.cache_temperatures)
+        if self.kd_config.loss == "alm" and alm is None:
+            raise LogitCacheError("--loss alm needs ALM's chunks in the batch (alignment 'chunk').")
+        loss, ce, kd = batch_loss(
+            self.kd_config, outputs.logits, labels, t_lp, t_ids, kd_mask, self.fused_loss, tempered, std_lp,
+            alm=alm, matched_fraction=self._matched_fraction,
+        )
         if model.training:
             self._sums["ce"] += float(ce.detach())
             self._sums["kd"] += float(kd.detach())
             self._sums["kd_positions"] += int(kd_mask.sum())
             self._sums["targets"] += int((labels[:, 1:] != -100).sum())
             self._sums["batches"] += 1
+            if self._t2s is not None:  # the share of the aligned teacher top-k mass whose token maps
+                p = t_lp.detach().float().exp() * kd_mask[..., None]
+                self._sums["mapped_mass"] += float((p * (t_ids >= 0)).sum())
+                self._sums["topk_mass"] += float(p.sum())
         return (loss, outputs) if return_outputs else loss
+
+    def _map_ids(self, teacher_ids: torch.Tensor) -> torch.Tensor:
+        """teacher ids [..., K] -> student ids of the same tokens, -1 where none (ids past the map too)."""
+        if self._t2s.device != teacher_ids.device:
+            self._t2s = self._t2s.to(teacher_ids.device)  # once: the map moves with the batches
+        t2s = self._t2s
+        inside = (teacher_ids >= 0) & (teacher_ids < len(t2s))
+        return torch.where(inside, t2s[teacher_ids.clamp(0, len(t2s) - 1)], -1)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._sums["batches"]:
@@ -241,6 +412,8 @@ class KDTrainer(Trainer):
             logs["ce"] = round(self._sums["ce"] / n, 4)
             logs["kd"] = round(self._sums["kd"] / n, 4)
             logs["kd_fraction"] = round(self._sums["kd_positions"] / max(self._sums["targets"], 1), 4)
+            if self._t2s is not None:
+                logs["hybrid_mapped_mass"] = round(self._sums["mapped_mass"] / max(self._sums["topk_mass"], 1e-12), 4)
             self._sums = self._zero_sums()
         super().log(logs, *args, **kwargs)
 
@@ -345,6 +518,58 @@ def check_compatibility(cfg: TrainConfig, student_tokenizer, cache) -> None:
             f"--loss mlot ranks the top {cfg.mlot_k} teacher tokens, but the cache keeps only k={manifest.k}; "
             f"rerun the teacher with --top-k {cfg.mlot_k} or more, or pass --mlot-k {manifest.k}."
         )
+    check_teacher_targets(cfg, manifest)
+
+
+def check_teacher_targets(cfg: TrainConfig, manifest) -> None:
+    """Refuse a loss whose exact teacher targets (temperatures, logit statistics) the cache lacks, in one line."""
+    from logitcache.pipeline.student import targets
+
+    if cfg.loss == "mlot" and cfg.mlot_variant == "code":
+        targets.require_logit_stats(manifest, "--loss mlot --mlot-variant code (logits divided by their std)")
+    for tau in cfg.teacher_temperatures():
+        try:
+            targets.manifest_tau_column(manifest, tau)
+        except LogitCacheError as e:
+            if cfg.loss != "mlot":
+                raise LogitCacheError(f"--loss {cfg.loss} --kd-temperature {tau:g}: {e}") from None
+            if cfg.approximate_temperature:
+                continue
+            which = "tau_SD" if tau == cfg.mlot_config().tau_sd else "--kd-temperature"
+            have = ", ".join(f"{t:g}" for t in getattr(manifest, "temperatures", []) or []) or "none"
+            if manifest.teacher.get("logsumexp", True) is False:
+                fix = f"`logitcache teacher --engine hf --temperatures {tau:g}` (a vllm cache has no log-normaliser)"
+            else:
+                fix = f"`logitcache teacher --temperatures {tau:g}`"
+            raise LogitCacheError(
+                f"--loss mlot compares the teacher at temperature {tau:g} ({which}), which this cache lacks (extra "
+                f"temperatures: {have}); rewrite it with {fix}, or pass --approximate-temperature to renormalise "
+                f"its top-k at {tau:g} instead (biased)."
+            ) from None
+
+
+def check_eval_targets(cfg: TrainConfig, train_manifest, eval_manifest) -> None:
+    """Refuse an --eval-cache that lacks the loss's teacher targets or keeps its temperatures in other columns."""
+    from logitcache.pipeline.student import targets
+
+    try:
+        check_teacher_targets(cfg, eval_manifest)
+    except LogitCacheError as e:
+        raise LogitCacheError(f"--eval-cache: {e}") from None
+
+    def column(manifest, tau: float) -> int | None:
+        try:
+            return targets.manifest_tau_column(manifest, tau)
+        except LogitCacheError:  # absent, which --approximate-temperature allows
+            return None
+
+    for tau in cfg.teacher_temperatures():
+        if column(train_manifest, tau) != column(eval_manifest, tau):
+            raise LogitCacheError(
+                f"--eval-cache has temperature {tau:g} in another column than --cache, or only one of them has it "
+                f"(temperatures {eval_manifest.temperatures} vs {train_manifest.temperatures}); write both with the "
+                "same `logitcache teacher --temperatures`."
+            )
 
 
 def _notify(messages: list[str], show: bool) -> None:
@@ -358,7 +583,12 @@ def _notify(messages: list[str], show: bool) -> None:
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def run_train(cfg: TrainConfig) -> TrainResult:
+def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None) -> TrainResult:
+    """Train ``cfg.student`` from ``cfg.cache``.
+
+    ``progress_callback`` (the demo): a TrainerCallback that shows progress its own way; it
+    replaces transformers' progress bar and its printed log dictionaries.
+    """
     import time
 
     from transformers import TrainingArguments
@@ -384,6 +614,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     last, partial = DataStateCallback.last_complete_checkpoint(out) if cfg.resume else (None, [])
     tokenizer = load_tokenizer(cfg.student, "--student", trust_remote_code=cfg.trust_remote_code)
     check_compatibility(cfg, tokenizer, cache)
+    if cfg.eval_cache:  # its batches share the trainer's teacher_targets(): the same columns needed
+        check_eval_targets(cfg, cache.manifest, open_cache(cfg.eval_cache).manifest)
 
     args = TrainingArguments(
         output_dir=str(out),
@@ -425,6 +657,11 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     # Every shard is checked here, before the model is loaded: a damaged cache stops the run now.
     train_ds = dataset(cfg.cache, shuffle=True)
     eval_ds = dataset(cfg.eval_cache, shuffle=False) if cfg.eval_cache else None
+    if cfg.loss != "sft" and cfg.kd_weight > 0 and cfg.resolved_alignment() in ("offset", "position"):
+        # a student that aligns nothing would train on CE alone, silently: refuse it now.
+        from logitcache.pipeline.student.features import refuse_unaligned
+
+        refuse_unaligned(cfg.cache, tokenizer, cfg.resolved_alignment(), skip_bad_shards=cfg.skip_bad_shards)
     notices = [ds.skipped_summary() for ds in (train_ds, eval_ds) if ds is not None and ds.skipped_shards]
     if partial:
         notices.append(
@@ -438,6 +675,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         own = last / DATA_STATE.format(rank=args.process_index)
         state_file = own if own.is_file() else last / DATA_STATE.format(rank=0)
         train_ds.load_state_dict(json.loads(state_file.read_text()))
+    vocab_map = hybrid_vocab_map(cfg, tokenizer, cache, out, show=args.process_index == 0) if cfg.loss == "hybrid" else None
     model = load_causal_lm(cfg.student, "--student", trust_remote_code=cfg.trust_remote_code)
     pad = pad_token_id(tokenizer)
     trainer = KDTrainer(
@@ -449,7 +687,15 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         processing_class=tokenizer,
         callbacks=[DataStateCallback(train_ds, args.process_index)],
         kd_config=cfg,
+        cache_temperatures=list(getattr(cache.manifest, "temperatures", []) or []),
+        vocab_map=vocab_map,
     )
+    if progress_callback is not None:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(progress_callback)
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
     trainer.save_model(str(out))
@@ -460,6 +706,38 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         out=str(out), global_step=result.global_step, train_loss=float(result.training_loss),
         seconds=time.perf_counter() - t0, feature_stats=train_ds.featurizer_stats(),
     )
+
+
+def hybrid_vocab_map(cfg: TrainConfig, student_tokenizer, cache, out: Path, show: bool = True):  # noqa: ANN001, ANN201
+    """the teacher -> student vocabulary map of ``--loss hybrid`` (kept in ``out``), and a line
+    on stderr with the share of the teacher's top-k mass that maps (first 64 examples)."""
+    import sys
+
+    import numpy as np
+
+    from logitcache.pipeline.loading import load_tokenizer
+    from logitcache.pipeline.student.vocab_map import build_vocab_map, mapped_mass
+
+    teacher_tok = load_tokenizer(str(cache.verified_tokenizer_dir()), "the cache's tokenizer", trust_remote_code=False)
+    vm = build_vocab_map(teacher_tok, student_tokenizer, cache_dir=out)
+    mapped = total = 0.0
+    for i, row in enumerate(cache.iter_rows()):
+        if i >= 64:
+            break
+        a, b = mapped_mass(np.asarray(row["topk_logprobs"]), vm.lookup(np.asarray(row["topk_ids"])))
+        mapped, total = mapped + a, total + b
+    w_m, w_u = _h4_spec_fields(cfg, vm.matched_fraction)["hybrid"].weights(vm.matched_fraction)
+    message = (
+        f"hybrid: {vm.matched} of {vm.teacher_size} teacher tokens have a student token of the same bytes; "
+        f"they hold {mapped / max(total, 1e-12):.1%} of the teacher's top-k mass (first 64 examples); "
+        f"weights: matched {w_m:.3f}, unmatched {w_u:.3f}."
+    )
+    import logging
+
+    logging.getLogger(__name__).info(message)
+    if show:
+        print(message, file=sys.stderr, flush=True)
+    return vm
 
 
 def _leave_process_group() -> None:

@@ -23,6 +23,11 @@ class ScoredSequence:
     topk_logprobs: np.ndarray  # float32 [n - 1, k], descending (the cache's codec rounds them)
     label_logprob: np.ndarray  # float32 [n - 1]: log-prob of the actual next token
     logsumexp: np.ndarray  # float32 [n - 1]: log-normaliser of the raw logits
+    # Only from engines that see the full logits (hf), when asked for (see topk.py):
+    lse_tau: np.ndarray | None = None  # float32 [n - 1, M]: logsumexp(logits / tau) per extra tau
+    logit_mean: np.ndarray | None = None  # float32 [n - 1]: mean of the logits over the vocabulary
+    logit_std: np.ndarray | None = None  # float32 [n - 1]: their unbiased standard deviation
+    lse_std: np.ndarray | None = None  # float32 [n - 1]: logsumexp(logits / (logit_std + 1e-4))
 
 
 @dataclass
@@ -51,6 +56,8 @@ class TeacherEngine(Protocol):
 
     name: str
     tokenizer: Any  # a fast tokenizer (offsets)
+    temperatures: tuple[float, ...]  # extra temperatures whose log-normaliser score() returns
+    logit_stats: bool  # whether score() returns logit_mean / logit_std / lse_std
     fingerprint: str  # identity of the weights, for the manifest's settings check
 
     @property

@@ -83,8 +83,12 @@ class HFTeacher:
         revision: str | None = None,
         trust_remote_code: bool = False,
         chunk: int = 1024,
+        temperatures: tuple[float, ...] = (),
+        logit_stats: bool = False,
     ) -> None:
         self.model_name = model
+        self.temperatures = tuple(float(t) for t in temperatures)
+        self.logit_stats = logit_stats
         self.revision = revision
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -165,11 +169,14 @@ class HFTeacher:
         labels = next_ids[pred].to(self.device)
         if self.uses_head_path:
             hidden = self._decoder(**inputs).last_hidden_state[pred.to(self.device)]
-            top = chunked_topk(hidden, self._head, labels, k, self.chunk)
+            top = chunked_topk(hidden, self._head, labels, k, self.chunk, temperatures=self.temperatures, stats=self.logit_stats)
         else:
             logits = self.model(**inputs).logits
             bi, ti = pred.to(self.device).nonzero(as_tuple=True)
-            top = chunked_topk_from_logits_fn(lambda a, b: logits[bi[a:b], ti[a:b]], len(bi), labels, k, self.chunk)
+            top = chunked_topk_from_logits_fn(
+                lambda a, b: logits[bi[a:b], ti[a:b]], len(bi), labels, k, self.chunk,
+                temperatures=self.temperatures, stats=self.logit_stats,
+            )
         return _split(top, (lens - 1).tolist())
 
     @torch.inference_mode()
@@ -198,12 +205,17 @@ class HFTeacher:
 
 
 def _split(top: TopK, counts: list[int]) -> list[ScoredSequence]:
-    lp = top.logprobs.cpu().numpy().astype(np.float32)  # the codec rounds (v1: to fp16)
+    def f32(t: torch.Tensor | None) -> np.ndarray | None:
+        return None if t is None else t.cpu().numpy().astype(np.float32)
+
+    lp = f32(top.logprobs)  # the codec rounds (v1: to fp16)
     ids = top.ids.cpu().numpy().astype(np.int32)
-    label = top.label_logprob.cpu().numpy().astype(np.float32)
-    lse = top.logsumexp.cpu().numpy().astype(np.float32)
+    label, lse = f32(top.label_logprob), f32(top.logsumexp)
+    extra = {"lse_tau": f32(top.lse_tau), "logit_mean": f32(top.logit_mean),
+             "logit_std": f32(top.logit_std), "lse_std": f32(top.lse_std)}
     out, a = [], 0
     for c in counts:
-        out.append(ScoredSequence(ids[a : a + c], lp[a : a + c], label[a : a + c], lse[a : a + c]))
+        more = {name: v[a : a + c] for name, v in extra.items() if v is not None}
+        out.append(ScoredSequence(ids[a : a + c], lp[a : a + c], label[a : a + c], lse[a : a + c], **more))
         a += c
     return out

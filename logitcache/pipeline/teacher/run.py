@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import tempfile
@@ -62,6 +63,13 @@ class TeacherConfig:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     codec: str = "v1"  # v1 (fp16 + int32) or compact (storage/codec.py)
     topk_chunk: int = 1024
+    # Append the tokenizer's end-of-sequence token to every example that ended (issue 12 §1f):
+    # the last position then holds the teacher's prediction of the end.
+    eos: bool = True
+    # Extra temperatures whose log-normaliser is stored per position (1 is always there).
+    # None: the engine's default, (2.0,) for hf and () for vllm (which has no log-normaliser).
+    temperatures: tuple[float, ...] | None = None
+    logit_stats: bool = False  # the logits' mean, std and logsumexp(logits / (std + 1e-4))
     # Cluster split: None reads SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID, else 1 / 0.
     num_workers: int | None = None
     worker_index: int | None = None
@@ -90,7 +98,22 @@ class TeacherConfig:
         if self.mode == "generate":
             self.generation.validate()
         self.template.validate(self.mode)
+        if self.temperatures is not None:
+            bad = [t for t in self.temperatures if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0)]
+            if bad:
+                raise LogitCacheError(f"--temperatures: {bad[0]!r} is not a positive number; give e.g. --temperatures 2,4.")
+        if self.engine == "vllm" and (self.extra_temperatures() or self.logit_stats):
+            flag = "--logit-stats" if self.logit_stats else f"--temperatures {','.join(f'{t:g}' for t in self.extra_temperatures())}"
+            raise LogitCacheError(
+                f"{flag} needs the log-normaliser of the full logits, which vLLM does not return; "
+                f"use --engine hf for it, or drop {'the flag' if self.logit_stats else 'them (--temperatures none)'} with --engine vllm."
+            )
         self.worker()
+
+    def extra_temperatures(self) -> list[float]:
+        """The temperatures stored besides 1, sorted, without repeats (the manifest's list)."""
+        taus = (2.0,) if self.temperatures is None and self.engine == "hf" else self.temperatures or ()
+        return sorted({float(t) for t in taus if float(t) != 1.0})
 
     def worker(self) -> tuple[int, int]:
         """(index, count) of this worker; from the flags, else from a Slurm array, else (0, 1)."""
@@ -130,6 +153,7 @@ class TeacherResult:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (this run)
     truncated: int = 0
     retokenized: int = 0  # generate mode: generated ids that re-tokenize differently
+    unfinished: int = 0  # generate mode: responses cut at max_new_tokens (no EOS, flagged truncated)
     seconds: float = 0.0
     engine_seconds: float = 0.0  # inside the teacher (generate, score); the rest is pipeline overhead
     complete: bool = False
@@ -179,6 +203,7 @@ def make_engine(cfg: TeacherConfig) -> TeacherEngine:
     return HFTeacher(
         cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code, chunk=cfg.topk_chunk,
+        temperatures=tuple(cfg.extra_temperatures()), logit_stats=cfg.logit_stats,
     )
 
 
@@ -212,6 +237,8 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
             f"{max_length}-token context; lower it."
         )
     add_special = add_special_tokens_for(template)
+    eos_id = getattr(tok, "eos_token_id", None) if cfg.eos else None
+    eos_id = int(eos_id) if eos_id is not None else None
 
     with tempfile.TemporaryDirectory() as tok_dir:
         tok.save_pretrained(tok_dir)
@@ -240,6 +267,9 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
             max_length=max_length,
             worker={"index": index, "count": count} if count > 1 else None,
             codec=cfg.codec,
+            eos_id=eos_id,
+            temperatures=list(engine.temperatures),
+            logit_stats=bool(engine.logit_stats),
             tool_version=logitcache.__version__,
         )
         writer = CacheWriter(cfg.out_dir(), manifest, tokenizer_dir=tok_dir, shard_bytes=cfg.shard_bytes, lock=lock)
@@ -248,7 +278,7 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
     n_records = len(ds) if cfg.limit is None else min(cfg.limit, len(ds))
     assigned = len(range(index, n_records, count))
     done = frozenset(writer.done_ids)  # read by the prefetch thread; the writer thread adds to its own set
-    examples = _assigned(ds, template, tok, add_special, cfg, index, count, done, generate=cfg.mode == "generate")
+    examples = _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, generate=cfg.mode == "generate")
     window_size = cfg.batch_size * _SORT_WINDOW_BATCHES
     start = time.perf_counter()
     # Three stages overlap: reading + tokenizing the next window (a thread), the teacher on
@@ -260,7 +290,7 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
         for window in _prefetch(_windows(examples, window_size)):
             t0 = time.perf_counter()
             if cfg.mode == "generate":
-                window = _generate_window(engine, window, cfg, tok, add_special, max_length, result)
+                window = _generate_window(engine, window, cfg, tok, add_special, max_length, eos_id, result)
             window = _truncate(window, max_length)
             pending = [p for p in window if isinstance(p, _Pending)]
             scored = _score_window(engine, pending, cfg.batch_size, cfg.top_k)
@@ -279,7 +309,7 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
     return result
 
 
-def _assigned(ds, template, tok, add_special, cfg, index, count, done, *, generate: bool) -> Iterator[_Pending | _Skip]:
+def _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, *, generate: bool) -> Iterator[_Pending | _Skip]:
     """This worker's records not yet in the cache, tokenized (score mode) or as prompts (generate)."""
     for r, rid, text, prompt_chars in iter_examples(ds, template, tok, cfg.limit, generate=generate):
         if r % count != index or rid in done:
@@ -292,7 +322,18 @@ def _assigned(ds, template, tok, add_special, cfg, index, count, done, *, genera
             yield _Skip(rid, reason)
             continue
         ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=add_special)
+        if not generate:  # a prompt gets its end after the teacher's response (_generate_window)
+            ids, starts, ends = with_eos(ids, starts, ends, len(text), eos_id)
         yield _Pending(rid, text, prompt_chars, ids, starts, ends, truncated=False)
+
+
+def with_eos(ids: list[int], starts: np.ndarray, ends: np.ndarray, n_chars: int, eos_id: int | None):
+    """``ids`` with ``eos_id`` appended (an empty span at the end of the text), unless it is None
+    or the ids already end with it (a chat template that renders the end-of-turn marker)."""
+    if eos_id is None or (ids and ids[-1] == eos_id):
+        return ids, starts, ends
+    at = np.array([n_chars], dtype=np.int32)
+    return ids + [eos_id], np.concatenate([starts, at]).astype(np.int32), np.concatenate([ends, at]).astype(np.int32)
 
 
 def _truncate(window: list, max_length: int | None) -> list:
@@ -309,7 +350,7 @@ def _truncate(window: list, max_length: int | None) -> list:
     return out
 
 
-def _generate_window(engine, window: list, cfg: TeacherConfig, tok, add_special: bool, max_length, result) -> list:
+def _generate_window(engine, window: list, cfg: TeacherConfig, tok, add_special: bool, max_length, eos_id, result) -> list:
     """Prompts -> the teacher's responses -> the full texts, tokenized as score mode would."""
     gen = cfg.generation
     room = None if max_length is None else max_length - gen.max_new_tokens
@@ -350,7 +391,15 @@ def _generate_window(engine, window: list, cfg: TeacherConfig, tok, add_special:
         # The stored numbers are the teacher's distribution along the canonical tokenization
         # of the text, which students re-tokenize anyway; count where sampling took another path.
         result.retokenized += ids != p.ids + new
-        final.append(_Pending(p.rid, text, p.prompt_chars, ids, starts, ends, p.truncated))
+        # The engines drop the end-of-sequence token that stopped a response, so a response of
+        # max_new_tokens did not stop: it gets no end and is flagged truncated, as a text cut
+        # at --max-length is.
+        stopped = len(new) < gen.max_new_tokens
+        if stopped:
+            ids, starts, ends = with_eos(ids, starts, ends, len(text), eos_id)
+        else:
+            result.unfinished += 1
+        final.append(_Pending(p.rid, text, p.prompt_chars, ids, starts, ends, p.truncated or not stopped))
     return final
 
 
@@ -438,6 +487,7 @@ def _row(p: _Pending, s) -> Row:
         "topk_logprobs": s.topk_logprobs,
         "label_logprob": s.label_logprob,
         "logsumexp": s.logsumexp,
+        **{name: getattr(s, name) for name in ("lse_tau", "logit_mean", "logit_std", "lse_std") if getattr(s, name) is not None},
     }
 
 

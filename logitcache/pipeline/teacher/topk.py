@@ -4,24 +4,45 @@ The full logits of a batch are ``[B, T, V]``: for B=8, T=4096 and a 128k vocabul
 is 16 GiB in fp32. We never build it: the LM head is applied to ``chunk`` positions at a
 time, upcast to fp32 there (log-softmax in bf16 loses the tail), reduced to top-k, the
 label's log-prob and the log-normaliser, and dropped.
+
+Optionally, from the same chunk (issue 12 §2, §1b): the log-normaliser of the logits at
+other temperatures, ``logsumexp(logits / tau)``, which makes every stored top-k entry
+exact at tau (``p_tau = exp((logprob + logsumexp) / tau - lse_tau)``); and the logits'
+mean and (unbiased) standard deviation over the full vocabulary with the log-normaliser
+of the std-normalised logits, ``logsumexp(logits / (std + 1e-4))`` (MultiLevelOT's
+``code`` variant).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+
+# MultiLevelOT's code divides the logits by (std + 1e-4) over the vocabulary.
+STD_EPS = 1e-4
+# The extra log-normalisers go through a buffer of this many bytes (a block of rows).
+_BLOCK_BYTES = 1 << 24
 
 
 @dataclass
 class TopK:
-    """Per position: ``logprobs``/``ids`` [N, k] sorted descending, ``label_logprob``/``logsumexp`` [N]."""
+    """Per position: ``logprobs``/``ids`` [N, k] sorted descending, ``label_logprob``/``logsumexp`` [N].
+
+    ``lse_tau`` [N, M]: ``logsumexp(logits / tau)`` for each extra temperature asked for
+    (None when none was). ``logit_mean``/``logit_std``/``lse_std`` [N]: asked for with
+    ``stats=True`` (else None).
+    """
 
     logprobs: torch.Tensor
     ids: torch.Tensor
     label_logprob: torch.Tensor
     logsumexp: torch.Tensor
+    lse_tau: torch.Tensor | None = None
+    logit_mean: torch.Tensor | None = None
+    logit_std: torch.Tensor | None = None
+    lse_std: torch.Tensor | None = None
 
 
 def chunked_topk(
@@ -30,6 +51,9 @@ def chunked_topk(
     labels: torch.Tensor,
     k: int,
     chunk: int = 1024,
+    *,
+    temperatures: Sequence[float] = (),
+    stats: bool = False,
 ) -> TopK:
     """Top-k log-probabilities of ``head(hidden)`` without materialising all logits.
 
@@ -39,20 +63,33 @@ def chunked_topk(
             new tensor: the logits are overwritten in place to save a second [n, V] buffer.
         labels: [N] the actual next token of each position.
         k: how many entries to keep per position.
-        chunk: positions per head call; peak extra memory is about ``chunk * V * 4`` bytes.
+        chunk: positions per head call; peak extra memory is about ``chunk * V * 4`` bytes
+            (plus 16 MiB with several temperatures or ``stats``).
+        temperatures: extra temperatures (each > 0, not 1) whose log-normaliser to return.
+        stats: also return the logits' mean, std and the log-normaliser of logits / (std + 1e-4).
 
     Returns:
         TopK with fp32 log-probabilities normalised over the full vocabulary.
     """
-    return chunked_topk_from_logits_fn(lambda a, b: head(hidden[a:b]), hidden.shape[0], labels, k, chunk)
+    return chunked_topk_from_logits_fn(
+        lambda a, b: head(hidden[a:b]), hidden.shape[0], labels, k, chunk, temperatures=temperatures, stats=stats
+    )
 
 
 def chunked_topk_from_logits_fn(
-    logits_of: Callable[[int, int], torch.Tensor], n: int, labels: torch.Tensor, k: int, chunk: int = 1024
+    logits_of: Callable[[int, int], torch.Tensor],
+    n: int,
+    labels: torch.Tensor,
+    k: int,
+    chunk: int = 1024,
+    *,
+    temperatures: Sequence[float] = (),
+    stats: bool = False,
 ) -> TopK:
     """As :func:`chunked_topk`, with ``logits_of(a, b)`` giving the [b - a, V] logits of positions a..b
     (a new tensor each call, or one in a narrower dtype: it is overwritten in place)."""
-    out_lp, out_ids, out_label, out_lse = [], [], [], []
+    taus = [float(t) for t in temperatures]
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in ("lp", "ids", "label", "lse", "tau", "mean", "std", "lse_std")}
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         logits = logits_of(a, b).float()
@@ -61,13 +98,81 @@ def chunked_topk_from_logits_fn(
         # log-sum-exp in place (the max is the top-1): torch.logsumexp would allocate a
         # second [n, V] buffer, doubling the peak of this step.
         top1 = vals[:, :1]
-        lse = logits.sub_(top1).exp_().sum(-1).log_() + top1.squeeze(-1)
+        d = logits.sub_(top1)
         del logits
-        out_lp.append(vals - lse[:, None])
-        out_ids.append(ids)
-        out_label.append(label - lse)
-        out_lse.append(lse)
-    if not out_lp:
+        if not taus and not stats:
+            lse = d.exp_().sum(-1).log_() + top1.squeeze(-1)
+        else:
+            lse, lse_tau, mean, std, lse_std = _with_extras(d, top1.squeeze(-1), taus, stats)
+            if taus:
+                out["tau"].append(lse_tau)
+            if stats:
+                out["mean"].append(mean)
+                out["std"].append(std)
+                out["lse_std"].append(lse_std)
+        del d
+        out["lp"].append(vals - lse[:, None])
+        out["ids"].append(ids)
+        out["label"].append(label - lse)
+        out["lse"].append(lse)
+    if not out["lp"]:
         empty = torch.zeros(0)
-        return TopK(empty.reshape(0, k), empty.reshape(0, k).long(), empty, empty)
-    return TopK(torch.cat(out_lp), torch.cat(out_ids), torch.cat(out_label), torch.cat(out_lse))
+        return TopK(
+            empty.reshape(0, k), empty.reshape(0, k).long(), empty, empty,
+            lse_tau=empty.reshape(0, len(taus)) if taus else None,
+            logit_mean=empty if stats else None, logit_std=empty if stats else None, lse_std=empty if stats else None,
+        )
+    return TopK(
+        torch.cat(out["lp"]), torch.cat(out["ids"]), torch.cat(out["label"]), torch.cat(out["lse"]),
+        lse_tau=torch.cat(out["tau"]) if taus else None,
+        logit_mean=torch.cat(out["mean"]) if stats else None,
+        logit_std=torch.cat(out["std"]) if stats else None,
+        lse_std=torch.cat(out["lse_std"]) if stats else None,
+    )
+
+
+def _with_extras(d: torch.Tensor, top1: torch.Tensor, taus: list[float], stats: bool):
+    """From ``d = logits - max`` [n, V] (consumed: exponentiated in place), the log-normaliser
+    at temperature 1, at each of ``taus`` [n, M], and with ``stats`` the logits' mean, std and
+    ``logsumexp(logits / (std + 1e-4))`` [n].
+
+    Each extra scale s costs one fused pass over a 16 MiB block buffer (``exp(s * d)``,
+    summed), before ``d`` is exponentiated in place for temperature 1. Temperature 2 is
+    cheaper still: ``exp(d / 2) = sqrt(exp(d))`` from that same pass (a value of exp(d)
+    that underflowed, d < -103, stands for an exp(d / 2) below 1e-22: nothing against the
+    top-1's 1). The mean and std take a centred second moment (``d - mean(d)``, no
+    cancellation), not torch.std_mean's Welford pass, which is several times slower on CPU.
+    """
+    n, V = d.shape
+    mean = std = lse_std = None
+    if stats:
+        mean_d = d.mean(-1, keepdim=True)
+        d.sub_(mean_d)
+        var = torch.linalg.vector_norm(d, 2, dim=-1).square_() / max(V - 1, 1)  # unbiased, as torch.std
+        d.add_(mean_d)
+        mean, std = mean_d.squeeze(-1) + top1, var.sqrt_()
+    scales: list[torch.Tensor | float] = [1 / t for t in taus if t != 2.0]  # 2: from exp(d), below
+    if stats:
+        scales.append(1 / (std + STD_EPS))
+    rows = max(1, min(n, _BLOCK_BYTES // max(1, 4 * V)))
+    buf = torch.empty((rows, V), dtype=d.dtype, device=d.device) if scales or 2.0 in taus else None
+    sums: list[list[torch.Tensor]] = [[] for _ in scales]
+    for i in range(0, n, rows):
+        blk = d[i : i + rows]
+        for j, s in enumerate(scales):
+            b = buf[: blk.shape[0]]
+            torch.mul(blk, s[i : i + rows, None] if isinstance(s, torch.Tensor) else s, out=b)
+            sums[j].append(b.exp_().sum(-1))
+    E = d.exp_()
+    lse = E.sum(-1).log_() + top1
+    partitions = [torch.cat(parts).log_() + s * top1 for s, parts in zip(scales, sums)]
+    if 2.0 in taus:
+        half = torch.cat([torch.sqrt(E[i : i + rows], out=buf[: len(E[i : i + rows])]).sum(-1) for i in range(0, n, rows)])
+        lse_half = half.log_() + top1 / 2
+        by_tau = iter(partitions)
+        lse_tau = [lse_half if t == 2.0 else next(by_tau) for t in taus]
+    else:
+        lse_tau = partitions[: len(taus)]
+    if stats:
+        lse_std = partitions[-1]
+    return lse, torch.stack(lse_tau, dim=-1) if taus else None, mean, std, lse_std

@@ -244,6 +244,10 @@ class VLLMTeacher:
     """A teacher served by vLLM on CUDA: the same rows as the hf engine, faster on big models."""
 
     name = "vllm"
+    # No log-normaliser from vLLM, so no log-normaliser at other temperatures and no statistics
+    # of the full logits either (run.py refuses --temperatures / --logit-stats with this engine).
+    temperatures: tuple[float, ...] = ()
+    logit_stats = False
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""Shared by the losses: a per-position loss summed over chunks of positions, and a lean logsumexp.
+"""Shared by the losses: a per-position loss summed over chunks of positions, a lean logsumexp,
+and the per-position weights of the two reductions (:func:`kd_weights`).
 
 :func:`chunked_position_sum` runs the plain formula once per chunk (as torchtune's chunked
 losses do) and recomputes each chunk in backward, so no full-size intermediate of the
@@ -7,11 +8,14 @@ losses do) and recomputes each chunk in backward, so no full-size intermediate o
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
 DEFAULT_CHUNK_SIZE = 1024
+
+Reduction = Literal["sample", "token"]
+REDUCTIONS = ("sample", "token")
 
 # fn(logits_chunk [n, V], *row_chunks) -> scalar: the loss summed over the chunk's masked-in rows.
 PositionSum = Callable[..., torch.Tensor]
@@ -109,3 +113,43 @@ def chunked_position_sum(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of positions or None, got {chunk_size}.")
     return _ChunkedPositionSum.apply(logits, fn, chunk_size, mask, *rows)
+
+
+def kd_weights(mask: torch.Tensor, reduction: Reduction, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[B, T] bool -> [B, T] weights w with ``KD = sum_p w_p * loss_p``: how per-position losses are averaged.
+
+    - ``"sample"`` (llm-recipes, Multi-Level-OT, TRL's GOLD): the mean over each sequence's
+      masked-in positions, then the mean over the sequences that have at least one;
+      ``w = 1 / (n_b * S)`` with n_b the sequence's count and S the number of such sequences.
+    - ``"token"``: the mean over all masked-in positions of the batch, ``w = 1 / sum_b n_b``.
+
+    A sequence with no masked-in position is left out of the sample mean (TRL counts it as a
+    0 in the mean; llm-recipes' would be NaN). Masked-out positions get 0; with none masked in
+    every weight is 0, so the loss is exactly 0.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'sample' or 'token', got {reduction!r}.")
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"kd_weights: mask must be a bool [B, T] tensor, got {mask.dtype} {tuple(mask.shape)}.")
+    m = mask.to(dtype)
+    if reduction == "token":
+        return m / m.sum().clamp_min(1)
+    n = m.sum(dim=1, keepdim=True)  # [B, 1]
+    sequences = (n > 0).sum().clamp_min(1)
+    return m / (n.clamp_min(1) * sequences)
+
+
+def check_temperature(temperature: float) -> None:
+    """Raise ValueError unless ``temperature`` is a positive finite number."""
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}.")
+
+
+def position_weights(mask: torch.Tensor, weights: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """[N] weights of the masked-in positions: ``weights`` (checked), or 1 / count (the token mean)."""
+    if weights is None:
+        # 1 / max(count, 1) makes the all-masked case an exact 0 whose gradient is 0.
+        return mask.to(dtype) / mask.sum().clamp_min(1).to(dtype)
+    if weights.shape != mask.shape:
+        raise ValueError(f"weights must have the mask's shape {tuple(mask.shape)}, got {tuple(weights.shape)}.")
+    return weights.detach().to(dtype)

@@ -22,18 +22,25 @@ loss formulas are the very functions the standalone losses use (``uld_per_positi
 What does not fit this shape runs the standalone losses instead (:func:`supports`):
 MultiLevelOT's "code" variant (it divides logits by their std over the vocabulary) and its
 "assignment" student ranking.
+
+At ``FusedLoss.temperature`` tau != 1 (ULD, KL) the KD term reads ``logsumexp(x / tau)`` and
+the gathered logits divided by tau, against the teacher's exact log-probabilities at tau
+(``tempered[tau]``), and is multiplied by tau**2; CE stays at temperature 1. The per-position
+KD losses are averaged as ``FusedLoss.reduction`` says (:func:`.chunking.kd_weights`); CE is
+always the mean over the batch's targets (as llm-recipes' and TRL's CE: the model's own loss).
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
 
+from logitcache.pipeline.student.losses.chunking import Reduction, check_temperature, kd_weights
 from logitcache.pipeline.student.losses.kl import KLKind, check_kind, ids_in_vocab, kl_per_position
-from logitcache.pipeline.student.losses.mlot import (
+from logitcache.pipeline.student.losses.mlot_parts import (
     MLOTConfig,
     checked_config,
     mlot_terms,
@@ -42,19 +49,36 @@ from logitcache.pipeline.student.losses.mlot import (
 )
 from logitcache.pipeline.student.losses.uld import uld_per_position
 
+# the hybrid (GOLD) reads the logits at the mapped student ids and at the student's top ids
+# outside them (found in the dense pass); ALM only the "label" block and the log-partition.
+from logitcache.pipeline.student.losses.alm import ALMConfig, alm_per_chunk_mean
+from logitcache.pipeline.student.losses.hybrid import HybridConfig, hybrid_per_position
+
 # Rows per chunk of the dense passes: about 4M logits (16 MiB in fp32) whatever the vocabulary.
 CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
 class FusedLoss:
-    """What :func:`ce_kd_loss` computes: CE + ``weight`` * the KD term ``loss`` ("sft": CE only)."""
+    """What :func:`ce_kd_loss` computes: CE + ``weight`` * the KD term ``loss`` ("sft": CE only).
 
-    loss: Literal["sft", "kl", "uld", "mlot"]
+    ``temperature``: ULD's and KL's tau (KD term times tau**2); MultiLevelOT takes its
+    temperatures from ``mlot`` (tau_sl, tau_sd). ``reduction``: how the KD term averages its
+    per-position losses, "sample" (per sequence, then over sequences; the references') or
+    "token" (over all positions of the batch).
+    """
+
+    loss: Literal["sft", "kl", "uld", "mlot", "hybrid", "alm"]
     weight: float = 1.0
     kl_kind: KLKind = "forward"
     kl_beta: float = 0.5
     mlot: MLOTConfig = field(default_factory=MLOTConfig)
+    temperature: float = 1.0
+    reduction: Reduction = "sample"
+    # "hybrid" reads teacher_ids as the *student* ids of the teacher entries (-1: none) and
+    # needs both weights resolved; "alm" reads ce_kd_loss's ``alm`` inputs.
+    hybrid: HybridConfig = field(default_factory=lambda: HybridConfig(matched_weight=0.5, unmatched_weight=0.5))
+    alm: ALMConfig = field(default_factory=ALMConfig)
 
 
 def supports(spec: FusedLoss) -> bool:
@@ -72,16 +96,25 @@ def ce_kd_loss(
     teacher_ids: torch.Tensor,
     kd_mask: torch.Tensor,
     spec: FusedLoss,
+    *,
+    tempered: Mapping[float, torch.Tensor] | None = None,
+    alm: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token CE + ``spec.weight`` * KD over a batch, with its gradient, in two passes over the logits.
 
     Args:
         logits: [B, T, V] student logits (any float dtype; the loss is computed in fp32).
         labels: [B, T] long, the input ids with -100 where no target; logits at q score labels[q + 1].
-        teacher_logprobs: [B, T, K] aligned teacher top-K log-probabilities (any order for ULD).
+        teacher_logprobs: [B, T, K] aligned teacher top-K log-probabilities at temperature 1
+            (any order for ULD).
         teacher_ids: [B, T, K] long, their teacher token ids (KL and MultiLevelOT).
         kd_mask: [B, T] bool, True where a position has an aligned teacher target.
-        spec: which KD term and its weight.
+        spec: which KD term, its weight, temperature and reduction.
+        tempered: {tau: [B, T, K]} the teacher's exact log-probabilities at tau of the same
+            entries (``targets.tempered_logprobs``), for ``spec.temperature`` != 1 and
+            MultiLevelOT's tau_SD / tau_SL.
+        alm: for "alm", (chunk index [B, T] long, per position q the chunk of token q + 1 or -1;
+            teacher chunk log-likelihoods [B, C]), see ``chunks.alm_chunks``.
 
     Returns:
         (total, ce, kd): the scalar to backpropagate (fp32; gradient to ``logits`` only), and its
@@ -90,23 +123,38 @@ def ce_kd_loss(
 
     Raises:
         ValueError: what the standalone loss would raise (e.g. a teacher id outside the student
-            vocabulary for KL, a cache top-K below MultiLevelOT's k), or a spec that
-            :func:`supports` rejects.
+            vocabulary for KL, a cache top-K below MultiLevelOT's k, a missing tempered
+            teacher), or a spec that :func:`supports` rejects.
     """
     if not supports(spec):
         raise ValueError(f"ce_kd_loss cannot fuse {spec}; use causal_ce + the standalone loss.")
     if spec.loss == "kl":
         check_kind(spec.kl_kind, spec.kl_beta)
+    check_temperature(spec.temperature)
+    if spec.temperature != 1.0 and spec.loss in ("uld", "kl") and (tempered is None or spec.temperature not in tempered):
+        raise ValueError(
+            f"ce_kd_loss at temperature {spec.temperature:g} needs the teacher's exact log-probabilities at "
+            f"{spec.temperature:g} (tempered[{spec.temperature:g}]; `logitcache teacher --temperatures {spec.temperature:g}`)."
+        )
+    if spec.loss == "hybrid":
+        spec.hybrid.check()
+        if spec.hybrid.matched_weight is None:
+            raise ValueError("ce_kd_loss: resolve the hybrid weights first (HybridConfig.weights(vocab_map.matched_fraction)).")
+    if spec.loss == "alm":
+        spec.alm.check()
+        if alm is None:
+            raise ValueError("ce_kd_loss: loss 'alm' needs alm=(chunk index [B, T], teacher chunk log-likelihoods [B, C]).")
     b, t, v = logits.shape
     targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)  # [B, T]: row q's label
-    total, ce, kd = _CEKD.apply(logits.reshape(b * t, v), spec, (b, t), targets, teacher_logprobs, teacher_ids, kd_mask)
+    teacher = (teacher_logprobs, dict(tempered or {}), alm)
+    total, ce, kd = _CEKD.apply(logits.reshape(b * t, v), spec, (b, t), targets, teacher, teacher_ids, kd_mask)
     return total, ce, kd
 
 
 class _CEKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, spec, bt, targets, t_lp, t_ids, kd_mask):  # noqa: ANN001, ANN205 (autograd signature)
-        problem = _Problem(x, spec, bt, targets, t_lp, t_ids, kd_mask)
+    def forward(ctx, x, spec, bt, targets, teacher, t_ids, kd_mask):  # noqa: ANN001, ANN205 (autograd signature)
+        problem = _Problem(x, spec, bt, targets, teacher, t_ids, kd_mask)
         with torch.enable_grad():
             total, ce, kd = problem.loss()
             leaves = [problem.gathered, *problem.lse.values()]
@@ -162,26 +210,40 @@ def _chunks(x: torch.Tensor) -> list[tuple[int, int]]:
 class _Problem:
     """One batch's loss as a function of a few gathered logits and log-partitions per row."""
 
-    def __init__(self, x, spec: FusedLoss, bt, targets, t_lp, t_ids, kd_mask) -> None:  # noqa: ANN001
+    def __init__(self, x, spec: FusedLoss, bt, targets, teacher, t_ids, kd_mask) -> None:  # noqa: ANN001
+        t_lp, tempered, self.alm_inputs = teacher
         self.x, self.spec, (self.b, self.t) = x, spec, bt
         n, v = x.shape
         self.dtype = dtype = _work_dtype(x)
         self.kd_mask = kd_mask.reshape(n)
-        self.t_lp = teacher_lp = t_lp.reshape(n, -1).to(dtype)
         self.has_target = targets.reshape(n) != -100
         label_ids = torch.where(self.has_target, targets.reshape(n), torch.zeros_like(targets.reshape(n)))
+        # Each masked-in position's share of the KD term (kd_weights); 0 elsewhere.
+        self.kd_w = kd_weights(kd_mask.reshape(self.b, self.t), spec.reduction, dtype).reshape(n)
 
         self.mlot_cfg = None
+        self.tau = 1.0  # ULD's / KL's temperature
         if spec.loss == "mlot":
             self.mlot_cfg = checked_config(spec.mlot, torch.Size((self.b, self.t, v)), t_lp, t_ids, kd_mask)
             temps = [1.0] + sorted({self.mlot_cfg.tau_sl, self.mlot_cfg.tau_sd} - {1.0})
+        elif spec.loss in ("uld", "kl"):
+            self.tau = spec.temperature
+            temps = [1.0] if self.tau == 1.0 else [1.0, self.tau]
         else:
             temps = [1.0]
+        kd_lp = t_lp if self.tau == 1.0 else tempered[self.tau]
+        self.t_lp = kd_lp.reshape(n, -1).to(dtype)
         self.teacher_ids = None
         if spec.loss == "kl":
             self.teacher_ids = ids_in_vocab(t_ids.reshape(n, -1), self.kd_mask, v)
         self.with_tail = self.teacher_ids is not None and self.teacher_ids.shape[-1] < v
-        top_k = min(teacher_lp.shape[-1], v) if spec.loss == "uld" else 0
+        top_k = min(self.t_lp.shape[-1], v) if spec.loss == "uld" else 0
+        # the hybrid's student ids of the teacher entries, and the student's top ids outside them.
+        self.hybrid_ids = None
+        if spec.loss == "hybrid":  # masked-out rows (padding) read no id at all
+            self.hybrid_ids = torch.where(self.kd_mask[:, None], t_ids.reshape(n, -1).long(), -1)
+        if self.hybrid_ids is not None and bool(((self.hybrid_ids >= v) & self.kd_mask[:, None]).any()):
+            raise ValueError(f"hybrid: a mapped student id is outside the student vocabulary [0, {v}).")
 
         stats = self._dense_pass(temps, top_k)
         # The ids whose logits the loss reads, one block per role; their gradients scatter back here.
@@ -190,9 +252,12 @@ class _Problem:
             blocks["teacher"] = self.teacher_ids
         if top_k:
             blocks["top"] = stats["top_ids"]
+        if self.hybrid_ids is not None:
+            blocks["mapped"] = self.hybrid_ids.clamp_min(0)
+            blocks["rest"] = stats["rest_ids"]
         if self.mlot_cfg is not None:
-            teacher = teacher_side(self.mlot_cfg, t_lp.to(dtype), t_ids, kd_mask)
-            self.t_r, self.t_sd = teacher.r, teacher.sd
+            side = teacher_side(self.mlot_cfg, t_lp.to(dtype), t_ids, kd_mask, tempered=tempered)
+            self.t_r, self.t_sd = side.r, side.sd
             ranked = rank_student_ids(stats["rank_sums"], self.mlot_cfg)  # [B, k]
             blocks["ranked"] = ranked.repeat_interleave(self.t, dim=0)  # [N, k]
         self.index = torch.cat(list(blocks.values()), dim=1)
@@ -204,7 +269,10 @@ class _Problem:
 
     @torch.no_grad()
     def _dense_pass(self, temps: list[float], top_k: int) -> dict:
-        """Log-partitions per temperature, plus the student top-K ids, MLOT ranking sums and KL tails."""
+        """Log-partitions per temperature, plus the student top-K ids, MLOT ranking sums and KL tails.
+
+        KL's tail is the student's mass outside the teacher ids at KL's temperature.
+        """
         x = self.x
         n, v = x.shape
         dtype = self.dtype
@@ -212,18 +280,27 @@ class _Problem:
         out: dict = {"lse": lse}
         if top_k:
             out["top_ids"] = torch.empty(n, top_k, dtype=torch.long, device=x.device)
+        if self.hybrid_ids is not None:
+            out["rest_ids"] = torch.empty(n, min(self.hybrid_ids.shape[1], v), dtype=torch.long, device=x.device)
         if self.with_tail:
             out["tail"] = torch.empty(n, dtype=dtype, device=x.device)
         if self.mlot_cfg is not None:
             out["rank_sums"] = torch.zeros(self.b, v, dtype=dtype, device=x.device)
             seq_of_row = torch.arange(n, device=x.device) // self.t
-        # The ranking and the tail need the chunk's exp anyway: the log-partition comes with it.
-        # (More than one temperature only happens for MultiLevelOT.)
-        needs_exp = self.with_tail or self.mlot_cfg is not None
+        # The ranking, the tail and other temperatures need the chunk's exp anyway: the
+        # log-partition comes with it.
+        needs_exp = self.with_tail or self.mlot_cfg is not None or len(temps) > 1
         for a, b in _chunks(x):
             xc = x[a:b].to(dtype)
             if top_k:
+                # Dividing by a temperature keeps the order: the top-K ids are those at tau = 1.
                 out["top_ids"][a:b] = torch.topk(xc, top_k, dim=-1, sorted=True).indices
+            if self.hybrid_ids is not None:  # top ids outside the matched entries' (-inf added there)
+                ids = self.hybrid_ids[a:b]
+                off = torch.where(ids >= 0, float("-inf"), 0.0).to(dtype)
+                rest = xc.scatter_add(1, ids.clamp_min(0), off)
+                out["rest_ids"][a:b] = torch.topk(rest, out["rest_ids"].shape[1], dim=-1, sorted=True).indices
+                del rest
             if not needs_exp:
                 lse[1.0][a:b] = torch.logsumexp(xc, dim=-1)
                 continue
@@ -231,10 +308,16 @@ class _Problem:
             e = (xc - m).exp_()  # [n, V] in (0, 1]
             z = e.sum(dim=-1, keepdim=True)
             lse[1.0][a:b] = (m + z.log()).squeeze(-1)
+            e_kd, z_kd = e, z  # exp((x - m) / tau) and its sum at KL's temperature
             for tau in temps:
                 if tau != 1.0:
                     # exp((x - m) / tau) = e ** (1 / tau): a power, not a second exp of the logits.
-                    lse[tau][a:b] = (m / tau + e.pow(1.0 / tau).sum(dim=-1, keepdim=True).log()).squeeze(-1)
+                    e_tau = e.pow(1.0 / tau)
+                    z_tau = e_tau.sum(dim=-1, keepdim=True)
+                    lse[tau][a:b] = (m / tau + z_tau.log()).squeeze(-1)
+                    if tau == self.tau:
+                        e_kd, z_kd = e_tau, z_tau
+                    del e_tau
             if self.mlot_cfg is not None:
                 # Softmax at temperature 1 summed over each sequence's valid positions (the
                 # ranking), as one matrix product: weights [n, B] = mask / z on the row's sequence.
@@ -244,7 +327,7 @@ class _Problem:
             elif self.with_tail:
                 # The student's mass outside the teacher ids, summed directly: 1 - sum(s_ids)
                 # would cancel when the top-K holds nearly everything.
-                out["tail"][a:b] = (e.scatter_(1, self.teacher_ids[a:b], 0.0).sum(dim=-1, keepdim=True) / z).squeeze(-1)
+                out["tail"][a:b] = (e_kd.scatter_(1, self.teacher_ids[a:b], 0.0).sum(dim=-1, keepdim=True) / z_kd).squeeze(-1)
         return out
 
     def _block(self, name: str) -> torch.Tensor:
@@ -256,10 +339,10 @@ class _Problem:
         zero = lse1.new_zeros(())
         ce_rows = torch.where(self.has_target, lse1 - self._block("label")[:, 0], zero)
         ce = ce_rows.sum() / self.has_target.sum().clamp_min(1)
-        kd = self._kd(lse1) if self.spec.loss != "sft" else zero
+        kd = self._kd() if self.spec.loss != "sft" else zero
         return ce + self.spec.weight * kd, ce, kd
 
-    def _kd(self, lse1: torch.Tensor) -> torch.Tensor:
+    def _kd(self) -> torch.Tensor:
         spec, mask = self.spec, self.kd_mask
         if spec.loss == "mlot":
             cfg = self.mlot_cfg
@@ -270,16 +353,45 @@ class _Problem:
                 s_sd = s_log_r.exp()
             else:
                 s_sd = (g / cfg.tau_sd - self.lse[cfg.tau_sd][:, None]).exp().reshape(shape)
-            return mlot_terms(cfg, self.t_r, self.t_sd, s_log_r, s_sd, mask.reshape(self.b, self.t))
-        if spec.loss == "uld":
-            per_position = uld_per_position(self._block("top") - lse1[:, None], self.t_lp)
+            return mlot_terms(
+                cfg, self.t_r, self.t_sd, s_log_r, s_sd, mask.reshape(self.b, self.t), reduction=spec.reduction
+            )
+        if spec.loss == "alm":
+            return self._alm()
+        tau, lse = self.tau, self.lse[self.tau]
+        if spec.loss == "hybrid":
+            per_position = self._hybrid_rows(lse)
+        elif spec.loss == "uld":
+            per_position = uld_per_position(self._block("top") / tau - lse[:, None], self.t_lp)
         else:
-            s_log = self._block("teacher") - lse1[:, None]
+            s_log = self._block("teacher") / tau - lse[:, None]
             if self.with_tail:
                 s_log = torch.cat([s_log, self._log_tail(s_log)[:, None]], dim=1)
             per_position = kl_per_position(s_log, self.t_lp, spec.kl_kind, spec.kl_beta)
-        per_position = torch.where(mask, per_position, torch.zeros_like(per_position))
-        return per_position.sum() / mask.sum().clamp_min(1)
+        per_position = torch.where(mask, per_position * self.kd_w, torch.zeros_like(per_position))
+        kd = per_position.sum()
+        return kd * tau**2 if tau != 1.0 else kd
+
+    # --- hybrid (GOLD) and ALM -------------------------------------------------------------
+    def _hybrid_rows(self, lse: torch.Tensor) -> torch.Tensor:
+        """Per-row hybrid loss from the "mapped" and "rest" blocks (losses/hybrid.py)."""
+        matched = self.hybrid_ids >= 0
+        s_mapped = self._block("mapped") - lse[:, None]
+        rest = self._block("rest") - lse[:, None]
+        # Past the student's remaining tokens the top ids are excluded ones: no mass there.
+        n_rest = self.x.shape[1] - matched.sum(dim=-1, keepdim=True)
+        ranks = torch.arange(rest.shape[1], device=rest.device)
+        rest = torch.where(ranks < n_rest, rest, torch.full_like(rest, float("-inf")))
+        w_m, w_u = self.spec.hybrid.weights(float("nan"))
+        return hybrid_per_position(s_mapped, rest, self.t_lp, matched, self.spec.hybrid.beta, w_m, w_u)
+
+    def _alm(self) -> torch.Tensor:
+        """ALM over the batch's chunks from the student's label log-probs (losses/alm.py)."""
+        chunk_index, teacher_ll = self.alm_inputs
+        label_lp = (self._block("label")[:, 0] - self.lse[1.0]).reshape(self.b, self.t)
+        idx = torch.where(self.has_target.reshape(self.b, self.t), chunk_index.to(label_lp.device).long(), -1)
+        return alm_per_chunk_mean(label_lp, idx, teacher_ll.to(label_lp), self.spec.alm, reduction=self.spec.reduction)
+    # --- end of hybrid and ALM ---------------------------------------------------------
 
     def _log_tail(self, s_log_ids: torch.Tensor) -> torch.Tensor:
         """log of the student's tail mass: the exact value, with the gradient of ``log(1 - sum s_ids)``.

@@ -17,8 +17,10 @@ import torch
 
 from logitcache.pipeline.student.losses.chunking import (
     DEFAULT_CHUNK_SIZE,
+    check_temperature,
     chunked_position_sum,
     logsumexp_last,
+    position_weights,
 )
 
 # Reverse KL, KL(s || t), is infinite where the teacher puts zero mass and the student does
@@ -38,6 +40,8 @@ def kl_loss(
     kind: KLKind = "forward",
     beta: float = 0.5,
     *,
+    temperature: float = 1.0,
+    weights: torch.Tensor | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """Divergence between the teacher's top-K + tail and the student's, mean over masked-in positions.
@@ -56,15 +60,23 @@ def kl_loss(
       beta = 0.5 is the symmetric Jensen-Shannon divergence; beta must be in (0, 1) (at 0 or
       1 the mixture equals one side and the loss is identically 0).
 
+    At ``temperature`` tau != 1 the student's buckets come from ``softmax(logits / tau)`` and
+    ``teacher_logprobs`` must be the teacher's log-probabilities at tau over its full
+    vocabulary (from a cache: ``targets.tempered_logprobs``; the teacher's tail at tau is then
+    exact). The divergence is multiplied by tau**2 (Hinton et al.'s scaling).
+
     Args:
         student_logits: [N, V] raw student logits (temperature 1) over the shared vocabulary.
-        teacher_logprobs: [N, K] teacher log-probabilities normalised over the full vocabulary
-            (cast to the student's dtype).
+        teacher_logprobs: [N, K] teacher log-probabilities at ``temperature``, normalised over
+            the full vocabulary (cast to the student's dtype).
         teacher_ids: [N, K] long, the token ids of those entries, distinct within a row. On
             masked-out rows they are ignored (padding such as -100 is fine).
         mask: [N] bool, True where the position counts. Masked-out rows must hold finite logits.
         kind: "forward", "reverse" or "jsd".
         beta: the JSD mixing weight (only for kind="jsd").
+        temperature: tau > 0, see above.
+        weights: [N] per-position weights, the loss being ``sum_p weights[p] * divergence_p``
+            over masked-in p (see ``kd_weights``). None: the mean over masked-in positions.
         chunk_size: positions per chunk (default 1024), or None for one pass over all N.
             Chunked, forward and backward hold one chunk's intermediates at a time (backward
             recomputes the chunk), so the memory beyond the logits' gradient is bounded by
@@ -73,7 +85,8 @@ def kl_loss(
             chunked path (if ``teacher_logprobs`` requires grad, the loss runs unchunked).
 
     Returns:
-        Scalar in the student's dtype; exactly 0 (zero gradient) when no position is masked in.
+        Scalar in the student's dtype (tau**2 times the weighted mean); exactly 0 (zero
+        gradient) when no position is masked in.
 
     Raises:
         ValueError: a masked-in teacher id is outside [0, V) (the student does not share the
@@ -90,13 +103,14 @@ def kl_loss(
             f"kl_loss: mask must be a bool [N] tensor with N = {student_logits.shape[0]}, "
             f"got {mask.dtype} {tuple(mask.shape)}."
         )
+    check_temperature(temperature)
     ids = ids_in_vocab(teacher_ids, mask, student_logits.shape[-1])
-
+    w = position_weights(mask, weights, student_logits.dtype)
     total = chunked_position_sum(
-        lambda x, m, lp, i: _kl_sum(x, m, lp, i, kind, beta), student_logits, mask, teacher_logprobs, ids,
-        chunk_size=chunk_size,
+        lambda x, m, lp, i, wp: _kl_sum(x, m, lp, i, wp, kind, beta, temperature),
+        student_logits, mask, teacher_logprobs, ids, w, chunk_size=chunk_size,
     )
-    return total / mask.sum().clamp_min(1).to(total.dtype)
+    return total * temperature**2 if temperature != 1.0 else total
 
 
 def check_kind(kind: str, beta: float) -> None:
@@ -134,10 +148,14 @@ def _kl_sum(
     mask: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     ids: torch.Tensor,
+    weights: torch.Tensor,
     kind: KLKind,
     beta: float,
+    temperature: float,
 ) -> torch.Tensor:
-    """The plain formula: the divergence summed over the masked-in rows (``ids`` already in range)."""
+    """The plain formula: the weighted divergence summed over the masked-in rows (``ids`` already in range)."""
+    if temperature != 1.0:
+        student_logits = student_logits / temperature
     dtype = student_logits.dtype
     s_top_logits = student_logits.gather(-1, ids)  # [N, K]
     if ids.shape[-1] >= student_logits.shape[-1]:
@@ -154,7 +172,7 @@ def _kl_sum(
         lse_rest = logsumexp_last(rest)  # [N, 1]
         lse = torch.logaddexp(torch.logsumexp(s_top_logits, dim=-1, keepdim=True), lse_rest)
         s_log = torch.cat([s_top_logits - lse, lse_rest - lse], dim=-1)  # [N, K+1]
-    per_position = kl_per_position(s_log, teacher_logprobs, kind, beta)
+    per_position = kl_per_position(s_log, teacher_logprobs, kind, beta) * weights
     return torch.where(mask, per_position, torch.zeros_like(per_position)).sum()
 
 

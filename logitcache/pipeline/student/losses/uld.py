@@ -14,8 +14,10 @@ import torch
 
 from logitcache.pipeline.student.losses.chunking import (
     DEFAULT_CHUNK_SIZE,
+    check_temperature,
     chunked_position_sum,
     logsumexp_last,
+    position_weights,
 )
 
 
@@ -24,6 +26,8 @@ def uld_loss(
     teacher_logprobs: torch.Tensor,
     mask: torch.Tensor,
     *,
+    temperature: float = 1.0,
+    weights: torch.Tensor | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """ULD between a student and a top-K teacher, averaged over the masked-in positions.
@@ -43,16 +47,27 @@ def uld_loss(
     and ``sum_{i>=K} |s_i - 0| = s_tail``). If the student vocabulary is smaller than K its
     sorted vector is zero-padded, as in the paper.
 
+    At ``temperature`` tau != 1 both sides are tempered: ``s = softmax(logits / tau)`` and
+    ``teacher_logprobs`` must be the teacher's log-probabilities *at tau* over its full
+    vocabulary (from a cache: ``targets.tempered_logprobs``, exact, so the tail at tau is
+    exact too). The result is multiplied by tau**2 (Hinton et al.'s scaling, which keeps the
+    gradients' size comparable across temperatures); at tau = 1 nothing changes.
+
     Only the student's top-K is needed (``torch.topk`` on the logits, which softmax keeps in
     order), never a full sort of its vocabulary.
 
     Args:
-        student_logits: [N, Vs] raw student logits (temperature 1).
-        teacher_logprobs: [N, K] teacher log-probabilities normalised over the full teacher
-            vocabulary, K entries per position (sorted descending in the cache; sorted again
-            here, which is cheap, so any order works). Cast to the student's dtype.
+        student_logits: [N, Vs] raw student logits (temperature 1; divided by ``temperature`` here).
+        teacher_logprobs: [N, K] teacher log-probabilities at ``temperature``, normalised over
+            the full teacher vocabulary, K entries per position (sorted descending in the
+            cache; sorted again here, which is cheap, so any order works). Cast to the
+            student's dtype.
         mask: [N] bool, True where the position counts. Masked-out rows must hold finite
             values (they are computed and discarded, not skipped).
+        temperature: tau > 0, see above.
+        weights: [N] per-position weights, the loss being ``sum_p weights[p] * uld_p`` over
+            masked-in p (``kd_weights(mask_BT, "sample").flatten()`` averages per sequence,
+            then over sequences). None: the mean over masked-in positions.
         chunk_size: positions per chunk (default 1024), or None for one pass over all N.
             Chunked, forward and backward hold one chunk's intermediates at a time (backward
             recomputes the chunk), so the memory beyond the logits' gradient is bounded by
@@ -61,8 +76,8 @@ def uld_loss(
             chunked path (if ``teacher_logprobs`` requires grad, the loss runs unchunked).
 
     Returns:
-        Scalar in the student's dtype: mean of ``uld_p`` over masked-in positions; exactly 0
-        (with a zero gradient) when no position is masked in.
+        Scalar in the student's dtype: tau**2 times the (weighted) mean of ``uld_p`` over
+        masked-in positions; exactly 0 (with a zero gradient) when no position is masked in.
     """
     if student_logits.dim() != 2 or teacher_logprobs.dim() != 2 or mask.dim() != 1:
         raise ValueError(
@@ -76,21 +91,28 @@ def uld_loss(
         )
     if mask.dtype != torch.bool:
         raise ValueError(f"uld_loss: mask must be a bool tensor, got {mask.dtype}.")
+    check_temperature(temperature)
+    w = position_weights(mask, weights, student_logits.dtype)
+    total = chunked_position_sum(
+        lambda x, m, lp, wp: _uld_sum(x, m, lp, wp, temperature), student_logits, mask, teacher_logprobs, w,
+        chunk_size=chunk_size,
+    )
+    return total * temperature**2 if temperature != 1.0 else total
 
-    total = chunked_position_sum(_uld_sum, student_logits, mask, teacher_logprobs, chunk_size=chunk_size)
-    # Dividing by max(count, 1) makes the all-masked case an exact 0 whose gradient is 0.
-    return total / mask.sum().clamp_min(1).to(total.dtype)
 
-
-def _uld_sum(student_logits: torch.Tensor, mask: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
-    """The plain formula: sum of ``uld_p`` over the masked-in rows (shapes as in :func:`uld_loss`)."""
+def _uld_sum(
+    student_logits: torch.Tensor, mask: torch.Tensor, teacher_logprobs: torch.Tensor, weights: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """The plain formula: ``sum_p weights[p] * uld_p`` over the masked-in rows (shapes as in :func:`uld_loss`)."""
     k = teacher_logprobs.shape[-1]
     vs = student_logits.shape[-1]
     # Top-K on the logits, normalised by the log-partition: no [N, Vs] probability tensor is
     # built in the forward pass, and the backward pass touches the full row only twice.
-    lse = logsumexp_last(student_logits)  # [N, 1]
-    top = torch.topk(student_logits, min(k, vs), dim=-1, sorted=True).values  # [N, min(K, Vs)]
-    per_position = uld_per_position(top - lse, teacher_logprobs)
+    # (Dividing by tau keeps the order, so the top-K ids are those at temperature 1.)
+    z = student_logits if temperature == 1.0 else student_logits / temperature
+    lse = logsumexp_last(z)  # [N, 1]
+    top = torch.topk(z, min(k, vs), dim=-1, sorted=True).values  # [N, min(K, Vs)]
+    per_position = uld_per_position(top - lse, teacher_logprobs) * weights
     # where() rather than a multiply: a masked row's value never reaches the sum.
     return torch.where(mask, per_position, torch.zeros_like(per_position)).sum()
 

@@ -1,0 +1,619 @@
+"""Quality benchmark: do students distilled from the cache beat SFT on real text, across tokenizers?
+
+    python benchmarks/quality.py [--quick] [--fresh] [--fresh-teacher] [--seeds N] [--no-write]
+    make quality
+
+Protocol (fixed before any result was looked at; change it only with a reason written here):
+
+* Data (quality_data.py): the top-level modules of the Python standard library and the
+  ``pydoc_data`` topics, split by document in sha256(name) order into held-out (>= 5% of the
+  characters), student-train (the next >= 7%) and teacher-train (the rest, ~88%); each
+  document cut at line boundaries into windows of at most 1000 characters, one ``text``
+  record each (every character is a target).
+* Teacher (quality_teacher.py): Llama hidden 192 x 4 layers (1.3M parameters without
+  embeddings) with the real Mistral-7B v1 tokenizer (V=32000, shipped in mistral_common),
+  trained on the teacher-train windows (300 steps x 4 packed rows of 512 tokens, about half
+  an epoch) once and kept in ``benchmarks/.quality-cache`` under a hash of its config and
+  the data.
+* Stage 1: ``run_teacher`` over the student-train windows with the package's defaults (top-64,
+  the default extra temperature 2 that MultiLevelOT's τ_SD needs, EOS target appended).
+* Students: one architecture, Llama hidden 64 x 2 layers, 4 heads: the same non-embedding
+  size in every row (74k parameters, 1/18 of the teacher's); the embedding and head grow
+  with the vocabulary. Every row: 250 steps x 4 windows (about 2.4 epochs of student-train),
+  learning rate 3e-3 with 5% warm-up and linear decay (StudentSpec), the same initial
+  weights for a given tokenizer and seed, the data order of ``TrainConfig.seed``. Sized so
+  that the 39 runs fit 45 minutes on 2 CPU cores; chosen before any method was compared.
+* Tokenizers: the teacher's (Mistral v1, SentencePiece BPE with byte fallback, V=32000) with
+  SFT and KL; a byte-level BPE (GPT-2 / Llama-3 family) and a SentencePiece-style Unigram
+  (T5 family), both V=4096 and trained with ``tokenizers`` on the teacher-train windows,
+  with SFT and every cross-tokenizer loss of ``logitcache.pipeline.student.train.LOSSES``
+  (ULD, MultiLevelOT paper, and hybrid / ALM where present). Why these: a 32k-vocabulary
+  student costs about 5x a 4k one per step on 2 CPU cores (the LM head dominates), so the
+  real tokenizer is the teacher's (3 student rows) and the cross-tokenizer rows (10 per
+  seed) use small vocabularies of two families other than the teacher's; Tekken (131k)
+  would not fit the budget.
+* Top-k cost: ``kl-full`` is KL against the teacher's full logits computed on the fly
+  (quality_fullkd.py), same student, steps and seeds as ``kl`` from the top-64 cache.
+* Metric: held-out bits per character (total NLL of the held-out windows / ln 2 /
+  characters, ``logitcache.pipeline.student.evaluate``), mean ± sample std over the seeds;
+  aligned = the fraction of the student's target positions paired with a teacher position
+  (training feature stats).
+* Goals (printed with PASS/MISS and the margin): same-tokenizer KL beats SFT by more than
+  2 std; some cross-tokenizer loss beats its tokenizer's SFT by more than 2 std and recovers
+  >= 50% of the same-tokenizer KL gain (relative bits/char improvement); the top-64 cache
+  keeps >= 95% of the full-logit KL gain. "By more than 2 std": the gain exceeds twice the
+  larger of the two rows' std over seeds.
+
+Resumable: each finished row is a JSON file in the cache directory, keyed by the row's full
+config, the stage-1 cache's manifest and a hash of the package's source; a rerun reuses them.
+``--fresh`` reruns everything but the teacher; ``--fresh-teacher`` retrains it too.
+``--quick``: 1 seed, a small teacher, few steps and small data, to check the pipeline (~3 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, table, update_results  # noqa: E402
+from quality_data import Splits, make_splits, write_jsonl  # noqa: E402
+from quality_teacher import CACHE_DIR, TeacherSpec, _fmt, teacher_dir, train_teacher  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = Path(__file__).resolve().parent / "quality.png"
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    max_positions: int = 1024
+    steps: int = 250
+    batch: int = 4
+    lr: float = 3e-3
+    warmup: float = 0.05
+
+
+@dataclass(frozen=True)
+class Setup:
+    quick: bool
+    teacher: TeacherSpec
+    student: StudentSpec
+    seeds: tuple[int, ...]
+    tokenizer_vocab: int = 4096
+    top_k: int = 64
+    teacher_windows: int | None = None  # None: all
+    student_windows: int | None = None
+    heldout_windows: int | None = None
+
+
+FULL = Setup(quick=False, teacher=TeacherSpec(), student=StudentSpec(), seeds=(0, 1, 2))
+QUICK = Setup(
+    quick=True, teacher=TeacherSpec(hidden=64, layers=2, steps=20, batch=2, seq=256, warmup=4),
+    student=StudentSpec(steps=6, batch=4), seeds=(0,), tokenizer_vocab=1024,
+    teacher_windows=300, student_windows=24, heldout_windows=16,
+)
+
+TOKENIZERS = {
+    "mistral": "Mistral-7B v1 SentencePiece (teacher's, V=32000)",
+    "bpe": "byte-level BPE (V=4096, trained on teacher-train)",
+    "unigram": "Unigram, SentencePiece-style (V=4096, trained on teacher-train)",
+}
+CROSS_LOSSES = ("uld", "mlot", "hybrid", "alm")  # those in train.LOSSES are run
+LEGEND = (
+    "Rows: `sft` cross-entropy only; `kl` forward KL from the top-64 cache (the teacher's tokenizer); `kl-full` the "
+    "same KL against the teacher's full logits computed on the fly (K = V; the reference for the top-k cost); `uld`, "
+    "`mlot` (paper variant), `hybrid`, `alm`: the cross-tokenizer losses, each with its default alignment and the "
+    "package's default settings. aligned: the fraction of the student's target positions paired with a teacher "
+    "target (training feature stats). s/step: training seconds per step (this machine, as it was loaded)."
+)
+
+
+def methods() -> list[tuple[str, str]]:
+    """(tokenizer, method) of every row, in table order; data-driven on the losses that exist."""
+    from logitcache.pipeline.student.train import LOSSES
+
+    rows = [("mistral", "sft"), ("mistral", "kl"), ("mistral", "kl-full")]
+    for tok in ("bpe", "unigram"):
+        rows.append((tok, "sft"))
+        rows += [(tok, loss) for loss in CROSS_LOSSES if loss in LOSSES]
+    return rows
+
+
+def code_hash() -> str:
+    """The package's source: a row trained by other code is not reused."""
+    h = hashlib.sha256()
+    for p in sorted((ROOT / "logitcache").rglob("*.py")):
+        h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _quiet() -> None:
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    with contextlib.suppress(Exception):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@contextlib.contextmanager
+def _timer(label: str):
+    t0 = time.perf_counter()
+    yield
+    log(f"{label}: {time.perf_counter() - t0:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks, each cached under a key of what it depends on
+
+
+def _subset(splits: Splits, setup: Setup) -> Splits:
+    cut = lambda xs, n: xs if n is None else xs[:n]  # noqa: E731
+    return Splits(cut(splits.teacher, setup.teacher_windows), cut(splits.student, setup.student_windows),
+                  cut(splits.heldout, setup.heldout_windows), splits.documents)
+
+
+def build_tokenizer(cache: Path, name: str, splits: Splits, setup: Setup, teacher: Path, fresh: bool) -> Path:
+    from transformers import AutoTokenizer
+
+    from logitcache.pipeline.tiny import train_bpe_tokenizer, train_unigram_tokenizer
+
+    what = [name, teacher.name] if name == "mistral" else [name, setup.tokenizer_vocab, splits.digest()]
+    folder = cache / "tokenizers" / f"{name}-{_key(what)}"
+    if fresh:
+        shutil.rmtree(folder, ignore_errors=True)
+    if (folder / "tokenizer_config.json").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if name == "mistral":
+        tok = AutoTokenizer.from_pretrained(os.fspath(teacher))
+    elif name == "bpe":
+        tok = train_bpe_tokenizer(splits.teacher, setup.tokenizer_vocab, chat_template=False)
+    elif name == "unigram":
+        tok = train_unigram_tokenizer(splits.teacher, setup.tokenizer_vocab, chat_template=False)
+    else:
+        raise ValueError(name)
+    tok.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def build_student_init(cache: Path, tok_dir: Path, spec: StudentSpec, seed: int) -> Path:
+    from transformers import AutoTokenizer
+
+    from logitcache.pipeline.tiny import TinyModelConfig, build_tiny_model
+
+    arch = {k: v for k, v in asdict(spec).items() if k in ("hidden", "layers", "heads", "max_positions")}
+    folder = cache / "inits" / f"{tok_dir.name}-s{seed}-{_key([arch, seed, tokenizer_hash(tok_dir)])}"
+    if (folder / "config.json").is_file():
+        return folder
+    tok = AutoTokenizer.from_pretrained(os.fspath(tok_dir))
+    model = build_tiny_model(tok, TinyModelConfig(hidden_size=spec.hidden, num_layers=spec.layers, num_heads=spec.heads,
+                                                  max_positions=spec.max_positions, seed=1000 + seed))
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    model.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def non_embedding_parameters(model_dir: Path) -> tuple[int, int]:
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(os.fspath(model_dir))
+    total = sum(p.numel() for p in m.parameters())
+    body = sum(p.numel() for n, p in m.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    return total, body
+
+
+def run_stage1(cache: Path, teacher: Path, data: Path, setup: Setup, code: str, fresh: bool) -> tuple[Path, float]:
+    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.teacher.run import TeacherConfig, run_teacher
+
+    out = cache / f"stage1-{_key([teacher.name, _file_hash(data), setup.top_k, code])}"
+    done = out.with_name(out.name + ".done.json")
+    if fresh:
+        done.unlink(missing_ok=True)
+    if done.is_file():
+        return out, json.loads(done.read_text())["seconds"]
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    run_teacher(TeacherConfig(model=os.fspath(teacher), data=os.fspath(data), out=os.fspath(out), top_k=setup.top_k,
+                              template=TextTemplate(text_field="text"), batch_size=8), progress=False)
+    seconds = time.perf_counter() - t0
+    done.write_text(json.dumps({"seconds": seconds}))
+    return out, seconds
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def tokenizer_hash(tok_dir: Path) -> str:
+    """The tokenizer's files: a retrained Unigram (its trainer is not deterministic) is another tokenizer."""
+    h = hashlib.sha256()
+    for p in sorted(tok_dir.glob("*.json")) + sorted(tok_dir.glob("*.model")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def held_out_bits(model_dir: Path, heldout: Path) -> float:
+    from logitcache.pipeline.student.evaluate import EvalConfig, evaluate
+    from logitcache.pipeline.teacher.data import TextTemplate
+
+    r = evaluate(EvalConfig(model=os.fspath(model_dir), data=os.fspath(heldout), template=TextTemplate(text_field="text"),
+                            batch_size=8, accuracy=False))
+    return r.bits_per_char
+
+
+# ---------------------------------------------------------------------------------------------
+# One row
+
+
+def run_row(ctx: dict, tok: str, method: str, seed: int) -> dict:
+    from logitcache.pipeline.student.train import TrainConfig, run_train
+
+    setup: Setup = ctx["setup"]
+    spec = setup.student
+    loss = "kl" if method == "kl-full" else method
+    row_cfg = {"tokenizer": tok, "tokenizer_files": tokenizer_hash(ctx["tokenizers"][tok]), "method": method, "seed": seed,
+               "student": asdict(spec), "cache_manifest": ctx["cache_hash"], "code": ctx["code"],
+               "heldout": ctx["heldout_hash"]}
+    key = _key(row_cfg)
+    result_file = ctx["cache"] / "results" / f"{tok}-{method}-s{seed}-{key}.json"
+    if result_file.is_file() and not ctx["fresh"]:
+        return json.loads(result_file.read_text())
+    init = build_student_init(ctx["cache"], ctx["tokenizers"][tok], spec, seed)
+    out = ctx["cache"] / "runs" / f"{tok}-{method}-s{seed}-{key}"
+    shutil.rmtree(out, ignore_errors=True)
+    tcfg = TrainConfig(
+        student=os.fspath(init), cache=os.fspath(ctx["stage1"]), out=os.fspath(out), loss=loss,
+        max_steps=spec.steps, batch_size=spec.batch, learning_rate=spec.lr, warmup_steps=spec.warmup,
+        save_steps=spec.steps, save_total_limit=1, logging_steps=max(spec.steps // 4, 1), seed=seed,
+        max_length=spec.max_positions, shuffle_buffer=4096, progress=False,
+    )
+    live = contextlib.nullcontext()
+    if method == "kl-full":
+        from quality_fullkd import live_teacher
+
+        live = live_teacher(ctx["teacher_model"](), ctx["temperatures"])
+    t0 = time.perf_counter()
+    with live:
+        r = run_train(tcfg)
+    train_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    bpc = held_out_bits(out, ctx["heldout"])
+    eval_s = time.perf_counter() - t1
+    stats = r.feature_stats or {}
+    result = {
+        **row_cfg, "loss": loss, "alignment": tcfg.resolved_alignment(), "bits_per_char": bpc,
+        "aligned": stats.get("fraction_matched"), "feature_stats": stats, "train_seconds": round(train_s, 1),
+        "seconds_per_step": round(r.seconds / max(r.global_step, 1), 3), "eval_seconds": round(eval_s, 1),
+        "train_loss": r.train_loss, "steps": r.global_step,
+    }
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(result, indent=2))
+    shutil.rmtree(out, ignore_errors=True)  # weights and optimizer state: not needed once scored
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary: table, goals, chart
+
+
+@dataclass
+class Agg:
+    tok: str
+    method: str
+    values: list[float]
+    aligned: float | None
+    alignment: str
+    seconds_per_step: float
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+
+def aggregate(results: list[dict]) -> dict[tuple[str, str], Agg]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["tokenizer"], r["method"]), []).append(r)
+    out = {}
+    for (tok, method), rs in groups.items():
+        aligned = [r["aligned"] for r in rs if r["aligned"] is not None]
+        out[(tok, method)] = Agg(tok, method, [r["bits_per_char"] for r in rs],
+                                 statistics.fmean(aligned) if aligned else None, rs[0]["alignment"],
+                                 statistics.fmean(r["seconds_per_step"] for r in rs))
+    return out
+
+
+def goals(aggs: dict[tuple[str, str], Agg]) -> list[tuple[str, str, str]]:
+    """(goal, PASS/MISS/n.a., detail) for each goal of the issue."""
+    out = []
+    sft, kl, full = aggs.get(("mistral", "sft")), aggs.get(("mistral", "kl")), aggs.get(("mistral", "kl-full"))
+
+    def beats(a: Agg, b: Agg) -> tuple[bool, float, float]:
+        gain, noise = b.mean - a.mean, 2 * max(a.std, b.std)
+        return gain > noise, gain, noise
+
+    one_seed = any(len(a.values) < 2 for a in aggs.values())
+
+    def verdict(ok: bool) -> str:
+        return "n.a. (1 seed: no std)" if one_seed else "PASS" if ok else "MISS"
+
+    if sft and kl:
+        ok, gain, noise = beats(kl, sft)
+        out.append(("same-tokenizer KL beats SFT by > 2 std", verdict(ok),
+                    f"gain {gain:+.4f} bits/char vs 2 std = {noise:.4f} (margin {gain - noise:+.4f})"))
+    rel_same = (sft.mean - kl.mean) / sft.mean if sft and kl else float("nan")
+    best = None
+    for (tok, method), a in aggs.items():
+        if tok == "mistral" or method == "sft" or (tok, "sft") not in aggs:
+            continue
+        s = aggs[(tok, "sft")]
+        ok, gain, noise = beats(a, s)
+        rel = gain / s.mean
+        recovered = rel / rel_same if rel_same > 0 else float("nan")
+        cand = (ok and recovered >= 0.5, recovered if math.isfinite(recovered) else -1e9, tok, method, gain, noise, recovered)
+        if best is None or cand[:2] > best[:2]:
+            best = cand
+    if best is not None:
+        ok, _, tok, method, gain, noise, recovered = best
+        out.append(("a cross-tokenizer loss beats its SFT by > 2 std and recovers >= 50% of the same-tokenizer KL gain",
+                    verdict(ok),
+                    f"best {method} ({tok}): gain {gain:+.4f} vs 2 std = {noise:.4f}; recovers {recovered:.0%} "
+                    f"of the same-tokenizer relative gain ({rel_same:.2%})"))
+    if sft and kl and full:
+        full_gain, cache_gain = sft.mean - full.mean, sft.mean - kl.mean
+        if full_gain > 0:
+            share = cache_gain / full_gain
+            out.append(("top-64 cache keeps >= 95% of the full-logit KL gain", "PASS" if share >= 0.95 else "MISS",
+                        f"keeps {share:.1%} (top-64 gain {cache_gain:+.4f}, full-logit gain {full_gain:+.4f}; "
+                        f"margin {share - 0.95:+.1%})"))
+        else:
+            out.append(("top-64 cache keeps >= 95% of the full-logit KL gain", "n.a.",
+                        f"full-logit KL does not beat SFT (gain {full_gain:+.4f}); no gain to keep"))
+    return out
+
+
+def format_table(aggs: dict[tuple[str, str], Agg], teacher_bpc: float, order: list[tuple[str, str]]) -> str:
+    rows = [["teacher", "Mistral v1 (V=32000)", "-", "-", "-", f"{teacher_bpc:.4f}", "-", "-"]]
+    for tok, method in order:
+        a = aggs.get((tok, method))
+        if a is None:
+            continue
+        sft = aggs.get((tok, "sft"))
+        delta = f"{a.mean - sft.mean:+.4f}" if sft and method != "sft" else "-"
+        aligned = f"{a.aligned:.1%}" if a.aligned is not None and method != "sft" else "-"
+        std = f" ± {a.std:.4f}" if len(a.values) > 1 else ""
+        rows.append([tok, TOKENIZERS[tok].split(" (")[0], method, a.alignment if method != "sft" else "-", aligned,
+                     f"{a.mean:.4f}{std}", delta, f"{a.seconds_per_step:.2f}"])
+    return table(["student tokenizer", "family", "loss", "alignment", "aligned", "held-out bits/char (mean ± std)",
+                  "vs SFT, same tokenizer", "s/step"], rows)
+
+
+def chart(aggs: dict[tuple[str, str], Agg], teacher_bpc: float, order: list[tuple[str, str]], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no chart (make quality installs it)")
+        return False
+    present = [o for o in order if o in aggs]
+    colors = {"sft": "#9e9e9e", "kl": "#1f77b4", "kl-full": "#aec7e8", "uld": "#ff7f0e", "mlot": "#2ca02c",
+              "hybrid": "#d62728", "alm": "#9467bd"}
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(present) + 2), 4.2))
+    xs, x, last_tok = [], 0.0, None
+    for tok, method in present:
+        if last_tok is not None and tok != last_tok:
+            x += 0.7
+        xs.append(x)
+        last_tok = tok
+        x += 1
+    means = [aggs[o].mean for o in present]
+    stds = [aggs[o].std for o in present]
+    ax.bar(xs, means, yerr=stds, capsize=3, color=[colors.get(m, "#8c564b") for _, m in present])
+    ax.axhline(teacher_bpc, color="black", linestyle="--", linewidth=1, label=f"teacher {teacher_bpc:.3f}")
+    ax.set_xticks(xs, [f"{m}\n{t}" for t, m in present], fontsize=7)
+    lo = min(min(means) - max(stds + [0]) * 3, teacher_bpc) * 0.97
+    ax.set_ylim(lo, max(means) + max(stds + [0]) * 3 + (max(means) - lo) * 0.05)
+    ax.set_ylabel("held-out bits / character (lower is better)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 seed, small teacher, few steps, small data (~3 minutes)")
+    ap.add_argument("--fresh", action="store_true", help="rerun everything but the teacher (stage 1, tokenizers, rows)")
+    ap.add_argument("--fresh-teacher", action="store_true", help="retrain the teacher too")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3, --quick 1)")
+    ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md and the chart")
+    ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    _quiet()
+    t_start = time.perf_counter()
+    setup = QUICK if args.quick else FULL
+    if args.seeds is not None:
+        setup = replace(setup, seeds=tuple(range(args.seeds)))
+    cache: Path = args.cache_dir / ("quick" if setup.quick else "full")
+    cache.mkdir(parents=True, exist_ok=True)
+    code = code_hash()
+    splits = _subset(make_splits(), setup)
+    log(f"data: teacher-train {len(splits.teacher)} windows, student-train {len(splits.student)}, "
+        f"held-out {len(splits.heldout)} (digest {splits.digest()})")
+    student_data = write_jsonl(cache / "data" / f"student-{splits.digest()}.jsonl", splits.student, "student")
+    heldout = write_jsonl(cache / "data" / f"heldout-{splits.digest()}.jsonl", splits.heldout, "heldout")
+
+    # Teacher: trained once per config and data.
+    tdir = teacher_dir(args.cache_dir, setup.teacher, splits.digest())
+    if args.fresh_teacher:
+        shutil.rmtree(tdir, ignore_errors=True)
+    t0 = time.perf_counter()
+    tinfo = train_teacher(setup.teacher, splits.teacher, tdir, log=log)
+    teacher_wall = time.perf_counter() - t0
+    teacher_trained_now = teacher_wall > 5
+    log(f"teacher: {tdir.name}, trained in {_fmt(tinfo['train_seconds'])}"
+        + (" (this run)" if teacher_trained_now else " (cached)"))
+    tbits_file = tdir / f"heldout-{_file_hash(heldout)}-{code}.json"
+    if tbits_file.is_file():
+        teacher_bpc = json.loads(tbits_file.read_text())["bits_per_char"]
+    else:
+        teacher_bpc = held_out_bits(tdir, heldout)
+        tbits_file.write_text(json.dumps({"bits_per_char": teacher_bpc}))
+    log(f"teacher held-out: {teacher_bpc:.4f} bits/char")
+
+    # Tokenizers (the teacher's is read from its folder) and stage 1.
+    tokenizers = {}
+    with _timer("tokenizers"):
+        for name in TOKENIZERS:
+            tokenizers[name] = build_tokenizer(cache, name, splits, setup, tdir, args.fresh)
+    stage1, stage1_s = run_stage1(cache, tdir, student_data, setup, code, args.fresh)
+    from logitcache.storage import open_cache
+
+    manifest = open_cache(stage1).manifest
+    temperatures = list(getattr(manifest, "temperatures", None) or [])
+    log(f"stage 1: {stage1.name}, {stage1_s:.0f} s, k={manifest.k}, temperatures {temperatures}")
+    cache_hash = _file_hash(stage1 / "manifest.json") if (stage1 / "manifest.json").is_file() else stage1.name
+
+    teacher_holder: dict = {}
+
+    def teacher_model():
+        if "m" not in teacher_holder:
+            from transformers import AutoModelForCausalLM
+
+            teacher_holder["m"] = AutoModelForCausalLM.from_pretrained(os.fspath(tdir)).eval()
+        return teacher_holder["m"]
+
+    ctx = {"setup": setup, "cache": cache, "tokenizers": tokenizers, "stage1": stage1, "cache_hash": cache_hash,
+           "code": code, "heldout": heldout, "heldout_hash": _file_hash(heldout), "fresh": args.fresh,
+           "teacher_model": teacher_model, "temperatures": temperatures}
+    order = methods()
+    plan = [(tok, m, s) for s in setup.seeds for tok, m in order]  # seed-major: a cut-short run has whole seeds
+    results, failed = [], []
+    t_rows = time.perf_counter()
+    ran = 0
+    for i, (tok, method, seed) in enumerate(plan, 1):
+        t1 = time.perf_counter()
+        try:
+            r = run_row(ctx, tok, method, seed)
+        except Exception as e:  # one broken loss must not lose the other rows; it is reported and retried next run
+            import traceback
+
+            traceback.print_exc()
+            line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            failed.append(f"{tok} {method} seed {seed}: {type(e).__name__}: {line}")
+            log(f"[{i}/{len(plan)}] {tok:8s} {method:8s} seed {seed}: FAILED ({failed[-1]})")
+            continue
+        took = time.perf_counter() - t1
+        ran += took > 5
+        results.append(r)
+        left = len(plan) - i
+        eta = (time.perf_counter() - t_rows) / max(ran, 1) * left if ran else 0
+        log(f"[{i}/{len(plan)}] {tok:8s} {method:8s} seed {seed}: {r['bits_per_char']:.4f} bits/char, "
+            f"aligned {r['aligned'] if r['aligned'] is None else round(r['aligned'], 3)}, "
+            f"{'cached' if took < 5 else f'{took:.0f} s'}; ETA {_fmt(eta)}")
+
+    aggs = aggregate(results)
+    _, body_params = non_embedding_parameters(build_student_init(cache, tokenizers["mistral"], setup.student, 0))
+    params = {t: non_embedding_parameters(build_student_init(cache, tokenizers[t], setup.student, 0))[0] for t in TOKENIZERS}
+    wall = time.perf_counter() - t_start - (teacher_wall if teacher_trained_now else 0.0)
+    cpu = sum(os.times()[:4])  # user + system, this process and its children
+    mode = "quick" if setup.quick else "full run"
+    tbl = format_table(aggs, teacher_bpc, order)
+    gl = goals(aggs)
+    gtbl = table(["goal", "result", "detail"], [list(g) for g in gl])
+    spec = setup.student
+    tspec = setup.teacher
+    desc = (
+        f"Data: Python {sys.version.split()[0]} standard library (top-level modules) + pydoc_data topics; split by file: "
+        f"teacher-train {len(splits.teacher)} windows, student-train {len(splits.student)}, held-out {len(splits.heldout)} "
+        f"(<= 1000 characters, whole lines). Teacher: Llama {tspec.hidden}x{tspec.layers}, "
+        f"{tinfo['parameters'] / 1e6:.1f}M parameters ({tinfo['non_embedding_parameters'] / 1e6:.2f}M without embeddings), "
+        f"Mistral v1 tokenizer, {tspec.steps} steps x {tspec.batch} windows ({tinfo['train_tokens']:,} tokens), "
+        f"trained in {_fmt(tinfo['train_seconds'])} (once; not in this run's time"
+        f"{'' if not teacher_trained_now else ', trained by this run'}). Stage 1: top-{manifest.k}, temperatures "
+        f"{temperatures}, {stage1_s:.0f} s. Students: Llama {spec.hidden}x{spec.layers}, {body_params / 1e6:.2f}M "
+        f"non-embedding parameters in every row (total: "
+        + ", ".join(f"{t} {p / 1e6:.1f}M" for t, p in params.items())
+        + f"); {spec.steps} steps x {spec.batch} windows "
+        f"(~{spec.steps * spec.batch / max(len(splits.student), 1):.1f} epochs of student-train), lr {spec.lr}, "
+        f"warm-up {spec.warmup}, linear decay; seeds {list(setup.seeds)} (initial weights and data order); "
+        f"bits/char: mean ± sample std over seeds."
+    )
+    teacher_line = (f"Teacher {teacher_bpc:.4f} bits/char vs a student trained on student-train alone (SFT, teacher's "
+                    f"tokenizer) {aggs[('mistral', 'sft')].mean:.4f}: the teacher is "
+                    f"{(aggs[('mistral', 'sft')].mean - teacher_bpc) / aggs[('mistral', 'sft')].mean:.1%} lower."
+                    if ("mistral", "sft") in aggs else "")
+    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    body = (
+        f"## Quality: KD vs SFT on real text ({time.strftime('%Y-%m-%d')}, {mode}, {wall / 60:.1f} min wall "
+        f"excluding the teacher's training; {cpu / 60:.1f} min of CPU time)\n\n"
+        f"Machine: {machine()}; nproc {nproc}; torch {torch.__version__}\n\n"
+        f"Regenerate with `make quality` (protocol in benchmarks/quality.py). {desc}\n\n"
+        f"{tbl}\n\n{LEGEND}\n\n{teacher_line}\n\n{gtbl}\n\n![quality chart](quality.png)\n"
+    )
+    if failed:
+        body += "\nFailed rows (not in the table; rerun to retry):\n\n" + "\n".join(f"- {f}" for f in failed) + "\n"
+    log("\n" + tbl + "\n\n" + teacher_line + "\n\n" + gtbl + "\n")
+    for f in failed:
+        log(f"FAILED: {f}")
+    (cache / "quality.md").write_text(body)
+    log(f"written {cache / 'quality.md'}")
+    title = f"held-out bits/char, mean ± std over {len(setup.seeds)} seed(s) ({mode})"
+    if setup.quick or args.no_write:
+        chart(aggs, teacher_bpc, order, cache / "quality.png", title)
+        log(f"chart: {cache / 'quality.png'}")
+    else:
+        if chart(aggs, teacher_bpc, order, CHART, title):
+            log(f"chart: {CHART}")
+        update_results("quality", body)
+        log("RESULTS.md: section 'quality' updated")
+    log(f"total {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""End to end: `--loss hybrid` and `--loss alm` train a student of another tokenizer from a tiny cache."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from logitcache.pipeline.student.train import TrainConfig, run_train
+
+
+@pytest.fixture(scope="module")
+def metaspace_student(tmp_path_factory) -> Path:
+    from logitcache.pipeline.tiny import TinyModelConfig, build_tiny_model, generate_corpus, train_metaspace_bpe_tokenizer
+
+    tok = train_metaspace_bpe_tokenizer(generate_corpus(2000, 7), 400)
+    out = tmp_path_factory.mktemp("student") / "metaspace"
+    build_tiny_model(tok, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, seed=1)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _cfg(student, cache, out, **kw) -> TrainConfig:
+    base = dict(student=str(student), cache=str(cache), out=str(out), max_steps=2, batch_size=4, learning_rate=1e-3,
+                save_steps=2, logging_steps=1, progress=False, shuffle_buffer=8)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _logged(out: Path) -> list[dict]:
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    return [h for h in state["log_history"] if "loss" in h]
+
+
+def test_hybrid_trains_and_logs_the_mapped_mass(tmp_path, built_cache, metaspace_student, capfd):
+    r = run_train(_cfg(metaspace_student, built_cache, tmp_path / "run", loss="hybrid"))
+    assert r.global_step == 2 and torch.isfinite(torch.tensor(r.train_loss))
+    logged = _logged(tmp_path / "run")
+    assert logged and all(0 < h["hybrid_mapped_mass"] <= 1 and h["kd"] > 0 for h in logged)
+    assert "of the teacher's top-k mass" in capfd.readouterr().err
+    assert list((tmp_path / "run").glob("vocab-map-*.npy"))
+
+
+@pytest.mark.parametrize("kd_chunk_size", [0, 16])
+def test_alm_trains_on_its_chunks(tmp_path, built_cache, metaspace_student, kd_chunk_size):
+    r = run_train(_cfg(metaspace_student, built_cache, tmp_path / "run", loss="alm", kd_chunk_size=kd_chunk_size))
+    assert r.global_step == 2 and torch.isfinite(torch.tensor(r.train_loss))
+    assert all(h["kd"] > 0 for h in _logged(tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(loss="alm", alignment="position"), "its own chunks"),
+        (dict(loss="hybrid", alignment="chunk"), "ALM's"),
+        (dict(loss="hybrid", kd_temperature=2.0), "temperature 1"),
+        (dict(loss="hybrid", hybrid_matched_weight=1.0), "both"),
+        (dict(loss="hybrid", hybrid_beta=1.5), r"\[0, 1\]"),
+    ],
+)
+def test_bad_hybrid_and_alm_options_are_refused_in_one_line(kw, message, tmp_path):
+    from logitcache import LogitCacheError
+
+    with pytest.raises(LogitCacheError, match=message):
+        _cfg("s", "c", tmp_path / "run", **kw).validate()
