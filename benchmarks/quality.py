@@ -45,9 +45,17 @@ Protocol (fixed before any result was looked at; change it only with a reason wr
   larger of the two rows' std over seeds.
 
 Resumable: each finished row is a JSON file in the cache directory, keyed by the row's full
-config, the stage-1 cache's manifest and a hash of the package's source; a rerun reuses them.
-``--fresh`` reruns everything but the teacher; ``--fresh-teacher`` retrains it too.
-``--quick``: 1 seed, a small teacher, few steps and small data, to check the pipeline (~3 min).
+config, the stage-1 cache's manifest and a hash of the package's source (CLI and demo
+excluded); a rerun reuses them. ``--fresh`` reruns everything but the teacher;
+``--fresh-teacher`` retrains it too. ``--quick``: 1 seed, a small teacher, few steps and small
+data, to check the pipeline.
+
+Parallel: ``--jobs 2`` (the default on 2+ cores) trains two rows at a time in worker processes
+with one torch thread each. On this 2-core machine a tiny student with two intra-op threads
+was 2-10x slower per step than with one as soon as anything else ran, so two single-thread
+rows side by side are what fits the budget. Several processes may also share one cache
+directory (``--seed-list``, ``--reverse``): rows are files, and a run with every seed then
+only aggregates.
 """
 
 from __future__ import annotations
@@ -133,10 +141,14 @@ def methods() -> list[tuple[str, str]]:
 
 
 def code_hash() -> str:
-    """The package's source: a row trained by other code is not reused."""
+    """The package's source that the benchmark runs (not the CLI or the demo): a row trained
+    by other code is not reused."""
     h = hashlib.sha256()
     for p in sorted((ROOT / "logitcache").rglob("*.py")):
-        h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes())
+        rel = p.relative_to(ROOT).as_posix()
+        if rel.startswith("logitcache/cli/") or rel == "logitcache/pipeline/demo.py":
+            continue
+        h.update(rel.encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -214,11 +226,14 @@ def build_student_init(cache: Path, tok_dir: Path, spec: StudentSpec, seed: int)
     tok = AutoTokenizer.from_pretrained(os.fspath(tok_dir))
     model = build_tiny_model(tok, TinyModelConfig(hidden_size=spec.hidden, num_layers=spec.layers, num_heads=spec.heads,
                                                   max_positions=spec.max_positions, seed=1000 + seed))
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # two workers may build the same init at once
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save_pretrained(tmp)
     model.save_pretrained(tmp)
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:  # the other worker's copy (the same weights: same seed) got there first
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -275,6 +290,25 @@ def held_out_bits(model_dir: Path, heldout: Path) -> float:
 # One row
 
 
+_TEACHERS: dict[str, object] = {}
+
+
+def _teacher_model(tdir: Path):
+    """The teacher, loaded once per process (for kl-full)."""
+    if str(tdir) not in _TEACHERS:
+        from transformers import AutoModelForCausalLM
+
+        _TEACHERS[str(tdir)] = AutoModelForCausalLM.from_pretrained(os.fspath(tdir)).eval()
+    return _TEACHERS[str(tdir)]
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _quiet()
+
+
 def run_row(ctx: dict, tok: str, method: str, seed: int) -> dict:
     from logitcache.pipeline.student.train import TrainConfig, run_train
 
@@ -287,7 +321,7 @@ def run_row(ctx: dict, tok: str, method: str, seed: int) -> dict:
     key = _key(row_cfg)
     result_file = ctx["cache"] / "results" / f"{tok}-{method}-s{seed}-{key}.json"
     if result_file.is_file() and not ctx["fresh"]:
-        return json.loads(result_file.read_text())
+        return {**json.loads(result_file.read_text()), "cached": True}
     init = build_student_init(ctx["cache"], ctx["tokenizers"][tok], spec, seed)
     out = ctx["cache"] / "runs" / f"{tok}-{method}-s{seed}-{key}"
     shutil.rmtree(out, ignore_errors=True)
@@ -301,7 +335,7 @@ def run_row(ctx: dict, tok: str, method: str, seed: int) -> dict:
     if method == "kl-full":
         from quality_fullkd import live_teacher
 
-        live = live_teacher(ctx["teacher_model"](), ctx["temperatures"])
+        live = live_teacher(_teacher_model(ctx["teacher_dir"]), ctx["temperatures"])
     t0 = time.perf_counter()
     with live:
         r = run_train(tcfg)
@@ -319,7 +353,7 @@ def run_row(ctx: dict, tok: str, method: str, seed: int) -> dict:
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=2))
     shutil.rmtree(out, ignore_errors=True)  # weights and optimizer state: not needed once scored
-    return result
+    return {**result, "cached": False}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +368,7 @@ class Agg:
     aligned: float | None
     alignment: str
     seconds_per_step: float
+    by_seed: dict[int, float]
 
     @property
     def mean(self) -> float:
@@ -353,7 +388,8 @@ def aggregate(results: list[dict]) -> dict[tuple[str, str], Agg]:
         aligned = [r["aligned"] for r in rs if r["aligned"] is not None]
         out[(tok, method)] = Agg(tok, method, [r["bits_per_char"] for r in rs],
                                  statistics.fmean(aligned) if aligned else None, rs[0]["alignment"],
-                                 statistics.fmean(r["seconds_per_step"] for r in rs))
+                                 statistics.fmean(r["seconds_per_step"] for r in rs),
+                                 {r["seed"]: r["bits_per_char"] for r in rs})
     return out
 
 
@@ -371,10 +407,21 @@ def goals(aggs: dict[tuple[str, str], Agg]) -> list[tuple[str, str, str]]:
     def verdict(ok: bool) -> str:
         return "n.a. (1 seed: no std)" if one_seed else "PASS" if ok else "MISS"
 
+    def paired(a: Agg, b: Agg) -> str:
+        """Supplementary: rows of one seed share initial weights and data order, so the per-seed
+        differences are the sharper test (added after the first seeds showed a large seed spread)."""
+        seeds = sorted(set(a.by_seed) & set(b.by_seed))
+        if len(seeds) < 2:
+            return ""
+        d = [b.by_seed[s] - a.by_seed[s] for s in seeds]
+        sd = statistics.stdev(d)
+        return f"; paired over {len(seeds)} seeds: gain {statistics.fmean(d):+.4f}, " + (
+            f"{statistics.fmean(d) / sd:.1f} std of the per-seed differences" if sd > 0 else "no spread")
+
     if sft and kl:
         ok, gain, noise = beats(kl, sft)
         out.append(("same-tokenizer KL beats SFT by > 2 std", verdict(ok),
-                    f"gain {gain:+.4f} bits/char vs 2 std = {noise:.4f} (margin {gain - noise:+.4f})"))
+                    f"gain {gain:+.4f} bits/char vs 2 std = {noise:.4f} (margin {gain - noise:+.4f}){paired(kl, sft)}"))
     rel_same = (sft.mean - kl.mean) / sft.mean if sft and kl else float("nan")
     best = None
     for (tok, method), a in aggs.items():
@@ -384,15 +431,16 @@ def goals(aggs: dict[tuple[str, str], Agg]) -> list[tuple[str, str, str]]:
         ok, gain, noise = beats(a, s)
         rel = gain / s.mean
         recovered = rel / rel_same if rel_same > 0 else float("nan")
-        cand = (ok and recovered >= 0.5, recovered if math.isfinite(recovered) else -1e9, tok, method, gain, noise, recovered)
+        cand = (ok and recovered >= 0.5, recovered if math.isfinite(recovered) else -1e9, tok, method, gain, noise,
+                recovered, paired(a, s))
         if best is None or cand[:2] > best[:2]:
             best = cand
     if best is not None:
-        ok, _, tok, method, gain, noise, recovered = best
+        ok, _, tok, method, gain, noise, recovered, pair = best
         out.append(("a cross-tokenizer loss beats its SFT by > 2 std and recovers >= 50% of the same-tokenizer KL gain",
                     verdict(ok),
                     f"best {method} ({tok}): gain {gain:+.4f} vs 2 std = {noise:.4f}; recovers {recovered:.0%} "
-                    f"of the same-tokenizer relative gain ({rel_same:.2%})"))
+                    f"of the same-tokenizer relative gain ({rel_same:.2%}){pair}"))
     if sft and kl and full:
         full_gain, cache_gain = sft.mean - full.mean, sft.mean - kl.mean
         if full_gain > 0:
@@ -470,6 +518,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3, --quick 1)")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md and the chart")
     ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
+    ap.add_argument("--seed-list", type=str, default=None,
+                    help="comma-separated seeds to run (e.g. 2), to share the rows between processes")
+    ap.add_argument("--reverse", action="store_true",
+                    help="run the plan from its end (a second process meets the first in the middle)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per training (default: 1 with --jobs > 1, else torch's)")
+    ap.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1),
+                    help="rows trained at the same time, each in its own process (default: 2 on 2+ cores)")
+    ap.add_argument("--code-hash", type=str, default=None,
+                    help="key rows under this source hash instead of the package's current one: only for a run "
+                         "that joins one started before a change that cannot move the numbers (docs, the demo)")
     args = ap.parse_args(argv)
 
     import torch
@@ -479,9 +538,14 @@ def main(argv: list[str] | None = None) -> None:
     setup = QUICK if args.quick else FULL
     if args.seeds is not None:
         setup = replace(setup, seeds=tuple(range(args.seeds)))
+    if args.seed_list:
+        setup = replace(setup, seeds=tuple(int(s) for s in args.seed_list.split(",")))
+    jobs = max(1, args.jobs)
+    threads = args.threads or (1 if jobs > 1 else torch.get_num_threads())
+    torch.set_num_threads(threads)
     cache: Path = args.cache_dir / ("quick" if setup.quick else "full")
     cache.mkdir(parents=True, exist_ok=True)
-    code = code_hash()
+    code = args.code_hash or code_hash()
     splits = _subset(make_splits(), setup)
     log(f"data: teacher-train {len(splits.teacher)} windows, student-train {len(splits.student)}, "
         f"held-out {len(splits.heldout)} (digest {splits.digest()})")
@@ -519,43 +583,56 @@ def main(argv: list[str] | None = None) -> None:
     log(f"stage 1: {stage1.name}, {stage1_s:.0f} s, k={manifest.k}, temperatures {temperatures}")
     cache_hash = _file_hash(stage1 / "manifest.json") if (stage1 / "manifest.json").is_file() else stage1.name
 
-    teacher_holder: dict = {}
-
-    def teacher_model():
-        if "m" not in teacher_holder:
-            from transformers import AutoModelForCausalLM
-
-            teacher_holder["m"] = AutoModelForCausalLM.from_pretrained(os.fspath(tdir)).eval()
-        return teacher_holder["m"]
-
     ctx = {"setup": setup, "cache": cache, "tokenizers": tokenizers, "stage1": stage1, "cache_hash": cache_hash,
            "code": code, "heldout": heldout, "heldout_hash": _file_hash(heldout), "fresh": args.fresh,
-           "teacher_model": teacher_model, "temperatures": temperatures}
+           "teacher_dir": tdir, "temperatures": temperatures}
     order = methods()
     plan = [(tok, m, s) for s in setup.seeds for tok, m in order]  # seed-major: a cut-short run has whole seeds
+    if args.reverse:
+        plan.reverse()
     results, failed = [], []
     t_rows = time.perf_counter()
-    ran = 0
-    for i, (tok, method, seed) in enumerate(plan, 1):
-        t1 = time.perf_counter()
-        try:
-            r = run_row(ctx, tok, method, seed)
-        except Exception as e:  # one broken loss must not lose the other rows; it is reported and retried next run
+    ran, done = 0, 0
+
+    def finished(tok: str, method: str, seed: int, r: dict | None, error: BaseException | None) -> None:
+        nonlocal ran, done
+        done += 1
+        if error is not None:  # one broken loss must not lose the other rows; it is reported and retried next run
             import traceback
 
-            traceback.print_exc()
-            line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            failed.append(f"{tok} {method} seed {seed}: {type(e).__name__}: {line}")
-            log(f"[{i}/{len(plan)}] {tok:8s} {method:8s} seed {seed}: FAILED ({failed[-1]})")
-            continue
-        took = time.perf_counter() - t1
-        ran += took > 5
+            traceback.print_exception(error)
+            line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            failed.append(f"{tok} {method} seed {seed}: {type(error).__name__}: {line}")
+            log(f"[{done}/{len(plan)}] {tok:8s} {method:8s} seed {seed}: FAILED ({failed[-1]})")
+            return
+        ran += not r["cached"]
         results.append(r)
-        left = len(plan) - i
+        left = len(plan) - done
         eta = (time.perf_counter() - t_rows) / max(ran, 1) * left if ran else 0
-        log(f"[{i}/{len(plan)}] {tok:8s} {method:8s} seed {seed}: {r['bits_per_char']:.4f} bits/char, "
-            f"aligned {r['aligned'] if r['aligned'] is None else round(r['aligned'], 3)}, "
-            f"{'cached' if took < 5 else f'{took:.0f} s'}; ETA {_fmt(eta)}")
+        took = "cached" if r["cached"] else f"{r['train_seconds'] + r['eval_seconds']:.0f} s"
+        log(f"[{done}/{len(plan)}] {tok:8s} {method:8s} seed {seed}: {r['bits_per_char']:.4f} bits/char, "
+            f"aligned {r['aligned'] if r['aligned'] is None else round(r['aligned'], 3)}, {took}; ETA {_fmt(eta)}")
+
+    if jobs == 1:
+        for tok, method, seed in plan:
+            try:
+                r, err = run_row(ctx, tok, method, seed), None
+            except Exception as e:
+                r, err = None, e
+            finished(tok, method, seed, r, err)
+    else:
+        # One row per worker process, one torch thread each: on a small machine two single-thread
+        # trainings finish far sooner than one two-thread training after another (intra-op
+        # threads of tiny models mostly wait for each other, and badly so on a loaded machine).
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                 initargs=(threads,)) as pool:
+            futures = {pool.submit(run_row, ctx, tok, method, seed): (tok, method, seed) for tok, method, seed in plan}
+            for fut in as_completed(futures):
+                err = fut.exception()
+                finished(*futures[fut], None if err else fut.result(), err)
 
     aggs = aggregate(results)
     _, body_params = non_embedding_parameters(build_student_init(cache, tokenizers["mistral"], setup.student, 0))
@@ -573,7 +650,8 @@ def main(argv: list[str] | None = None) -> None:
         f"teacher-train {len(splits.teacher)} windows, student-train {len(splits.student)}, held-out {len(splits.heldout)} "
         f"(<= 1000 characters, whole lines). Teacher: Llama {tspec.hidden}x{tspec.layers}, "
         f"{tinfo['parameters'] / 1e6:.1f}M parameters ({tinfo['non_embedding_parameters'] / 1e6:.2f}M without embeddings), "
-        f"Mistral v1 tokenizer, {tspec.steps} steps x {tspec.batch} windows ({tinfo['train_tokens']:,} tokens), "
+        f"Mistral v1 tokenizer, {tspec.steps} steps x {tspec.batch} packed rows of {tspec.seq} tokens "
+        f"({tinfo['train_tokens']:,} tokens), "
         f"trained in {_fmt(tinfo['train_seconds'])} (once; not in this run's time"
         f"{'' if not teacher_trained_now else ', trained by this run'}). Stage 1: top-{manifest.k}, temperatures "
         f"{temperatures}, {stage1_s:.0f} s. Students: Llama {spec.hidden}x{spec.layers}, {body_params / 1e6:.2f}M "
@@ -588,13 +666,19 @@ def main(argv: list[str] | None = None) -> None:
                     f"tokenizer) {aggs[('mistral', 'sft')].mean:.4f}: the teacher is "
                     f"{(aggs[('mistral', 'sft')].mean - teacher_bpc) / aggs[('mistral', 'sft')].mean:.1%} lower."
                     if ("mistral", "sft") in aggs else "")
+    row_seconds = sum(r["train_seconds"] + r["eval_seconds"] for r in results)
+    fresh_rows = sum(not r["cached"] for r in results)
+    timing = (f"Rows: {fresh_rows} trained by this run, {len(results) - fresh_rows} read from the cache; training + "
+              f"evaluation summed over all {len(results)} rows: {row_seconds / 60:.1f} min (--jobs {jobs}, "
+              f"{threads} torch thread(s) per row); stage 1 {stage1_s:.0f} s; this run's wall time "
+              f"{wall / 60:.1f} min.")
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     body = (
         f"## Quality: KD vs SFT on real text ({time.strftime('%Y-%m-%d')}, {mode}, {wall / 60:.1f} min wall "
         f"excluding the teacher's training; {cpu / 60:.1f} min of CPU time)\n\n"
         f"Machine: {machine()}; nproc {nproc}; torch {torch.__version__}\n\n"
         f"Regenerate with `make quality` (protocol in benchmarks/quality.py). {desc}\n\n"
-        f"{tbl}\n\n{LEGEND}\n\n{teacher_line}\n\n{gtbl}\n\n![quality chart](quality.png)\n"
+        f"{tbl}\n\n{LEGEND}\n\n{timing}\n\n{teacher_line}\n\n{gtbl}\n\n![quality chart](quality.png)\n"
     )
     if failed:
         body += "\nFailed rows (not in the table; rerun to retry):\n\n" + "\n".join(f"- {f}" for f in failed) + "\n"

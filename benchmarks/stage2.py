@@ -77,7 +77,8 @@ def step_times(tok, cache: Path, student, batch_size: int, rounds: int, max_leng
     )
     from logitcache.storage import open_cache
 
-    ds = LogitCacheDataset(cache, tok, alignment="offset", shuffle=False, max_length=max_length)
+    # "chunk" = offset alignment plus ALM's chunks, so one batch serves every loss.
+    ds = LogitCacheDataset(cache, tok, alignment="chunk", shuffle=False, max_length=max_length)
     it = iter(ds)
     batch = KDCollator(pad_token_id=tok.pad_token_id or 0)([next(it) for _ in range(batch_size)])
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
@@ -89,7 +90,7 @@ def step_times(tok, cache: Path, student, batch_size: int, rounds: int, max_leng
     runs = {
         "sft": "sft", "kl": "kl", "uld": "uld", "mlot": "mlot",
         "sft, F.cross_entropy": None, "uld, CE then uld_loss": "uld",
-        "uld, τ=2": "uld", "kl, τ=2": "kl",
+        "uld, τ=2": "uld", "kl, τ=2": "kl", "hybrid": "hybrid", "alm": "alm",
     }
     temperatures = open_cache(cache).manifest.temperatures
     extras = {k: batch[k] for k in TEACHER_EXTRAS if k in batch}
@@ -103,8 +104,11 @@ def step_times(tok, cache: Path, student, batch_size: int, rounds: int, max_leng
             cfg = TrainConfig(student="", cache="", out="", loss=runs[name], kd_temperature=2.0 if "τ=2" in name else 1.0)
             fused = None if "then" in name else fused_loss_of(cfg)
             tempered, std_lp = teacher_targets(cfg, batch["teacher_logprobs"], extras, temperatures)
+            # The student shares the teacher's tokenizer, so the hybrid's vocabulary map is the
+            # identity (teacher ids are the student ids) and every teacher entry is matched.
             loss, _, _ = batch_loss(cfg, out.logits, batch["labels"], batch["teacher_logprobs"],
-                                    batch["teacher_ids"], batch["kd_mask"], fused, tempered, std_lp)
+                                    batch["teacher_ids"], batch["kd_mask"], fused, tempered, std_lp,
+                                    alm=(batch["alm_chunk"], batch["alm_teacher_ll"]))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -185,7 +189,9 @@ def main() -> None:
         "the logits). The last two rows are references: SFT with torch's `F.cross_entropy`, and ULD "
         "computed as CE followed by the standalone chunkable `uld_loss`. `uld, τ=2`/`kl, τ=2`: "
         "`--kd-temperature 2` (the teacher exact at 2 from the cache's log-partition; the fused pass "
-        "computes a second log-partition and softmax).\n\n"
+        "computes a second log-partition and softmax). `hybrid`, `alm`: `--loss hybrid` (here with the "
+        "identity vocabulary map, as the student shares the teacher's tokenizer: every teacher entry is matched, "
+        "the dense pass is the same as across tokenizers) and `--loss alm` (chunks from offset boundaries).\n\n"
         + table(["loss", "ms/step (fwd+bwd+AdamW), median", "range", "vs SFT (medians)"], steps)
         + "\n\n### Reader throughput (one thread; teacher tokens per second)\n\n"
         + table(["what", "tokens/s"], reader)

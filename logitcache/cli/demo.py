@@ -38,7 +38,7 @@ def demo(
     sums, writes its top-k cache once, inspects and verifies it, then trains students of one
     size on the same budget from that cache (SFT and KL with the teacher's tokenizer; SFT and
     the cross-tokenizer losses with a SentencePiece-style BPE tokenizer) and prints held-out
-    bits per character and exact-match accuracy for each and for the teacher. Nothing is
+    bits per character, exact match and prefix match for each and for the teacher. Nothing is
     downloaded; a rerun resumes.
     """
     quiet_libraries()

@@ -7,7 +7,7 @@ Everything is built on the spot (no download) and sized for 2 CPU cores:
 3. students of one size, trained on the same budget from that cache (``DemoConfig.students``):
    SFT and KL with the teacher's tokenizer; SFT and the cross-tokenizer losses with a
    different (SentencePiece-style BPE) tokenizer;
-4. held-out bits per character and exact-match accuracy of every student and the teacher.
+4. held-out bits per character, exact match (stopping included) and prefix match of every student and the teacher.
 
 Every stage that takes more than a moment reports steps done / total, loss, elapsed time and
 an estimate of the time left (:class:`StepProgress`).
@@ -99,7 +99,8 @@ class DemoRow:
     aligned: float | None
     train_seconds: float
     bits_per_char: float
-    accuracy: float | None
+    exact_match: float | None  # the greedy answer, stopped at EOS, is the reference
+    prefix_match: float | None  # the greedy continuation starts with the reference
 
 
 @dataclass
@@ -453,11 +454,11 @@ def evaluate_all(cfg: DemoConfig, paths: DemoPaths, trained: list[_Trained], pro
             results[name] = e
             bar.update(i + 1, note=f"{name} {e.bits_per_char:.3f} bits/char")
     t = results["teacher"]
-    rows = [DemoRow("teacher", TOKENIZER_LABELS["teacher"], "-", "-", None, 0.0, t.bits_per_char, t.accuracy)]
+    rows = [DemoRow("teacher", TOKENIZER_LABELS["teacher"], "-", "-", None, 0.0, t.bits_per_char, t.exact_match, t.accuracy)]
     for tr in trained:
         e = results[tr.student.name]
         rows.append(DemoRow(tr.student.name, TOKENIZER_LABELS[tr.student.tokenizer], tr.student.loss, tr.alignment,
-                            tr.aligned, tr.seconds, e.bits_per_char, e.accuracy))
+                            tr.aligned, tr.seconds, e.bits_per_char, e.exact_match, e.accuracy))
     return rows
 
 
@@ -467,11 +468,16 @@ def run_students(cfg: DemoConfig, paths: DemoPaths, progress: bool = True) -> li
 
 
 def format_table(rows: list[DemoRow]) -> str:
-    head = "| model | tokenizer | loss | alignment | aligned | train s | held-out bits/char | exact match |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = "| model | tokenizer | loss | alignment | aligned | train s | held-out bits/char | exact match | prefix match |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+
+    def pct(x: float | None) -> str:
+        return f"{x:.1%}" if x is not None else "-"
+
     for r in rows:
-        aligned = f"{r.aligned:.0%}" if r.aligned is not None else "-"
-        acc = f"{r.accuracy:.1%}" if r.accuracy is not None else "-"
         secs = f"{r.train_seconds:.0f}" if r.train_seconds else "-"
-        lines.append(f"| {r.name} | {r.tokenizer} | {r.loss} | {r.alignment} | {aligned} | {secs} | {r.bits_per_char:.3f} | {acc} |")
+        lines.append(
+            f"| {r.name} | {r.tokenizer} | {r.loss} | {r.alignment} | {pct(r.aligned)} | {secs} "
+            f"| {r.bits_per_char:.3f} | {pct(r.exact_match)} | {pct(r.prefix_match)} |"
+        )
     return "\n".join(lines)

@@ -142,9 +142,9 @@ class TrainConfig:
                 "--mlot-variant code runs at temperature 1 (the cache's std-normalised log-partition is at 1 "
                 "only); drop --kd-temperature or use --mlot-variant paper."
             )
-        self._validate_h4()
+        self._validate_hybrid_alm()
 
-    def _validate_h4(self) -> None:
+    def _validate_hybrid_alm(self) -> None:
         """the hybrid's and ALM's options."""
         if self.loss == "alm" and self.alignment not in (None, "chunk"):
             raise LogitCacheError(f"--loss alm aligns by its own chunks; drop --alignment {self.alignment}.")
@@ -260,13 +260,13 @@ def kd_term(
     if cfg.loss == "uld":
         return losses.uld_loss(s, lp, ones, temperature=tau, weights=weights, chunk_size=chunk)
     if cfg.loss == "hybrid":  # t_ids are the mapped student ids here
-        h = _h4_spec_fields(cfg, matched_fraction)["hybrid"]
+        h = _extra_loss_configs(cfg, matched_fraction)["hybrid"]
         return losses.hybrid_loss(s, lp, ids, ones, beta=h.beta, matched_weight=h.matched_weight,
                                   unmatched_weight=h.unmatched_weight, weights=weights, chunk_size=chunk)
     return losses.kl_loss(s, lp, ids, ones, kind=cfg.kl_kind, temperature=tau, weights=weights, chunk_size=chunk)
 
 
-def _h4_spec_fields(cfg: TrainConfig, matched_fraction: float) -> dict[str, Any]:
+def _extra_loss_configs(cfg: TrainConfig, matched_fraction: float) -> dict[str, Any]:
     """the hybrid's weights resolved (GOLD's adaptive ones from the vocabulary map) and ALM's config."""
     w_m, w_u = losses.HybridConfig(matched_weight=cfg.hybrid_matched_weight, unmatched_weight=cfg.hybrid_unmatched_weight).weights(matched_fraction)
     return {
@@ -287,7 +287,7 @@ def fused_loss_of(cfg: TrainConfig, matched_fraction: float = 1.0) -> "losses.Fu
         mlot=cfg.mlot_config(),
         temperature=float(cfg.kd_temperature) if cfg.loss in ("uld", "kl") else 1.0,
         reduction=cfg.kd_reduction,
-        **_h4_spec_fields(cfg, matched_fraction),
+        **_extra_loss_configs(cfg, matched_fraction),
     )
     return spec if losses.fused_supports(spec) and not cfg.kd_chunk_size else None
 
@@ -314,7 +314,7 @@ def batch_loss(
         return losses.ce_kd_loss(logits, labels, teacher_logprobs, teacher_ids, kd_mask, fused, tempered=tempered, alm=alm)
     ce = causal_ce(logits, labels)
     if cfg.loss == "alm":  # ALM needs only the label log-probs: the standalone path is plain autograd
-        kd = losses.alm_loss(logits.float(), labels, alm[0], alm[1], _h4_spec_fields(cfg, 1.0)["alm"], reduction=cfg.kd_reduction)
+        kd = losses.alm_loss(logits.float(), labels, alm[0], alm[1], _extra_loss_configs(cfg, 1.0)["alm"], reduction=cfg.kd_reduction)
         return ce + cfg.kd_weight * kd, ce, kd
     if cfg.loss == "sft":
         kd = ce.new_zeros(())
@@ -726,7 +726,7 @@ def hybrid_vocab_map(cfg: TrainConfig, student_tokenizer, cache, out: Path, show
             break
         a, b = mapped_mass(np.asarray(row["topk_logprobs"]), vm.lookup(np.asarray(row["topk_ids"])))
         mapped, total = mapped + a, total + b
-    w_m, w_u = _h4_spec_fields(cfg, vm.matched_fraction)["hybrid"].weights(vm.matched_fraction)
+    w_m, w_u = _extra_loss_configs(cfg, vm.matched_fraction)["hybrid"].weights(vm.matched_fraction)
     message = (
         f"hybrid: {vm.matched} of {vm.teacher_size} teacher tokens have a student token of the same bytes; "
         f"they hold {mapped / max(total, 1e-12):.1%} of the teacher's top-k mass (first 64 examples); "
