@@ -272,7 +272,7 @@ def _degenerate_tokenizer(path):
 
 
 def test_aligned_fraction_of_a_real_student(built_cache, toks):
-    from logitcache.pipeline.student.features import aligned_fraction
+    from logitcache.pipeline.student.dataset import aligned_fraction
 
     assert 0.3 < aligned_fraction(built_cache, toks["metaspace"], "offset") < 1.0
 

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 
 from logitcache.errors import LogitCacheError
 from logitcache.storage.manifest import Manifest, load_manifest, resolve_inside
-from logitcache.storage.rows import Row, batch_to_rows, decode_rows, shard_id_table
+from logitcache.storage.decode import decode_rows, shard_id_table
+from logitcache.storage.rows import Row, batch_to_rows
 from logitcache.storage.schema import EXTRA_COLUMNS
 from logitcache.storage.writer import TOKENIZER_DIR
 

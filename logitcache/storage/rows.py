@@ -117,25 +117,6 @@ def _split(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
     return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
 
 
-def decode_rows(batch: pa.RecordBatch | pa.Table, id_table: np.ndarray | None = None) -> Iterator[Row]:
-    """Rows of a shard's batch in either codec: v1, or compact (``id_table``: the shard footer's)."""
-    from logitcache.storage import codec
-
-    if (batch.schema.metadata or {}).get(codec.META_CODEC) == codec.CODEC_NAME.encode():
-        yield from codec.decode_compact(batch, id_table=id_table)
-        return
-    for b in batch.to_batches() if isinstance(batch, pa.Table) else [batch]:
-        yield from batch_to_rows(b)
-
-
-def shard_id_table(parquet_file) -> np.ndarray | None:
-    """The compact codec's id table from a shard's footer; None for a v1 shard."""
-    from logitcache.storage import codec
-
-    meta = parquet_file.metadata.metadata or {}
-    return codec.read_id_table(parquet_file) if codec.META_IDS in meta else None
-
-
 def batch_to_rows(batch: pa.RecordBatch) -> Iterator[Row]:
     """Decode a record batch of a shard into row dicts (numpy views, no per-value Python)."""
     names = batch.schema.names

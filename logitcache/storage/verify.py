@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 from logitcache.errors import LogitCacheError
 from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.manifest import Manifest, load_manifest, resolve_inside
-from logitcache.storage.rows import decode_rows, flat_list_column, rows_to_table, shard_id_table
+from logitcache.storage.decode import decode_rows, shard_id_table
+from logitcache.storage.rows import flat_list_column, rows_to_table
 from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN
 from logitcache.storage.writer import DATA_DIR, TMP_PREFIX, TOKENIZER_DIR
 

@@ -21,6 +21,7 @@ epoch, unless ``skip_bad_shards`` drops the bad shards from the plan (and says s
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import math
 import os
@@ -41,7 +42,8 @@ from logitcache.errors import LogitCacheError
 from logitcache.pipeline.student.features import FeatureStats, StudentFeaturizer, featurizer_for_cache
 from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.reader import CacheReader
-from logitcache.storage.rows import Row, decode_rows, shard_id_table
+from logitcache.storage.decode import decode_rows, shard_id_table
+from logitcache.storage.rows import Row
 from logitcache.storage.verify import compact_shard_k
 
 logger = logging.getLogger(__name__)
@@ -570,3 +572,31 @@ def _flat_ints(x: Any) -> np.ndarray:
 
 def _copy_row(row: Row) -> Row:
     return {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in row.items()}
+
+
+# --- a student that aligns nothing with the cache is refused before training ---------------------
+
+
+def aligned_fraction(cache_dir, tokenizer, alignment: str = "offset", rows: int = 48, *, skip_bad_shards: bool = False) -> float:
+    """The fraction of the student's text targets (ends left out: they always pair) that align
+    with a teacher position, over the first ``rows`` examples of the cache; 1.0 for a cache
+    without response text. Rows are read as training reads them (shards checked, bad ones
+    refused or, with ``skip_bad_shards``, passed over)."""
+    raw = LogitCacheDataset(cache_dir, None, shuffle=False, rank=0, world_size=1, skip_bad_shards=skip_bad_shards)
+    featurizer = featurizer_for_cache(raw.cache, tokenizer, alignment)
+    for row in itertools.islice(iter(raw), rows):
+        featurizer(row)
+    stats = featurizer.stats
+    return stats.fraction_text_matched if stats.targets > stats.end_targets else 1.0
+
+
+def refuse_unaligned(cache_dir, tokenizer, alignment: str = "offset", rows: int = 48, *, skip_bad_shards: bool = False) -> None:
+    """Refuse, before training, a student tokenizer that aligns nothing with the cache."""
+    fraction = aligned_fraction(cache_dir, tokenizer, alignment, rows, skip_bad_shards=skip_bad_shards)
+    if fraction == 0.0:
+        name = getattr(tokenizer, "name_or_path", "") or "the student"
+        raise LogitCacheError(
+            f"the student's tokenizer {name!r} aligns {fraction:.1%} of the cache's target positions "
+            f"(alignment {alignment}, first {rows} examples): KD would teach it nothing; check that it is the "
+            "student's own tokenizer and that it keeps the text's characters (offsets), or use --alignment position."
+        )

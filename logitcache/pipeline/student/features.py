@@ -11,7 +11,6 @@ teacher's end is not used either.
 from __future__ import annotations
 
 import functools
-import itertools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -274,30 +273,3 @@ def featurizer_for_cache(cache, tokenizer, alignment: str = "offset", max_length
         teacher_bytes=teacher_piece_bytes(cache) if alignment != "position" else None,
         teacher_eos_id=getattr(manifest, "eos_id", None),
     )
-
-
-def aligned_fraction(cache_dir, tokenizer, alignment: str = "offset", rows: int = 48, *, skip_bad_shards: bool = False) -> float:
-    """The fraction of the student's text targets (ends left out: they always pair) that align
-    with a teacher position, over the first ``rows`` examples of the cache; 1.0 for a cache
-    without response text. Rows are read as training reads them (shards checked, bad ones
-    refused or, with ``skip_bad_shards``, passed over)."""
-    from logitcache.pipeline.student.dataset import LogitCacheDataset  # here: dataset.py imports this module
-
-    raw = LogitCacheDataset(cache_dir, None, shuffle=False, rank=0, world_size=1, skip_bad_shards=skip_bad_shards)
-    featurizer = featurizer_for_cache(raw.cache, tokenizer, alignment)
-    for row in itertools.islice(iter(raw), rows):
-        featurizer(row)
-    stats = featurizer.stats
-    return stats.fraction_text_matched if stats.targets > stats.end_targets else 1.0
-
-
-def refuse_unaligned(cache_dir, tokenizer, alignment: str = "offset", rows: int = 48, *, skip_bad_shards: bool = False) -> None:
-    """Refuse, before training, a student tokenizer that aligns nothing with the cache."""
-    fraction = aligned_fraction(cache_dir, tokenizer, alignment, rows, skip_bad_shards=skip_bad_shards)
-    if fraction == 0.0:
-        name = getattr(tokenizer, "name_or_path", "") or "the student"
-        raise LogitCacheError(
-            f"the student's tokenizer {name!r} aligns {fraction:.1%} of the cache's target positions "
-            f"(alignment {alignment}, first {rows} examples): KD would teach it nothing; check that it is the "
-            "student's own tokenizer and that it keeps the text's characters (offsets), or use --alignment position."
-        )

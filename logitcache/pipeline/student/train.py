@@ -597,7 +597,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     from logitcache.pipeline.loading import load_causal_lm, load_tokenizer
     from logitcache.pipeline.padding import pad_token_id
     from logitcache.pipeline.student.collate import KDCollator
-    from logitcache.pipeline.student.dataset import LogitCacheDataset
+    from logitcache.pipeline.student.dataset import LogitCacheDataset, refuse_unaligned
     from logitcache.storage import open_cache
 
     cfg.validate()
@@ -659,8 +659,6 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     eval_ds = dataset(cfg.eval_cache, shuffle=False) if cfg.eval_cache else None
     if cfg.loss != "sft" and cfg.kd_weight > 0 and cfg.resolved_alignment() in ("offset", "position"):
         # a student that aligns nothing would train on CE alone, silently: refuse it now.
-        from logitcache.pipeline.student.features import refuse_unaligned
-
         refuse_unaligned(cfg.cache, tokenizer, cfg.resolved_alignment(), skip_bad_shards=cfg.skip_bad_shards)
     notices = [ds.skipped_summary() for ds in (train_ds, eval_ds) if ds is not None and ds.skipped_shards]
     if partial:
