@@ -63,3 +63,19 @@ def test_bad_hybrid_and_alm_options_are_refused_in_one_line(kw, message, tmp_pat
 
     with pytest.raises(LogitCacheError, match=message):
         _cfg("s", "c", tmp_path / "run", **kw).validate()
+
+
+def test_hybrid_and_alm_flags_reach_the_config(tmp_path, built_cache, metaspace_student):
+    from typer.testing import CliRunner
+
+    from logitcache.cli import app
+
+    args = ["train", "--student", str(metaspace_student), "--cache", str(built_cache), "--out", str(tmp_path / "run"),
+            "--loss", "alm", "--alm-temperature", "10", "--alm-divergence", "binary_ce", "--hybrid-beta", "0.25",
+            "--hybrid-matched-weight", "0.7", "--hybrid-unmatched-weight", "0.3", "--max-steps", "1",
+            "--batch-size", "4", "--no-progress"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "run" / "logitcache_train_config.json").read_text())
+    assert (saved["alm_temperature"], saved["alm_divergence"], saved["hybrid_beta"]) == (10.0, "binary_ce", 0.25)
+    assert (saved["hybrid_matched_weight"], saved["hybrid_unmatched_weight"]) == (0.7, 0.3)
