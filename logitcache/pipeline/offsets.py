@@ -30,6 +30,7 @@ covers whole characters.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -116,7 +117,9 @@ class PieceBytes:
     kind: str  # "byte_level" | "sentencepiece" | "unknown"
 
 
-def _decoder_kinds(tokenizer) -> set[str]:
+def decoder_types(tokenizer) -> set[str]:
+    """The ``type`` of a fast tokenizer's decoder and of every decoder it chains, plus
+    "MetaspaceReplace" for a Replace that puts back SentencePiece's '▁' (older Llama files)."""
     import json
 
     def walk(d) -> set[str]:
@@ -138,6 +141,14 @@ def _decoder_kinds(tokenizer) -> set[str]:
         return set()
 
 
+@functools.lru_cache(maxsize=1)
+def byte_level_decoder() -> dict[str, int]:
+    """GPT-2's ``bytes_to_unicode`` inverted: printable stand-in character of a byte-level BPE piece -> byte."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
 def piece_bytes_table(tokenizer) -> PieceBytes:
     """The byte length of every token of a fast tokenizer.
 
@@ -149,17 +160,15 @@ def piece_bytes_table(tokenizer) -> PieceBytes:
       keeps the dummy-prefix '▁' and a literal '▁' in the text right);
     * anything else: unknown, so whole characters pair and pieces of split characters do not.
     """
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
     vocab = tokenizer.get_vocab()
     size = max(max(vocab.values(), default=-1) + 1, len(tokenizer))
     nbytes = np.full(size, -1, dtype=np.int32)
     added = np.zeros(size, dtype=bool)
-    kinds = _decoder_kinds(tokenizer)
+    kinds = decoder_types(tokenizer)
     kind = "byte_level" if "ByteLevel" in kinds else (
         "sentencepiece" if kinds & {"Metaspace", "ByteFallback", "MetaspaceReplace"} else "unknown")
     if kind == "byte_level":
-        byte_of = {c: 1 for c in bytes_to_unicode().values()}
+        byte_of = byte_level_decoder()
         for piece, i in vocab.items():
             if all(c in byte_of for c in piece):
                 nbytes[i] = len(piece)

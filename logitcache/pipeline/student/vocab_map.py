@@ -34,54 +34,32 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from logitcache.pipeline.offsets import byte_level_decoder, decoder_types
+
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _ROLES = ("eos_token", "bos_token", "unk_token", "pad_token")
 
 
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's ``bytes_to_unicode`` inverted: printable stand-in character -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
 def _decoder_kind(tokenizer) -> tuple[str, bool]:
     """("byte_level" | "metaspace" | "plain", byte_fallback) from the fast tokenizer's definition."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    kinds: list[dict] = []
-    stack = [spec.get("decoder") or {}]
-    while stack:
-        d = stack.pop()
-        kinds.append(d)
-        stack.extend(d.get("decoders") or [])
-    types = {d.get("type") for d in kinds}
-    byte_fallback = bool((spec.get("model") or {}).get("byte_fallback")) or "ByteFallback" in types
+    types = decoder_types(tokenizer)
+    model = json.loads(tokenizer.backend_tokenizer.to_str()).get("model") or {}
+    byte_fallback = bool(model.get("byte_fallback")) or "ByteFallback" in types
     if "ByteLevel" in types:
         return "byte_level", byte_fallback
-    metaspace = "Metaspace" in types or any(
-        d.get("type") == "Replace" and (d.get("pattern") or {}).get("String") == "\u2581" for d in kinds
-    )
-    return ("metaspace" if metaspace else "plain"), byte_fallback
+    return ("metaspace" if types & {"Metaspace", "MetaspaceReplace"} else "plain"), byte_fallback
 
 
 def token_keys(tokenizer) -> tuple[list[Any], list[bool]]:
     """Per id: the bytes it stands for (or ("special", name) for a special token), and whether
     it is a byte-fallback piece. Ids without a token (holes in the vocabulary) get None."""
     kind, byte_fallback = _decoder_kind(tokenizer)
-    decoder = _byte_decoder()
+    decoder = byte_level_decoder()
     size = len(tokenizer)
     pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
     special = set(tokenizer.all_special_ids)
