@@ -10,7 +10,7 @@ sum of the cache's ``label_logprob`` over the teacher's positions predicting its
 
 Rules:
 
-* Only target tokens (those starting in the response, see align.py) take part; a chunk
+* Only target tokens (those covering a response character, see align.py) take part; a chunk
   counts only if both sides have a token in it and both sides' first tokens start at the
   same character (so a token that only one side lets straddle the prompt/response boundary
   costs the first chunk, never a misaligned one).
@@ -52,15 +52,12 @@ def alm_chunks(
     t_pos = np.asarray(teacher_targets, dtype=np.int64)
     s_pos = np.asarray(student_targets, dtype=np.int64)
     both_eos = teacher_eos and student_eos
-    if both_eos:
-        # The end-of-sequence tokens are set aside here and appended as the last chunk.
+    # The end-of-sequence tokens never join a text chunk: set aside here, and appended as the
+    # last chunk below when both sides have one.
+    if teacher_eos:
         t_pos = t_pos[t_pos + 1 != len(t_starts) - 1]
+    if student_eos:
         s_pos = s_pos[s_pos + 1 != n_student - 1]
-    else:
-        if teacher_eos:
-            t_pos = t_pos[t_pos + 1 != len(t_starts) - 1]
-        if student_eos:
-            s_pos = s_pos[s_pos + 1 != n_student - 1]
     t_end = np.asarray(t_ends, dtype=np.int64)[t_pos + 1]
     s_end = np.asarray(s_ends, dtype=np.int64)[s_pos + 1]
     bounds = np.intersect1d(t_end, s_end)  # sorted common token ends
@@ -87,7 +84,7 @@ def alm_chunks(
     teacher_ll = ll[valid]
     if both_eos and len(t_starts) >= 2 and n_student >= 2:
         t_last, s_last = len(t_starts) - 2, n_student - 2
-        if t_last in set(np.asarray(teacher_targets).tolist()) and s_last in set(np.asarray(student_targets).tolist()):
+        if np.isin(t_last, teacher_targets) and np.isin(s_last, student_targets):
             chunk[s_last] = len(teacher_ll)
             teacher_ll = np.append(teacher_ll, float(teacher_label_logprob[t_last]))
     return chunk, teacher_ll.astype(np.float32)
