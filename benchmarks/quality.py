@@ -248,7 +248,7 @@ def non_embedding_parameters(model_dir: Path) -> tuple[int, int]:
 
 
 def run_stage1(cache: Path, teacher: Path, data: Path, setup: Setup, code: str, fresh: bool) -> tuple[Path, float]:
-    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.records import TextTemplate
     from logitcache.pipeline.teacher.run import TeacherConfig, run_teacher
 
     out = cache / f"stage1-{_key([teacher.name, _file_hash(data), setup.top_k, code])}"
@@ -280,7 +280,7 @@ def tokenizer_hash(tok_dir: Path) -> str:
 
 def held_out_bits(model_dir: Path, heldout: Path) -> float:
     from logitcache.pipeline.student.evaluate import EvalConfig, evaluate
-    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.records import TextTemplate
 
     r = evaluate(EvalConfig(model=os.fspath(model_dir), data=os.fspath(heldout), template=TextTemplate(text_field="text"),
                             batch_size=8, accuracy=False))
@@ -306,6 +306,9 @@ def _teacher_model(tdir: Path):
 def _worker_init(threads: int) -> None:
     import torch
 
+    from logitcache.pipeline.allocator import retain_freed_memory
+
+    retain_freed_memory()
     torch.set_num_threads(threads)
     _quiet()
 
@@ -534,6 +537,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from logitcache.pipeline.allocator import retain_freed_memory
+
+    retain_freed_memory()  # about 1.5-2x faster steps for the 32k-vocabulary rows (see the module)
     _quiet()
     t_start = time.perf_counter()
     setup = QUICK if args.quick else FULL

@@ -41,7 +41,7 @@ def bare_forward_seconds(model_dir: Path, texts: list[str], batch_size: int) -> 
 
 
 def size_and_throughput(work: Path, quick: bool) -> tuple[str, dict]:
-    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.records import TextTemplate
     from logitcache.pipeline.teacher.run import TeacherConfig, run_teacher
     from logitcache.pipeline.tiny import (
         TinyModelConfig, build_tiny_teacher, generate_pairs, load_mistral_tokenizer, mistral_model_file,

@@ -29,7 +29,7 @@ STUDENTS = {
 
 
 def build(work: Path, quick: bool, student_size: str = "small", records_lines: int = 12):
-    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.records import TextTemplate
     from logitcache.pipeline.teacher.run import TeacherConfig, run_teacher
     from logitcache.pipeline.tiny import (
         TinyModelConfig, build_tiny_teacher, generate_corpus, load_mistral_tokenizer,

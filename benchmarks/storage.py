@@ -46,7 +46,7 @@ KS = (8, 32, 64, 128)
 # --- teachers ------------------------------------------------------------------------------
 def tiny_teacher_rows(work: Path, n_examples: int, steps: int, k: int) -> list[dict]:
     """Rows of a tiny Llama on the real Mistral tokenizer, scored by the real pipeline."""
-    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.records import TextTemplate
     from logitcache.pipeline.teacher.run import TeacherConfig, run_teacher
     from logitcache.pipeline.tiny import (
         TinyModelConfig,

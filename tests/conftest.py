@@ -38,7 +38,7 @@ def data_file(tmp_path_factory) -> Path:
 
 
 def make_config(teacher: Path, data: Path, out: Path, **overrides):
-    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.records import TextTemplate
     from logitcache.pipeline.teacher.run import TeacherConfig
 
     kwargs = dict(

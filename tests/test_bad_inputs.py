@@ -80,7 +80,7 @@ def _bad_files(root: Path) -> Path:
 def inputs(tmp_path_factory, teacher_dir, gpt2_teacher_dir, data_file, built_cache) -> Inputs:
     from conftest import make_config
 
-    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.records import TextTemplate
     from logitcache.pipeline.teacher.run import run_teacher
     from logitcache.pipeline.tiny import (
         TinyModelConfig,
@@ -284,7 +284,7 @@ def test_debug_shows_the_traceback_of_the_same_case(tmp_path):
 @pytest.mark.parametrize("block_size", [1, 2, 3, 7, 1 << 22])
 def test_utf8_check_names_the_same_place_whatever_the_block_size(tmp_path, block_size):
     from logitcache.errors import LogitCacheError
-    from logitcache.pipeline.teacher.data import check_utf8
+    from logitcache.pipeline.records import check_utf8
 
     f = _write(tmp_path / "d.jsonl", "ok\ncafé 東京\n".encode() + b'{"t": "na\xefve"}\n')
     with pytest.raises(LogitCacheError) as e:
@@ -293,7 +293,7 @@ def test_utf8_check_names_the_same_place_whatever_the_block_size(tmp_path, block
 
 
 def test_utf8_check_passes_any_valid_text(tmp_path):
-    from logitcache.pipeline.teacher.data import check_utf8
+    from logitcache.pipeline.records import check_utf8
 
     check_utf8(_write(tmp_path / "d.txt", "é\n東京 👍🏽\u2581\x00\n" * 50), "d.txt", block_size=5)
 
@@ -301,7 +301,7 @@ def test_utf8_check_passes_any_valid_text(tmp_path):
 def test_records_missing_a_field_are_found_before_any_is_read(inputs):
     """run_teacher calls this before it opens --out: one pass over the Arrow table, no record read."""
     from logitcache.errors import LogitCacheError
-    from logitcache.pipeline.teacher.data import (
+    from logitcache.pipeline.records import (
         TextTemplate,
         check_records,
         load_records,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from logitcache.pipeline.student.evaluate import EvalConfig, evaluate
-from logitcache.pipeline.teacher.data import TextTemplate
+from logitcache.pipeline.records import TextTemplate
 
 PAIRS = [("Q: What is 3 plus 4?\nA:", " 3 plus 4 is 7."), ("Say something:\n", "Café à 東京 🎉")]
 

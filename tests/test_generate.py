@@ -7,7 +7,7 @@ import pytest
 from conftest import make_config
 
 from logitcache import LogitCacheError, open_cache, verify_cache
-from logitcache.pipeline.teacher.data import TextTemplate
+from logitcache.pipeline.records import TextTemplate
 from logitcache.pipeline.teacher.engine import GenerationConfig
 from logitcache.pipeline.teacher.run import run_teacher
 

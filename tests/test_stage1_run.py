@@ -126,7 +126,7 @@ def test_leftover_temp_shard_from_a_killed_run_is_discarded(cache_copy, teacher_
     ],
 )
 def test_rerun_with_other_settings_refuses(cache_copy, teacher_dir, data_file, override, setting):
-    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.records import TextTemplate
 
     if "template" in override:
         override = {"template": TextTemplate(text_field="text")}
@@ -178,13 +178,13 @@ def test_empty_texts_are_skipped_and_counted(tmp_path, teacher_dir):
 
 
 def _text():
-    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.records import TextTemplate
 
     return TextTemplate(text_field="text")
 
 
 def test_chat_messages_use_the_chat_template(tmp_path, teacher_dir, data_file):
-    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.records import TextTemplate
 
     out = tmp_path / "c"
     run_teacher(make_config(teacher_dir, data_file, out, template=TextTemplate(messages_field="messages"), limit=4), progress=False)

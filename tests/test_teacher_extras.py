@@ -351,7 +351,7 @@ def test_batches_carry_the_extra_columns_at_the_aligned_positions(extras_cache, 
 
 def test_generate_mode_ends_a_response_the_teacher_stopped(teacher_dir, data_file, tmp_path, monkeypatch):
     from logitcache.pipeline.teacher import run as run_module
-    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.records import TextTemplate
     from logitcache.pipeline.teacher.engine import GenerationConfig
 
     real = run_module.make_engine

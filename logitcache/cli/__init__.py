@@ -54,6 +54,9 @@ def _root(
     version: bool = typer.Option(False, "--version", help="Print the version and exit."),
 ) -> None:
     state.debug = debug
+    from logitcache.pipeline.allocator import retain_freed_memory
+
+    retain_freed_memory()  # CPU steps reuse their big blocks instead of faulting them in again
     if version:
         import logitcache
 

@@ -31,7 +31,7 @@ def eval_(
     """Held-out loss per character (bits/char, comparable across tokenizers) and exact-match accuracy."""
     quiet_libraries()
     from logitcache.pipeline.student.evaluate import EvalConfig, evaluate
-    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.records import TextTemplate
 
     r = evaluate(
         EvalConfig(

@@ -61,7 +61,7 @@ def teacher(
     if not (math.isfinite(shard_size_mb) and shard_size_mb > 0):
         raise LogitCacheError(f"--shard-size-mb must be a positive number of MiB (got {shard_size_mb}); the default is 256.")
     quiet_libraries()
-    from logitcache.pipeline.teacher.data import TextTemplate
+    from logitcache.pipeline.records import TextTemplate
     from logitcache.pipeline.teacher.engine import GenerationConfig
     from logitcache.pipeline.teacher.run import TeacherConfig, run_teacher
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from logitcache.pipeline.teacher.data import TextTemplate
+from logitcache.pipeline.records import TextTemplate
 from logitcache.pipeline.teacher.run import TeacherConfig, TeacherResult, run_teacher
 from logitcache.pipeline.tiny import (
     TinyModelConfig,

@@ -33,7 +33,7 @@ from logitcache.errors import LogitCacheError
 from logitcache.pipeline.offsets import encode_with_offsets
 from logitcache.pipeline.padding import pad_sequences, pad_token_id
 from logitcache.pipeline.student.align import target_positions
-from logitcache.pipeline.teacher.data import TextTemplate, add_special_tokens_for, iter_examples, load_records
+from logitcache.pipeline.records import TextTemplate, add_special_tokens_for, iter_examples, load_records
 
 
 @dataclass
@@ -80,7 +80,7 @@ class EvalResult:
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
     from logitcache.pipeline.loading import load_causal_lm, load_tokenizer
-    from logitcache.pipeline.teacher.hf import resolve_device
+    from logitcache.pipeline.device import resolve_device
 
     if cfg.batch_size <= 0:
         raise LogitCacheError(f"--batch-size must be positive (got {cfg.batch_size}).")

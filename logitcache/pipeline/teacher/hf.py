@@ -16,42 +16,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from logitcache.errors import LogitCacheError
+from logitcache.pipeline.device import resolve_device, resolve_dtype
 from logitcache.pipeline.loading import load_causal_lm, load_tokenizer
 from logitcache.pipeline.offsets import require_fast_tokenizer
 from logitcache.pipeline.padding import pad_sequences, pad_token_id
 from logitcache.pipeline.teacher.engine import GenerationConfig, ScoredSequence
 from logitcache.pipeline.teacher.topk import TopK, chunked_topk, chunked_topk_from_logits_fn
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
 # Config attributes of models whose logits are not just lm_head(hidden).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise LogitCacheError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N.") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LogitCacheError(f"--device {device}: CUDA is not available here; use --device cpu.")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype not in _DTYPES:
-        raise LogitCacheError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16.")
-    return _DTYPES[dtype]
 
 
 def model_fingerprint(name: str, revision: str | None) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 import logitcache
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.offsets import encode_with_offsets
-from logitcache.pipeline.teacher.data import (
+from logitcache.pipeline.records import (
     TextTemplate,
     add_special_tokens_for,
     check_records,

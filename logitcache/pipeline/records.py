@@ -1,4 +1,5 @@
-"""Stage 1 input: load records with `datasets` and turn each into (id, text, prompt_chars)."""
+"""Input records for both stages: load them with `datasets`, render each through a template into
+(id, text, prompt_chars). Stage 1 scores them; stage 2 evaluates students on the same templates."""
 
 from __future__ import annotations
 
