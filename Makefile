@@ -27,6 +27,7 @@ bench: $(VENV)/.installed  ## benchmarks; results in benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/losses_memory.py
 	$(BIN)/python benchmarks/storage.py
 	$(BIN)/python benchmarks/soak.py
+	$(BIN)/python benchmarks/finite_checks.py
 
 # The quality benchmark draws a chart; matplotlib is for it alone, not a dependency of the package.
 $(VENV)/.quality-installed: $(VENV)/.installed

@@ -121,16 +121,26 @@ TOKENIZERS = {
     "unigram": "Unigram, SentencePiece-style (V=4096, trained on teacher-train)",
 }
 CROSS_LOSSES = ("uld", "mlot", "hybrid", "alm")  # those in train.LOSSES are run
+# --ablation: the cross-tokenizer rows again with one issue-12 §1 fix undone (where a flag can
+# undo it), for the before/after figures. Not candidates for the goals.
+ABLATIONS = {
+    "mlot-approx-tau": ("mlot", {"approximate_temperature": True}),  # §1c: tau_SD=2 renormalised over the top-K
+    "uld-token": ("uld", {"kd_reduction": "token"}),  # §1d: the mean over the batch's positions
+    "mlot-token": ("mlot", {"kd_reduction": "token"}),
+}
 LEGEND = (
     "Rows: `sft` cross-entropy only; `kl` forward KL from the top-64 cache (the teacher's tokenizer); `kl-full` the "
     "same KL against the teacher's full logits computed on the fly (K = V; the reference for the top-k cost); `uld`, "
     "`mlot` (paper variant), `hybrid`, `alm`: the cross-tokenizer losses, each with its default alignment and the "
     "package's default settings. aligned: the fraction of the student's target positions paired with a teacher "
-    "target (training feature stats). s/step: training seconds per step (this machine, as it was loaded)."
+    "target (training feature stats). s/step: training seconds per step (this machine, as it was loaded). With "
+    "--ablation, rows with one issue-12 fix undone: `mlot-approx-tau` (MultiLevelOT's tau_SD = 2 target renormalised "
+    "over the top-64 instead of exact from the cache's log-partition, §1c), `uld-token`/`mlot-token` (the KD term "
+    "averaged over the batch's positions instead of per sequence, §1d)."
 )
 
 
-def methods() -> list[tuple[str, str]]:
+def methods(ablation: bool = False) -> list[tuple[str, str]]:
     """(tokenizer, method) of every row, in table order; data-driven on the losses that exist."""
     from logitcache.pipeline.student.train import LOSSES
 
@@ -138,6 +148,8 @@ def methods() -> list[tuple[str, str]]:
     for tok in ("bpe", "unigram"):
         rows.append((tok, "sft"))
         rows += [(tok, loss) for loss in CROSS_LOSSES if loss in LOSSES]
+        if ablation:
+            rows += [(tok, name) for name in ABLATIONS]
     return rows
 
 
@@ -318,7 +330,7 @@ def run_row(ctx: dict, tok: str, method: str, seed: int) -> dict:
 
     setup: Setup = ctx["setup"]
     spec = setup.student
-    loss = "kl" if method == "kl-full" else method
+    loss, overrides = ABLATIONS.get(method, ("kl" if method == "kl-full" else method, {}))
     row_cfg = {"tokenizer": tok, "tokenizer_files": tokenizer_hash(ctx["tokenizers"][tok]), "method": method, "seed": seed,
                "student": asdict(spec), "cache_manifest": ctx["cache_hash"], "code": ctx["code"],
                "heldout": ctx["heldout_hash"]}
@@ -333,7 +345,7 @@ def run_row(ctx: dict, tok: str, method: str, seed: int) -> dict:
         student=os.fspath(init), cache=os.fspath(ctx["stage1"]), out=os.fspath(out), loss=loss,
         max_steps=spec.steps, batch_size=spec.batch, learning_rate=spec.lr, warmup_steps=spec.warmup,
         save_steps=spec.steps, save_total_limit=1, logging_steps=max(spec.steps // 4, 1), seed=seed,
-        max_length=spec.max_positions, shuffle_buffer=4096, progress=False,
+        max_length=spec.max_positions, shuffle_buffer=4096, progress=False, **overrides,
     )
     live = contextlib.nullcontext()
     if method == "kl-full":
@@ -429,7 +441,7 @@ def goals(aggs: dict[tuple[str, str], Agg]) -> list[tuple[str, str, str]]:
     rel_same = (sft.mean - kl.mean) / sft.mean if sft and kl else float("nan")
     best = None
     for (tok, method), a in aggs.items():
-        if tok == "mistral" or method == "sft" or (tok, "sft") not in aggs:
+        if tok == "mistral" or method == "sft" or method in ABLATIONS or (tok, "sft") not in aggs:
             continue
         s = aggs[(tok, "sft")]
         ok, gain, noise = beats(a, s)
@@ -521,6 +533,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fresh-teacher", action="store_true", help="retrain the teacher too")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3, --quick 1)")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md and the chart")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also the cross-tokenizer rows with one issue-12 fix undone by a flag (before/after)")
     ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     ap.add_argument("--seed-list", type=str, default=None,
                     help="comma-separated seeds to run (e.g. 2), to share the rows between processes")
@@ -593,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
     ctx = {"setup": setup, "cache": cache, "tokenizers": tokenizers, "stage1": stage1, "cache_hash": cache_hash,
            "code": code, "heldout": heldout, "heldout_hash": _file_hash(heldout), "fresh": args.fresh,
            "teacher_dir": tdir, "temperatures": temperatures}
-    order = methods()
+    order = methods(args.ablation)
     plan = [(tok, m, s) for s in setup.seeds for tok, m in order]  # seed-major: a cut-short run has whole seeds
     if args.reverse:
         plan.reverse()

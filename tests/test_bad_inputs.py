@@ -66,6 +66,8 @@ def _bad_files(root: Path) -> Path:
     _write(root / "latin1.csv", b"text\ngood\nbad \xff\n")
     _write(root / "notes.xyz", "text\n")
     (root / "empty-dir").mkdir()
+    _write(root / "mixed-dir" / "a.jsonl", "".join(f'{{"text": "json {i}"}}\n' for i in range(4)))
+    _write(root / "mixed-dir" / "b.csv", "text\n" + "".join(f"csv {i}\n" for i in range(4)))
     _write(root / "no-data-dir" / "README", "no data files here\n")
     _write(root / "not-a-model" / "notes.txt", "not a model\n")
     _write(root / "a-file", "just a file\n")
@@ -73,6 +75,7 @@ def _bad_files(root: Path) -> Path:
     _write(root / "unknown-key.yaml", "lerning_rate: 0.1\n")
     _write(root / "not-yaml.yaml", "loss: [uld\n")
     _write(root / "a-list.yaml", "- uld\n- kl\n")
+    _write(root / "bad-type.yaml", "batch_size: many\n")
     return root
 
 
@@ -147,6 +150,7 @@ CASES = [
     pytest.param(lambda i, o: teacher(i, o / "c", data=i.bad / "empty-dir"), ["empty-dir", "no data files"], id="teacher-data-empty-dir"),
     pytest.param(lambda i, o: teacher(i, o / "c", data=i.bad / "no-data-dir"), ["no-data-dir", "no data files"], id="teacher-data-dir-without-data"),
     pytest.param(lambda i, o: teacher(i, o / "c", data=i.bad / "notes.xyz"), ["notes.xyz", "unknown file type"], id="teacher-data-unknown-type"),
+    pytest.param(lambda i, o: text_teacher(i, o / "c", i.bad / "mixed-dir"), ["mixed-dir", "mixes data formats", "a.jsonl", "b.csv"], id="teacher-data-dir-of-two-formats"),
     pytest.param(lambda i, o: text_teacher(i, o / "c", i.bad / "not-json.jsonl"), ["line 2", "not valid JSON"], id="teacher-data-invalid-json-line"),
     pytest.param(lambda i, o: text_teacher(i, o / "c", i.bad / "a-list.jsonl"), ["line 2", "JSON list", "object"], id="teacher-data-json-line-not-object"),
     pytest.param(lambda i, o: text_teacher(i, o / "c", i.bad / "missing-text.jsonl"), ["record 2", "'text'", "missing"], id="teacher-data-line-missing-text"),
@@ -217,6 +221,7 @@ CASES = [
     pytest.param(lambda i, o: train(i, o / "run", "--kd-weight", -1), ["--kd-weight", "0 or more"], id="train-kd-weight-negative"),
     pytest.param(lambda i, o: train(i, o / "run", "--config", i.bad / "unknown-key.yaml"), ["unknown-key.yaml", "unknown keys", "lerning_rate"], id="train-config-unknown-key"),
     pytest.param(lambda i, o: train(i, o / "run", "--config", i.bad / "not-yaml.yaml"), ["not-yaml.yaml", "not valid YAML"], id="train-config-not-yaml"),
+    pytest.param(lambda i, o: train(i, o / "run", "--config", i.bad / "bad-type.yaml"), ["bad-type.yaml", "batch_size", "'many'", "whole number"], id="train-config-wrong-type"),
     pytest.param(lambda i, o: train(i, o / "run", "--config", i.bad / "a-list.yaml"), ["a-list.yaml", "mapping"], id="train-config-not-a-mapping"),
     pytest.param(lambda i, o: train(i, o / "run", "--config", i.bad / "empty-dir"), ["empty-dir", "no such file"], id="train-config-is-a-directory"),
     pytest.param(lambda i, o: ["train", "--cache", i.cache, "--out", o / "run"], ["missing", "--student"], id="train-no-student"),
@@ -313,3 +318,27 @@ def test_records_missing_a_field_are_found_before_any_is_read(inputs):
     ds = load_records(str(inputs.bad / "number-text.jsonl"))
     with pytest.raises(LogitCacheError, match=r"^--text-field 'text' holds int64 values, expected text"):
         check_records(ds, TextTemplate(text_field="text"))
+
+
+def test_a_directory_of_one_format_is_read_whole(tmp_path):
+    from logitcache.pipeline.records import load_records
+
+    for name in ("a.jsonl", "b.jsonl", "sub/c.json"):
+        _write(tmp_path / "d" / name, "".join(json.dumps({"text": f"{name} {i}"}) + "\n" for i in range(4)))
+    _write(tmp_path / "d" / ".cache" / "x.csv", "text\nignored: hidden\n")  # hidden: not data
+
+    ds = load_records(str(tmp_path / "d"))
+
+    assert len(ds) == 12
+
+
+def test_config_values_are_read_by_their_field_types(tmp_path):
+    """YAML 1.1 reads 1e-4 (no dot) as a string: it must reach the optimizer as a number."""
+    from logitcache.pipeline.student.train import load_config_file
+
+    f = _write(tmp_path / "c.yaml", "learning_rate: 1e-4\nweight_decay: 1e-2\nmax_steps: 100.0\nsave_total_limit: null\n")
+
+    got = load_config_file(f)
+
+    assert got == {"learning_rate": 1e-4, "weight_decay": 1e-2, "max_steps": 100, "save_total_limit": None}
+    assert [type(v) for v in got.values()] == [float, float, int, type(None)]

@@ -106,3 +106,19 @@ def test_merge_refuses_a_missing_part_in_one_line(tmp_path, teacher_dir, data_fi
     errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "1" in errors[0] and "missing" in errors[0]
     assert not (tmp_path / "merged" / "manifest.json").exists()
+
+
+def test_training_on_one_part_says_it_holds_a_share_of_the_data(tmp_path, teacher_dir, data_file, student):
+    import subprocess
+    import sys
+
+    parts = tmp_path / "parts"
+    run_teacher(make_config(teacher_dir, data_file, parts, num_workers=3, worker_index=1), progress=False)
+
+    r = subprocess.run([sys.executable, "-m", "logitcache", "train", "--student", str(student), "--cache",
+                        str(parts / part_name(1, 3)), "--out", str(tmp_path / "run"), "--loss", "kl", "--max-steps", "1",
+                        "--batch-size", "2", "--no-progress"], capture_output=True, text=True, timeout=300, check=False)
+
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert any("part 2 of 3 of a split teacher run" in w and "logitcache merge" in w for w in warnings), r.stderr

@@ -332,3 +332,80 @@ def test_eval_passes_the_flag_to_the_model_loader(flag, expected, monkeypatch, d
             "--response-field", "response", *flag]
 
     assert _loader_kwargs(monkeypatch, args)[0]["trust_remote_code"] is expected
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_fifo_in_place_of_a_shard_is_refused_not_waited_on(cache_copy, skip):
+    import os
+
+    shard = cache_copy / SHARD
+    shard.unlink()
+    os.mkfifo(shard)
+    _edit_manifest(cache_copy, _set_shard(1, bytes=0))  # sizes made to match: only the file type tells
+
+    if not skip:
+        with pytest.raises(LogitCacheError, match="not a regular file"):
+            LogitCacheDataset(cache_copy, shuffle=False)
+    else:
+        ds = LogitCacheDataset(cache_copy, shuffle=False, skip_bad_shards=True)
+        assert [b.path for b in ds.skipped_shards] == [SHARD]
+    assert not verify_cache(cache_copy).ok
+
+
+def test_hashing_refuses_a_device_or_fifo(tmp_path):
+    import os
+
+    from logitcache.storage.fsutil import sha256_file
+
+    os.mkfifo(tmp_path / "fifo")
+    for path in (tmp_path / "fifo", "/dev/zero", tmp_path):
+        with pytest.raises(LogitCacheError, match="not a regular file"):
+            sha256_file(path)
+
+
+def _rewrite_table(cache: Path, change) -> None:
+    """Rewrite SHARD through ``change(table) -> table`` and re-record its size and sha256."""
+    import pyarrow.parquet as pq
+
+    from logitcache.storage.fsutil import sha256_file
+
+    path = cache / SHARD
+    pq.write_table(change(pq.read_table(path)), path)
+    _edit_manifest(cache, _set_shard(1, bytes=path.stat().st_size, sha256=sha256_file(path)))
+
+
+def test_a_v1_shard_whose_metadata_claims_the_compact_codec_reads_as_the_manifest_says(cache_copy):
+    from logitcache.storage.codec import CODEC_NAME, META_CODEC
+
+    everything = sorted(r["id"] for r in LogitCacheDataset(cache_copy, shuffle=False))
+    _rewrite_table(cache_copy, lambda t: t.replace_schema_metadata({META_CODEC: CODEC_NAME}))
+
+    assert verify_cache(cache_copy).ok
+    assert sorted(r["id"] for r in LogitCacheDataset(cache_copy, shuffle=False)) == everything
+
+
+def test_a_null_inside_a_list_column_is_refused_by_verify_and_train_alike(cache_copy):
+    import numpy as np
+    import pyarrow as pa
+
+    def null_id(t):
+        i = t.schema.get_field_index("input_ids")
+        col = t.column(i).combine_chunks()
+        values = pa.array(col.values.to_numpy(), mask=np.arange(len(col.values)) == 3)
+        return t.set_column(i, t.schema.field(i), pa.ListArray.from_arrays(col.offsets, values))
+
+    _rewrite_table(cache_copy, null_id)
+
+    report = verify_cache(cache_copy)
+    assert any(SHARD in p and "null values in column(s) input_ids" in p for p in report.problems), report.problems
+    with pytest.raises(LogitCacheError, match="null values in column"):
+        list(LogitCacheDataset(cache_copy, shuffle=False))
+
+
+def test_a_manifest_nested_thousands_deep_is_one_line(cache_copy):
+    (cache_copy / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+
+    with pytest.raises(LogitCacheError, match="nested too deeply"):
+        load_manifest(cache_copy)
+    r = runner.invoke(app, ["verify", str(cache_copy)])
+    assert "nested too deeply" in _one_error_line(r)

@@ -438,3 +438,34 @@ def test_cli_refusal_is_one_error_line(tmp_path, parts):
     errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "worker 2 of 3 missing" in errors[0], r.output
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("point", ["merge.placed", "merge.saved"])
+def test_a_killed_merge_reruns_as_is(tmp_path, parts, point):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "merged"
+    cmd = [sys.executable, "-m", "logitcache", "merge", str(out), *map(str, parts)]
+    killed = subprocess.run(cmd, env={**os.environ, "LOGITCACHE_CRASH_AT": f"{point}:1"}, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert killed.returncode == -9, killed.stderr
+    assert (out / ".merging").exists()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+
+    assert again.returncode == 0, again.stderr
+    assert verify_cache(out).ok and not (out / ".merging").exists()
+    assert sorted(rows_by_id(out)) == sorted(i for p in parts for i in rows_by_id(p))
+
+
+def test_a_merge_marker_with_foreign_files_is_refused_touching_nothing(tmp_path, parts):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / ".merging").write_text('{"logitcache": ".merging", "creates": ["data"]}')
+    (out / "notes.txt").write_text("mine")
+
+    with pytest.raises(LogitCacheError, match=r"notes.txt.*nothing was removed"):
+        merge_caches(out, parts)
+    assert (out / "notes.txt").read_text() == "mine"

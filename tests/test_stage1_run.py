@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -209,3 +210,64 @@ def test_reads_parquet_csv_and_json_files(tmp_path, teacher_dir, data_file, fmt)
     first = json.loads(data_file.read_text().splitlines()[0])
     row = open_cache(out)[first["id"]]
     assert row["text"] == first["prompt"] + first["response"]
+
+
+def test_a_resume_with_the_same_paths_spelled_otherwise_is_the_same_run(tmp_path, teacher_dir, data_file, monkeypatch):
+    import os
+
+    out = tmp_path / "c"
+    monkeypatch.chdir(teacher_dir.parent)
+    first = run_teacher(make_config(Path(teacher_dir.name), Path(os.path.relpath(data_file)), out, limit=8), progress=False)
+    monkeypatch.chdir(tmp_path)
+
+    again = run_teacher(make_config(teacher_dir, data_file, out), progress=False)  # absolute this time
+
+    assert first.written == 8 and again.already_done == 8 and again.complete
+
+
+@pytest.mark.parametrize("marker", ["", "not ours\n"])
+def test_a_stray_init_marker_never_costs_the_users_files(tmp_path, teacher_dir, data_file, marker):
+    out = tmp_path / "c"
+    (out / "data").mkdir(parents=True)
+    (out / ".init").write_text(marker)
+    (out / "notes.txt").write_text("precious")
+    (out / "data" / "x.csv").write_text("precious too")
+
+    with pytest.raises(LogitCacheError, match=r"did not write.*notes.txt.*nothing was removed"):
+        run_teacher(make_config(teacher_dir, data_file, out, limit=4), progress=False)
+
+    assert (out / "notes.txt").read_text() == "precious" and (out / "data" / "x.csv").read_text() == "precious too"
+
+
+def test_a_half_made_cache_is_cleared_only_of_what_its_creation_made(tmp_path, teacher_dir, data_file):
+    out = tmp_path / "c"
+    run_teacher(make_config(teacher_dir, data_file, out, limit=4), progress=False)
+    (out / "manifest.json").unlink()  # as if killed before the manifest: the marker says what it made
+    (out / ".init").write_text(json.dumps({"logitcache": ".init", "creates": ["data", "tokenizer", "README.md"]}))
+    (out / "mine.txt").write_text("not the tool's")
+
+    with pytest.raises(LogitCacheError, match=r"half made \(\.init\) and files logitcache did not create \(mine.txt\)"):
+        run_teacher(make_config(teacher_dir, data_file, out, limit=4), progress=False)
+    assert (out / "mine.txt").exists() and (out / "data").exists()
+
+    (out / "mine.txt").unlink()
+    result = run_teacher(make_config(teacher_dir, data_file, out, limit=4), progress=False)
+    assert result.written == 4 and not (out / ".init").exists()
+
+
+def test_an_empty_csv_cell_is_skipped_like_an_empty_json_string(tmp_path, teacher_dir):
+    import csv
+
+    records = [("Q1?", "A one."), ("Q2?", ""), ("", "A three."), ("Q4?", "A four.")]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in records))
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("prompt", "response"), *records])
+
+    results = {}
+    for name in ("d.jsonl", "d.csv"):
+        out = tmp_path / f"cache-{name}"
+        r = run_teacher(make_config(teacher_dir, tmp_path / name, out), progress=False)
+        results[name] = (r.written, r.skipped, sorted(row["text"] for row in open_cache(out).iter_rows()))
+
+    assert results["d.csv"] == results["d.jsonl"]
+    assert results["d.csv"][0] == 3 and results["d.csv"][1] == {"empty response": 1}

@@ -222,9 +222,9 @@ def v1_extras_copy(tmp_path, teacher_dir, data_file) -> Path:
     [
         ("lse_tau", -50.0, "lse_tau at tau=2 is outside"),
         ("lse_tau", np.nan, "non-finite lse_tau"),
-        ("logit_std", 0.0, "logit_std that is not finite and positive"),
+        ("logit_std", 0.0, "logit_std that is not positive"),
         ("lse_std", -1e3, "lse_std is outside"),
-        ("logit_mean", 1e4, "logit_mean that is not finite or above"),
+        ("logit_mean", 1e4, "logit_mean above the largest logit"),
     ],
 )
 def test_verify_reports_impossible_extra_values(v1_extras_copy, column, value, words):

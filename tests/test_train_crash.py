@@ -138,3 +138,27 @@ def test_checkpoints_hold_the_data_state_as_json(tmp_path, built_cache, student)
     state = json.loads((ckpt / DATA_STATE.format(rank=0)).read_text())
     assert state["world_size"] == 1 and sum(state["consumed"].values()) == 8
     assert DataStateCallback.is_complete(ckpt)
+
+
+def test_a_full_disk_at_a_checkpoint_stops_with_one_line_and_resumes(tmp_path, built_cache, student, monkeypatch):
+    import errno
+
+    from transformers import Trainer
+
+    from logitcache import LogitCacheError
+
+    real = Trainer._save_optimizer_and_scheduler
+
+    def full_disk(self, output_dir):
+        if output_dir.endswith("checkpoint-4"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(self, output_dir)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_save_optimizer_and_scheduler", full_disk)
+        with pytest.raises(LogitCacheError) as e:
+            run_train(_cfg(student, built_cache, tmp_path / "run"))
+    assert "\n" not in str(e.value) and "no space left on the device" in str(e.value) and "--resume" in str(e.value)
+
+    resumed = run_train(_cfg(student, built_cache, tmp_path / "run", resume=True))
+    assert resumed.global_step == 6

@@ -342,3 +342,25 @@ def test_logsumexp_must_be_zero_where_the_engine_gives_none(cache_copy):
     report = verify_cache(cache_copy)
     assert not report.ok
     assert any("logsumexp although the manifest says the engine gives none" in p for p in report.problems)
+
+
+def test_verify_of_a_cache_being_written_passes_the_shard_about_to_be_listed(tmp_path, teacher_dir, data_file):
+    """The writer renames shard N into place, then lists it: a verify in between must not fail."""
+    import shutil
+
+    from conftest import make_config
+
+    from logitcache.pipeline.teacher.run import run_teacher
+    from logitcache.storage import load_manifest
+
+    out = tmp_path / "c"
+    run_teacher(make_config(teacher_dir, data_file, out, limit=12), progress=False)  # partial: 12 of 24
+    m = load_manifest(out)
+    assert m.status == "partial"
+    next_shard = out / "data" / f"shard-{len(m.shards):05d}.parquet"
+    shutil.copy(out / m.shards[0].path, next_shard)
+
+    assert verify_cache(out).ok
+
+    shutil.move(next_shard, out / "data" / f"shard-{len(m.shards) + 1:05d}.parquet")  # not the next one
+    assert any("not listed in the manifest" in p for p in verify_cache(out).problems)

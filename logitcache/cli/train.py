@@ -31,7 +31,7 @@ def train(
     eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Evaluate every N steps (with --eval-cache)."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 mixed precision."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for initialisation and shuffling."),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Dataloader worker processes."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Dataloader worker processes (every example once per epoch, full batches, exact --resume with the same number)."),
     kl_kind: Optional[str] = typer.Option(None, "--kl-kind", help="forward, reverse or jsd (with --loss kl)."),
     mlot_variant: Optional[str] = typer.Option(None, "--mlot-variant", help="paper or code (with --loss mlot; code needs a cache written with `logitcache teacher --logit-stats`)."),
     mlot_k: Optional[int] = typer.Option(None, "--mlot-k", help="Ranked vocabulary dimensions MultiLevelOT compares (default 50, the paper's; the cache's k must be at least this)."),
@@ -45,7 +45,7 @@ def train(
     approximate_temperature: bool = typer.Option(False, "--approximate-temperature", help="--loss mlot on a cache without `--temperatures 2`: renormalise the teacher's top-k at τ_SD instead of refusing (biased: the tail's mass is dropped)."),
     kd_chunk_size: Optional[int] = typer.Option(None, "--kd-chunk-size", help="0 (default): CE and KD in one fused, memory-bounded pass over the logits. N > 0: CE, then the standalone ULD/KL loss over chunks of N positions (slower; for comparison)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in --out (mid-epoch); one cut short by a kill is passed over."),
-    skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards", help="Train without the cache's damaged shards (missing, resized, altered), naming them and the examples lost, instead of refusing the cache."),
+    skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards", help="Train without the cache's damaged shards (missing, resized, altered) and row groups with bad values (NaN, inf, log-probs above 0, unsorted top-k), naming them and the examples lost, instead of refusing the cache."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the student's own Python code to run (off by default: it is code from the model's author). The cache's tokenizer never runs code."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:

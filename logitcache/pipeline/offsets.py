@@ -94,6 +94,34 @@ def encode_with_offsets(tokenizer, text: str, *, add_special_tokens: bool = True
     return ids, starts, ends
 
 
+# Tokenizing a prefix of a text gives the whole text's first tokens as long as the cut lies well
+# behind them: a tokenizer decides each token from a bounded neighbourhood (a pre-tokenized word,
+# a merge window). This many tokens past the ones kept stand between the cut and them.
+PREFIX_MARGIN_TOKENS = 64
+
+
+def encode_prefix_with_offsets(
+    tokenizer, text: str, max_tokens: int | None, *, add_special_tokens: bool = True,
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """``encode_with_offsets`` for a caller that keeps at most ``max_tokens`` tokens.
+
+    Why: a 100 MB record tokenized whole with offsets takes gigabytes before any truncation.
+    Here prefixes of growing length (x4) are tokenized until one holds more than
+    ``max_tokens + PREFIX_MARGIN_TOKENS`` tokens, or the whole text is; the work is bounded by
+    the characters of about ``max_tokens`` tokens, not by ``len(text)``. The first
+    ``max_tokens`` tokens and spans are the whole text's; later ones may differ (near the
+    cut) and must be dropped by the caller. ``max_tokens`` None: the whole text.
+    """
+    if max_tokens is not None:
+        chars = 8 * (max_tokens + PREFIX_MARGIN_TOKENS)
+        while chars < len(text):
+            ids, starts, ends = encode_with_offsets(tokenizer, text[:chars], add_special_tokens=add_special_tokens)
+            if len(ids) > max_tokens + PREFIX_MARGIN_TOKENS:
+                return ids, starts, ends
+            chars *= 4
+    return encode_with_offsets(tokenizer, text, add_special_tokens=add_special_tokens)
+
+
 # --- bytes -------------------------------------------------------------------------------------
 #
 # Character spans cannot tell the pieces of a split character apart: every later piece has an

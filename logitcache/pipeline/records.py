@@ -207,13 +207,19 @@ def check_records(ds, t: TextTemplate) -> None:
             raise LogitCacheError(
                 f"{opt} {name!r} holds {column.type} values, expected text; name a field of strings."
             )
-        if column.null_count:
+        if column.null_count and not (text and nulls_are_empty(ds)):
             import pyarrow.compute as pc
 
             first = pc.index(pc.is_null(column), True).as_py()
             raise LogitCacheError(
                 f"record {first + 1}: field {name!r} is missing (or null); give every record that field, or drop the record."
             )
+
+
+def nulls_are_empty(ds) -> bool:
+    """CSV has no null: an empty cell is read as one. Its text fields are then empty strings,
+    skipped like JSON's "" (an empty text or response), not refused as missing."""
+    return getattr(getattr(ds, "info", None), "builder_name", None) == "csv"
 
 
 def load_records(data: str, split: str = "train"):
@@ -239,6 +245,7 @@ def load_records(data: str, split: str = "train"):
                 check_utf8(path, f"--data {data}")
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         elif path.is_dir():
+            _refuse_mixed_formats(path, data)
             for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in _TEXT_SUFFIXES and p.is_file()):
                 check_utf8(file, f"--data {data}: {file.relative_to(path)}")
             ds = datasets.load_dataset(str(path), split=split)
@@ -255,6 +262,23 @@ def load_records(data: str, split: str = "train"):
     if len(ds) == 0:
         raise LogitCacheError(f"--data {data} holds no records; give data with at least one record.")
     return ds
+
+
+def _refuse_mixed_formats(path: Path, data: str) -> None:
+    """A directory holding data files of two formats: `datasets` would read only the most common
+    format and drop the other files' records without a word, so refuse, naming them."""
+    by_builder: dict[str, list[str]] = {}
+    for file in sorted(path.rglob("*")):
+        rel = file.relative_to(path)
+        if file.is_file() and file.suffix.lower() in _BUILDERS and not any(part.startswith(".") for part in rel.parts):
+            by_builder.setdefault(_BUILDERS[file.suffix.lower()], []).append(rel.as_posix())
+    if len(by_builder) > 1:
+        listed = "; ".join(f"{builder}: {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}"
+                           for builder, files in sorted(by_builder.items()))
+        raise LogitCacheError(
+            f"--data {data} mixes data formats ({listed}), and only one format per directory can be read; "
+            "convert the files to one format, or give one directory per format."
+        )
 
 
 def check_utf8(path: Path, where: str, block_size: int = 1 << 22) -> None:
@@ -360,7 +384,11 @@ def iter_examples(
     check_records(ds, t)
     seen: dict[str, int] = {}
     n = len(ds) if limit is None else min(limit, len(ds))
+    empty_cells = nulls_are_empty(ds)
+    text_fields = [f for f in (t.text_field, t.prompt_field, t.response_field) if f]
     for i, record in enumerate(islice(ds, n)):
+        if empty_cells:
+            record = {**record, **{f: "" for f in text_fields if record.get(f, "") is None}}
         try:
             if generate:
                 text = render_prompt(record, t, tokenizer)

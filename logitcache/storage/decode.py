@@ -15,9 +15,17 @@ from logitcache.storage import codec
 from logitcache.storage.rows import Row, batch_to_rows
 
 
-def decode_rows(batch: pa.RecordBatch | pa.Table, id_table: np.ndarray | None = None) -> Iterator[Row]:
-    """Rows of a shard's batch in either codec: v1, or compact (``id_table``: the shard footer's)."""
-    if (batch.schema.metadata or {}).get(codec.META_CODEC) == codec.CODEC_NAME.encode():
+def decode_rows(batch: pa.RecordBatch | pa.Table, id_table: np.ndarray | None = None,
+                compact: bool | None = None) -> Iterator[Row]:
+    """Rows of a shard's batch in either codec: v1, or compact (``id_table``: the shard footer's).
+
+    ``compact``: the codec the manifest names, which wins over the shard's own metadata (so
+    that a shard cannot make the reader decode it otherwise than ``verify`` does); None: the
+    metadata says.
+    """
+    if compact is None:
+        compact = (batch.schema.metadata or {}).get(codec.META_CODEC) == codec.CODEC_NAME.encode()
+    if compact:
         yield from codec.decode_compact(batch, id_table=id_table)
         return
     for b in batch.to_batches() if isinstance(batch, pa.Table) else [batch]:

@@ -13,8 +13,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import signal
+import stat
 from pathlib import Path
+
+from logitcache.errors import LogitCacheError
 
 _CHUNK = 1 << 20
 CRASH_ENV = "LOGITCACHE_CRASH_AT"
@@ -49,8 +53,15 @@ def temp_name(path: str | os.PathLike) -> Path:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
+    """The sha256 of a regular file. Anything else is refused: a FIFO or a device (``/dev/zero``)
+    in a hostile cache would make hashing block or never end."""
+    # O_NONBLOCK: opening a FIFO with no writer would otherwise block before fstat could refuse it.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LogitCacheError(f"{path}: not a regular file (a FIFO, device or directory); refused.")
+    with os.fdopen(fd, "rb") as f:
+        h = hashlib.sha256()
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -111,3 +122,15 @@ def hash_files(directory: str | os.PathLike) -> tuple[str, dict[str, str]]:
     }
     combined = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in files.items()).encode()).hexdigest()
     return combined, files
+
+
+def copy_files(src: Path, dst: Path) -> None:
+    """Copy a folder file by file. Not shutil.copytree: it gathers every failure into one
+    shutil.Error holding a list, with no errno, so a full disk could not be told in one line."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in sorted(src.rglob("*")):
+        target = dst / p.relative_to(src)
+        if p.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            shutil.copy2(p, target)

@@ -153,6 +153,11 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
+# A manifest lists its shards (about 200 bytes each) and skipped ids: 256 MiB is over a million
+# shards. Bigger is a damaged or hostile file, not read into memory.
+MAX_MANIFEST_BYTES = 256 << 20
+
+
 def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
     path = Path(cache_dir) / MANIFEST_NAME
     if not path.is_file():
@@ -160,10 +165,16 @@ def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
             f"{cache_dir}: no {MANIFEST_NAME} here, so this is not a logitcache cache; "
             "point to the directory written by `logitcache teacher --out`."
         )
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise LogitCacheError(
+            f"{path}: {path.stat().st_size:,} bytes, more than any manifest ({MAX_MANIFEST_BYTES:,}); the manifest is damaged."
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LogitCacheError(f"{path}: not valid JSON ({e}); the manifest is damaged.") from e
+    except RecursionError as e:  # JSON nested thousands deep: never a manifest
+        raise LogitCacheError(f"{path}: JSON nested too deeply to be a manifest; the manifest is damaged.") from e
     if not isinstance(data, dict):
         raise LogitCacheError(f"{path}: expected a JSON object; the manifest is damaged.")
     return Manifest.from_dict(data, where=str(path))

@@ -33,9 +33,10 @@ import pyarrow.parquet as pq
 
 from logitcache.errors import LogitCacheError
 from logitcache.storage.card import render_card
-from logitcache.storage.fsutil import atomic_write_bytes, fsync_dir, publish, sha256_file
+from logitcache.storage.fsutil import atomic_write_bytes, copy_files, crash_point, fsync_dir, publish, sha256_file, temp_name
 from logitcache.storage.lock import LOCK_NAME, CacheLock
 from logitcache.storage.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, resolve_inside
+from logitcache.storage.marker import clear_marked, write_marker
 from logitcache.storage.verify import tokenizer_problems
 from logitcache.storage.writer import CARD_NAME, DATA_DIR, TMP_PREFIX, TOKENIZER_DIR
 
@@ -155,7 +156,13 @@ def _check_out_outside_parts(out: Path, parts: Sequence[str | os.PathLike]) -> N
             )
 
 
+MERGE_MARKER = ".merging"  # present while a merge writes ``out``; lists what it may leave there
+
+
 def _check_out(out: Path) -> None:
+    if (out / MERGE_MARKER).exists():  # a merge killed half-way: start over, removing only what it made
+        clear_marked(out, MERGE_MARKER, keep=(LOCK_NAME,))
+        (out / MERGE_MARKER).unlink()
     if any(p.name != LOCK_NAME for p in out.iterdir()):  # the lock made ``out`` if it was missing
         raise LogitCacheError(f"{out} is not empty; give a new or empty directory for the merged cache.")
 
@@ -338,6 +345,8 @@ def _check_tokenizer(part: _Part) -> None:
 
 def _write(out: Path, parts: list[_Part], link: bool, report: MergeReport) -> None:
     try:
+        write_marker(out, MERGE_MARKER, (DATA_DIR, TOKENIZER_DIR, CARD_NAME, temp_name(Path(CARD_NAME)).name,
+                                          MANIFEST_NAME, temp_name(Path(MANIFEST_NAME)).name))
         (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
         shards: list[ShardInfo] = []
         for part in parts:
@@ -348,9 +357,10 @@ def _write(out: Path, parts: list[_Part], link: bool, report: MergeReport) -> No
                 report.copied += not linked
                 shards.append(dataclasses.replace(info, path=rel))
         fsync_dir(out / DATA_DIR)
+        crash_point("merge.placed")
         tok = parts[0].path / TOKENIZER_DIR
         if tok.is_dir():  # the same files in every part: the settings check compared their hashes
-            shutil.copytree(tok, out / TOKENIZER_DIR)
+            copy_files(tok, out / TOKENIZER_DIR)
         skipped: dict[str, str] = {}
         for part in parts:
             skipped.update(part.manifest.skipped)
@@ -363,7 +373,9 @@ def _write(out: Path, parts: list[_Part], link: bool, report: MergeReport) -> No
             created_at=min((p.manifest.created_at for p in parts), key=_when),
         )
         atomic_write_bytes(out / CARD_NAME, render_card(merged).encode())
-        merged.save(out)  # last: from here on ``out`` is a cache
+        merged.save(out)  # from here on ``out`` is a cache
+        crash_point("merge.saved")
+        (out / MERGE_MARKER).unlink()
     except BaseException as e:
         _remove_output(out)
         if isinstance(e, OSError):

@@ -50,6 +50,18 @@ def _list_array(chunks: Sequence[np.ndarray], values: pa.Array) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
+# float16's lowest finite value: a log-prob below it (a probability under e^-65504, 0 in any
+# float) is stored as it rather than as -inf, so a finite teacher never writes a non-finite value.
+FP16_LOWEST = float(np.finfo(np.float16).min)
+
+
+def _as(values, dtype: type) -> np.ndarray:
+    a = np.asarray(values)
+    if dtype is np.float16 and a.dtype != np.float16:
+        a = np.maximum(a, FP16_LOWEST)  # NaN stays NaN: value checks must still see it
+    return a.astype(dtype, copy=False)
+
+
 def _flat(chunks: Sequence[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate([c.reshape(-1) for c in chunks]).astype(dtype, copy=False) if chunks else np.zeros(0, dtype)
 
@@ -75,7 +87,7 @@ def rows_to_table(rows: Sequence[Row], k: int, n_temperatures: int = 0, logit_st
         columns[name] = _list_array(chunks, pa.array(_flat(chunks, dtype), type=schema.field(name).type.value_type))
     for name, dtype in _MATRIX_DTYPES.items():
         inner = schema.field(name).type.value_type  # fixed_size_list<k>
-        mats = [np.asarray(r[name], dtype=dtype).reshape(-1, k) for r in rows]
+        mats = [_as(r[name], dtype).reshape(-1, k) for r in rows]
         values = pa.FixedSizeListArray.from_arrays(pa.array(_flat(mats, dtype), type=inner.value_type), k)
         columns[name] = _list_array(mats, values)
     columns.update(extra_arrays(rows, n_temperatures, logit_stats))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,8 +33,9 @@ import pyarrow.parquet as pq
 
 from logitcache.errors import LogitCacheError
 from logitcache.storage.card import render_card
-from logitcache.storage.fsutil import atomic_write_bytes, crash_point, fsync_dir, publish, sha256_file, temp_name
+from logitcache.storage.fsutil import atomic_write_bytes, copy_files, crash_point, fsync_dir, publish, sha256_file, temp_name
 from logitcache.storage.lock import LOCK_NAME, CacheLock
+from logitcache.storage.marker import clear_marked, write_marker
 from logitcache.storage.manifest import CODECS, MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 from logitcache.storage.rows import V1_PARQUET_OPTIONS, Row, row_nbytes, rows_to_table
 from logitcache.storage.schema import POSITION_COLUMNS, STATS_COLUMNS, TAU_COLUMN, TOKEN_COLUMNS
@@ -120,8 +120,8 @@ class CacheWriter:
             self._remove_leftovers(existing)
             return existing
         if (d / INIT_MARKER).exists():
-            # A run died while creating this cache: all here is that run's (it began empty).
-            _clear_dir(d, keep={LOCK_NAME, INIT_MARKER})
+            # A run died while creating this cache: remove what it made, and nothing else.
+            clear_marked(d, INIT_MARKER, keep=(LOCK_NAME,))
         elif d.exists() and any(p.name != LOCK_NAME for p in d.iterdir()):
             raise LogitCacheError(
                 f"--out {d} is not empty and holds no cache (no {MANIFEST_NAME}); "
@@ -136,18 +136,24 @@ class CacheWriter:
         the directory holds a half-made cache, which the next run may clear."""
         d = self.cache_dir
         d.mkdir(parents=True, exist_ok=True)
-        # Not atomic_write_bytes: a kill mid-way would leave its temp file and no marker.
-        (d / INIT_MARKER).touch()
+        # The marker lists what this creation may leave behind, all a rerun will ever remove.
+        write_marker(d, INIT_MARKER, self._creates())
         fsync_dir(d)
         (d / DATA_DIR).mkdir(exist_ok=True)
         crash_point("init.data_dir")
         if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, d / TOKENIZER_DIR)
+            copy_files(Path(tokenizer_dir), d / TOKENIZER_DIR)
         crash_point("init.tokenizer")
         self._write_card(wanted)
         wanted.save(d)
         crash_point("init.manifest")
         (d / INIT_MARKER).unlink()
+
+    @staticmethod
+    def _creates() -> tuple[str, ...]:
+        """Every name _create may make in the cache directory (the atomic writes' temp files too)."""
+        return (DATA_DIR, TOKENIZER_DIR, CARD_NAME, temp_name(Path(CARD_NAME)).name, MANIFEST_NAME,
+                temp_name(Path(MANIFEST_NAME)).name)
 
     def _remove_leftovers(self, manifest: Manifest) -> None:
         """Drop what a killed run left outside the manifest; its rows get redone."""
@@ -389,16 +395,6 @@ def _flags_for(m: Manifest, keys: list[str]) -> list[str]:
     if "logit_stats" in keys:
         flags.append("--logit-stats" if m.logit_stats else "--no-logit-stats")
     return flags
-
-
-def _clear_dir(d: Path, keep: set[str]) -> None:
-    for p in d.iterdir():
-        if p.name in keep:
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
 
 
 def _check_row(row: Row, m: Manifest) -> None:

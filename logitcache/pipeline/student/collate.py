@@ -21,7 +21,7 @@ class KDCollator:
         input_ids [B, T] long, attention_mask [B, T] long, labels [B, T] long (-100 on
         prompt and padding), teacher_logprobs [B, T, K] float32, teacher_ids [B, T, K]
         long, kd_mask [B, T] bool, and, when the dataset tags examples for resuming,
-        stream_worker / stream_index [B] long. When the cache has them (features.teacher_extras):
+        stream_worker / stream_index [B] long, and feature_counts [B, F] (FeatureStats.counts). When the cache has them (features.teacher_extras):
         teacher_lse [B, T], teacher_lse_tau [B, T, M], teacher_logit_std [B, T] and
         teacher_lse_std [B, T], float32 (padding: 0, std 1). For ALM (features' alm_chunks):
         alm_chunk [B, T] long (-1: no chunk) and alm_teacher_ll [B, C] float32 (padding: 0).
@@ -69,6 +69,8 @@ class KDCollator:
                 chunk[i, : len(e["alm_chunk"])] = e["alm_chunk"]
                 t_ll[i, : len(e["alm_teacher_ll"])] = e["alm_teacher_ll"]
             batch["alm_chunk"], batch["alm_teacher_ll"] = torch.from_numpy(chunk), torch.from_numpy(t_ll)
+        if "_counts" in examples[0]:  # each example's featurizer counts (features.FeatureStats.counts)
+            batch["feature_counts"] = torch.from_numpy(np.stack([e["_counts"] for e in examples]))
         if "_worker" in examples[0]:
             batch["stream_worker"] = torch.tensor([e["_worker"] for e in examples], dtype=torch.long)
             batch["stream_index"] = torch.tensor([e["_index"] for e in examples], dtype=torch.long)

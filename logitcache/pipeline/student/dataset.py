@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.decode import decode_rows, shard_id_table
 from logitcache.storage.rows import Row
+from logitcache.storage.integrity import value_problems
 from logitcache.storage.verify import compact_shard_k
 
 logger = logging.getLogger(__name__)
@@ -92,7 +94,9 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             schemas are checked either way.
         skip_bad_shards: drop shards that are missing, resized, altered or unreadable from
             the plan (``skipped_shards`` lists them) instead of refusing the cache. The
-            epoch order and ``len`` then cover the remaining shards only.
+            epoch order and ``len`` then cover the remaining shards only. Values are checked
+            as each row group is read (finite, at most 0, sorted: storage.integrity); a bad
+            row group is refused, or with this flag passed over (``bad_row_groups``, warned).
         num_workers: the number of dataloader workers (0: none) you will use. Optional;
             given, every worker checks it and a resume state must match it exactly.
 
@@ -114,8 +118,13 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
     ``DistributedSampler`` pads: at most ``world_size - 1`` examples are seen twice per
     epoch, none when ``N % world_size == 0``. ``len(dataset)`` is that per-rank count.
 
-    **Dataloader workers.** A rank's units (with their row ranges) are dealt round-robin to
-    its workers; each worker streams only its own, so no example is lost or repeated.
+    **Dataloader workers.** With ``batch_size`` (what the DataLoader batches by), a rank's
+    stream is cut into batches and batch j goes to worker j % workers: the DataLoader, which
+    takes batches from its workers in turn, then yields the rank's stream in order, every
+    batch full but the epoch's last, ``ceil(len / batch_size)`` batches per epoch whatever
+    the number of workers. (Each worker decodes the row groups its batches touch.) Without
+    ``batch_size``, whole units are dealt round-robin and each worker's last batch may be
+    partial. Either way no example is lost or repeated.
 
     **Resume mid-epoch.** Report what the training loop consumed with
     :meth:`mark_consumed` (the main process keeps, per worker, the number of examples
@@ -152,6 +161,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         verify_shards: bool = True,
         num_workers: int | None = None,
         skip_bad_shards: bool = False,
+        batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.cache = CacheReader(cache_dir)
@@ -187,7 +197,13 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         self._consumed: dict[int, int] = {}
         self._state_workers: tuple[int, bool] | None = None  # (num_workers, exact) of a loaded state
         self.skip_bad_shards = skip_bad_shards
+        if batch_size is not None and batch_size < 1:
+            raise LogitCacheError(f"batch_size must be positive (got {batch_size}).")
+        self.batch_size = batch_size
+        self._compact = self.manifest.codec == "compact"  # the manifest decides, not a shard's metadata
+        self._group: tuple[int, int, pa.Table] | None = None  # the last row group read (shard, group, table)
         self.skipped_shards: list[BadShard] = []
+        self.bad_row_groups: set[tuple[int, int]] = set()  # (shard, row group) skipped for bad values
         self._units: list[Unit] = self._plan_units()
         self._num_examples = sum(n for _, _, n in self._units)
         self._featurizer: StudentFeaturizer | None = None
@@ -253,6 +269,8 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             st = path.stat()
         except OSError:
             return "shard missing"
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end when read
+            return "not a regular file (a FIFO, device or directory)"
         if st.st_size != shard.bytes:
             return f"shard is {st.st_size} bytes, the manifest says {shard.bytes} (truncated or replaced)"
         if not self.verify_shards:
@@ -341,6 +359,29 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             pos += b - (pos % n)
         return pieces
 
+    def _worker_pieces(self, pieces: list[Piece], worker: int, workers: int) -> list[Piece]:
+        """Worker ``worker``'s share of a rank's pieces: every ``workers``-th batch of ``batch_size``
+        rows (see the class docstring), or without a batch size every ``workers``-th piece."""
+        if workers == 1:
+            return pieces
+        if self.batch_size is None:
+            return pieces[worker::workers]
+        out: list[Piece] = []
+        pos = 0  # stream position of the piece's first row
+        for unit, a, b in pieces:
+            row = a
+            while row < b:
+                batch = (pos + row - a) // self.batch_size
+                end = min(b, row + (batch + 1) * self.batch_size - (pos + row - a))
+                if batch % workers == worker:
+                    if out and out[-1][0] == unit and out[-1][2] == row:
+                        out[-1] = (unit, out[-1][1], end)  # consecutive rows of one unit: one piece
+                    else:
+                        out.append((unit, row, end))
+                row = end
+            pos += b - a
+        return out
+
     # --- reading --------------------------------------------------------------------
     def _verify(self, i: int) -> None:
         """Check shard ``i`` again before reading it: a file may change after construction."""
@@ -350,8 +391,11 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
                 f"{self.cache.shard_path(i)}: {problem}; run `logitcache verify {self.cache.path}`."
             )
 
-    def _read_piece(self, piece: Piece) -> pa.Table:
-        """Decode the rows ``piece`` names: one row group read, then sliced."""
+    def _read_piece(self, piece: Piece) -> pa.Table | None:
+        """The rows ``piece`` names: one row group read, sliced, its values checked (storage.integrity).
+
+        None for rows whose values are bad when ``skip_bad_shards`` passes over them.
+        """
         shard, group, _ = self._units[piece[0]]
         if self._open is None or self._open[0] != shard:
             self._close()
@@ -360,15 +404,45 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             self._open = (shard, pq.ParquetFile(self.cache.shard_path(shard)))
             self._open_ids = shard_id_table(self._open[1])
         try:
-            table = self._open[1].read_row_group(group)
+            if self._group is not None and self._group[:2] == (shard, group):
+                table = self._group[2]  # a worker reads one row group for several of its batches
+            else:
+                table = self._open[1].read_row_group(group)
+                self._group = (shard, group, table)
         except (OSError, pa.ArrowException) as e:
             raise LogitCacheError(
                 f"{self.cache.shard_path(shard)}: cannot read row group {group} ({e}); "
                 f"run `logitcache verify {self.cache.path}`."
             ) from e
-        return table.slice(piece[1], piece[2] - piece[1])
+        table = table.slice(piece[1], piece[2] - piece[1])
+        problems = value_problems(table, compact=self._compact)
+        if not problems:
+            return table
+        where = f"{self.cache.shard_path(shard)} row group {group}"
+        if not self.skip_bad_shards:
+            raise LogitCacheError(
+                f"{where}: {problems[0]}; refusing to train on it. Run `logitcache verify {self.cache.path}` to see "
+                "every problem, or pass --skip-bad-shards to train without the bad rows."
+            )
+        if (shard, group) not in self.bad_row_groups:
+            self.bad_row_groups.add((shard, group))
+            logger.warning("%s: skipped (%s)", where, "; ".join(problems))
+        return None
+
+    def _decode(self, table: pa.Table, unit: int) -> list[Row]:
+        """The rows of a checked slice, in the manifest's codec; a slice that does not decode (ids
+        out of the id table, a missing footer table) is refused in one line, as verify does."""
+        try:
+            return list(decode_rows(table, self._open_ids, compact=self._compact))
+        except (ValueError, IndexError, KeyError, TypeError, pa.ArrowException) as e:
+            shard, group, _ = self._units[unit]
+            raise LogitCacheError(
+                f"{self.cache.shard_path(shard)} row group {group}: rows cannot be decoded ({e}); "
+                f"run `logitcache verify {self.cache.path}`."
+            ) from e
 
     def _close(self) -> None:
+        self._group = None
         if self._open is not None:
             self._open[1].close()
             self._open = None
@@ -385,7 +459,10 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             skip = max(0, start - pos)
             pos += n
             table = self._read_piece((piece[0], piece[1] + skip, piece[2]))
-            for row in decode_rows(table, self._open_ids):
+            if table is None:  # bad values, skipped: the positions stay, so a resume lines up
+                yield from [None] * (n - skip)
+                continue
+            for row in self._decode(table, piece[0]):
                 yield _copy_row(row) if copy else row
             del table
 
@@ -399,9 +476,9 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             unit, a, _ = pieces[p]
             lo, hi = min(ks) - starts[p], max(ks) - starts[p] + 1
             table = self._read_piece((unit, a + lo, a + hi))
-            rows = list(decode_rows(table, self._open_ids))
+            rows = self._decode(table, unit) if table is not None else None
             for key in ks:
-                out[key] = _copy_row(rows[key - starts[p] - lo])
+                out[key] = None if rows is None else _copy_row(rows[key - starts[p] - lo])
         return out
 
     def _ordered(self, pieces: Sequence[Piece], skip: int) -> Iterator[tuple[int, Row]]:
@@ -478,7 +555,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         self._check_workers()
         worker, workers = self._worker()
         rank, world = self.rank_and_world()
-        pieces = self._rank_pieces(rank, world)[worker::workers]
+        pieces = self._worker_pieces(self._rank_pieces(rank, world), worker, workers)
         skip = self._consumed.get(worker, 0)
         if self.shuffle:
             seq = np.random.SeedSequence([self.seed, self.epoch, rank, worker])
@@ -487,8 +564,14 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             stream = self._ordered(pieces, skip)
         featurize = self._get_featurizer() if self.student_tokenizer is not None else None
         try:
+            counted = featurize is not None and hasattr(featurize, "stats")
             for index, row in stream:
+                if row is None:  # in a row group skipped for bad values
+                    continue
+                before = featurize.stats.counts() if counted else None
                 example = featurize(row) if featurize is not None else row
+                if counted:  # this example's share of the counts, summed where it is trained
+                    example["_counts"] = featurize.stats.counts() - before
                 example["_worker"] = worker
                 example["_index"] = index
                 yield example
@@ -523,6 +606,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             "shuffle": self.shuffle,
             "shuffle_buffer": self.shuffle_buffer,
             "num_examples": self.num_examples,
+            "batch_size": self.batch_size,
             "consumed": dict(self._consumed),
         }
 
@@ -533,6 +617,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             )
         mine = self.state_dict()
         checks = ["seed", "world_size", "shuffle", "num_examples"] + (["shuffle_buffer"] if self.shuffle else [])
+        checks += ["batch_size"] if (self.num_workers or 0) > 1 else []  # the workers' split follows it
         for key in checks:
             if key in state and state[key] != mine[key]:
                 raise LogitCacheError(
@@ -559,7 +644,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_open"] = None
+        state["_open"] = state["_group"] = None
         state["_featurizer"] = state["_featurizer_pid"] = None  # each process makes its own
         return state
 

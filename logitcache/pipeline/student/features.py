@@ -10,9 +10,10 @@ teacher's end is not used either.
 
 from __future__ import annotations
 
+
 import functools
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,14 @@ class FeatureStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "fraction_matched": self.fraction_matched}
+
+    def counts(self) -> np.ndarray:
+        """The counts as one int64 vector, in field order (what travels with each example)."""
+        return np.array([getattr(self, f.name) for f in fields(self)], dtype=np.int64)
+
+    @classmethod
+    def from_counts(cls, counts: Any) -> "FeatureStats":
+        return cls(*(int(c) for c in counts))
 
 
 def _end_of(ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, eos_id: int | None, text_len: int) -> bool:

@@ -184,7 +184,41 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise LogitCacheError(
             f"--config {path}: unknown keys {unknown}; known keys are: {', '.join(TrainConfig.field_names())}."
         )
-    return data
+    types = {f.name: str(f.type) for f in fields(TrainConfig)}
+    return {key: coerce_config_value(value, types[key], f"--config {path}: {key}") for key, value in data.items()}
+
+
+_NAMES = {"float": "a number", "int": "a whole number", "bool": "true or false", "str": "text"}
+
+
+def coerce_config_value(value: Any, annotation: str, where: str) -> Any:
+    """``value`` as the dataclass field type ``annotation`` says ("float", "int | None", ...), or one line.
+
+    Why: YAML 1.1 reads ``1e-4`` (no dot) as a string, which would crash the optimizer, or, for
+    weight decay, reach it as text; a whole-number float (``max_steps: 100.0``) is an int.
+    """
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise LogitCacheError(f"{where}: needs a value ({_NAMES.get(kinds[0], kinds[0])}), not null.")
+    base = next(k for k in kinds if k != "None")
+    try:
+        if base == "float" and not isinstance(value, bool):
+            out = float(value)
+            if math.isfinite(out) or isinstance(value, float):
+                return out
+        elif base == "int" and not isinstance(value, bool):
+            out = float(value)  # 100, 100.0, "100", "1e3"
+            if out.is_integer():
+                return int(out)
+        elif base == "bool" and isinstance(value, bool):
+            return value
+        elif base == "str" and isinstance(value, str):
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise LogitCacheError(f"{where}: {value!r} is not {_NAMES.get(base, base)}.")
 
 
 def causal_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -347,6 +381,7 @@ class KDTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._sums = self._zero_sums()
+        self.feature_counts = None  # FeatureStats.counts() summed over the examples trained on
 
     @staticmethod
     def _zero_sums() -> dict[str, float]:
@@ -371,6 +406,10 @@ class KDTrainer(Trainer):
         inputs = dict(inputs)
         t_lp, t_ids, kd_mask = inputs.pop("teacher_logprobs"), inputs.pop("teacher_ids"), inputs.pop("kd_mask")
         workers, indices = inputs.pop("stream_worker", None), inputs.pop("stream_index", None)
+        counts = inputs.pop("feature_counts", None)
+        if counts is not None and model.training:  # summed here: the featurizers may live in workers
+            summed = counts.sum(0).cpu().numpy()
+            self.feature_counts = summed if self.feature_counts is None else self.feature_counts + summed
         labels = inputs.pop("labels")
         extras = {name: inputs.pop(name) for name in TEACHER_EXTRAS if name in inputs}
         alm = (inputs.pop("alm_chunk"), inputs.pop("alm_teacher_ll")) if "alm_chunk" in inputs else None
@@ -386,6 +425,13 @@ class KDTrainer(Trainer):
             self.kd_config, outputs.logits, labels, t_lp, t_ids, kd_mask, self.fused_loss, tempered, std_lp,
             alm=alm, matched_fraction=self._matched_fraction,
         )
+        if model.training and not bool(torch.isfinite(loss.detach())):
+            # The Trainer would go on (NaN weights from here); stop before the optimizer step.
+            raise LogitCacheError(
+                f"the training loss is not finite at step {self.state.global_step + 1} (CE {float(ce):.4g}, "
+                f"KD {float(kd):.4g}): the student's weights or outputs overflowed. Nothing was saved as the final "
+                "model; lower --learning-rate, or check the student's weights (e.g. with `logitcache eval`)."
+            )
         if model.training:
             self._sums["ce"] += float(ce.detach())
             self._sums["kd"] += float(kd.detach())
@@ -416,6 +462,40 @@ class KDTrainer(Trainer):
                 logs["hybrid_mapped_mass"] = round(self._sums["mapped_mass"] / max(self._sums["topk_mass"], 1e-12), 4)
             self._sums = self._zero_sums()
         super().log(logs, *args, **kwargs)
+
+
+def first_non_finite_gradient(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter whose gradient holds NaN or inf, or None.
+
+    One fused norm per parameter and one device sync: a norm is finite iff every entry is.
+    """
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return None
+    norms = torch._foreach_norm([g for _, g in named])
+    finite = torch.isfinite(torch.stack([n.float() for n in norms]))
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0, 0])][0]
+
+
+class FiniteGradientsCallback(TrainerCallback):
+    """Stops training before an optimizer step would write NaN/inf into the weights.
+
+    Not under fp16 mixed precision: there the gradient scaler expects overflowing steps, and
+    skips them itself.
+    """
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is not None and not args.fp16:
+            name = first_non_finite_gradient(model)
+            if name is not None:
+                raise LogitCacheError(
+                    f"a gradient is not finite at step {state.global_step + 1} (first: {name}), with a finite loss: "
+                    "an overflow in the backward pass. Nothing was saved as the final model; lower --learning-rate "
+                    "or train in float32."
+                )
+        return control
 
 
 class DataStateCallback(TrainerCallback):
@@ -609,6 +689,11 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
             f"--out {out} already holds checkpoints ({Path(newest).name}); pass --resume to continue, "
             "or choose a new --out so nothing is overwritten."
         )
+    if cfg.resume and (finished := _finished_run(cfg, out)) is not None:
+        # Resuming would train one more step and overwrite the final model (weights move).
+        _notify([f"--resume: {out} already holds this run, finished at step {finished.global_step}; nothing to do "
+                 "(to train further, raise --max-steps or --num-epochs)."], True)
+        return finished
     # Not transformers' get_last_checkpoint: it takes the highest number, even a save that a
     # kill cut short (weights without optimizer or trainer state: the resume fails or goes wrong).
     last, partial = DataStateCallback.last_complete_checkpoint(out) if cfg.resume else (None, [])
@@ -651,7 +736,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
             path, tokenizer, alignment=cfg.resolved_alignment(), max_length=cfg.max_length,
             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, shuffle=shuffle,
             rank=args.process_index, world_size=args.world_size, num_workers=cfg.num_workers,
-            skip_bad_shards=cfg.skip_bad_shards,
+            skip_bad_shards=cfg.skip_bad_shards, batch_size=cfg.batch_size,
         )
 
     # Every shard is checked here, before the model is loaded: a damaged cache stops the run now.
@@ -661,6 +746,13 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         # a student that aligns nothing would train on CE alone, silently: refuse it now.
         refuse_unaligned(cfg.cache, tokenizer, cfg.resolved_alignment(), skip_bad_shards=cfg.skip_bad_shards)
     notices = [ds.skipped_summary() for ds in (train_ds, eval_ds) if ds is not None and ds.skipped_shards]
+    part = cache.manifest.worker
+    if part and int(part.get("count", 1)) > 1:
+        n = int(part["count"])
+        notices.append(
+            f"{cfg.cache} is part {int(part['index']) + 1} of {n} of a split teacher run, about 1/{n} of the data; "
+            f"to train on all of it, join the parts first: `logitcache merge OUT PART...`."
+        )
     if partial:
         notices.append(
             f"--resume: passed over {', '.join(p.name for p in partial)}, incomplete (the job stopped while saving "
@@ -683,7 +775,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         eval_dataset=eval_ds,
         data_collator=KDCollator(pad_token_id=pad),
         processing_class=tokenizer,
-        callbacks=[DataStateCallback(train_ds, args.process_index)],
+        callbacks=[DataStateCallback(train_ds, args.process_index), FiniteGradientsCallback()],
         kd_config=cfg,
         cache_temperatures=list(getattr(cache.manifest, "temperatures", []) or []),
         vocab_map=vocab_map,
@@ -695,15 +787,73 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(progress_callback)
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
-    trainer.save_model(str(out))
-    if trainer.is_world_process_zero():
-        (out / "logitcache_train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    _leave_process_group()
-    return TrainResult(
+    try:
+        result = trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
+        trainer.save_model(str(out))
+    except (OSError, RuntimeError) as e:
+        message = _disk_full_message(e, out, trainer.state.global_step)
+        if message is None:
+            raise
+        raise LogitCacheError(message) from e
+    done = TrainResult(
         out=str(out), global_step=result.global_step, train_loss=float(result.training_loss),
-        seconds=time.perf_counter() - t0, feature_stats=train_ds.featurizer_stats(),
+        seconds=time.perf_counter() - t0, feature_stats=_trained_feature_stats(trainer, train_ds),
     )
+    if trainer.is_world_process_zero():
+        from logitcache.storage.fsutil import atomic_write_bytes
+
+        (out / "logitcache_train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        # Last: its presence says the run finished (a --resume of it is then a no-op).
+        atomic_write_bytes(out / FINISHED, json.dumps({"config": _run_defining(cfg), "result": asdict(done)}).encode())
+    _leave_process_group()
+    return done
+
+
+def _disk_full_message(e: BaseException, out: Path, step: int) -> str | None:
+    """One line for a full disk (or quota, or I/O error) while saving; None for other errors.
+    torch.save reports a full disk as a RuntimeError ("file write failed"), not an OSError."""
+    import errno
+
+    code = getattr(e, "errno", None)
+    text = str(e)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "file write failed" in text:
+        problem, fix = "no space left on the device", "free some space"
+    elif code == errno.EIO:
+        problem, fix = "I/O error (EIO)", "check the disk"
+    else:
+        return None
+    return (f"{problem} while saving in {out} (step {step}): {fix}, then rerun with --resume; it continues from "
+            "the last complete checkpoint (one cut short by the disk is passed over).")
+
+
+FINISHED = "logitcache_train_result.json"
+# Options that do not change what a finished run trained: a --resume with only these changed is a no-op.
+_NOT_DEFINING = ("resume", "progress", "num_workers")
+
+
+def _run_defining(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(cfg).items() if k not in _NOT_DEFINING}
+
+
+def _finished_run(cfg: TrainConfig, out: Path) -> TrainResult | None:
+    """The result of the finished run in ``out`` with these settings, if there is one."""
+    try:
+        saved = json.loads((out / FINISHED).read_text(encoding="utf-8"))
+        if saved["config"] == json.loads(json.dumps(_run_defining(cfg))):
+            return TrainResult(**saved["result"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _trained_feature_stats(trainer: "KDTrainer", train_ds) -> dict | None:  # noqa: ANN001
+    """Alignment counts over the examples this run trained on (from the batches, so dataloader
+    workers' counts are in); the dataset's own when no batch carried them."""
+    if trainer.feature_counts is None:
+        return train_ds.featurizer_stats()
+    from logitcache.pipeline.student.features import FeatureStats
+
+    return FeatureStats.from_counts(trainer.feature_counts).as_dict()
 
 
 def hybrid_vocab_map(cfg: TrainConfig, student_tokenizer, cache, out: Path, show: bool = True):  # noqa: ANN001, ANN201

@@ -8,6 +8,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from logitcache.errors import LogitCacheError
+from logitcache.storage.integrity import LOGPROB_TOL
 
 ENGINES = ("hf", "vllm")
 
@@ -28,6 +29,22 @@ class ScoredSequence:
     logit_mean: np.ndarray | None = None  # float32 [n - 1]: mean of the logits over the vocabulary
     logit_std: np.ndarray | None = None  # float32 [n - 1]: their unbiased standard deviation
     lse_std: np.ndarray | None = None  # float32 [n - 1]: logsumexp(logits / (logit_std + 1e-4))
+
+
+def first_bad_value(s: ScoredSequence) -> str | None:
+    """What in one sequence's scores could not come from a sane model (NaN, inf, a log-prob
+    above 0), or None. Stage 1 checks every sequence before anything of its batch is written."""
+    checks = (("top-k log-probabilities", s.topk_logprobs, True), ("label log-probs", s.label_logprob, True),
+              ("log-normalisers", s.logsumexp, False), ("lse_tau", s.lse_tau, False),
+              ("logit means", s.logit_mean, False), ("logit stds", s.logit_std, False), ("lse_std", s.lse_std, False))
+    for what, values, at_most_zero in checks:
+        if values is None or not values.size:
+            continue
+        if not np.isfinite(values).all():
+            return f"has NaN/inf {what}"
+        if at_most_zero and values.max() > LOGPROB_TOL:
+            return f"has {what} above 0 ({float(values.max()):.3g})"
+    return None
 
 
 @dataclass

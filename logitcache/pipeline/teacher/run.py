@@ -9,7 +9,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -17,7 +17,7 @@ import numpy as np
 
 import logitcache
 from logitcache.errors import LogitCacheError
-from logitcache.pipeline.offsets import encode_with_offsets
+from logitcache.pipeline.offsets import encode_prefix_with_offsets, encode_with_offsets
 from logitcache.pipeline.records import (
     TextTemplate,
     add_special_tokens_for,
@@ -26,7 +26,7 @@ from logitcache.pipeline.records import (
     iter_examples,
     load_records,
 )
-from logitcache.pipeline.teacher.engine import ENGINES, GenerationConfig, TeacherEngine
+from logitcache.pipeline.teacher.engine import ENGINES, GenerationConfig, TeacherEngine, first_bad_value
 from logitcache.storage.fsutil import crash_point, hash_files
 from logitcache.storage.lock import CacheLock
 from logitcache.storage.manifest import Manifest
@@ -214,8 +214,16 @@ def run_teacher(cfg: TeacherConfig, *, progress: bool = True) -> TeacherResult:
     pointed at it refuses at once rather than after loading its model.
     """
     cfg.validate()
+    # The manifest records local paths resolved, so that a resume (or a merge of parts) spelled
+    # `teacher/` one time and `/work/teacher` the next is recognised as the same run.
+    cfg = replace(cfg, model=_resolved_if_local(cfg.model), data=_resolved_if_local(cfg.data))
     with CacheLock(cfg.out_dir()) as lock:
         return _run_locked(cfg, lock, progress)
+
+
+def _resolved_if_local(name: str) -> str:
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
 
 
 def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherResult:
@@ -278,7 +286,8 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
     n_records = len(ds) if cfg.limit is None else min(cfg.limit, len(ds))
     assigned = len(range(index, n_records, count))
     done = frozenset(writer.done_ids)  # read by the prefetch thread; the writer thread adds to its own set
-    examples = _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, generate=cfg.mode == "generate")
+    examples = _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, max_length,
+                         generate=cfg.mode == "generate")
     window_size = cfg.batch_size * _SORT_WINDOW_BATCHES
     start = time.perf_counter()
     # Three stages overlap: reading + tokenizing the next window (a thread), the teacher on
@@ -309,8 +318,13 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
     return result
 
 
-def _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, *, generate: bool) -> Iterator[_Pending | _Skip]:
-    """This worker's records not yet in the cache, tokenized (score mode) or as prompts (generate)."""
+def _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, max_length, *, generate: bool) -> Iterator[_Pending | _Skip]:
+    """This worker's records not yet in the cache, tokenized (score mode) or as prompts (generate).
+
+    Only as much of a long text is tokenized as ``max_length`` tokens can keep (the rest is cut
+    by _truncate): a 100 MB record costs what its first tokens cost (not with --truncate-prompts,
+    which keeps the end of a prompt).
+    """
     for r, rid, text, prompt_chars in iter_examples(ds, template, tok, cfg.limit, generate=generate):
         if r % count != index or rid in done:
             continue
@@ -321,7 +335,9 @@ def _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, *
         if reason:
             yield _Skip(rid, reason)
             continue
-        ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=add_special)
+        # --truncate-prompts keeps a prompt's end, which needs all of its tokens.
+        keep = None if generate and cfg.truncate_prompts else max_length
+        ids, starts, ends = encode_prefix_with_offsets(tok, text, keep, add_special_tokens=add_special)
         if not generate:  # a prompt gets its end after the teacher's response (_generate_window)
             ids, starts, ends = with_eos(ids, starts, ends, len(text), eos_id)
         yield _Pending(rid, text, prompt_chars, ids, starts, ends, truncated=False)
@@ -470,8 +486,26 @@ def _score_window(engine, window: list[_Pending], batch_size: int, k: int) -> di
     for a in range(0, len(by_length), batch_size):
         batch = by_length[a : a + batch_size]
         for p, s in zip(batch, engine.score([p.ids for p in batch], k)):
+            problem = first_bad_value(s)
+            if problem is not None:
+                raise LogitCacheError(_non_finite_message(engine, p.rid, problem))
             scored[p.rid] = s
     return scored
+
+
+def _non_finite_message(engine, rid: str, problem: str) -> str:
+    # Raised before this window is written: the cache keeps only sound rows and stays incomplete.
+    # A cache is made in one dtype, so the fix goes to a new --out.
+    dtype = str((engine.describe() or {}).get("dtype", ""))
+    cause = (
+        "float16 overflowed in the model's activations (common for models trained in bfloat16): rerun with "
+        "--dtype bfloat16 (or --dtype float32 where bfloat16 is not supported) and a new --out"
+        if dtype in ("float16", "half") else
+        f"the model produces NaN/inf on this input in {dtype or 'its dtype'}: check its weights, or rerun with "
+        "--dtype float32 and a new --out"
+    )
+    return f"teacher output for example {rid!r} {problem}; {cause}. Nothing non-finite was written."
+
 
 
 def _row(p: _Pending, s) -> Row:
