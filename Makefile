@@ -34,7 +34,7 @@ $(VENV)/.quality-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet "matplotlib>=3.7"
 	touch $@
 
-quality: $(VENV)/.quality-installed  ## KD vs SFT on real text, 3 seeds (about an hour on 2 cores, over the 45 min goal; the teacher once, ~30 min); results in benchmarks/RESULTS.md
+quality: $(VENV)/.quality-installed  ## KD vs SFT on real text, 3 seeds (40 min on 2 cores from an empty cache, the teacher's 7 min included; later runs reuse it); results in benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/quality.py $(QUALITY_ARGS)
 
 quality-quick: $(VENV)/.quality-installed  ## the same pipeline on small data, 1 seed (a few minutes)

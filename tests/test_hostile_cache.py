@@ -58,10 +58,13 @@ SCHEMA_CASES = {
     "shard path in a sub-directory": (_set_shard(1, path="data/sub/x.parquet"), "'shards[1].path'"),
     "shard listed twice": (lambda d: d["shards"].append(dict(d["shards"][0])), "a second time"),
     "row count as a string": (_set_shard(1, rows="12"), "'shards[1].rows' must be an integer"),
+    "k of a trillion": (lambda d: d.update(k=10**12), "'k' must be between 1 and"),
+    "template field holding a list": (lambda d: d["template"].update(text_field=[1]), "'template.text_field' must be text"),
+    "template field holding an object": (lambda d: d["template"].update(kind={"a": 1}), "'template.kind' must be text"),
     "negative byte count": (_set_shard(1, bytes=-1), "'shards[1].bytes' must be 0 or more"),
     "sha256 not a digest": (_set_shard(1, sha256="abc"), "'shards[1].sha256'"),
     "shard entry without sha256": (lambda d: d["shards"][1].pop("sha256"), "'shards[1]' lacks sha256"),
-    "k of 0": (lambda d: d.update(k=0), "'k' must be at least 1"),
+    "k of 0": (lambda d: d.update(k=0), "'k' must be between 1 and"),
     "k as true": (lambda d: d.update(k=True), "'k' must be an integer"),
     "unknown mode": (lambda d: d.update(mode="steal"), "'mode' must be one of score, generate"),
     "teacher not an object": (lambda d: d.update(teacher="x"), "'teacher' must be an object"),
@@ -409,3 +412,40 @@ def test_a_manifest_nested_thousands_deep_is_one_line(cache_copy):
         load_manifest(cache_copy)
     r = runner.invoke(app, ["verify", str(cache_copy)])
     assert "nested too deeply" in _one_error_line(r)
+
+
+def test_a_zlib_bomb_in_a_compact_footer_is_refused_without_inflating_it(tmp_path, teacher_dir, data_file):
+    import base64
+    import zlib
+
+    import pyarrow.parquet as pq
+    from conftest import make_config
+
+    from logitcache.pipeline.teacher.run import run_teacher
+    from logitcache.storage.codec import META_IDS
+    from logitcache.storage.fsutil import sha256_file
+
+    cache = tmp_path / "compact"
+    run_teacher(make_config(teacher_dir, data_file, cache, codec="compact"), progress=False)
+    path = cache / SHARD
+    table = pq.read_table(path)
+    bomb = base64.b64encode(zlib.compress(b"\0" * (1 << 30), 9))  # 1 GiB of ids from ~1 MB
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, META_IDS: bomb}), path)
+    _edit_manifest(cache, _set_shard(1, bytes=path.stat().st_size, sha256=sha256_file(path)))
+
+    report = verify_cache(cache)
+    assert any(SHARD in p and "inflates beyond" in p for p in report.problems), report.problems
+    with pytest.raises(LogitCacheError, match="inflates beyond"):
+        list(LogitCacheDataset(cache, shuffle=False))
+
+
+def test_a_symlink_loop_in_place_of_a_shard_is_one_line(cache_copy):
+    shard = cache_copy / SHARD
+    shard.unlink()
+    shard.symlink_to(shard.name)  # points at itself
+
+    with pytest.raises(LogitCacheError, match="symlink loop"):
+        resolve_inside(cache_copy, SHARD)
+    assert any(SHARD in p for p in verify_cache(cache_copy).problems)
+    with pytest.raises(LogitCacheError, match="symlink loop"):
+        LogitCacheDataset(cache_copy, shuffle=False)

@@ -101,3 +101,48 @@ def test_a_log_prob_below_float16s_range_is_stored_finite_not_as_minus_inf():
     lp[0, -1] = -1e6  # a probability of e^-1e6: 0 in any float, but not -inf
     row["topk_logprobs"] = lp
     assert value_problems(_v1([row])) == []
+
+
+def test_a_text_far_longer_than_its_tokens_is_a_problem_before_anything_tokenizes_it():
+    rows = [_row("a"), _row("huge")]
+    rows[1]["text"] = "a" * (1 << 20)  # a hostile row: 1 MiB of text behind 5 tokens
+    problems = value_problems(_v1(rows))
+    assert any("text runs far past their last token" in p and "'huge'" in p for p in problems), problems
+    rows[1]["text"] = "x" * 5 + " " * 1000  # a little uncovered trailing text is fine
+    assert value_problems(_v1(rows)) == []
+
+
+def test_a_negative_top_k_id_is_a_problem():
+    rows = [_row("a"), _row("b")]
+    rows[1]["topk_ids"] = rows[1]["topk_ids"].copy()
+    rows[1]["topk_ids"][0, 2] = -7
+    assert any("negative top-k id" in p and "'b'" in p for p in value_problems(_v1(rows)))
+
+
+def test_a_compact_id_table_with_negative_ids_is_refused():
+    import base64
+    import zlib
+
+    from logitcache.storage.codec import _decode_ids
+
+    blob = base64.b64encode(zlib.compress(np.array([5, -9], "<i4").tobytes()))  # deltas: ids 5, -4
+    with pytest.raises(ValueError, match="outside"):
+        _decode_ids(blob)
+
+
+def test_the_fast_float16_screen_finds_every_bad_row_the_exact_checks_find():
+    from logitcache.storage.integrity import LOGPROB_TOL, _suspect_rows
+
+    rng = np.random.default_rng(0)
+    specials = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.5, 1e-3, 1e-5, 6e-8, -0.0, 0.0, -65504, 65504], np.float16)
+    for _ in range(200):
+        lp = -np.sort(rng.uniform(0, 20, size=(50, 8)), axis=1).astype(np.float16)
+        for _ in range(rng.integers(0, 4)):
+            lp[rng.integers(50), rng.integers(8)] = rng.choice(specials)
+        if rng.random() < 0.3:
+            r = rng.integers(50)
+            lp[r] = lp[r][::-1]
+        x = lp.astype(np.float32)
+        exact = ~np.isfinite(x).all(1) | (x > LOGPROB_TOL).any(1) | (x[:, 1:] > x[:, :-1]).any(1)
+        suspect = _suspect_rows(lp)
+        assert not (exact & ~suspect).any()  # nothing bad slips through the screen

@@ -197,3 +197,21 @@ def test_masked_out_rows_may_hold_any_id():
     total, _, _ = ce_kd_loss(logits.view(2, 3, -1), torch.zeros(2, 3, dtype=torch.long), t_lp.view(2, 3, -1),
                              padded.view(2, 3, -1), b_mask, FusedLoss("hybrid"))
     assert torch.isfinite(total)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("tau", [0.5, 2.0, 3.0])
+def test_at_a_temperature_it_is_the_formula_on_tempered_distributions_times_tau_squared(beta, tau):
+    """Student softmax(x / tau), teacher exact at tau over its full vocabulary, then times tau**2."""
+    logits, t_full, _, _, mask, t2s = _case()
+    t_tau = torch.log_softmax(torch.log_softmax(t_full, -1) / tau, -1)  # the teacher's full distribution at tau
+    t_lp, t_ids = t_tau.topk(5, dim=-1)
+
+    got = hybrid_loss(logits, t_lp, t2s[t_ids], mask, beta=beta, matched_weight=0.6, unmatched_weight=0.4,
+                      temperature=tau, chunk_size=2)
+    want = tau**2 * slow_topk_hybrid(logits / tau, t_lp, t2s[t_ids], mask, beta, 0.6, 0.4)
+
+    (g_got,) = torch.autograd.grad(got, logits)
+    (g_want,) = torch.autograd.grad(want, logits)
+    assert abs(got.item() - want.item()) < 1e-12
+    assert torch.allclose(g_got, g_want, atol=1e-12)

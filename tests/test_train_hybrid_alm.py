@@ -53,7 +53,7 @@ def test_alm_trains_on_its_chunks(tmp_path, built_cache, metaspace_student, kd_c
     [
         (dict(loss="alm", alignment="position"), "its own chunks"),
         (dict(loss="hybrid", alignment="chunk"), "ALM's"),
-        (dict(loss="hybrid", kd_temperature=2.0), "temperature 1"),
+        (dict(loss="alm", kd_temperature=2.0), "chunk likelihoods, which have no temperature"),
         (dict(loss="hybrid", hybrid_matched_weight=1.0), "both"),
         (dict(loss="hybrid", hybrid_beta=1.5), r"\[0, 1\]"),
     ],
@@ -79,3 +79,15 @@ def test_hybrid_and_alm_flags_reach_the_config(tmp_path, built_cache, metaspace_
     saved = json.loads((tmp_path / "run" / "logitcache_train_config.json").read_text())
     assert (saved["alm_temperature"], saved["alm_divergence"], saved["hybrid_beta"]) == (10.0, "binary_ce", 0.25)
     assert (saved["hybrid_matched_weight"], saved["hybrid_unmatched_weight"]) == (0.7, 0.3)
+
+
+def test_hybrid_trains_at_a_temperature_from_a_cache_with_it(tmp_path, teacher_dir, data_file, metaspace_student):
+    from conftest import make_config
+
+    from logitcache.pipeline.teacher.run import run_teacher
+
+    cache = tmp_path / "cache"
+    run_teacher(make_config(teacher_dir, data_file, cache, temperatures=(2,), limit=8), progress=False)
+    r = run_train(_cfg(metaspace_student, cache, tmp_path / "run", loss="hybrid", kd_temperature=2.0))
+    assert r.global_step == 2 and torch.isfinite(torch.tensor(r.train_loss))
+    assert all(h["kd"] > 0 for h in _logged(tmp_path / "run"))

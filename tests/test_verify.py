@@ -364,3 +364,43 @@ def test_verify_of_a_cache_being_written_passes_the_shard_about_to_be_listed(tmp
 
     shutil.move(next_shard, out / "data" / f"shard-{len(m.shards) + 1:05d}.parquet")  # not the next one
     assert any("not listed in the manifest" in p for p in verify_cache(out).problems)
+
+
+def test_a_teacher_with_a_padded_vocabulary_passes_its_own_verify(tmp_path, teacher_dir, data_file):
+    """Ids of padded embedding rows (past the tokenizer) are legal: they are rows of the logits."""
+    import shutil
+
+    from conftest import make_config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from logitcache.pipeline.teacher.run import run_teacher
+    from logitcache.storage import load_manifest
+
+    padded = tmp_path / "padded"
+    shutil.copytree(teacher_dir, padded)
+    tok = AutoTokenizer.from_pretrained(padded)
+    model = AutoModelForCausalLM.from_pretrained(padded)
+    model.resize_token_embeddings(len(tok) + 100, pad_to_multiple_of=64)
+    model.save_pretrained(padded)
+    width = model.get_output_embeddings().weight.shape[0]
+    assert width > len(tok)
+
+    out = tmp_path / "cache"
+    run_teacher(make_config(padded, data_file, out, top_k=width, limit=4), progress=False)
+
+    assert load_manifest(out).teacher["vocab_size"] == width
+    report = verify_cache(out)
+    assert report.ok, report.problems
+
+
+def test_a_raised_vocab_size_in_the_manifest_does_not_raise_the_id_bound(cache_copy):
+    from logitcache.storage.verify import id_bound
+    from logitcache.storage import load_manifest
+
+    data = json.loads((cache_copy / "manifest.json").read_text())
+    size = data["tokenizer"]["vocab_size"]
+    data["teacher"]["vocab_size"] = 2**31 - 1
+    data["tokenizer"]["vocab_size"] = 2**31 - 1
+    (cache_copy / "manifest.json").write_text(json.dumps(data))
+
+    assert id_bound(cache_copy, load_manifest(cache_copy)) == size  # from tokenizer.json, not the manifest

@@ -139,9 +139,22 @@ def encode_id_table(ids: np.ndarray) -> bytes:
     return _encode_ids(ids)
 
 
+# An id table lists distinct vocabulary ids: 4 bytes each. No vocabulary comes near 2**24 ids;
+# a footer that inflates beyond that is a zlib bomb in a hostile shard, refused before it is.
+MAX_ID_TABLE_BYTES = 4 << 24
+
+
 def _decode_ids(blob: bytes) -> np.ndarray:
-    deltas = np.frombuffer(zlib.decompress(base64.b64decode(blob)), dtype="<i4")
-    return np.cumsum(deltas, dtype=np.int64).astype(np.int32)
+    inflate = zlib.decompressobj()
+    raw = inflate.decompress(base64.b64decode(blob), MAX_ID_TABLE_BYTES)
+    if inflate.unconsumed_tail:
+        raise ValueError(f"the id table inflates beyond {MAX_ID_TABLE_BYTES:,} bytes (2**24 ids); the shard is damaged")
+    if len(raw) % 4:
+        raise ValueError("the id table is not a whole number of 4-byte ids; the shard is damaged")
+    ids = np.cumsum(np.frombuffer(raw, dtype="<i4"), dtype=np.int64)
+    if len(ids) and (ids.min() < 0 or ids.max() >= 1 << 31):
+        raise ValueError("the id table holds ids outside [0, 2**31); the shard is damaged")
+    return ids.astype(np.int32)
 
 
 def build_id_table(ids: np.ndarray, prefix: np.ndarray | None = None) -> np.ndarray:

@@ -13,14 +13,54 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from logitcache.storage.codec import CODEC_NAME, META_CODEC
 from logitcache.storage.rows import flat_list_column
 from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN
 
+# A row's text ends where its tokens end (stage 1 cuts a truncated text there). A tokenizer
+# may leave a little trailing text uncovered (whitespace it normalises away); far more is a
+# hostile row whose text would be tokenized whole by the student featurizer (a 300 MB text
+# compresses to kilobytes). The check reads lengths only.
+TEXT_SLACK_CHARS = 1 << 16
+
 # A log-probability may exceed 0 by rounding only: log(sum(exp)) >= the top-1 holds exactly,
 # but top1 - (top1 + lse') can come out a few ulps above 0 in float32.
 LOGPROB_TOL = 1e-5
+
+
+# float16 bit patterns as int16 keys that order as the values do: x ^ 0x7FFF on negatives.
+# Finite values map to [-31744, 31743]; -inf and +inf just outside; NaN beyond them.
+_FP16_MIN_FINITE_KEY = -31744
+
+
+def _fp16_keys(values: np.ndarray) -> np.ndarray:
+    bits = values.view(np.uint16)
+    return (bits ^ ((bits >> 15) * np.uint16(0x7FFF))).view(np.int16)
+
+
+def _largest_fp16_at_most(value: float) -> np.float16:
+    x = np.float16(value)
+    return np.nextafter(x, np.float16(-np.inf)) if float(x) > value else x
+
+
+_TOL_KEY = int(_fp16_keys(np.array([_largest_fp16_at_most(LOGPROB_TOL)], np.float16))[0])
+
+
+def _suspect_rows(lp: np.ndarray) -> np.ndarray | None:
+    """[M] the positions that may hold a bad top-k value (all bad ones among them), in one
+    pass over integer keys; None where the values are not float16 (check them all).
+
+    Why keys: float16 arithmetic in numpy is emulated and ran 2.6x the decoding time. A row
+    whose keys do not rise is sorted, so its largest value is its first and its smallest its
+    last: checking those two for range covers NaN and inf anywhere (a NaN or inf inside a row
+    would make the keys rise, or push the last one out of range).
+    """
+    if lp.dtype != np.float16:
+        return None
+    key = _fp16_keys(np.ascontiguousarray(lp))
+    return (key[:, 1:] > key[:, :-1]).any(axis=1) | (key[:, 0] > _TOL_KEY) | (key[:, -1] < _FP16_MIN_FINITE_KEY)
 
 
 def is_compact(schema: pa.Schema) -> bool:
@@ -45,8 +85,9 @@ def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None
     """One message per kind of bad value in ``batch`` (a shard's rows, either codec); empty if none.
 
     Checked: no null anywhere, not even inside a list column (Arrow allows them; decoded, a
-    null id becomes -2**31). Per position: the top-k log-probabilities are finite, at most 0
-    and sorted descending; the label log-prob is finite and at most 0; the log-normaliser and
+    null id becomes -2**31); no text far longer than its tokens. Per position: no negative
+    top-k id (v1; the compact codec's ids come from its footer table, checked where it is read);
+    the top-k log-probabilities are finite, at most 0 and sorted descending; the label log-prob is finite and at most 0; the log-normaliser and
     the optional columns (``lse_tau``, logit stats) are finite. Each message counts the
     positions and names the first example id. ``compact``: the codec the manifest names (None:
     the batch's own metadata says).
@@ -71,16 +112,40 @@ def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None
         return flat_list_column(batch.column(names.index(name)).combine_chunks()
                                 if isinstance(batch, pa.Table) else batch.column(names.index(name)))
 
+    ends, end_offsets = column("char_end")
+    has_tokens = np.diff(end_offsets) > 0
+    last_end = np.zeros(len(has_tokens), dtype=np.int64)
+    last_end[has_tokens] = ends[end_offsets[1:][has_tokens] - 1]
+    text = batch.column(names.index("text"))
+    text_len = pc.utf8_length(text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text).to_numpy()
+    too_long = text_len > last_end + TEXT_SLACK_CHARS
+    if too_long.any():
+        first = int(np.flatnonzero(too_long)[0])
+        rid = batch.column(names.index("id"))[first].as_py()
+        out.append(f"{int(too_long.sum())} rows whose text runs far past their last token (first: id {rid!r}, "
+                   f"{int(text_len[first]):,} characters, tokens up to {int(last_end[first]):,})")
     if is_compact(batch.schema) if compact is None else compact:
         top1, row_offsets = column("top1_logprob")
         report(~np.isfinite(top1), "with NaN/inf top-k log-probabilities", row_offsets)
         report(top1 > LOGPROB_TOL, "with a top-k log-probability above 0", row_offsets)
     else:
+        ids, id_offsets = column("topk_ids")  # [M, k]
+        if ids.size:
+            report((ids < 0).any(axis=1), "with a negative top-k id", id_offsets)
         lp, row_offsets = column("topk_logprobs")  # [M, k], float16 in v1
         if lp.size:
-            report(~np.isfinite(lp).all(axis=1), "with NaN/inf top-k log-probabilities", row_offsets)
-            report((lp > LOGPROB_TOL).any(axis=1), "with a top-k log-probability above 0", row_offsets)
-            report((lp[:, 1:] > lp[:, :-1]).any(axis=1), "whose top-k is not sorted descending", row_offsets)
+            suspect = _suspect_rows(lp)
+            if suspect is None or suspect.any():  # the exact checks, on the suspect positions only
+                rows = slice(None) if suspect is None else suspect
+                x = lp[rows].astype(np.float32)
+                for bad, what in (
+                    (~np.isfinite(x).all(axis=1), "with NaN/inf top-k log-probabilities"),
+                    ((x > LOGPROB_TOL).any(axis=1), "with a top-k log-probability above 0"),
+                    ((x[:, 1:] > x[:, :-1]).any(axis=1), "whose top-k is not sorted descending"),
+                ):
+                    full = np.zeros(len(lp), dtype=bool)
+                    full[rows] = bad
+                    report(full, what, row_offsets)
     label, offsets = column("label_logprob")
     report(~np.isfinite(label) | (label > LOGPROB_TOL), "with a label log-prob that is not finite or above 0", offsets)
     lse, offsets = column("logsumexp")

@@ -284,9 +284,21 @@ def validate_manifest_dict(d: dict[str, Any], *, where: str = "manifest") -> Non
     _check_shards(d.get("shards", []), where)
 
 
+# No vocabulary holds a million tokens; a larger k is a damaged or hostile manifest (and would
+# overflow Arrow's fixed-size list width).
+MAX_K = 1 << 20
+# The template records how a record became text: named fields, a separator, flags, a hash.
+TEMPLATE_VALUE_TYPES = (str, bool, int)
+
+
 def _check_values(d: dict[str, Any], where: str) -> None:
-    if d["k"] < 1:
-        raise _bad(where, "k", f"must be at least 1 (got {d['k']})")
+    if not 1 <= d["k"] <= MAX_K:
+        raise _bad(where, "k", f"must be between 1 and {MAX_K:,} (got {_short(d['k'])})")
+    for key, value in d["template"].items():
+        if not isinstance(key, str) or not isinstance(value, TEMPLATE_VALUE_TYPES):
+            raise _bad(where, f"template.{key}", f"must be text, a number or true/false (got {_short(value)})")
+    if not isinstance(d["template"].get("kind", ""), str):
+        raise _bad(where, "template.kind", "must be text")
     if d["mode"] not in MODES:
         raise _bad(where, "mode", f"must be one of {', '.join(MODES)} (got {_short(d['mode'])})")
     if d.get("status", "partial") not in STATUSES:
@@ -371,7 +383,10 @@ def resolve_inside(cache_dir: str | os.PathLike, rel: str) -> Path:
             "(the manifest is damaged or hostile)."
         )
     path = root / rel
-    target = path.resolve()
+    try:
+        target = path.resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13, OSError after)
+        raise LogitCacheError(f"{path}: a symlink loop; refusing to read it (the cache is damaged or hostile).") from e
     if not target.is_relative_to(root.resolve()):
         raise LogitCacheError(
             f"{path}: links to {target}, outside the cache directory; refusing to read it "

@@ -402,7 +402,12 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             if self.verify_shards:
                 self._verify(shard)
             self._open = (shard, pq.ParquetFile(self.cache.shard_path(shard)))
-            self._open_ids = shard_id_table(self._open[1])
+            try:
+                self._open_ids = shard_id_table(self._open[1]) if self._compact else None
+            except ValueError as e:  # a missing, damaged or bomb-sized footer id table
+                raise LogitCacheError(
+                    f"{self.cache.shard_path(shard)}: {e}; run `logitcache verify {self.cache.path}`."
+                ) from e
         try:
             if self._group is not None and self._group[:2] == (shard, group):
                 table = self._group[2]  # a worker reads one row group for several of its batches

@@ -69,7 +69,7 @@ class TrainConfig:
     kl_kind: str = "forward"  # forward | reverse | jsd
     mlot_variant: str = "paper"  # paper | code
     mlot_k: int = 50
-    # KD at temperature tau (ULD, KL; MultiLevelOT's tau_SL): student softmax(logits / tau), the
+    # KD at temperature tau (ULD, KL, hybrid; MultiLevelOT's tau_SL): student softmax(logits / tau), the
     # teacher's exact log-probabilities at tau from the cache, KD term times tau**2 (Hinton).
     kd_temperature: float = 1.0
     # How the KD term averages its per-position losses: "sample" (per sequence, then over the
@@ -102,7 +102,7 @@ class TrainConfig:
 
     def teacher_temperatures(self) -> list[float]:
         """The temperatures other than 1 at which the KD term reads the teacher (sorted)."""
-        if self.loss in ("uld", "kl"):
+        if self.loss in ("uld", "kl", "hybrid"):
             return [] if self.kd_temperature == 1.0 else [float(self.kd_temperature)]
         if self.loss == "mlot":
             return losses.mlot_temperatures(self.mlot_config())
@@ -148,8 +148,11 @@ class TrainConfig:
         """the hybrid's and ALM's options."""
         if self.loss == "alm" and self.alignment not in (None, "chunk"):
             raise LogitCacheError(f"--loss alm aligns by its own chunks; drop --alignment {self.alignment}.")
-        if self.loss in ("hybrid", "alm") and self.kd_temperature != 1.0:
-            raise LogitCacheError(f"--loss {self.loss} runs at temperature 1 (as GOLD and tokenkit do); drop --kd-temperature.")
+        if self.loss == "alm" and self.kd_temperature != 1.0:
+            # ALM compares chunk likelihoods (sums of the stored label log-probs), not distributions:
+            # there is no distribution to soften. Its own sharpness is --alm-temperature.
+            raise LogitCacheError("--loss alm compares chunk likelihoods, which have no temperature; drop "
+                                  "--kd-temperature (ALM's own knob is alm_temperature).")
         if self.alignment == "chunk" and self.loss != "alm":
             raise LogitCacheError("--alignment chunk is ALM's; use offset or position with --loss " f"{self.loss}.")
         if not 0.0 <= self.hybrid_beta <= 1.0:
@@ -296,7 +299,8 @@ def kd_term(
     if cfg.loss == "hybrid":  # t_ids are the mapped student ids here
         h = _extra_loss_configs(cfg, matched_fraction)["hybrid"]
         return losses.hybrid_loss(s, lp, ids, ones, beta=h.beta, matched_weight=h.matched_weight,
-                                  unmatched_weight=h.unmatched_weight, weights=weights, chunk_size=chunk)
+                                  unmatched_weight=h.unmatched_weight, weights=weights, chunk_size=chunk,
+                                  temperature=tau)
     return losses.kl_loss(s, lp, ids, ones, kind=cfg.kl_kind, temperature=tau, weights=weights, chunk_size=chunk)
 
 
@@ -319,7 +323,7 @@ def fused_loss_of(cfg: TrainConfig, matched_fraction: float = 1.0) -> "losses.Fu
     spec = losses.FusedLoss(
         loss=cfg.loss, weight=cfg.kd_weight, kl_kind=cfg.kl_kind,
         mlot=cfg.mlot_config(),
-        temperature=float(cfg.kd_temperature) if cfg.loss in ("uld", "kl") else 1.0,
+        temperature=float(cfg.kd_temperature) if cfg.loss in ("uld", "kl", "hybrid") else 1.0,
         reduction=cfg.kd_reduction,
         **_extra_loss_configs(cfg, matched_fraction),
     )

@@ -83,6 +83,8 @@ class FusedLoss:
 
 def supports(spec: FusedLoss) -> bool:
     """Whether :func:`ce_kd_loss` computes ``spec`` (else use ``causal_ce`` + the standalone loss)."""
+    if spec.loss == "hybrid":  # at a temperature the hybrid runs as CE, then the standalone hybrid_loss
+        return spec.temperature == 1.0
     if spec.loss != "mlot":
         return True
     cfg = spec.mlot.resolved()

@@ -54,6 +54,7 @@ import torch
 
 from logitcache.pipeline.student.losses.chunking import (
     DEFAULT_CHUNK_SIZE,
+    check_temperature,
     chunked_position_sum,
     logsumexp_last,
     position_weights,
@@ -95,6 +96,7 @@ def hybrid_loss(
     unmatched_weight: float = 0.5,
     weights: torch.Tensor | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """GOLD's hybrid loss against a top-K teacher, averaged over the masked-in positions.
 
@@ -109,10 +111,15 @@ def hybrid_loss(
         weights: [N] per-position weights, the loss being ``sum_p weights[p] * loss_p`` over
             masked-in p (``kd_weights``' "sample" reduction); None: the mean over them.
         chunk_size: positions per chunk, or None for one pass (as in ``uld_loss``).
+        temperature: tau > 0. The student's probabilities are ``softmax(logits / tau)`` and
+            ``teacher_logprobs`` must be the teacher's at tau over its full vocabulary (from a
+            cache: ``targets.tempered_logprobs``, so its tail at tau is exact); the loss is
+            multiplied by tau**2 (Hinton's scaling, as ``kl_loss`` and ``uld_loss``). GOLD
+            itself runs at temperature 1.
 
     Returns:
         Scalar: mean over masked-in positions of ``matched_weight * JSD + unmatched_weight *
-        ULD``; exactly 0 when no position is masked in.
+        ULD`` (times tau**2); exactly 0 when no position is masked in.
     """
     if student_logits.dim() != 2 or teacher_logprobs.dim() != 2 or student_ids.shape != teacher_logprobs.shape:
         raise ValueError(
@@ -125,7 +132,11 @@ def hybrid_loss(
     if bool((ids >= student_logits.shape[-1]).any()):
         raise ValueError(f"hybrid_loss: a student id is outside the student vocabulary [0, {student_logits.shape[-1]}).")
 
+    check_temperature(temperature)
+
     def fn(x: torch.Tensor, m: torch.Tensor, lp: torch.Tensor, i: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if temperature != 1.0:
+            x = x / temperature
         lse = logsumexp_last(x)
         matched = i >= 0
         s_mapped = x.gather(-1, i.clamp_min(0)) - lse
@@ -137,7 +148,8 @@ def hybrid_loss(
         return torch.where(m, per_position * w, torch.zeros_like(per_position)).sum()
 
     w = position_weights(mask, weights, student_logits.dtype)
-    return chunked_position_sum(fn, student_logits, mask, teacher_logprobs, ids, w, chunk_size=chunk_size)
+    total = chunked_position_sum(fn, student_logits, mask, teacher_logprobs, ids, w, chunk_size=chunk_size)
+    return total * temperature**2 if temperature != 1.0 else total
 
 
 def hybrid_per_position(
