@@ -11,13 +11,17 @@ and only the top-1 needs checking (benchmarks/stage2.py measures the cost beside
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from logitcache.storage.codec import CODEC_NAME, META_CODEC
+from logitcache.storage.manifest import Manifest
 from logitcache.storage.rows import flat_list_column
 from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN
+from logitcache.storage.writer import TOKENIZER_DIR
 
 # A row's text ends where its tokens end (stage 1 cuts a truncated text there). A tokenizer
 # may leave a little trailing text uncovered (whitespace it normalises away); far more is a
@@ -81,7 +85,7 @@ def _has_nulls(column: pa.Array | pa.ChunkedArray) -> bool:
     return False
 
 
-def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None) -> list[str]:
+def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None, max_id: int = 0) -> list[str]:
     """One message per kind of bad value in ``batch`` (a shard's rows, either codec); empty if none.
 
     Checked: no null anywhere, not even inside a list column (Arrow allows them; decoded, a
@@ -90,7 +94,8 @@ def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None
     the top-k log-probabilities are finite, at most 0 and sorted descending; the label log-prob is finite and at most 0; the log-normaliser and
     the optional columns (``lse_tau``, logit stats) are finite. Each message counts the
     positions and names the first example id. ``compact``: the codec the manifest names (None:
-    the batch's own metadata says).
+    the batch's own metadata says). ``max_id``: ids must stay below it (v1; :func:`id_bound`;
+    0: unchecked).
     """
     names = batch.schema.names
     out: list[str] = []
@@ -132,6 +137,8 @@ def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None
         ids, id_offsets = column("topk_ids")  # [M, k]
         if ids.size:
             report((ids < 0).any(axis=1), "with a negative top-k id", id_offsets)
+            if max_id:
+                report((ids >= max_id).any(axis=1), f"with a top-k id at or above the vocabulary's {max_id}", id_offsets)
         lp, row_offsets = column("topk_logprobs")  # [M, k], float16 in v1
         if lp.size:
             suspect = _suspect_rows(lp)
@@ -156,3 +163,41 @@ def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None
             bad = ~np.isfinite(values)
             report(bad.any(axis=1) if bad.ndim == 2 else bad, f"with a non-finite {name}", offsets)
     return out
+
+
+# A padded vocabulary (embedding rows past the tokenizer's, for faster matmuls) pads to a
+# multiple of 64 or 128, a few thousand rows at most: never this much beyond the tokenizer.
+PAD_SLACK_IDS = 1 << 14
+
+
+def id_bound(root: Path, m: Manifest, trust_files: bool = True) -> int:
+    """The bound that top-k ids must stay below (0: unknown, ids are only checked to be >= 0).
+
+    The rule: an id is a row of the teacher's logits, so it is below the logits' width
+    (``teacher.vocab_size``), which exceeds the tokenizer's size when the embedding is padded;
+    that width may exceed the tokenizer by at most ``PAD_SLACK_IDS``. The tokenizer's size
+    comes from its hashed files (``tokenizer.json``), not from the manifest, which an attacker
+    could raise (ids near 2**31 would make MultiLevelOT allocate batch x max id).
+    """
+    size = tokenizer_json_size(root / TOKENIZER_DIR / "tokenizer.json") if trust_files else None
+    if size is None:
+        size = int(m.tokenizer.get("vocab_size") or 0)
+    width = m.teacher.get("vocab_size") if isinstance(m.teacher, dict) else None
+    if isinstance(width, int) and size and size < width <= size + PAD_SLACK_IDS:
+        return width
+    return size
+
+
+def tokenizer_json_size(path: Path) -> int | None:
+    """1 + the largest id a ``tokenizer.json`` defines (its model's vocabulary and its added
+    tokens); None if there is no such file or it does not read as one."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        vocab = data["model"]["vocab"]
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))  # Unigram: a list
+        ids += [t["id"] for t in data.get("added_tokens") or []]
+        return max(int(i) for i in ids) + 1 if ids else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None

@@ -34,7 +34,7 @@ from logitcache.errors import LogitCacheError
 from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.manifest import Manifest, load_manifest, resolve_inside
 from logitcache.storage.decode import decode_rows, shard_id_table
-from logitcache.storage.integrity import value_problems
+from logitcache.storage.integrity import id_bound, value_problems
 from logitcache.storage.rows import flat_list_column, rows_to_table
 from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN
 from logitcache.storage.writer import DATA_DIR, SHARD_NAME, TMP_PREFIX, TOKENIZER_DIR
@@ -123,44 +123,6 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> 
         report.tokens += tokens
         report.bytes += size
     return report
-
-
-# A padded vocabulary (embedding rows past the tokenizer's, for faster matmuls) pads to a
-# multiple of 64 or 128, a few thousand rows at most: never this much beyond the tokenizer.
-PAD_SLACK_IDS = 1 << 14
-
-
-def id_bound(root: Path, m: Manifest, trust_files: bool = True) -> int:
-    """The bound that top-k ids must stay below (0: unknown, ids are only checked to be >= 0).
-
-    The rule: an id is a row of the teacher's logits, so it is below the logits' width
-    (``teacher.vocab_size``), which exceeds the tokenizer's size when the embedding is padded;
-    that width may exceed the tokenizer by at most ``PAD_SLACK_IDS``. The tokenizer's size
-    comes from its hashed files (``tokenizer.json``), not from the manifest, which an attacker
-    could raise (ids near 2**31 would make MultiLevelOT allocate batch x max id).
-    """
-    size = tokenizer_json_size(root / TOKENIZER_DIR / "tokenizer.json") if trust_files else None
-    if size is None:
-        size = int(m.tokenizer.get("vocab_size") or 0)
-    width = m.teacher.get("vocab_size") if isinstance(m.teacher, dict) else None
-    if isinstance(width, int) and size and size < width <= size + PAD_SLACK_IDS:
-        return width
-    return size
-
-
-def tokenizer_json_size(path: Path) -> int | None:
-    """1 + the largest id a ``tokenizer.json`` defines (its model's vocabulary and its added
-    tokens); None if there is no such file or it does not read as one."""
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        vocab = data["model"]["vocab"]
-        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))  # Unigram: a list
-        ids += [t["id"] for t in data.get("added_tokens") or []]
-        return max(int(i) for i in ids) + 1 if ids else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return None
 
 
 def _inside(root: Path, rel: str, problems: list[str]) -> Path | None:

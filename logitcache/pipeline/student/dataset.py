@@ -45,8 +45,8 @@ from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.decode import decode_rows, shard_id_table
 from logitcache.storage.rows import Row
-from logitcache.storage.integrity import value_problems
-from logitcache.storage.verify import compact_shard_k
+from logitcache.storage.integrity import id_bound, value_problems
+from logitcache.storage.verify import compact_shard_k, tokenizer_problems
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())  # the caller decides where warnings go (run_train: stderr)
@@ -201,6 +201,10 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             raise LogitCacheError(f"batch_size must be positive (got {batch_size}).")
         self.batch_size = batch_size
         self._compact = self.manifest.codec == "compact"  # the manifest decides, not a shard's metadata
+        # ids beyond the teacher's vocabulary would index past a student's logits (same vocabulary)
+        # or make MultiLevelOT allocate batch x max id: bounded by the hashed tokenizer files.
+        root = Path(self.cache.path)
+        self._max_id = id_bound(root, self.manifest, trust_files=not tokenizer_problems(root, self.manifest))
         self._group: tuple[int, int, pa.Table] | None = None  # the last row group read (shard, group, table)
         self.skipped_shards: list[BadShard] = []
         self.bad_row_groups: set[tuple[int, int]] = set()  # (shard, row group) skipped for bad values
@@ -404,6 +408,8 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             self._open = (shard, pq.ParquetFile(self.cache.shard_path(shard)))
             try:
                 self._open_ids = shard_id_table(self._open[1]) if self._compact else None
+                if self._open_ids is not None and len(self._open_ids) and self._max_id and self._open_ids.max() >= self._max_id:
+                    raise ValueError(f"its id table holds ids at or above the vocabulary's {self._max_id}")
             except ValueError as e:  # a missing, damaged or bomb-sized footer id table
                 raise LogitCacheError(
                     f"{self.cache.shard_path(shard)}: {e}; run `logitcache verify {self.cache.path}`."
@@ -420,7 +426,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
                 f"run `logitcache verify {self.cache.path}`."
             ) from e
         table = table.slice(piece[1], piece[2] - piece[1])
-        problems = value_problems(table, compact=self._compact)
+        problems = value_problems(table, compact=self._compact, max_id=self._max_id)
         if not problems:
             return table
         where = f"{self.cache.shard_path(shard)} row group {group}"
