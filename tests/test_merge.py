@@ -469,3 +469,13 @@ def test_a_merge_marker_with_foreign_files_is_refused_touching_nothing(tmp_path,
     with pytest.raises(LogitCacheError, match=r"notes.txt.*nothing was removed"):
         merge_caches(out, parts)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_parts_claiming_a_billion_workers_are_refused_without_listing_them(tmp_path, parts):
+    for part in parts:  # hostile manifests: the same huge split in every part
+        data = json.loads((part / "manifest.json").read_text())
+        data["worker"]["count"] = 10**9
+        (part / "manifest.json").write_text(json.dumps(data))
+
+    message = refuse(tmp_path / "merged", parts, r"workers 3, 4, .* \(999,999,997 in all\) of 1000000000 missing")
+    assert len(message) < 2000

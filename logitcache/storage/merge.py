@@ -230,13 +230,17 @@ def _check_workers(parts: list[_Part]) -> None:
             raise LogitCacheError(
                 f"parts {a.path} and {b.path} are both worker {a.index} of {a.count}; keep one of them."
             )
-    missing = sorted(set(range(ref.count)) - {p.index for p in parts})
-    if missing:
-        listed = ", ".join(map(str, missing))
+    if ref.count != len(parts):
+        # Found by walking the indices, never by building range(count): a hostile manifest may
+        # claim a billion workers, and the message must not list (or allocate) them all.
+        have = {p.index for p in parts}  # distinct, each in [0, count): the walk meets 20 gaps soon
+        missing = list(itertools.islice((i for i in range(ref.count) if i not in have), 20))
+        n_missing = ref.count - len(parts)
+        listed = ", ".join(map(str, missing)) + (f" ... ({n_missing:,} in all)" if n_missing > len(missing) else "")
         raise LogitCacheError(
-            f"worker{'s' if len(missing) > 1 else ''} {listed} of {ref.count} missing (no "
+            f"worker{'s' if n_missing > 1 else ''} {listed} of {ref.count} missing (no "
             f"{', '.join(_part_name(i, ref.count) for i in missing[:3])}{', ...' if len(missing) > 3 else ''}); "
-            f"run {'them' if len(missing) > 1 else 'it'} (--num-workers {ref.count} --worker-index I, or resubmit the "
+            f"run {'them' if n_missing > 1 else 'it'} (--num-workers {ref.count} --worker-index I, or resubmit the "
             "whole Slurm array: finished workers return at once) and merge again."
         )
 
