@@ -79,11 +79,11 @@ def remove_shard_entry(cache: Path) -> None:
 
 # case -> (damage, the shard named first, what verify says about it, what stage 2 says)
 CASES = {
-    "flipped byte": (flip_a_byte, SHARD, "sha256 differs from the manifest", "does not match the manifest"),
-    "truncated shard": (truncate, SHARD, "bytes, manifest says", "bytes, the manifest says"),
+    "flipped byte": (flip_a_byte, SHARD, "sha256 differs from the manifest", "sha256 differs from the manifest"),
+    "truncated shard": (truncate, SHARD, "bytes, the manifest says", "bytes, the manifest says"),
     "deleted shard": (delete, SHARD, "missing", "shard missing"),
     "manifest row count edited": (edit_row_count, SHARD, "rows", "rows, the manifest says"),
-    "manifest sha256 edited": (edit_sha256, SHARD, "sha256 differs from the manifest", "does not match the manifest"),
+    "manifest sha256 edited": (edit_sha256, SHARD, "sha256 differs from the manifest", "sha256 differs from the manifest"),
     # every shard disagrees with the new k: the first is named
     "manifest k edited": (edit_k, "data/shard-00000.parquet", "schema differs", "columns differ from the manifest's"),
 }
@@ -169,7 +169,7 @@ def test_a_shard_damaged_after_the_start_is_caught_when_read(cache_copy):
     first_shard_rows = len(_ids(cache_copy, "data/shard-00000.parquet"))
 
     got = []
-    with pytest.raises(LogitCacheError, match=r"shard-00001.parquet: shard sha256 .*logitcache verify"):
+    with pytest.raises(LogitCacheError, match=r"shard-00001.parquet: shard sha256 differs .*logitcache verify"):
         for row in ds:
             got.append(row)
 

@@ -346,7 +346,9 @@ def test_a_corrupted_shard_is_refused_before_the_first_example(cache_copy):
 @pytest.mark.parametrize("verify", [True, False])
 def test_shards_are_hashed_once_per_process_and_only_when_asked(cache_copy, monkeypatch, verify):
     hashed = []
-    monkeypatch.setattr(dataset_module, "sha256_file", lambda p: hashed.append(p) or _sha(p))
+    from logitcache.storage import integrity
+
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: hashed.append(p) or _sha(p))
     ds = LogitCacheDataset(cache_copy, verify_shards=verify)
 
     list(ds), list(ds)

@@ -116,7 +116,7 @@ def test_flipped_byte_in_a_shard_is_a_sha256_problem(cache_copy):
     report = verify_cache(cache_copy)
 
     assert_fails_naming(report, SHARD, "sha256")
-    assert not any("bytes, manifest says" in p for p in report.problems), "the size did not change"
+    assert not any("bytes, the manifest says" in p for p in report.problems), "the size did not change"
 
 
 def test_truncated_shard_is_a_size_problem(cache_copy):
@@ -126,7 +126,7 @@ def test_truncated_shard_is_a_size_problem(cache_copy):
 
     report = verify_cache(cache_copy)
 
-    msg = assert_fails_naming(report, SHARD, "bytes, manifest says")
+    msg = assert_fails_naming(report, SHARD, "bytes, the manifest says")
     assert str(len(data) // 2) in msg and str(len(data)) in msg
 
 
@@ -157,7 +157,7 @@ def test_manifest_row_count_that_disagrees_with_the_shard_is_named(cache_copy):
     report = verify_cache(cache_copy)
 
     msg = assert_fails_naming(report, SHARD, "manifest says")
-    assert f"{actual} rows" in msg and f"{actual + 1} /" in msg
+    assert f"{actual} rows, the manifest says {actual + 1}" in msg
 
 
 def test_altered_tokenizer_file_is_reported(cache_copy):

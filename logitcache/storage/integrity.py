@@ -1,6 +1,11 @@
-"""The values a shard must hold to be trained on: one set of checks for `verify` and the training reader.
+"""What a shard must be to be read: one set of checks for `verify` and the training reader.
 
-A damaged or hostile cache (or a teacher that overflowed in float16) can hold NaN, inf or
+The file (``shard_file_problem``: present, a regular file, its size, its sha256), its footer
+(``footer_problem``: readable, the rows the manifest says, the columns and k of the manifest's
+codec) and its values (``value_problems``, below). ``verify`` reports every problem it finds;
+the training reader refuses the first (or skips the shard / row group with --skip-bad-shards).
+
+Values: a damaged or hostile cache (or a teacher that overflowed in float16) can hold NaN, inf or
 positive log-probabilities, or a top-k that is not sorted. ``verify`` reports them; the
 training reader refuses the row group (or, with ``--skip-bad-shards``, passes over it), so
 what one accepts the other accepts. These checks are vectorised over a whole record batch
@@ -11,6 +16,7 @@ and only the top-1 needs checking (benchmarks/stage2.py measures the cost beside
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from logitcache.storage.codec import CODEC_NAME, META_CODEC
+from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.manifest import Manifest
 from logitcache.storage.rows import flat_list_column
 from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN
@@ -201,3 +208,65 @@ def tokenizer_json_size(path: Path) -> int | None:
         return max(int(i) for i in ids) + 1 if ids else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
+
+
+# Shards whose bytes this process has hashed and found equal to the manifest, keyed by
+# (absolute path, size, mtime_ns, sha256): a file replaced or rewritten is checked again.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def shard_file_problem(path: Path, size: int, sha256: str, *, hash_bytes: bool = True, remember: bool = True) -> str | None:
+    """What is wrong with a shard's file against its manifest entry (missing, not a regular file,
+    another size, another sha256 when ``hash_bytes``), or None. With ``remember`` (the training
+    reader), a file hashed sound once by this process is not hashed again while its size and
+    mtime stay the same; ``verify`` hashes every time."""
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end when read
+        return "not a regular file (a FIFO, device or directory)"
+    if st.st_size != size:
+        return f"{st.st_size} bytes, the manifest says {size} (truncated or replaced)"
+    if not hash_bytes:
+        return None
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, sha256)
+    if remember and key in _VERIFIED:
+        return None
+    if sha256_file(path) != sha256:
+        return "sha256 differs from the manifest (the shard is damaged or was modified)"
+    if remember:
+        _VERIFIED.add(key)
+    return None
+
+
+def footer_problem(path: Path, rows: int, m: Manifest) -> tuple[list[int], str | None]:
+    """The row counts of a shard's row groups from its footer, or what is wrong with it: an
+    unreadable footer, another number of rows than the manifest's, columns other than the
+    manifest's codec and k (for the compact codec, whose columns are the same for every k, the
+    k its footer records)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path)
+        schema = meta.schema.to_arrow_schema()
+    except (OSError, pa.ArrowException) as e:
+        return [], f"cannot read the shard's Parquet footer ({e})"
+    counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    if not schema.equals(m.arrow_schema(), check_metadata=False):
+        extras = ", ".join((["temperatures " + str(m.temperatures)] if m.temperatures else [])
+                           + (["logit stats"] if m.logit_stats else []))
+        return [], (f"its columns differ from the manifest's (codec {m.codec}, k={m.k}"
+                    f"{', ' + extras if extras else ''}): schema differs")
+    if m.codec == "compact":
+        from logitcache.storage.codec import META_K
+
+        try:
+            k = int((meta.metadata or {})[META_K])
+        except (KeyError, ValueError):
+            k = None
+        if k != m.k:
+            return [], f"the shard holds top-{k} entries, the manifest says k={m.k}"
+    if sum(counts) != rows:
+        return [], f"{sum(counts)} rows, the manifest says {rows}"
+    return counts, None

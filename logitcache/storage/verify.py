@@ -34,7 +34,7 @@ from logitcache.errors import LogitCacheError
 from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.manifest import Manifest, load_manifest, resolve_inside
 from logitcache.storage.decode import decode_rows, shard_id_table
-from logitcache.storage.integrity import id_bound, value_problems
+from logitcache.storage.integrity import footer_problem, id_bound, shard_file_problem, value_problems
 from logitcache.storage.rows import flat_list_column, rows_to_table
 from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN
 from logitcache.storage.writer import DATA_DIR, SHARD_NAME, TMP_PREFIX, TOKENIZER_DIR
@@ -94,15 +94,14 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> 
         path = _inside(root, where, report.problems)
         if path is None:
             continue
-        if not path.is_file():
-            report.problems.append(f"{where}: missing")
+        # The file and its footer: the same checks (and words) as the training reader's.
+        problem = shard_file_problem(path, info.bytes, info.sha256, remember=False)
+        if problem is None:
+            problem = footer_problem(path, info.rows, m)[1]
+        if problem is not None:
+            report.problems.append(f"{where}: {problem}")
             continue
-        size = path.stat().st_size
-        if size != info.bytes:
-            report.problems.append(f"{where}: {size} bytes, manifest says {info.bytes} (truncated or replaced)")
-        if sha256_file(path) != info.sha256:
-            report.problems.append(f"{where}: sha256 differs from the manifest (corrupted or modified)")
-            continue
+        size = info.bytes
         try:
             counts = _check_shard(path, m, vocab, seen_ids, check_values, report.problems, where)
         except (pa.ArrowException, OSError) as e:
@@ -163,43 +162,20 @@ def tokenizer_problems(root: Path, m: Manifest) -> list[str]:
     return problems
 
 
-def compact_shard_k(metadata: pq.FileMetaData) -> int | None:
-    """The k a compact shard's footer records (None if it records none)."""
-    from logitcache.storage.codec import META_K
-
-    try:
-        return int((metadata.metadata or {})[META_K])
-    except (KeyError, ValueError):
-        return None
-
-
 def _check_shard(
     path: Path, m: Manifest, vocab: int, seen_ids: set[str], check_values: bool, problems: list[str], where: str,
 ) -> tuple[int, int] | None:
     f = pq.ParquetFile(path)
     k, compact = m.k, m.codec == "compact"
     has_logsumexp = m.has_logsumexp
-    expected = m.arrow_schema()
-    if compact:
+    if compact:  # the columns and k were checked by footer_problem
         from logitcache.storage import codec as compact_codec
 
-        label = "the compact codec"
         id_table = shard_id_table(f)
         # A decoded logprob is within the codec's bound of the label's fp32 value.
         extra_tol = compact_codec.ERROR_BOUND_NATS
     else:
-        label, id_table, extra_tol = f"format v1 with k={k}", None, 0.0
-    if m.temperatures or m.logit_stats:
-        label += " and " + ", ".join(
-            ([f"temperatures {m.temperatures}"] if m.temperatures else []) + (["logit stats"] if m.logit_stats else [])
-        )
-    if not f.schema_arrow.equals(expected, check_metadata=False):
-        problems.append(f"{where}: schema differs from {label}")
-        return None
-    stored_k = compact_shard_k(f.metadata) if compact else k
-    if stored_k != k:  # the compact schema is the same for every k: its footer says which
-        problems.append(f"{where}: the shard holds top-{stored_k} entries, the manifest says k={k}")
-        return None
+        id_table, extra_tol = None, 0.0
     rows = tokens = 0
     for batch in f.iter_batches(batch_size=1024):
         for rid in batch.column("id").to_pylist():

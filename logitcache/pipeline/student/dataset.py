@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import random
-import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,12 +40,11 @@ import torch.utils.data
 
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.student.features import FeatureStats, StudentFeaturizer, featurizer_for_cache
-from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.decode import decode_rows, shard_id_table
 from logitcache.storage.rows import Row
-from logitcache.storage.integrity import id_bound, value_problems
-from logitcache.storage.verify import compact_shard_k, tokenizer_problems
+from logitcache.storage.integrity import footer_problem, id_bound, shard_file_problem, value_problems
+from logitcache.storage.verify import tokenizer_problems
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())  # the caller decides where warnings go (run_train: stderr)
@@ -58,9 +56,6 @@ Unit = tuple[int, int, int]
 # (unit index, first row, end row) within that unit's row group: what one worker reads.
 Piece = tuple[int, int, int]
 
-# Shards whose bytes this process has hashed and found equal to the manifest, keyed by
-# (absolute path, size, mtime_ns, sha256): a file replaced or rewritten is checked again.
-_VERIFIED: set[tuple[str, int, int, str]] = set()
 _HASH_THREADS = 4  # hashlib releases the GIL: a few threads keep a fast disk busy
 
 
@@ -266,49 +261,14 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         return f"{self.cache.path}: skipped {len(self.skipped_shards)} bad shard(s) ({rows} examples): {names}"
 
     def _bytes_problem(self, i: int) -> str | None:
-        """What is wrong with shard ``i``'s file (missing, size, sha256 if verifying), or None."""
+        """What is wrong with shard ``i``'s file (storage.integrity: missing, size, sha256 if verifying)."""
         shard = self.manifest.shards[i]
-        path = self.cache.shard_path(i)
-        try:
-            st = path.stat()
-        except OSError:
-            return "shard missing"
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end when read
-            return "not a regular file (a FIFO, device or directory)"
-        if st.st_size != shard.bytes:
-            return f"shard is {st.st_size} bytes, the manifest says {shard.bytes} (truncated or replaced)"
-        if not self.verify_shards:
-            return None
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, shard.sha256)
-        if key in _VERIFIED:
-            return None
-        digest = sha256_file(path)
-        if digest != shard.sha256:
-            return (
-                f"shard sha256 {digest[:12]}… does not match the manifest ({shard.sha256[:12]}…): "
-                "the shard is damaged or was modified"
-            )
-        _VERIFIED.add(key)
-        return None
+        problem = shard_file_problem(self.cache.shard_path(i), shard.bytes, shard.sha256, hash_bytes=self.verify_shards)
+        return None if problem is None else f"shard {problem}"
 
     def _footer(self, path: Path, manifest_rows: int) -> tuple[list[int], str | None]:
         """Row counts of the shard's row groups from its footer, or what is wrong with it."""
-        try:
-            meta = pq.read_metadata(path)
-            schema = meta.schema.to_arrow_schema()
-        except (OSError, pa.ArrowException) as e:
-            return [], f"cannot read the shard's Parquet footer ({e})"
-        rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-        if sum(rows) != manifest_rows:
-            return [], f"{sum(rows)} rows, the manifest says {manifest_rows}"
-        if not schema.equals(self._expected_schema(), check_metadata=False):
-            return [], f"its columns differ from the manifest's (codec {self.manifest.codec}, k={self.manifest.k})"
-        if self.manifest.codec == "compact" and (k := compact_shard_k(meta)) != self.manifest.k:
-            return [], f"the shard holds top-{k} entries, the manifest says k={self.manifest.k}"
-        return rows, None
-
-    def _expected_schema(self) -> pa.Schema:
-        return self.manifest.arrow_schema()
+        return footer_problem(path, manifest_rows, self.manifest)
 
     @property
     def num_examples(self) -> int:
