@@ -11,7 +11,7 @@ training reader refuses the row group (or, with ``--skip-bad-shards``, passes ov
 what one accepts the other accepts. These checks are vectorised over a whole record batch
 and read the stored columns without decoding rows, in either codec: the compact codec stores
 the top-1 log-prob and non-negative steps below it, so its rows are sorted by construction
-and only the top-1 needs checking (benchmarks/stage2.py measures the cost beside decoding).
+and only the top-1 needs checking (benchmarks/finite_checks.py measures the cost beside decoding).
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None
     Checked: no null anywhere, not even inside a list column (Arrow allows them; decoded, a
     null id becomes -2**31); no text far longer than its tokens. Per position: no negative
     top-k id (v1; the compact codec's ids come from its footer table, checked where it is read);
-    the top-k log-probabilities are finite, at most 0 and sorted descending; the label log-prob is finite and at most 0; the log-normaliser and
-    the optional columns (``lse_tau``, logit stats) are finite. Each message counts the
+    the top-k log-probabilities are finite, at most 0 and sorted descending; the label log-prob
+    is finite and at most 0; the log-normaliser and the optional columns (``lse_tau``, logit
+    stats) are finite. Each message counts the
     positions and names the first example id. ``compact``: the codec the manifest names (None:
     the batch's own metadata says). ``max_id``: ids must stay below it (v1; :func:`id_bound`;
     0: unchecked).

@@ -33,12 +33,12 @@ import pyarrow.parquet as pq
 
 from logitcache.errors import LogitCacheError
 from logitcache.storage.card import render_card
-from logitcache.storage.fsutil import atomic_write_bytes, copy_files, crash_point, fsync_dir, publish, sha256_file, temp_name
+from logitcache.storage.fsutil import atomic_write_bytes, copy_files, crash_point, fsync_dir, publish, sha256_file
 from logitcache.storage.lock import LOCK_NAME, CacheLock
 from logitcache.storage.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, resolve_inside
 from logitcache.storage.marker import clear_marked, write_marker
 from logitcache.storage.verify import tokenizer_problems
-from logitcache.storage.writer import CARD_NAME, DATA_DIR, TMP_PREFIX, TOKENIZER_DIR
+from logitcache.storage.writer import CARD_NAME, DATA_DIR, TMP_PREFIX, TOKENIZER_DIR, layout_names
 
 PART_GLOB = "part-*"
 # Hashing is bound by disk and sha256 (hashlib releases the GIL): several shards at once
@@ -349,8 +349,7 @@ def _check_tokenizer(part: _Part) -> None:
 
 def _write(out: Path, parts: list[_Part], link: bool, report: MergeReport) -> None:
     try:
-        write_marker(out, MERGE_MARKER, (DATA_DIR, TOKENIZER_DIR, CARD_NAME, temp_name(Path(CARD_NAME)).name,
-                                          MANIFEST_NAME, temp_name(Path(MANIFEST_NAME)).name))
+        write_marker(out, MERGE_MARKER, layout_names())
         (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
         shards: list[ShardInfo] = []
         for part in parts:

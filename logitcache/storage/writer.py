@@ -137,7 +137,7 @@ class CacheWriter:
         d = self.cache_dir
         d.mkdir(parents=True, exist_ok=True)
         # The marker lists what this creation may leave behind, all a rerun will ever remove.
-        write_marker(d, INIT_MARKER, self._creates())
+        write_marker(d, INIT_MARKER, layout_names())
         fsync_dir(d)
         (d / DATA_DIR).mkdir(exist_ok=True)
         crash_point("init.data_dir")
@@ -148,12 +148,6 @@ class CacheWriter:
         wanted.save(d)
         crash_point("init.manifest")
         (d / INIT_MARKER).unlink()
-
-    @staticmethod
-    def _creates() -> tuple[str, ...]:
-        """Every name _create may make in the cache directory (the atomic writes' temp files too)."""
-        return (DATA_DIR, TOKENIZER_DIR, CARD_NAME, temp_name(Path(CARD_NAME)).name, MANIFEST_NAME,
-                temp_name(Path(MANIFEST_NAME)).name)
 
     def _remove_leftovers(self, manifest: Manifest) -> None:
         """Drop what a killed run left outside the manifest; its rows get redone."""
@@ -395,6 +389,13 @@ def _flags_for(m: Manifest, keys: list[str]) -> list[str]:
     if "logit_stats" in keys:
         flags.append("--logit-stats" if m.logit_stats else "--no-logit-stats")
     return flags
+
+
+def layout_names() -> tuple[str, ...]:
+    """Every name that laying out a cache may make in its directory, the atomic writes' temp files
+    too: what a creation (the writer's) or a merge killed half-way may leave, and all a rerun removes."""
+    return (DATA_DIR, TOKENIZER_DIR, CARD_NAME, temp_name(Path(CARD_NAME)).name, MANIFEST_NAME,
+            temp_name(Path(MANIFEST_NAME)).name)
 
 
 def _check_row(row: Row, m: Manifest) -> None:

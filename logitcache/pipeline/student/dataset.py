@@ -367,9 +367,10 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
                 self._verify(shard)
             self._open = (shard, pq.ParquetFile(self.cache.shard_path(shard)))
             try:
-                self._open_ids = shard_id_table(self._open[1]) if self._compact else None
-                if self._open_ids is not None and len(self._open_ids) and self._max_id and self._open_ids.max() >= self._max_id:
+                ids = shard_id_table(self._open[1]) if self._compact else None
+                if ids is not None and len(ids) and self._max_id and int(ids.max()) >= self._max_id:
                     raise ValueError(f"its id table holds ids at or above the vocabulary's {self._max_id}")
+                self._open_ids = ids
             except ValueError as e:  # a missing, damaged or bomb-sized footer id table
                 raise LogitCacheError(
                     f"{self.cache.shard_path(shard)}: {e}; run `logitcache verify {self.cache.path}`."
@@ -535,13 +536,14 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             stream = self._ordered(pieces, skip)
         featurize = self._get_featurizer() if self.student_tokenizer is not None else None
         try:
-            counted = featurize is not None and hasattr(featurize, "stats")
             for index, row in stream:
                 if row is None:  # in a row group skipped for bad values
                     continue
-                before = featurize.stats.counts() if counted else None
-                example = featurize(row) if featurize is not None else row
-                if counted:  # this example's share of the counts, summed where it is trained
+                if featurize is None:
+                    example = row
+                else:  # with this example's share of the counts, summed where it is trained
+                    before = featurize.stats.counts()
+                    example = featurize(row)
                     example["_counts"] = featurize.stats.counts() - before
                 example["_worker"] = worker
                 example["_index"] = index
