@@ -69,7 +69,7 @@ CHILD = r"""
 import json, sys, time
 import torch
 import torch.nn.functional as F
-from logitcache.losses import MLOTConfig, kl_loss, multilevel_ot_loss, uld_loss
+from logitcache.losses import ALMTargets, MLOTConfig, kl_loss, multilevel_ot_loss, uld_loss
 from logitcache.pipeline.student.losses import FusedLoss, ce_kd_loss
 from losses_memory import CHUNK, uld_full_sort
 
@@ -109,6 +109,19 @@ def step():
         loss = uld_loss(logits, t_lp, mask, chunk_size=CHUNK)
     elif name == "uld-fullsort":
         loss = uld_full_sort(logits, t_lp, mask)
+    elif name == "fused-hybrid":
+        # Teacher entries mapped to student ids, every other one unmatched (-1), as across tokenizers.
+        mapped = torch.where(torch.arange(K) % 2 == 0, t_ids, -1)
+        loss, _, _ = ce_kd_loss(logits.view(B, T, V), labels.view(B, T), t_lp.view(B, T, K), mapped.view(B, T, K),
+                                mask.view(B, T), FusedLoss("hybrid"))
+    elif name == "fused-alm":
+        # Chunks of 3 positions, each debiased at its last one; a student word-start mask of 40%.
+        chunk = (torch.arange(T) // 3).expand(B, T).contiguous()
+        c = int(chunk.max()) + 1
+        end = (torch.arange(c) * 3 + 2).clamp(max=T - 1).expand(B, c).contiguous()
+        targets = ALMTargets(chunk, -torch.rand(B, c) * 8, end, -torch.rand(B, c), torch.rand(V) < 0.4)
+        loss, _, _ = ce_kd_loss(logits.view(B, T, V), labels.view(B, T), t_lp.view(B, T, K), t_ids.view(B, T, K),
+                                mask.view(B, T), FusedLoss("alm", weight=100.0), alm=targets)
     elif name.startswith("fused-"):
         # tempered: a stand-in of the teacher at MultiLevelOT's tau_SD = 2 (memory, not values, is measured).
         loss, _, _ = ce_kd_loss(logits.view(B, T, V), labels.view(B, T), t_lp.view(B, T, K), t_ids.view(B, T, K),
@@ -158,6 +171,8 @@ LOSSES = [
     ("fused-uld", "trainer's fused pass: CE + ULD"),
     ("fused-kl", "trainer's fused pass: CE + KL forward"),
     ("fused-mlot", "trainer's fused pass: CE + MultiLevelOT, paper"),
+    ("fused-hybrid", "trainer's fused pass: CE + hybrid (GOLD)"),
+    ("fused-alm", "trainer's fused pass: CE + ALM, debiased"),
 ]
 
 
@@ -225,7 +240,7 @@ def main() -> None:
         f"{b} sequences of {n // b} positions; its paper variant goes through the fused pass (chunked over "
         "positions, no CE target), the code variant and the assignment ranking are not chunked. Peak extra = VmHWM after "
         "forward + backward minus VmRSS before, in a fresh process per loss (MALLOC_MMAP_THRESHOLD_=65536); "
-        "time = best of 2 further runs. The \"trainer's fused pass\" rows are what `logitcache train` "
+        "time = best of 2 further runs. The hybrid row maps every other teacher entry to a student id (the rest unmatched); the ALM row has chunks of 3 positions, each debiased (its word-start log-partition over a random 40% of the vocabulary). The \"trainer's fused pass\" rows are what `logitcache train` "
         "runs: CE and the KD term together (losses.fused), so compare them with the SFT CE row plus the "
         "KD row, not with the KD row alone."
     )

@@ -70,15 +70,17 @@ def build(work: Path, quick: bool, student_size: str = "small", records_lines: i
 def step_times(tok, cache: Path, student, batch_size: int, rounds: int, max_length: int | None = None) -> tuple[list[list], dict]:
     import torch
 
+    from logitcache.losses import ALMTargets
     from logitcache.pipeline.student.collate import KDCollator
     from logitcache.pipeline.student.dataset import LogitCacheDataset
+    from logitcache.pipeline.token_bytes import word_start_mask
     from logitcache.pipeline.student.train import (
         TEACHER_EXTRAS, TrainConfig, batch_loss, causal_ce, fused_loss_of, teacher_targets,
     )
     from logitcache.storage import open_cache
 
-    # "chunk" = offset alignment plus ALM's chunks, so one batch serves every loss.
-    ds = LogitCacheDataset(cache, tok, alignment="chunk", shuffle=False, max_length=max_length)
+    # "chunk" = offset alignment plus ALM's chunks, so one batch serves every loss; debiased chunks (ALM's default; the cache's word-start column), which the KD losses ignore.
+    ds = LogitCacheDataset(cache, tok, alignment="chunk", shuffle=False, max_length=max_length, alm_merge_threshold=0.1)
     it = iter(ds)
     batch = KDCollator(pad_token_id=tok.pad_token_id or 0)([next(it) for _ in range(batch_size)])
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
@@ -95,6 +97,8 @@ def step_times(tok, cache: Path, student, batch_size: int, rounds: int, max_leng
     temperatures = open_cache(cache).manifest.temperatures
     extras = {k: batch[k] for k in TEACHER_EXTRAS if k in batch}
     times: dict[str, list[float]] = {name: [] for name in runs}
+    alm_targets = ALMTargets(batch["alm_chunk"], batch["alm_teacher_ll"], batch["alm_end"], batch["alm_teacher_ws"],
+                             torch.from_numpy(word_start_mask(tok, student.config.vocab_size)))
 
     def step(name: str) -> None:
         out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -108,7 +112,7 @@ def step_times(tok, cache: Path, student, batch_size: int, rounds: int, max_leng
             # identity (teacher ids are the student ids) and every teacher entry is matched.
             loss, _, _ = batch_loss(cfg, out.logits, batch["labels"], batch["teacher_logprobs"],
                                     batch["teacher_ids"], batch["kd_mask"], fused, tempered, std_lp,
-                                    alm=(batch["alm_chunk"], batch["alm_teacher_ll"]))
+                                    alm=alm_targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -191,7 +195,7 @@ def main() -> None:
         "`--kd-temperature 2` (the teacher exact at 2 from the cache's log-partition; the fused pass "
         "computes a second log-partition and softmax). `hybrid`, `alm`: `--loss hybrid` (here with the "
         "identity vocabulary map, as the student shares the teacher's tokenizer: every teacher entry is matched, "
-        "the dense pass is the same as across tokenizers) and `--loss alm` (chunks from offset boundaries).\n\n"
+        "the dense pass is the same as across tokenizers) and `--loss alm` (chunks from offset boundaries, debiased: the word-start log-partition is one more dense term).\n\n"
         + table(["loss", "ms/step (fwd+bwd+AdamW), median", "range", "vs SFT (medians)"], steps)
         + "\n\n### Reader throughput (one thread; teacher tokens per second)\n\n"
         + table(["what", "tokens/s"], reader)

@@ -17,10 +17,10 @@ from logitcache.pipeline.student.losses import (
     multilevel_ot_loss,
     uld_loss,
 )
-from logitcache.pipeline.student.losses import ALMConfig, HybridConfig, alm_loss, hybrid_loss
+from logitcache.pipeline.student.losses import ALMConfig, ALMTargets, HybridConfig, alm_loss, hybrid_loss
 
 __all__ = [
     "REDUCTIONS", "REVERSE_KL_TEACHER_FLOOR", "FusedLoss", "MLOTConfig", "ce_kd_loss", "fused_supports",
     "kd_weights", "kl_loss", "mlot_temperatures", "multilevel_ot_loss", "uld_loss",
-    "ALMConfig", "HybridConfig", "alm_loss", "hybrid_loss",
+    "ALMConfig", "ALMTargets", "HybridConfig", "alm_loss", "hybrid_loss",
 ]

@@ -127,7 +127,8 @@ class Launcher:
 # A resumed run batches the remaining examples differently, which can move an fp32 result by
 # ~1e-7 and so flip an fp16 log-prob by one unit in the last place (see test_stage1_run.py);
 # everything else must be identical. (On the machine this was written on, all were bit-equal.)
-FLOAT_COLUMNS = ("topk_logprobs", "label_logprob", "logsumexp", "lse_tau", "logit_mean", "logit_std", "lse_std")
+FLOAT_COLUMNS = ("topk_logprobs", "label_logprob", "logsumexp", "lse_tau", "logit_mean", "logit_std", "lse_std",
+                 "word_start_logprob")
 
 
 def _rows(cache: Path) -> pa.Table:

@@ -20,8 +20,11 @@ def tokenkit_distance(log_y_true, log_y_pred, temp=100.0, epsilon=1e-6):
     return -(y * torch.log(y_hat) + (1 - y) * torch.log(1 - y_hat))
 
 
-def slow_alm(logits, labels, chunk_index, teacher_ll, kind="binary_kl"):
-    """Chunk by chunk: the student's chunk log-likelihood summed position by position."""
+def slow_alm(logits, labels, chunk_index, teacher_ll, kind="binary_kl", end=None, teacher_ws=None, mask=None):
+    """Chunk by chunk: the student's chunk log-likelihood summed position by position. Debiased
+    (``end``, ``teacher_ws``, the student's word starts ``mask``): plus log sum_{v in mask} p(v)
+    at the chunk's end on the student side and the teacher's word-start log-prob on the other,
+    for chunks whose teacher value is known."""
     losses = []
     for b in range(logits.shape[0]):
         for c in range(teacher_ll.shape[1]):
@@ -30,6 +33,11 @@ def slow_alm(logits, labels, chunk_index, teacher_ll, kind="binary_kl"):
                 continue
             s_ll = sum(torch.log_softmax(logits[b, q], -1)[labels[b, q + 1]] for q in qs)
             t_ll = teacher_ll[b, c].to(D)
+            if end is not None and int(end[b, c]) >= 0 and torch.isfinite(teacher_ws[b, c]):
+                p = torch.softmax(logits[b, int(end[b, c])], -1)
+                s_ll = s_ll + torch.log(sum(p[v] for v in range(len(mask)) if mask[v]))
+                t_ll = t_ll + teacher_ws[b, c].to(D)
+            s_ll, t_ll = s_ll.clamp(max=0), t_ll.clamp(max=0)  # as tokenkit clips
             ce = tokenkit_distance(t_ll, s_ll)
             if kind == "binary_ce":
                 losses.append(ce)
@@ -129,7 +137,7 @@ def test_chunks_end_where_both_sides_end_a_token():
     t_s, t_e = _spans(["", "a", "b", " cd"])
     s_s, s_e = _spans(["", "ab", " c", "d"])
     t_ll = np.array([-1.0, -2.0, -4.0, 0.0])  # position p: log p(token p + 1)
-    chunk, ll = alm_chunks(t_s, t_e, np.arange(3), t_ll, s_s, s_e, np.arange(3), 4)
+    chunk, ll, _, _ = alm_chunks(t_s, t_e, np.arange(3), t_ll, s_s, s_e, np.arange(3), 4)
     assert chunk.tolist() == [0, 1, 1, -1]  # student positions 1, 2 predict " c", "d"
     assert ll.tolist() == [-3.0, -4.0]  # "ab": a + b; " cd"
 
@@ -138,7 +146,7 @@ def test_a_character_split_into_byte_pieces_stays_in_one_chunk():
     # "é!" : the teacher splits é into two byte pieces (the second has an empty span), the student not.
     t_s, t_e = _spans(["", "é", "", "!"])
     s_s, s_e = _spans(["", "é!"])
-    chunk, ll = alm_chunks(t_s, t_e, np.arange(3), np.array([-1.0, -0.5, -2.0, 0]), s_s, s_e, np.arange(1), 2)
+    chunk, ll, _, _ = alm_chunks(t_s, t_e, np.arange(3), np.array([-1.0, -0.5, -2.0, 0]), s_s, s_e, np.arange(1), 2)
     assert chunk.tolist() == [0, -1] and ll.tolist() == [-3.5]
 
 
@@ -146,14 +154,14 @@ def test_eos_on_both_sides_is_a_chunk_of_its_own():
     t_s, t_e = _spans(["", "ab", ""])  # <s> ab </s>
     s_s, s_e = _spans(["", "a", "b", ""])
     t_ll = np.array([-1.0, -0.25, 0])
-    chunk, ll = alm_chunks(t_s, t_e, np.arange(2), t_ll, s_s, s_e, np.arange(3), 4, teacher_eos=True, student_eos=True)
+    chunk, ll, _, _ = alm_chunks(t_s, t_e, np.arange(2), t_ll, s_s, s_e, np.arange(3), 4, teacher_eos=True, student_eos=True)
     assert chunk.tolist() == [0, 0, 1, -1] and ll.tolist() == [-1.0, -0.25]
 
 
 def test_eos_on_one_side_only_is_in_no_chunk():
     t_s, t_e = _spans(["", "ab"])
     s_s, s_e = _spans(["", "a", "b", ""])
-    chunk, ll = alm_chunks(t_s, t_e, np.arange(1), np.array([-1.0, 0]), s_s, s_e, np.arange(3), 4, student_eos=True)
+    chunk, ll, _, _ = alm_chunks(t_s, t_e, np.arange(1), np.array([-1.0, 0]), s_s, s_e, np.arange(3), 4, student_eos=True)
     assert chunk.tolist() == [0, 0, -1, -1] and ll.tolist() == [-1.0]
 
 
@@ -162,7 +170,7 @@ def test_first_chunk_is_dropped_when_the_sides_start_the_response_at_different_c
     t_s, t_e = _spans(["", "Q", ":\n", "Hi", " there"])
     s_s, s_e = _spans(["", "Q", ":", "\nHi", " there"])
     t_targets, s_targets = np.array([2, 3]), np.array([2, 3])  # tokens starting at or after char 2
-    chunk, ll = alm_chunks(t_s, t_e, t_targets, np.array([0, 0, -1.0, -2.0, 0]), s_s, s_e, s_targets, 5)
+    chunk, ll, _, _ = alm_chunks(t_s, t_e, t_targets, np.array([0, 0, -1.0, -2.0, 0]), s_s, s_e, s_targets, 5)
     assert chunk.tolist() == [-1, -1, -1, 0, -1] and ll.tolist() == [-2.0]
 
 
@@ -179,7 +187,7 @@ def test_real_tokenizers_chunk_the_same_text_on_both_sides(tmp_path):
     s_ids, s_s, s_e = encode_with_offsets(mistral, text)
     t_tg, s_tg = target_positions(t_s, t_e, prompt), target_positions(s_s, s_e, prompt)
     ones = -np.ones(len(t_ids))
-    chunk, ll = alm_chunks(t_s, t_e, t_tg, ones, s_s, s_e, s_tg, len(s_ids))
+    chunk, ll, _, _ = alm_chunks(t_s, t_e, t_tg, ones, s_s, s_e, s_tg, len(s_ids))
     assert len(ll) >= 8
     for c in range(len(ll)):
         s_tokens = np.flatnonzero(chunk == c) + 1
@@ -189,3 +197,83 @@ def test_real_tokenizers_chunk_the_same_text_on_both_sides(tmp_path):
         # The teacher's tokens of the chunk cover exactly the same characters.
         t_tokens = [j for j in t_tg + 1 if s_s[s_tokens[0]] < t_e[j] <= s_e[s_tokens[-1]]]
         assert len(t_tokens) == n_t and text[t_s[t_tokens[0]]:t_e[t_tokens[-1]]] == s_text
+
+
+# --- debiasing: the word-start probability after each chunk, on both sides --------------------
+
+WS = torch.tensor([True, False, True, False, False, True, False, False, True])  # the student's word starts, V = 9
+
+
+def _debias_case(seed=4):
+    logits, labels, idx, t_ll = _case(seed=seed)
+    end = torch.tensor([[2, 3, 5, -1], [1, 4, 5, -1]])
+    t_ws = torch.tensor([[-0.2, -3.0, float("nan"), float("nan")], [-1.0, -0.01, -7.0, float("nan")]], dtype=D)
+    return logits, labels, idx, t_ll, end, t_ws
+
+
+def test_debiased_alm_equals_slow_reference_values_and_gradients():
+    logits, labels, idx, t_ll, end, t_ws = _debias_case()
+    got = alm_loss(logits, labels, idx, t_ll, end=end, teacher_word_start=t_ws, word_start_mask=WS)
+    want = slow_alm(logits, labels, idx, t_ll, end=end, teacher_ws=t_ws, mask=WS)
+    (g_got,) = torch.autograd.grad(got, logits)
+    (g_want,) = torch.autograd.grad(want, logits)
+    assert abs(got.item() - want.item()) < 1e-12
+    assert torch.allclose(g_got, g_want, atol=1e-12)
+    plain = alm_loss(logits, labels, idx, t_ll, ALMConfig(mode="plain"), end=end, teacher_word_start=t_ws, word_start_mask=WS)
+    assert abs(plain.item() - slow_alm(logits, labels, idx, t_ll).item()) < 1e-12 and abs(plain.item() - got.item()) > 1e-6
+
+
+def test_debiased_student_equal_to_its_teacher_gets_zero():
+    logits, labels, idx, _, end, _ = _debias_case(seed=5)
+    with torch.no_grad():  # the teacher's chunk likelihoods and word starts, from the same logits
+        lp = torch.log_softmax(logits, -1)
+        nxt = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], 1)
+        per_q = torch.where(idx >= 0, lp.gather(-1, nxt.clamp_min(0)[..., None]).squeeze(-1), 0.0)
+        t_ll = torch.zeros(2, 4, dtype=D).scatter_add(1, idx.clamp_min(0), torch.where(idx >= 0, per_q, 0.0))
+        t_ws = torch.logsumexp(lp[..., WS], -1).gather(1, end.clamp_min(0))
+    loss = alm_loss(logits, labels, idx, t_ll, end=end, teacher_word_start=t_ws, word_start_mask=WS)
+    assert abs(loss.item()) < 1e-15
+
+
+def test_debiased_alm_gradcheck():
+    logits, labels, idx, t_ll, end, t_ws = _debias_case(seed=6)
+    x = logits.detach()[:1, :6, :].clone().requires_grad_()
+    f = lambda x: alm_loss(x, labels[:1, :6], idx[:1, :6], t_ll[:1], end=end[:1].clamp(max=5), teacher_word_start=t_ws[:1], word_start_mask=WS)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_debiased_fused_pass_equals_ce_plus_standalone_alm(dtype):
+    from logitcache.losses import ALMTargets
+
+    logits, labels, idx, t_ll, end, t_ws = _debias_case(seed=7)
+    x = logits.detach().to(dtype).requires_grad_()
+    t_lp = torch.zeros(*labels.shape, 1)
+    targets = ALMTargets(idx, t_ll.to(dtype), end, t_ws.to(dtype), WS)
+    total, ce, kd = ce_kd_loss(x, labels, t_lp, t_lp.long(), idx >= 0, FusedLoss("alm", weight=2.0), alm=targets)
+    (g_fused,) = torch.autograd.grad(total, x)
+    ref = logits.detach().requires_grad_()
+    shifted = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)
+    want_ce = torch.nn.functional.cross_entropy(ref.reshape(-1, 9), shifted.reshape(-1), ignore_index=-100)
+    want_kd = alm_loss(ref, labels, idx, t_ll, reduction="sample", end=end, teacher_word_start=t_ws, word_start_mask=WS)
+    (g_want,) = torch.autograd.grad(want_ce + 2.0 * want_kd, ref)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert abs(kd.item() - want_kd.item()) < tol and abs(ce.item() - want_ce.item()) < tol
+    assert torch.allclose(g_fused.to(D), g_want, atol=tol)
+
+
+def test_chunks_merge_until_a_word_likely_starts_and_carry_their_end():
+    # text "ab cd ef": teacher <s>|ab| cd| ef, student <s>|a|b| c|d| e|f; common ends 2, 5, 8.
+    t_s, t_e = _spans(["", "ab", " cd", " ef"])
+    s_s, s_e = _spans(["", "a", "b", " c", "d", " e", "f"])
+    t_ll = np.array([-1.0, -2.0, -4.0, 0.0])
+    # word-start probability after "ab" 0.05 (merge on), after " cd" 0.5 (a group ends), after " ef" none stored
+    t_ws = np.log(np.array([0.9, 0.05, 0.5]))
+    c = alm_chunks(t_s, t_e, np.arange(3), t_ll, s_s, s_e, np.arange(6), 7, teacher_word_start=t_ws, merge_threshold=0.1)
+    assert c.chunk.tolist() == [0, 0, 0, 0, 1, 1, -1]
+    assert c.teacher_ll.tolist() == [-3.0, -4.0]
+    assert c.end.tolist() == [4, 6]  # student position 4 ('d') predicts what follows " cd"
+    assert np.allclose(c.teacher_word_start, [np.log(0.5), np.nan], equal_nan=True)
+    unmerged = alm_chunks(t_s, t_e, np.arange(3), t_ll, s_s, s_e, np.arange(6), 7, teacher_word_start=t_ws)
+    assert unmerged.chunk.tolist() == [0, 0, 1, 1, 2, 2, -1] and unmerged.end.tolist() == [2, 4, 6]
+    assert np.allclose(unmerged.teacher_word_start, np.log([0.05, 0.5, np.nan]), equal_nan=True)

@@ -113,7 +113,7 @@ def _poison(cache: Path, value: float, column: str = "topk_logprobs", shard: str
     target = rows[1]
     target[column] = target[column].astype(np.float32)
     target[column].reshape(-1)[0] = value
-    pq.write_table(rows_to_table(rows, m.k, len(m.temperatures), m.logit_stats), path)
+    pq.write_table(rows_to_table(rows, m.k, len(m.temperatures), m.logit_stats, m.word_start), path)
     data = json.loads((cache / "manifest.json").read_text())
     (entry,) = [s for s in data["shards"] if s["path"] == shard]
     entry.update(bytes=path.stat().st_size, sha256=sha256_file(path))

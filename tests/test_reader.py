@@ -30,6 +30,7 @@ ARRAY_LAYOUT = {
     "label_logprob": (np.float32, lambda n: (n - 1,)),
     "logsumexp": (np.float32, lambda n: (n - 1,)),
     "lse_tau": (np.float32, lambda n: (n - 1, 1)),  # the default extra temperature, 2
+    "word_start_logprob": (np.float32, lambda n: (n - 1,)),  # on by default with the hf engine
 }
 SCALARS = ("id", "text", "prompt_chars", "truncated")
 
@@ -136,7 +137,7 @@ def test_shards_load_with_plain_pyarrow_and_match_the_v1_schema(built_cache):
     total = 0
     for path in shard_paths(built_cache):
         table = pq.read_table(path)
-        assert table.schema.equals(shard_schema(K, n_temperatures=1)), f"{path}: {table.schema}"
+        assert table.schema.equals(shard_schema(K, n_temperatures=1, word_start=True)), f"{path}: {table.schema}"
         total += table.num_rows
     assert total == N_EXAMPLES
 
@@ -162,7 +163,7 @@ def test_shards_load_with_datasets_parquet_builder(built_cache, tmp_path):
 
     assert ds.num_rows == N_EXAMPLES
     assert ds["id"] == [row["id"] for row in open_cache(built_cache)]
-    assert set(ds.column_names) == set(shard_schema(K, n_temperatures=1).names)
+    assert set(ds.column_names) == set(shard_schema(K, n_temperatures=1, word_start=True).names)
 
 
 def test_cache_directory_loads_with_datasets_through_the_dataset_card(built_cache, tmp_path):
@@ -178,7 +179,7 @@ def test_cache_directory_loads_with_datasets_through_the_dataset_card(built_cach
     assert ds.num_rows == N_EXAMPLES
     assert sorted(p.relative_to(built_cache) for p in built_cache.rglob("*")) == before, "datasets wrote into the cache"
     assert sorted(ds["id"]) == sorted(row["id"] for row in open_cache(built_cache))
-    assert set(ds.column_names) == set(shard_schema(K, n_temperatures=1).names)
+    assert set(ds.column_names) == set(shard_schema(K, n_temperatures=1, word_start=True).names)
 
 
 # --- refusing what is not a (supported) cache ---------------------------------------------

@@ -31,7 +31,8 @@ def _assert_same_content(a, b):
     for rid in ca:
         for key, va in ca[rid].items():
             vb = cb[rid][key]
-            if key in ("topk_logprobs", "label_logprob", "logsumexp", "lse_tau", "logit_mean", "logit_std", "lse_std"):
+            if key in ("topk_logprobs", "label_logprob", "logsumexp", "lse_tau", "logit_mean", "logit_std", "lse_std",
+                       "word_start_logprob"):
                 np.testing.assert_allclose(np.asarray(va, float), np.asarray(vb, float), rtol=1e-3, atol=1e-5, err_msg=f"{rid} {key}")
             else:
                 assert va == vb, f"{rid} {key}"

@@ -132,6 +132,19 @@ def test_std_normalised_logprobs_equal_log_softmax_of_logits_over_std(extras_cac
         assert ((got - want).abs() <= tol).all()
 
 
+def test_word_start_logprobs_equal_the_full_softmax_mass_on_word_starts(extras_cache, model, teacher_dir):
+    from transformers import AutoTokenizer
+
+    from logitcache.pipeline.token_bytes import word_start_mask
+
+    assert load_manifest(extras_cache).word_start  # on by default with the hf engine
+    mask = torch.from_numpy(word_start_mask(AutoTokenizer.from_pretrained(teacher_dir), model.config.vocab_size))
+    assert 0 < int(mask.sum()) < len(mask)
+    for row in list(open_cache(extras_cache))[:4]:
+        want = torch.logsumexp(torch.log_softmax(full_logits(model, row), -1)[:, mask], -1)
+        torch.testing.assert_close(torch.tensor(row["word_start_logprob"]).double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_asking_for_a_temperature_the_cache_lacks_names_the_teacher_flag():
     assert tau_column([2.0, 4.0], 4) == 1
     with pytest.raises(LogitCacheError, match=r"logitcache teacher --temperatures 3"):
@@ -189,10 +202,10 @@ def test_a_truncated_example_gets_no_end(teacher_dir, data_file, tmp_path):
     assert verify_cache(tmp_path / "c").ok
 
 
-@pytest.mark.parametrize("change", [{"eos": False}, {"temperatures": (4,)}, {"logit_stats": True}])
+@pytest.mark.parametrize("change", [{"eos": False}, {"temperatures": (4,)}, {"logit_stats": True}, {"word_start": False}])
 def test_a_rerun_with_other_extras_is_refused(teacher_dir, data_file, tmp_path, change):
     run_teacher(make_config(teacher_dir, data_file, tmp_path / "c", limit=2), progress=False)
-    key = {"eos": "eos_id", "temperatures": "temperatures", "logit_stats": "logit_stats"}[next(iter(change))]
+    key = {"eos": "eos_id", "temperatures": "temperatures", "logit_stats": "logit_stats", "word_start": "word_start"}[next(iter(change))]
     with pytest.raises(LogitCacheError, match=f"{key}: cache has"):
         run_teacher(make_config(teacher_dir, data_file, tmp_path / "c", limit=4, **change), progress=False)
 
@@ -204,7 +217,7 @@ def _rewrite(cache: Path, damage) -> None:
     rows = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
             for b in pq.read_table(path).to_batches() for r in batch_to_rows(b)]
     damage(rows)
-    pq.write_table(rows_to_table(rows, m.k, len(m.temperatures), m.logit_stats), path)
+    pq.write_table(rows_to_table(rows, m.k, len(m.temperatures), m.logit_stats, m.word_start), path)
     data = json.loads((cache / "manifest.json").read_text())
     data["shards"][0].update(bytes=path.stat().st_size, sha256=sha256_file(path))
     (cache / "manifest.json").write_text(json.dumps(data))
@@ -225,6 +238,8 @@ def v1_extras_copy(tmp_path, teacher_dir, data_file) -> Path:
         ("logit_std", 0.0, "logit_std that is not positive"),
         ("lse_std", -1e3, "lse_std is outside"),
         ("logit_mean", 1e4, "logit_mean above the largest logit"),
+        ("word_start_logprob", np.nan, "word-start log-prob that is not finite"),
+        ("word_start_logprob", 0.5, "word-start log-prob that is not finite or above 0"),
     ],
 )
 def test_verify_reports_impossible_extra_values(v1_extras_copy, column, value, words):
@@ -243,8 +258,10 @@ def test_verify_reports_a_row_that_ended_without_its_eos(v1_extras_copy):
         n = len(r["input_ids"]) - 1  # drop the EOS and its position
         for name in ("input_ids", "char_start", "char_end"):
             r[name] = r[name][:n]
-        for name in ("topk_ids", "topk_logprobs", "label_logprob", "logsumexp", "lse_tau", "logit_mean", "logit_std", "lse_std"):
-            r[name] = r[name][: n - 1]
+        for name in ("topk_ids", "topk_logprobs", "label_logprob", "logsumexp", "lse_tau", "logit_mean", "logit_std", "lse_std",
+                     "word_start_logprob"):
+            if name in r:
+                r[name] = r[name][: n - 1]
 
     _rewrite(v1_extras_copy, damage)
     assert any("do not end with the end-of-sequence id 2" in p for p in verify_cache(v1_extras_copy).problems)
@@ -255,9 +272,9 @@ def test_verify_reports_a_row_that_ended_without_its_eos(v1_extras_copy):
 
 def old_cache(teacher_dir, data_file, out: Path) -> Path:
     """A cache as logitcache wrote it before issue 12: no eos_id, temperatures or logit_stats."""
-    run_teacher(make_config(teacher_dir, data_file, out, eos=False, temperatures=(), limit=6), progress=False)
+    run_teacher(make_config(teacher_dir, data_file, out, eos=False, temperatures=(), word_start=False, limit=6), progress=False)
     data = json.loads((out / "manifest.json").read_text())
-    for key in ("eos_id", "temperatures", "logit_stats"):
+    for key in ("eos_id", "temperatures", "logit_stats", "word_start"):
         del data[key]
     (out / "manifest.json").write_text(json.dumps(data))
     return out
@@ -270,7 +287,7 @@ def test_a_cache_from_before_reads_as_no_eos_no_temperatures_no_stats(teacher_di
 
     out = old_cache(teacher_dir, data_file, tmp_path / "old")
     m = load_manifest(out)
-    assert (m.eos_id, m.temperatures, m.logit_stats) == (None, [], False)
+    assert (m.eos_id, m.temperatures, m.logit_stats, m.word_start) == (None, [], False, False)
     assert verify_cache(out).ok
     examples = list(LogitCacheDataset(out, student_tok, max_length=64))
     batch = KDCollator()(examples[:3])
@@ -292,14 +309,14 @@ def test_merge_refuses_parts_with_other_temperatures(teacher_dir, data_file, tmp
 
 
 def test_vllm_refuses_temperatures_and_stats_in_one_line_and_records_none(teacher_dir, data_file, tmp_path):
-    for extra in ({"temperatures": (2,)}, {"logit_stats": True}):
+    for extra in ({"temperatures": (2,)}, {"logit_stats": True}, {"word_start": True}):
         cfg = make_config(teacher_dir, data_file, tmp_path / "c", engine="vllm", **extra)
         with pytest.raises(LogitCacheError, match="vLLM does not return") as e:
             cfg.validate()
         assert "\n" not in str(e.value) and "--engine hf" in str(e.value)
     cfg = make_config(teacher_dir, data_file, tmp_path / "c", engine="vllm")
     cfg.validate()
-    assert cfg.extra_temperatures() == []
+    assert cfg.extra_temperatures() == [] and not cfg.stores_word_start()
 
 
 def test_cli_parses_temperatures():
@@ -376,7 +393,7 @@ def test_generate_mode_ends_a_response_the_teacher_stopped(teacher_dir, data_fil
 
 def test_resuming_a_cache_from_before_is_refused_naming_the_flags_that_match_it(teacher_dir, data_file, tmp_path):
     out = old_cache(teacher_dir, data_file, tmp_path / "old")
-    with pytest.raises(LogitCacheError, match="--no-eos --temperatures none"):
+    with pytest.raises(LogitCacheError, match="--no-eos --temperatures none --no-word-start"):
         run_teacher(make_config(teacher_dir, data_file, out, limit=8), progress=False)
-    r = run_teacher(make_config(teacher_dir, data_file, out, limit=8, eos=False, temperatures=()), progress=False)
+    r = run_teacher(make_config(teacher_dir, data_file, out, limit=8, eos=False, temperatures=(), word_start=False), progress=False)
     assert r.already_done == 6 and r.written == 2

@@ -56,3 +56,31 @@ def test_label_outside_topk_still_gets_its_logprob():
     expected = -2.0 - torch.logsumexp(logits[0], 0)
     torch.testing.assert_close(top.label_logprob, expected[None])
     assert top.ids.tolist() == [[0, 1]]
+
+
+def _word_start_reference(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log of the softmax mass on the masked ids, in float64 from the whole logits."""
+    return torch.logsumexp(torch.log_softmax(x.double(), -1)[:, mask], -1)
+
+
+@pytest.mark.parametrize("extras", [{}, {"temperatures": [2.0, 4.0], "stats": True}])
+def test_word_start_logprob_is_the_log_mass_on_the_masked_ids(extras):
+    from logitcache.pipeline.teacher.topk import chunked_topk_from_logits_fn
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 500, generator=g) * 3
+    mask = torch.rand(500, generator=g) < 0.3
+    top = chunked_topk_from_logits_fn(lambda a, b: x[a:b].clone(), 20, torch.zeros(20, dtype=torch.long), 4, 6,
+                                      word_start=mask, **extras)
+    torch.testing.assert_close(top.word_start_logprob.double(), _word_start_reference(x, mask), rtol=1e-6, atol=1e-5)
+    assert (top.word_start_logprob <= 0).all()
+
+
+def test_word_start_logprob_is_zero_when_every_id_starts_a_word_and_bounded_when_none_is_likely():
+    x = torch.tensor([[0.0, 1.0, 2.0], [200.0, 0.0, 0.0]])
+    every = chunked_topk(torch.eye(2), lambda h: x.clone(), torch.zeros(2, dtype=torch.long), 1, word_start=torch.ones(3, dtype=torch.bool))
+    assert torch.equal(every.word_start_logprob, torch.zeros(2))
+    # mass e^-200 on the mask: below float32's range, stored as log of its smallest normal, not -inf
+    rare = chunked_topk(torch.eye(2), lambda h: x.clone(), torch.zeros(2, dtype=torch.long), 1, word_start=torch.tensor([False, True, True]))
+    assert torch.isfinite(rare.word_start_logprob).all()
+    assert rare.word_start_logprob[1].item() == pytest.approx(float(torch.log(torch.tensor(torch.finfo(torch.float32).tiny))), abs=1e-3)

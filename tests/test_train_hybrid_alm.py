@@ -56,6 +56,8 @@ def test_alm_trains_on_its_chunks(tmp_path, built_cache, metaspace_student, kd_c
         (dict(loss="alm", kd_temperature=2.0), "chunk likelihoods, which have no temperature"),
         (dict(loss="hybrid", hybrid_matched_weight=1.0), "both"),
         (dict(loss="hybrid", hybrid_beta=1.5), r"\[0, 1\]"),
+        (dict(loss="alm", alm_mode="merge"), "use debias"),
+        (dict(loss="alm", alm_merge_threshold=1.0), r"\[0, 1\)"),
     ],
 )
 def test_bad_hybrid_and_alm_options_are_refused_in_one_line(kw, message, tmp_path):
@@ -92,3 +94,52 @@ def test_hybrid_trains_at_a_temperature_from_a_cache_with_it(tmp_path, teacher_d
     r = run_train(_cfg(metaspace_student, cache, tmp_path / "run", loss="hybrid", kd_temperature=2.0))
     assert r.global_step == 2 and torch.isfinite(torch.tensor(r.train_loss))
     assert all(h["kd"] > 0 for h in _logged(tmp_path / "run"))
+
+
+def test_alm_batches_carry_debiased_chunks_by_default(built_cache, metaspace_student):
+    from transformers import AutoTokenizer
+
+    from logitcache.pipeline.student.collate import KDCollator
+    from logitcache.pipeline.student.dataset import LogitCacheDataset
+
+    tok = AutoTokenizer.from_pretrained(metaspace_student)
+    def examples(threshold):
+        return list(LogitCacheDataset(built_cache, tok, alignment="chunk", shuffle=False, alm_merge_threshold=threshold))
+
+    plain = list(LogitCacheDataset(built_cache, tok, alignment="chunk", shuffle=False))
+    # the tiny teacher puts more than 0.1 on word starts almost everywhere: few merges at the
+    # default, many where a word must be nearly certain to follow
+    counts = [sum(len(e["alm_teacher_ll"]) for e in ex) for ex in (plain, examples(0.1), examples(0.6))]
+    assert counts[0] >= counts[1] > counts[2] > 0, counts
+    merged = examples(0.6)
+    batch = KDCollator()(merged[:4])
+    assert batch["alm_end"].shape == batch["alm_teacher_ll"].shape and "alm_end" not in plain[0]
+    for m, p in zip(merged, plain):
+        assert abs(float(m["alm_teacher_ll"].sum()) - float(p["alm_teacher_ll"].sum())) < 1e-3
+    ends = batch["alm_end"][batch["alm_end"] >= 0]
+    assert len(ends) and (ends < batch["input_ids"].shape[1]).all()
+    assert torch.isfinite(batch["alm_teacher_ws"][batch["alm_end"] >= 0]).float().mean() > 0.9
+
+
+@pytest.mark.filterwarnings("ignore:.*the cache is not complete")
+def test_alm_on_a_cache_without_word_starts_is_refused_naming_the_flag_and_plain_mode_trains(
+        tmp_path, teacher_dir, data_file, metaspace_student):
+    from conftest import make_config
+
+    from logitcache import LogitCacheError
+    from logitcache.pipeline.teacher.run import run_teacher
+
+    cache = tmp_path / "cache"
+    run_teacher(make_config(teacher_dir, data_file, cache, word_start=False, limit=8), progress=False)
+    with pytest.raises(LogitCacheError, match="--word-start.*--alm-mode plain") as e:
+        run_train(_cfg(metaspace_student, cache, tmp_path / "run", loss="alm"))
+    assert "\n" not in str(e.value)
+    r = run_train(_cfg(metaspace_student, cache, tmp_path / "plain", loss="alm", alm_mode="plain"))
+    assert r.global_step == 2 and all(h["kd"] > 0 for h in _logged(tmp_path / "plain"))
+
+
+def test_alms_default_kd_weight_is_its_temperature_and_a_given_weight_wins(tmp_path):
+    assert _cfg("s", "c", tmp_path, loss="alm").kd_weight == 100.0
+    assert _cfg("s", "c", tmp_path, loss="alm", alm_temperature=10.0).kd_weight == 10.0
+    assert _cfg("s", "c", tmp_path, loss="alm", kd_weight=3.0).kd_weight == 3.0
+    assert _cfg("s", "c", tmp_path, loss="uld").kd_weight == 1.0

@@ -60,7 +60,7 @@ def rewrite_shard(cache: Path, rel: str, damage: Callable[[list[dict]], None]) -
     path = cache / rel
     rows = read_rows(path)
     damage(rows)
-    pq.write_table(rows_to_table(rows, m.k, len(m.temperatures), m.logit_stats), path, compression="zstd")
+    pq.write_table(rows_to_table(rows, m.k, len(m.temperatures), m.logit_stats, m.word_start), path, compression="zstd")
     data = read_manifest_json(cache)
     (entry,) = [s for s in data["shards"] if s["path"] == rel]
     entry["bytes"] = path.stat().st_size

@@ -74,3 +74,28 @@ def test_mapped_mass_counts_the_teacher_top_k_mass_with_a_student_token():
     lp = np.log(np.array([[0.5, 0.3, 0.1]]))
     mapped, total = mapped_mass(lp, np.array([[4, -1, 0]]))
     assert mapped == pytest.approx(0.6) and total == pytest.approx(0.9)
+
+
+# --- word starts (ALM's debiasing): which tokens begin a word, from their bytes ----------------
+
+
+def test_word_starts_are_whitespace_initial_or_special_tokens_in_sentencepiece(mistral):
+    from logitcache.pipeline.token_bytes import word_start_mask
+
+    mask = word_start_mask(mistral)
+    starts = {p: bool(mask[mistral.convert_tokens_to_ids(p)]) for p in ("\u2581the", "the", "<0x0A>", "<0x09>", "<0x41>", "</s>", "<s>")}
+    assert starts == {"\u2581the": True, "the": False, "<0x0A>": True, "<0x09>": True, "<0x41>": False, "</s>": True, "<s>": True}
+
+
+def test_word_starts_in_byte_level_bpe_read_its_byte_stand_ins(bpe):
+    from logitcache.pipeline.token_bytes import word_start_mask
+
+    mask = word_start_mask(bpe, size=len(bpe) + 3)  # a padded embedding: the extra rows start nothing
+    vocab = bpe.get_vocab()
+    spaced = [p for p in vocab if p.startswith("\u0120") and len(p) > 1]  # 'Ġ' is the space byte
+    inner = [p for p in vocab if p.isalpha() and p.isascii()]
+    assert spaced and inner
+    assert all(mask[vocab[p]] for p in spaced) and not any(mask[vocab[p]] for p in inner)
+    if "\u010a" in vocab:  # 'Ċ', the newline byte
+        assert mask[vocab["\u010a"]]
+    assert len(mask) == len(bpe) + 3 and not mask[-3:].any()

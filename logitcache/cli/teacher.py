@@ -49,6 +49,7 @@ def teacher(
     eos: bool = typer.Option(True, "--eos/--no-eos", help="Append the tokenizer's end-of-sequence token to every example that ended (not truncated, not cut at --max-new-tokens), so its last position holds the teacher's prediction of the end; not when the text already ends with it."),
     temperatures: Optional[str] = typer.Option(None, "--temperatures", help="Extra temperatures (comma-separated, e.g. 2,4) whose full-vocabulary log-normaliser is stored per position, so the top-k is exact at them in stage 2 (4 bytes per position each); 1 is always there. 'none' for no extra. Default: 2 with --engine hf, none with vllm (which cannot give it)."),
     logit_stats: bool = typer.Option(False, "--logit-stats/--no-logit-stats", help="Also store per position the logits' mean and std over the full vocabulary and the log-normaliser of logits / (std + 1e-4) (12 bytes per position; MultiLevelOT's code variant needs them)."),
+    word_start: Optional[bool] = typer.Option(None, "--word-start/--no-word-start", help="Also store per position the log of the teacher's probability that the next token starts a word (whitespace-initial or special tokens; 4 bytes per position): ALM's chunk debiasing (train --loss alm, default --alm-mode debias) needs it. Default: on with --engine hf, off with vllm (which cannot give it)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Run a teacher over a dataset and write its top-k logit cache (stage 1).
@@ -78,6 +79,7 @@ def teacher(
         truncate_prompts=truncate_prompts, num_workers=num_workers, worker_index=worker_index,
         tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len, eos=eos, temperatures=parse_temperatures(temperatures), logit_stats=logit_stats,
+        word_start=word_start,
     )
     r = run_teacher(cfg, progress=progress)
     m = r.manifest

@@ -42,6 +42,11 @@ def _extras(m: Manifest) -> str:
             "`logit_mean` and `logit_std` are the mean and (unbiased) standard deviation of the logits over\n"
             "the vocabulary, and `lse_std` is `logsumexp(logits / (logit_std + 1e-4))`."
         )
+    if m.word_start:
+        parts.append(
+            "`word_start_logprob` is, per position, the log of the teacher's probability that the next token\n"
+            "starts a word: its mass on tokens beginning with a space, tab or newline byte, and on special tokens."
+        )
     return "\n\n".join(parts)
 
 

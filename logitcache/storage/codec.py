@@ -101,7 +101,7 @@ PARQUET_OPTIONS: dict[str, Any] = {
 }
 
 
-def compact_schema(n_temperatures: int = 0, logit_stats: bool = False) -> pa.Schema:
+def compact_schema(n_temperatures: int = 0, logit_stats: bool = False, word_start: bool = False) -> pa.Schema:
     """The Arrow schema of every compact table (without metadata); the same for any k.
     The optional columns (schema.extra_fields) follow, as in v1."""
     lst = pa.list_
@@ -111,7 +111,7 @@ def compact_schema(n_temperatures: int = 0, logit_stats: bool = False) -> pa.Sch
         + [pa.field(n, lst(pa.int32()), nullable=False) for n in ("input_ids", "char_start", "char_end")]
         + [pa.field(n, lst(pa.float32()), nullable=False) for n in ("label_logprob", "logsumexp", "top1_logprob")]
         + [pa.field(n, pa.binary(), nullable=False) for n in ("topk_steps_lo", "topk_steps_hi", "topk_ranks_lo", "topk_ranks_hi")]
-        + extra_fields(n_temperatures, logit_stats)
+        + extra_fields(n_temperatures, logit_stats, word_start)
     )
 
 
@@ -249,7 +249,7 @@ def _cat(chunks: list[np.ndarray], dtype: Any, width: int | None = None) -> np.n
 
 def encode_compact(
     rows: Sequence[Row], k: int, *, step: float = DEFAULT_STEP, id_table: np.ndarray | None = None,
-    n_temperatures: int = 0, logit_stats: bool = False,
+    n_temperatures: int = 0, logit_stats: bool = False, word_start: bool = False,
 ) -> pa.Table:
     """Rows (v1 layout) -> a compact Arrow table; its schema metadata holds k, step, id table."""
     if k < 1:
@@ -297,14 +297,14 @@ def encode_compact(
     }
     columns["topk_steps_lo"], columns["topk_steps_hi"] = _planes(steps.reshape(-1).astype(np.int64), [m * (k - 1) for m in n_pos])
     columns["topk_ranks_lo"], columns["topk_ranks_hi"] = _planes(ranks.reshape(-1), [m * k for m in n_pos])
-    columns.update(extra_arrays(rows, n_temperatures, logit_stats))
+    columns.update(extra_arrays(rows, n_temperatures, logit_stats, word_start))
     metadata = {
         META_CODEC: CODEC_NAME.encode(),
         META_K: str(k).encode(),
         META_STEP: repr(float(step)).encode(),
         META_IDS: _encode_ids(table_ids),
     }
-    schema = compact_schema(n_temperatures, logit_stats).with_metadata(metadata)
+    schema = compact_schema(n_temperatures, logit_stats, word_start).with_metadata(metadata)
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
 
 

@@ -27,7 +27,7 @@ from logitcache.storage.codec import CODEC_NAME, META_CODEC
 from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.manifest import Manifest
 from logitcache.storage.rows import flat_list_column
-from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN
+from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN, WORD_START_COLUMN
 from logitcache.storage.writer import TOKENIZER_DIR
 
 # A row's text ends where its tokens end (stage 1 cuts a truncated text there). A tokenizer
@@ -170,6 +170,9 @@ def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None
             values, offsets = column(name)
             bad = ~np.isfinite(values)
             report(bad.any(axis=1) if bad.ndim == 2 else bad, f"with a non-finite {name}", offsets)
+    if WORD_START_COLUMN in names:
+        ws, offsets = column(WORD_START_COLUMN)
+        report(~np.isfinite(ws) | (ws > LOGPROB_TOL), "with a word-start log-prob that is not finite or above 0", offsets)
     return out
 
 
@@ -256,7 +259,7 @@ def footer_problem(path: Path, rows: int, m: Manifest) -> tuple[list[int], str |
     counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
     if not schema.equals(m.arrow_schema(), check_metadata=False):
         extras = ", ".join((["temperatures " + str(m.temperatures)] if m.temperatures else [])
-                           + (["logit stats"] if m.logit_stats else []))
+                           + (["logit stats"] if m.logit_stats else []) + (["word-start log-probs"] if m.word_start else []))
         return [], (f"its columns differ from the manifest's (codec {m.codec}, k={m.k}"
                     f"{', ' + extras if extras else ''}): schema differs")
     if m.codec == "compact":

@@ -37,6 +37,7 @@ SETTINGS_KEYS = (
     "eos_id",
     "temperatures",
     "logit_stats",
+    "word_start",
 )
 
 
@@ -82,6 +83,8 @@ class Manifest:
     temperatures: list[float] = field(default_factory=list)
     # whether the rows hold ``logit_mean``, ``logit_std`` and ``lse_std``.
     logit_stats: bool = False
+    # whether the rows hold ``word_start_logprob`` (ALM's debiasing).
+    word_start: bool = False
     format_version: int = FORMAT_VERSION
     tool_version: str = ""
     created_at: str = field(default_factory=_now)
@@ -117,8 +120,8 @@ class Manifest:
         if self.codec == "compact":
             from logitcache.storage.codec import compact_schema
 
-            return compact_schema(len(self.temperatures), self.logit_stats)
-        return shard_schema(self.k, len(self.temperatures), self.logit_stats)
+            return compact_schema(len(self.temperatures), self.logit_stats, self.word_start)
+        return shard_schema(self.k, len(self.temperatures), self.logit_stats, self.word_start)
 
     def settings(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in SETTINGS_KEYS}
@@ -210,6 +213,7 @@ MANIFEST_FIELD_TYPES: dict[str, tuple] = {
     "eos_id": (int, None),
     "temperatures": (list,),
     "logit_stats": (bool,),
+    "word_start": (bool,),
     "tool_version": (str,),
     "created_at": (str,),
     "updated_at": (str,),

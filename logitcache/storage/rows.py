@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN, shard_schema
+from logitcache.storage.schema import FLAT_EXTRA_COLUMNS, STATS_COLUMNS, TAU_COLUMN, WORD_START_COLUMN, shard_schema
 
 Row = dict[str, Any]
 
@@ -31,7 +31,7 @@ _FLAT_DTYPES = {
     "logsumexp": np.float32,
 }
 _MATRIX_DTYPES = {"topk_ids": np.int32, "topk_logprobs": np.float16}
-_EXTRA_FLAT = dict.fromkeys(STATS_COLUMNS, np.float32)
+_EXTRA_FLAT = dict.fromkeys(FLAT_EXTRA_COLUMNS, np.float32)
 
 
 def row_nbytes(row: Row) -> int:
@@ -39,7 +39,7 @@ def row_nbytes(row: Row) -> int:
     n = len(row["input_ids"])
     k = row["topk_ids"].shape[1] if n > 1 else 0
     m = row[TAU_COLUMN].shape[1] if TAU_COLUMN in row and n > 1 else 0
-    extra = 4 * (m + sum(name in row for name in STATS_COLUMNS))
+    extra = 4 * (m + sum(name in row for name in FLAT_EXTRA_COLUMNS))
     return len(row["text"]) + 12 * n + (6 * k + 8 + extra) * max(n - 1, 0) + 64
 
 
@@ -73,9 +73,10 @@ def _flat(chunks: Sequence[np.ndarray], dtype: type) -> np.ndarray:
 V1_PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3, "use_dictionary": False}
 
 
-def rows_to_table(rows: Sequence[Row], k: int, n_temperatures: int = 0, logit_stats: bool = False) -> pa.Table:
+def rows_to_table(rows: Sequence[Row], k: int, n_temperatures: int = 0, logit_stats: bool = False,
+                  word_start: bool = False) -> pa.Table:
     """Rows -> a v1 table; the optional columns as the cache's manifest says (each row must hold them)."""
-    schema = shard_schema(k, n_temperatures, logit_stats)
+    schema = shard_schema(k, n_temperatures, logit_stats, word_start)
     columns: dict[str, pa.Array] = {
         "id": pa.array([r["id"] for r in rows], pa.string()),
         "text": pa.array([r["text"] for r in rows], pa.string()),
@@ -90,11 +91,11 @@ def rows_to_table(rows: Sequence[Row], k: int, n_temperatures: int = 0, logit_st
         mats = [_as(r[name], dtype).reshape(-1, k) for r in rows]
         values = pa.FixedSizeListArray.from_arrays(pa.array(_flat(mats, dtype), type=inner.value_type), k)
         columns[name] = _list_array(mats, values)
-    columns.update(extra_arrays(rows, n_temperatures, logit_stats))
+    columns.update(extra_arrays(rows, n_temperatures, logit_stats, word_start))
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
-def extra_arrays(rows: Sequence[Row], n_temperatures: int, logit_stats: bool) -> dict[str, pa.Array]:
+def extra_arrays(rows: Sequence[Row], n_temperatures: int, logit_stats: bool, word_start: bool = False) -> dict[str, pa.Array]:
     """The optional per-position columns (schema.extra_fields) of ``rows``, for either codec."""
     columns: dict[str, pa.Array] = {}
     if n_temperatures:
@@ -102,10 +103,9 @@ def extra_arrays(rows: Sequence[Row], n_temperatures: int, logit_stats: bool) ->
         mats = [np.asarray(r[TAU_COLUMN], dtype=np.float32).reshape(-1, m) for r in rows]
         values = pa.FixedSizeListArray.from_arrays(pa.array(_flat(mats, np.float32), type=pa.float32()), m)
         columns[TAU_COLUMN] = _list_array(mats, values)
-    if logit_stats:
-        for name in STATS_COLUMNS:
-            chunks = [np.asarray(r[name]) for r in rows]
-            columns[name] = _list_array(chunks, pa.array(_flat(chunks, np.float32), type=pa.float32()))
+    for name in (STATS_COLUMNS if logit_stats else ()) + ((WORD_START_COLUMN,) if word_start else ()):
+        chunks = [np.asarray(r[name]) for r in rows]
+        columns[name] = _list_array(chunks, pa.array(_flat(chunks, np.float32), type=pa.float32()))
     return columns
 
 

@@ -11,7 +11,10 @@ Optional per-position columns, after the v1 columns, present when the manifest s
 * ``lse_tau`` list<fixed_size_list<float32, M>>: ``logsumexp(logits / tau)`` for each of the
   manifest's M ``temperatures``;
 * ``logit_mean``, ``logit_std``, ``lse_std`` list<float32> (manifest ``logit_stats``): the
-  logits' mean and unbiased std over the vocabulary, and ``logsumexp(logits / (std + 1e-4))``.
+  logits' mean and unbiased std over the vocabulary, and ``logsumexp(logits / (std + 1e-4))``;
+* ``word_start_logprob`` list<float32> (manifest ``word_start``): the log of the teacher's
+  probability that the next token starts a word (its mass on tokens that begin with a space,
+  tab or newline byte, and on special tokens), for ALM's chunk debiasing.
 """
 
 from __future__ import annotations
@@ -29,20 +32,25 @@ POSITION_COLUMNS = ("topk_ids", "topk_logprobs", "label_logprob", "logsumexp")
 # Optional per-position columns (stored as they are in both codecs).
 TAU_COLUMN = "lse_tau"
 STATS_COLUMNS = ("logit_mean", "logit_std", "lse_std")
-EXTRA_COLUMNS = (TAU_COLUMN, *STATS_COLUMNS)
+WORD_START_COLUMN = "word_start_logprob"
+EXTRA_COLUMNS = (TAU_COLUMN, *STATS_COLUMNS, WORD_START_COLUMN)
+# The optional columns with one float per position.
+FLAT_EXTRA_COLUMNS = (*STATS_COLUMNS, WORD_START_COLUMN)
 
 
-def extra_fields(n_temperatures: int = 0, logit_stats: bool = False) -> list[pa.Field]:
+def extra_fields(n_temperatures: int = 0, logit_stats: bool = False, word_start: bool = False) -> list[pa.Field]:
     """The optional per-position columns of a cache with these settings, in their order."""
     fields = []
     if n_temperatures:
         fields.append(pa.field(TAU_COLUMN, pa.list_(pa.list_(pa.float32(), n_temperatures)), nullable=False))
     if logit_stats:
         fields += [pa.field(name, pa.list_(pa.float32()), nullable=False) for name in STATS_COLUMNS]
+    if word_start:
+        fields.append(pa.field(WORD_START_COLUMN, pa.list_(pa.float32()), nullable=False))
     return fields
 
 
-def shard_schema(k: int, n_temperatures: int = 0, logit_stats: bool = False) -> pa.Schema:
+def shard_schema(k: int, n_temperatures: int = 0, logit_stats: bool = False, word_start: bool = False) -> pa.Schema:
     """The Arrow schema of a v1 shard for a cache with top-``k`` entries per position."""
     return pa.schema(
         [
@@ -58,5 +66,5 @@ def shard_schema(k: int, n_temperatures: int = 0, logit_stats: bool = False) -> 
             pa.field("label_logprob", pa.list_(pa.float32()), nullable=False),
             pa.field("logsumexp", pa.list_(pa.float32()), nullable=False),
         ]
-        + extra_fields(n_temperatures, logit_stats)
+        + extra_fields(n_temperatures, logit_stats, word_start)
     )

@@ -36,7 +36,7 @@ from logitcache.storage.manifest import Manifest, load_manifest, resolve_inside
 from logitcache.storage.decode import decode_rows, shard_id_table
 from logitcache.storage.integrity import footer_problem, id_bound, shard_file_problem, value_problems
 from logitcache.storage.rows import flat_list_column, rows_to_table
-from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN
+from logitcache.storage.schema import EXTRA_COLUMNS, STATS_COLUMNS, TAU_COLUMN
 from logitcache.storage.writer import DATA_DIR, SHARD_NAME, TMP_PREFIX, TOKENIZER_DIR
 
 # fp16 keeps 11 significant bits: a stored log-prob is within 2^-11 relative of the truth.
@@ -191,7 +191,7 @@ def _check_shard(
                     problems.extend(f"{where}: {msg}" for msg in raw)
                     continue
                 rows_ = list(decode_rows(batch, id_table, compact=True))
-                batch = rows_to_table(rows_, k, len(m.temperatures), m.logit_stats).to_batches()[0]
+                batch = rows_to_table(rows_, k, len(m.temperatures), m.logit_stats, m.word_start).to_batches()[0]
             for msg in _check_values(batch, k, vocab, has_logsumexp, extra_tol, m):
                 problems.append(f"{where}: {msg}")
     return rows, tokens
@@ -299,7 +299,7 @@ def _check_optional(batch, m: Manifest, vocab, ids, texts, in_ids, tok_off, cs, 
                 f"{m.eos_id} (first: id {first_bad(bad)})"
             )
     _, pos_off = flat_list_column(batch.column("label_logprob"))
-    present = [name for name in (TAU_COLUMN, *STATS_COLUMNS) if name in batch.schema.names]
+    present = [name for name in EXTRA_COLUMNS if name in batch.schema.names]
     lengths_bad = np.zeros(len(ids), bool)
     for name in present:
         lengths_bad |= np.diff(flat_list_column(batch.column(name))[1]) != np.diff(pos_off)

@@ -38,7 +38,7 @@ from logitcache.storage.lock import LOCK_NAME, CacheLock
 from logitcache.storage.marker import clear_marked, write_marker
 from logitcache.storage.manifest import CODECS, MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 from logitcache.storage.rows import V1_PARQUET_OPTIONS, Row, row_nbytes, rows_to_table
-from logitcache.storage.schema import POSITION_COLUMNS, STATS_COLUMNS, TAU_COLUMN, TOKEN_COLUMNS
+from logitcache.storage.schema import POSITION_COLUMNS, STATS_COLUMNS, TAU_COLUMN, TOKEN_COLUMNS, WORD_START_COLUMN
 
 DATA_DIR = "data"
 TOKENIZER_DIR = "tokenizer"
@@ -199,13 +199,14 @@ class CacheWriter:
             table = codec.encode_compact(
                 rows, self.manifest.k, id_table=self._id_table,
                 n_temperatures=len(self.manifest.temperatures), logit_stats=self.manifest.logit_stats,
+                word_start=self.manifest.word_start,
             )
             self._id_table = codec.id_table_of(table.schema)
             # The id table grows with each row group; the shard's final one goes into its footer.
             meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != codec.META_IDS}
             return table.replace_schema_metadata(meta), codec.PARQUET_OPTIONS
         m = self.manifest
-        return rows_to_table(rows, m.k, len(m.temperatures), m.logit_stats), V1_PARQUET_OPTIONS
+        return rows_to_table(rows, m.k, len(m.temperatures), m.logit_stats, m.word_start), V1_PARQUET_OPTIONS
 
     def _flush_row_group(self) -> None:
         if not self._buffer:
@@ -388,6 +389,8 @@ def _flags_for(m: Manifest, keys: list[str]) -> list[str]:
         flags.append("--temperatures " + (",".join(f"{t:g}" for t in m.temperatures) or "none"))
     if "logit_stats" in keys:
         flags.append("--logit-stats" if m.logit_stats else "--no-logit-stats")
+    if "word_start" in keys:
+        flags.append("--word-start" if m.word_start else "--no-word-start")
     return flags
 
 
@@ -404,7 +407,8 @@ def _check_row(row: Row, m: Manifest) -> None:
     for name in TOKEN_COLUMNS:
         if len(row[name]) != n:
             raise ValueError(f"row {row['id']!r}: {name} has {len(row[name])} entries, input_ids has {n}")
-    extra = ((TAU_COLUMN,) if m.temperatures else ()) + (STATS_COLUMNS if m.logit_stats else ())
+    extra = (((TAU_COLUMN,) if m.temperatures else ()) + (STATS_COLUMNS if m.logit_stats else ())
+             + ((WORD_START_COLUMN,) if m.word_start else ()))
     for name in extra:
         if name not in row:
             raise ValueError(f"row {row['id']!r}: no {name} column, which this cache's manifest promises")

@@ -24,7 +24,8 @@ class KDCollator:
         stream_worker / stream_index [B] long, and feature_counts [B, F] (FeatureStats.counts). When the cache has them (features.teacher_extras):
         teacher_lse [B, T], teacher_lse_tau [B, T, M], teacher_logit_std [B, T] and
         teacher_lse_std [B, T], float32 (padding: 0, std 1). For ALM (features' alm_chunks):
-        alm_chunk [B, T] long (-1: no chunk) and alm_teacher_ll [B, C] float32 (padding: 0).
+        alm_chunk [B, T] long (-1: no chunk) and alm_teacher_ll [B, C] float32 (padding: 0); with
+        debiasing also alm_end [B, C] long (-1: none) and alm_teacher_ws [B, C] float32 (NaN: none).
     """
 
     pad_token_id: int = 0
@@ -69,6 +70,13 @@ class KDCollator:
                 chunk[i, : len(e["alm_chunk"])] = e["alm_chunk"]
                 t_ll[i, : len(e["alm_teacher_ll"])] = e["alm_teacher_ll"]
             batch["alm_chunk"], batch["alm_teacher_ll"] = torch.from_numpy(chunk), torch.from_numpy(t_ll)
+            if "alm_end" in examples[0]:  # debiasing: no end (-1) and no word-start (NaN) on padding
+                end = np.full(t_ll.shape, -1, dtype=np.int64)
+                ws = np.full(t_ll.shape, np.nan, dtype=np.float32)
+                for i, e in enumerate(examples):
+                    end[i, : len(e["alm_end"])] = e["alm_end"]
+                    ws[i, : len(e["alm_teacher_ws"])] = e["alm_teacher_ws"]
+                batch["alm_end"], batch["alm_teacher_ws"] = torch.from_numpy(end), torch.from_numpy(ws)
         if "_counts" in examples[0]:  # each example's featurizer counts (features.FeatureStats.counts)
             batch["feature_counts"] = torch.from_numpy(np.stack([e["_counts"] for e in examples]))
         if "_worker" in examples[0]:

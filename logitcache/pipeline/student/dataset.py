@@ -77,7 +77,8 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             :class:`StudentFeaturizer` (made once per process, i.e. per dataloader worker)
             and comes out as ``id, input_ids, labels, teacher_logprobs, teacher_ids,
             kd_mask``; ``None`` yields the raw cache rows (``storage/rows.py``).
-        alignment, max_length: passed to the featurizer.
+        alignment, max_length, alm_merge_threshold: passed to the featurizer (the last: ALM's
+            debiased chunks, alignment "chunk" on a cache with ``word_start``).
         shuffle: permute the row groups per epoch, then shuffle rows through a buffer.
         shuffle_buffer: rows in each worker's shuffle buffer.
         seed: the whole order of every epoch follows from ``seed`` and the epoch.
@@ -157,6 +158,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         num_workers: int | None = None,
         skip_bad_shards: bool = False,
         batch_size: int | None = None,
+        alm_merge_threshold: float | None = None,
     ) -> None:
         super().__init__()
         self.cache = CacheReader(cache_dir)
@@ -182,6 +184,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         self.student_tokenizer = student_tokenizer
         self.alignment = alignment
         self.max_length = max_length
+        self.alm_merge_threshold = alm_merge_threshold
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -503,7 +506,8 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
     def _get_featurizer(self) -> StudentFeaturizer:
         if self._featurizer is None or self._featurizer_pid != os.getpid():
             # the cache's EOS id and its tokenizer's byte lengths come with it: features.py
-            self._featurizer = featurizer_for_cache(self.cache, self.student_tokenizer, self.alignment, self.max_length)
+            self._featurizer = featurizer_for_cache(self.cache, self.student_tokenizer, self.alignment, self.max_length,
+                                                    alm_merge_threshold=self.alm_merge_threshold)
             self._featurizer_pid = os.getpid()
         return self._featurizer
 

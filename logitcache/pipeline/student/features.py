@@ -123,6 +123,10 @@ class StudentFeaturizer:
     # ALM's chunks (chunks.py): adds alm_chunk int64 [n] and alm_teacher_ll float32 [C].
     # alignment "chunk" (``--loss alm``'s) is "offset" plus the chunks.
     alm_chunks: bool = False
+    # ALM's debiasing (chunks.py): merge chunks at this teacher word-start probability and add
+    # alm_end int64 [C] and alm_teacher_ws float32 [C]; the rows need ``word_start_logprob``.
+    # None: plain chunks.
+    alm_merge_threshold: float | None = None
     stats: FeatureStats = field(default_factory=FeatureStats)
 
     def __post_init__(self) -> None:
@@ -194,10 +198,16 @@ class StudentFeaturizer:
 
             t_all = np.append(t_targets, n_t - 1) if t_end else t_targets
             s_all = np.append(s_targets, n_s - 1) if s_end else s_targets
-            extras["alm_chunk"], extras["alm_teacher_ll"] = alm_chunks(
+            debias = self.alm_merge_threshold is not None
+            c = alm_chunks(
                 t_starts, t_ends, t_all, np.asarray(row["label_logprob"]), s_starts, s_ends, s_all, n,
                 teacher_eos=t_end, student_eos=s_end,
+                teacher_word_start=np.asarray(row["word_start_logprob"]) if debias else None,
+                merge_threshold=self.alm_merge_threshold,
             )
+            extras["alm_chunk"], extras["alm_teacher_ll"] = c.chunk, c.teacher_ll
+            if debias:
+                extras["alm_end"], extras["alm_teacher_ws"] = c.end, c.teacher_word_start
 
         self.stats.examples += 1
         self.stats.targets += al.targets
@@ -271,7 +281,8 @@ def teacher_piece_bytes(cache) -> PieceBytes | None:
     return _teacher_bytes_at(str(cache.verified_tokenizer_dir()))
 
 
-def featurizer_for_cache(cache, tokenizer, alignment: str = "offset", max_length: int | None = None) -> StudentFeaturizer:
+def featurizer_for_cache(cache, tokenizer, alignment: str = "offset", max_length: int | None = None, *,
+                         alm_merge_threshold: float | None = None) -> StudentFeaturizer:
     """The featurizer of ``cache`` (a CacheReader) for a student ``tokenizer``, as training uses it."""
     manifest = cache.manifest
     return StudentFeaturizer(
@@ -281,4 +292,5 @@ def featurizer_for_cache(cache, tokenizer, alignment: str = "offset", max_length
         add_special_tokens=manifest.template.get("add_special_tokens", True),
         teacher_bytes=teacher_piece_bytes(cache) if alignment != "position" else None,
         teacher_eos_id=getattr(manifest, "eos_id", None),
+        alm_merge_threshold=alm_merge_threshold,
     )

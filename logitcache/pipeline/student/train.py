@@ -43,7 +43,9 @@ class TrainConfig:
     out: str
     loss: str = "uld"
     alignment: str | None = None  # None: the loss's default (DEFAULT_ALIGNMENT)
-    kd_weight: float = 1.0
+    # λ in CE + λ·KD. None: 1, but ALM's --alm-temperature τ for --loss alm, whose gradient
+    # scales as 1/τ (binarised at exp(ll / τ)): at λ = 1 it is about 1/1000 of CE's and does nothing.
+    kd_weight: float | None = None
     max_length: int | None = 512
     max_steps: int = -1
     num_epochs: float = 1.0
@@ -90,6 +92,9 @@ class TrainConfig:
     # ALM (--loss alm): tokenkit's binarisation temperature and distance.
     alm_temperature: float = 100.0
     alm_divergence: str = "binary_kl"  # binary_kl | binary_ce
+    # the paper's outcome-chunk debiasing (tokenkit's merge_by_space_prob+append_space), or none
+    alm_mode: str = "debias"  # debias | plain
+    alm_merge_threshold: float = 0.1  # tokenkit's tokenizer_pair_bias_threshold
     trust_remote_code: bool = False  # run the student's own Python code (never the cache's tokenizer's)
     progress: bool = True
 
@@ -111,6 +116,11 @@ class TrainConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    def __post_init__(self) -> None:
+        if self.kd_weight is None:
+            alm_tau = self.alm_temperature
+            self.kd_weight = float(alm_tau) if self.loss == "alm" and isinstance(alm_tau, (int, float)) else 1.0
 
     def resolved_alignment(self) -> str:
         return self.alignment or DEFAULT_ALIGNMENT[self.loss]
@@ -166,6 +176,14 @@ class TrainConfig:
             raise LogitCacheError(f"alm_temperature must be positive (got {self.alm_temperature}).")
         if self.alm_divergence not in ("binary_kl", "binary_ce"):
             raise LogitCacheError(f"alm_divergence {self.alm_divergence!r}: use binary_kl or binary_ce.")
+        if self.alm_mode not in ("debias", "plain"):
+            raise LogitCacheError(f"--alm-mode {self.alm_mode!r}: use debias (the paper's) or plain (no debiasing).")
+        if not (isinstance(self.alm_merge_threshold, (int, float)) and 0 <= self.alm_merge_threshold < 1):
+            raise LogitCacheError(f"--alm-merge-threshold must be a probability in [0, 1) (got {self.alm_merge_threshold}); the default is 0.1.")
+
+    def alm_debiased(self) -> bool:
+        """Whether ALM's chunks are debiased (the featurizer merges them; the loss adds word starts)."""
+        return self.loss == "alm" and self.alm_mode == "debias"
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -309,7 +327,8 @@ def _extra_loss_configs(cfg: TrainConfig, matched_fraction: float) -> dict[str, 
     w_m, w_u = losses.HybridConfig(matched_weight=cfg.hybrid_matched_weight, unmatched_weight=cfg.hybrid_unmatched_weight).weights(matched_fraction)
     return {
         "hybrid": losses.HybridConfig(beta=cfg.hybrid_beta, matched_weight=w_m, unmatched_weight=w_u),
-        "alm": losses.ALMConfig(temperature=cfg.alm_temperature, divergence=cfg.alm_divergence),
+        "alm": losses.ALMConfig(temperature=cfg.alm_temperature, divergence=cfg.alm_divergence, mode=cfg.alm_mode,
+                                merge_threshold=cfg.alm_merge_threshold),
     }
 
 
@@ -340,7 +359,7 @@ def batch_loss(
     fused: "losses.FusedLoss | None",
     tempered: dict[float, torch.Tensor] | None = None,
     std_logprobs: torch.Tensor | None = None,
-    alm: "tuple[torch.Tensor, torch.Tensor] | None" = None,
+    alm: "losses.ALMTargets | None" = None,
     matched_fraction: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CE + kd_weight * KD, CE, KD) of a batch: logits [B, T, V], labels [B, T], teacher [B, T, K], kd_mask [B, T].
@@ -352,7 +371,9 @@ def batch_loss(
         return losses.ce_kd_loss(logits, labels, teacher_logprobs, teacher_ids, kd_mask, fused, tempered=tempered, alm=alm)
     ce = causal_ce(logits, labels)
     if cfg.loss == "alm":  # ALM needs only the label log-probs: the standalone path is plain autograd
-        kd = losses.alm_loss(logits.float(), labels, alm[0], alm[1], _extra_loss_configs(cfg, 1.0)["alm"], reduction=cfg.kd_reduction)
+        kd = losses.alm_loss(logits.float(), labels, alm.chunk_index, alm.teacher_ll, _extra_loss_configs(cfg, 1.0)["alm"],
+                             reduction=cfg.kd_reduction, end=alm.end, teacher_word_start=alm.teacher_word_start,
+                             word_start_mask=alm.word_start_mask)
         return ce + cfg.kd_weight * kd, ce, kd
     if cfg.loss == "sft":
         kd = ce.new_zeros(())
@@ -416,12 +437,18 @@ class KDTrainer(Trainer):
             self.feature_counts = summed if self.feature_counts is None else self.feature_counts + summed
         labels = inputs.pop("labels")
         extras = {name: inputs.pop(name) for name in TEACHER_EXTRAS if name in inputs}
-        alm = (inputs.pop("alm_chunk"), inputs.pop("alm_teacher_ll")) if "alm_chunk" in inputs else None
+        alm = None
+        if "alm_chunk" in inputs:
+            alm = losses.ALMTargets(inputs.pop("alm_chunk"), inputs.pop("alm_teacher_ll"))
+            if "alm_end" in inputs:
+                alm.end, alm.teacher_word_start = inputs.pop("alm_end"), inputs.pop("alm_teacher_ws")
         if self._t2s is not None:  # the hybrid reads the student ids of the teacher entries
             t_ids = self._map_ids(t_ids)
         if workers is not None and model.training:
             self.train_dataset.mark_consumed(workers.tolist(), indices.tolist())
         outputs = model(**inputs)
+        if alm is not None and alm.debiased:
+            alm.word_start_mask = self._word_start_mask(outputs.logits.shape[-1], outputs.logits.device)
         tempered, std_lp = teacher_targets(self.kd_config, t_lp, extras, self.cache_temperatures)
         if self.kd_config.loss == "alm" and alm is None:
             raise LogitCacheError("--loss alm needs ALM's chunks in the batch (alignment 'chunk').")
@@ -447,6 +474,15 @@ class KDTrainer(Trainer):
                 self._sums["mapped_mass"] += float((p * (t_ids >= 0)).sum())
                 self._sums["topk_mass"] += float(p.sum())
         return (loss, outputs) if return_outputs else loss
+
+    def _word_start_mask(self, width: int, device: torch.device) -> torch.Tensor:
+        """The student's word-start tokens (ALM's debiasing) over its logits' width, built once."""
+        mask = getattr(self, "_ws_mask", None)
+        if mask is None or len(mask) != width or mask.device != device:
+            from logitcache.pipeline.token_bytes import word_start_mask
+
+            mask = self._ws_mask = torch.from_numpy(word_start_mask(self.processing_class, width)).to(device)
+        return mask
 
     def _map_ids(self, teacher_ids: torch.Tensor) -> torch.Tensor:
         """teacher ids [..., K] -> student ids of the same tokens, -1 where none (ids past the map too)."""
@@ -611,6 +647,12 @@ def check_teacher_targets(cfg: TrainConfig, manifest) -> None:
 
     if cfg.loss == "mlot" and cfg.mlot_variant == "code":
         targets.require_logit_stats(manifest, "--loss mlot --mlot-variant code (logits divided by their std)")
+    if cfg.alm_debiased() and not getattr(manifest, "word_start", False):
+        engine = "--engine hf " if manifest.teacher.get("engine") == "vllm" or not manifest.has_logsumexp else ""
+        raise LogitCacheError(
+            "--loss alm debiases its chunks with the teacher's word-start probability, which this cache lacks; "
+            f"rerun the teacher with `logitcache teacher {engine}--word-start` (a new --out), or pass --alm-mode plain."
+        )
     for tau in cfg.teacher_temperatures():
         try:
             targets.manifest_tau_column(manifest, tau)
@@ -738,6 +780,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     def dataset(path: str, shuffle: bool) -> LogitCacheDataset:
         return LogitCacheDataset(
             path, tokenizer, alignment=cfg.resolved_alignment(), max_length=cfg.max_length,
+            alm_merge_threshold=cfg.alm_merge_threshold if cfg.alm_debiased() else None,
             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, shuffle=shuffle,
             rank=args.process_index, world_size=args.world_size, num_workers=cfg.num_workers,
             skip_bad_shards=cfg.skip_bad_shards, batch_size=cfg.batch_size,

@@ -32,59 +32,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from logitcache.pipeline.offsets import byte_level_decoder, decoder_types
-
-_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-_ROLES = ("eos_token", "bos_token", "unk_token", "pad_token")
-
-
-def _decoder_kind(tokenizer) -> tuple[str, bool]:
-    """("byte_level" | "metaspace" | "plain", byte_fallback) from the fast tokenizer's definition."""
-    types = decoder_types(tokenizer)
-    model = json.loads(tokenizer.backend_tokenizer.to_str()).get("model") or {}
-    byte_fallback = bool(model.get("byte_fallback")) or "ByteFallback" in types
-    if "ByteLevel" in types:
-        return "byte_level", byte_fallback
-    return ("metaspace" if types & {"Metaspace", "MetaspaceReplace"} else "plain"), byte_fallback
-
-
-def token_keys(tokenizer) -> tuple[list[Any], list[bool]]:
-    """Per id: the bytes it stands for (or ("special", name) for a special token), and whether
-    it is a byte-fallback piece. Ids without a token (holes in the vocabulary) get None."""
-    kind, byte_fallback = _decoder_kind(tokenizer)
-    decoder = byte_level_decoder()
-    size = len(tokenizer)
-    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
-    special = set(tokenizer.all_special_ids)
-    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
-    roles = {getattr(tokenizer, f"{r}_id", None): r for r in reversed(_ROLES)}  # eos wins if ids coincide
-    keys: list[Any] = []
-    is_byte = []
-    for i, piece in enumerate(pieces):
-        fallback = False
-        if piece is None:
-            key = None
-        elif i in special:
-            key = ("special", roles.get(i, piece))
-        elif kind == "byte_level" and all(c in decoder for c in piece):
-            key = bytes(decoder[c] for c in piece)
-        else:
-            m = _BYTE_PIECE.match(piece) if byte_fallback else None
-            if m:
-                key, fallback = bytes([int(m.group(1), 16)]), True
-            else:
-                key = (piece.replace("\u2581", " ") if kind == "metaspace" else piece).encode("utf-8")
-        keys.append(key)
-        is_byte.append(fallback)
-    return keys, is_byte
-
+from logitcache.pipeline.token_bytes import ROLES, token_keys
 
 def _first_ids(keys: list[Any], is_byte: list[bool], by_kind: bool) -> dict[Any, int]:
     """key (or (key, is_byte) when ``by_kind``) -> the lowest id holding it; regular tokens before
@@ -149,7 +103,7 @@ def fingerprint(tokenizer) -> str:
     """A hash of everything that decides the map: the tokenizer definition and its special tokens."""
     h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8"))
     h.update(json.dumps(sorted(map(int, tokenizer.all_special_ids))).encode())
-    h.update(json.dumps([getattr(tokenizer, f"{r}_id", None) for r in _ROLES]).encode())
+    h.update(json.dumps([getattr(tokenizer, f"{r}_id", None) for r in ROLES]).encode())
     return h.hexdigest()
 
 

@@ -29,6 +29,8 @@ class ScoredSequence:
     logit_mean: np.ndarray | None = None  # float32 [n - 1]: mean of the logits over the vocabulary
     logit_std: np.ndarray | None = None  # float32 [n - 1]: their unbiased standard deviation
     lse_std: np.ndarray | None = None  # float32 [n - 1]: logsumexp(logits / (logit_std + 1e-4))
+    # float32 [n - 1]: log of the mass on tokens that start a word (whitespace-initial, special)
+    word_start_logprob: np.ndarray | None = None
 
 
 def first_bad_value(s: ScoredSequence) -> str | None:
@@ -36,7 +38,8 @@ def first_bad_value(s: ScoredSequence) -> str | None:
     above 0), or None. Stage 1 checks every sequence before anything of its batch is written."""
     checks = (("top-k log-probabilities", s.topk_logprobs, True), ("label log-probs", s.label_logprob, True),
               ("log-normalisers", s.logsumexp, False), ("lse_tau", s.lse_tau, False),
-              ("logit means", s.logit_mean, False), ("logit stds", s.logit_std, False), ("lse_std", s.lse_std, False))
+              ("logit means", s.logit_mean, False), ("logit stds", s.logit_std, False), ("lse_std", s.lse_std, False),
+              ("word-start log-probs", s.word_start_logprob, True))
     for what, values, at_most_zero in checks:
         if values is None or not values.size:
             continue
@@ -75,6 +78,7 @@ class TeacherEngine(Protocol):
     tokenizer: Any  # a fast tokenizer (offsets)
     temperatures: tuple[float, ...]  # extra temperatures whose log-normaliser score() returns
     logit_stats: bool  # whether score() returns logit_mean / logit_std / lse_std
+    word_start: bool  # whether score() returns word_start_logprob
     fingerprint: str  # identity of the weights, for the manifest's settings check
 
     @property

@@ -21,6 +21,7 @@ from logitcache.pipeline.loading import load_causal_lm, load_tokenizer
 from logitcache.pipeline.offsets import require_fast_tokenizer
 from logitcache.pipeline.padding import pad_sequences, pad_token_id
 from logitcache.pipeline.teacher.engine import GenerationConfig, ScoredSequence
+from logitcache.pipeline.token_bytes import word_start_mask
 from logitcache.pipeline.teacher.topk import TopK, chunked_topk, chunked_topk_from_logits_fn
 
 # Config attributes of models whose logits are not just lm_head(hidden).
@@ -58,10 +59,12 @@ class HFTeacher:
         chunk: int = 1024,
         temperatures: tuple[float, ...] = (),
         logit_stats: bool = False,
+        word_start: bool = False,
     ) -> None:
         self.model_name = model
         self.temperatures = tuple(float(t) for t in temperatures)
         self.logit_stats = logit_stats
+        self.word_start = word_start
         self.revision = revision
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -75,6 +78,9 @@ class HFTeacher:
         self.fingerprint = model_fingerprint(model, revision)
         self._decoder = self._head = None
         self.uses_head_path = self._setup_head_path()
+        self._word_start_ids = (
+            torch.from_numpy(word_start_mask(self.tokenizer, self.vocab_size)).to(self.device) if word_start else None
+        )
 
     # --- facts the pipeline needs ------------------------------------------------------
     @property
@@ -142,13 +148,14 @@ class HFTeacher:
         labels = next_ids[pred].to(self.device)
         if self.uses_head_path:
             hidden = self._decoder(**inputs).last_hidden_state[pred.to(self.device)]
-            top = chunked_topk(hidden, self._head, labels, k, self.chunk, temperatures=self.temperatures, stats=self.logit_stats)
+            top = chunked_topk(hidden, self._head, labels, k, self.chunk, temperatures=self.temperatures,
+                               stats=self.logit_stats, word_start=self._word_start_ids)
         else:
             logits = self.model(**inputs).logits
             bi, ti = pred.to(self.device).nonzero(as_tuple=True)
             top = chunked_topk_from_logits_fn(
                 lambda a, b: logits[bi[a:b], ti[a:b]], len(bi), labels, k, self.chunk,
-                temperatures=self.temperatures, stats=self.logit_stats,
+                temperatures=self.temperatures, stats=self.logit_stats, word_start=self._word_start_ids,
             )
         return _split(top, (lens - 1).tolist())
 
@@ -185,7 +192,8 @@ def _split(top: TopK, counts: list[int]) -> list[ScoredSequence]:
     ids = top.ids.cpu().numpy().astype(np.int32)
     label, lse = f32(top.label_logprob), f32(top.logsumexp)
     extra = {"lse_tau": f32(top.lse_tau), "logit_mean": f32(top.logit_mean),
-             "logit_std": f32(top.logit_std), "lse_std": f32(top.lse_std)}
+             "logit_std": f32(top.logit_std), "lse_std": f32(top.lse_std),
+             "word_start_logprob": f32(top.word_start_logprob)}
     out, a = [], 0
     for c in counts:
         more = {name: v[a : a + c] for name, v in extra.items() if v is not None}

@@ -31,6 +31,7 @@ from logitcache.storage.fsutil import crash_point, hash_files
 from logitcache.storage.lock import CacheLock
 from logitcache.storage.manifest import Manifest
 from logitcache.storage.rows import Row
+from logitcache.storage.schema import EXTRA_COLUMNS
 from logitcache.storage.writer import DEFAULT_SHARD_BYTES, CacheWriter
 
 # Examples sorted by length within a window of this many batches: less padding, while the
@@ -70,6 +71,9 @@ class TeacherConfig:
     # None: the engine's default, (2.0,) for hf and () for vllm (which has no log-normaliser).
     temperatures: tuple[float, ...] | None = None
     logit_stats: bool = False  # the logits' mean, std and logsumexp(logits / (std + 1e-4))
+    # The log-mass on word-start tokens per position (ALM's debiasing). None: on with hf, off
+    # with vllm (which gives no full distribution).
+    word_start: bool | None = None
     # Cluster split: None reads SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID, else 1 / 0.
     num_workers: int | None = None
     worker_index: int | None = None
@@ -108,12 +112,21 @@ class TeacherConfig:
                 f"{flag} needs the log-normaliser of the full logits, which vLLM does not return; "
                 f"use --engine hf for it, or drop {'the flag' if self.logit_stats else 'them (--temperatures none)'} with --engine vllm."
             )
+        if self.engine == "vllm" and self.word_start:
+            raise LogitCacheError(
+                "--word-start needs the teacher's full distribution, which vLLM does not return; "
+                "use --engine hf for it, or drop the flag with --engine vllm (ALM then runs with --alm-mode plain)."
+            )
         self.worker()
 
     def extra_temperatures(self) -> list[float]:
         """The temperatures stored besides 1, sorted, without repeats (the manifest's list)."""
         taus = (2.0,) if self.temperatures is None and self.engine == "hf" else self.temperatures or ()
         return sorted({float(t) for t in taus if float(t) != 1.0})
+
+    def stores_word_start(self) -> bool:
+        """Whether the rows hold ``word_start_logprob`` (the manifest's ``word_start``)."""
+        return self.engine == "hf" if self.word_start is None else bool(self.word_start)
 
     def worker(self) -> tuple[int, int]:
         """(index, count) of this worker; from the flags, else from a Slurm array, else (0, 1)."""
@@ -204,6 +217,7 @@ def make_engine(cfg: TeacherConfig) -> TeacherEngine:
         cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code, chunk=cfg.topk_chunk,
         temperatures=tuple(cfg.extra_temperatures()), logit_stats=cfg.logit_stats,
+        word_start=cfg.stores_word_start(),
     )
 
 
@@ -278,6 +292,7 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
             eos_id=eos_id,
             temperatures=list(engine.temperatures),
             logit_stats=bool(engine.logit_stats),
+            word_start=bool(engine.word_start),
             tool_version=logitcache.__version__,
         )
         writer = CacheWriter(cfg.out_dir(), manifest, tokenizer_dir=tok_dir, shard_bytes=cfg.shard_bytes, lock=lock)
@@ -521,7 +536,7 @@ def _row(p: _Pending, s) -> Row:
         "topk_logprobs": s.topk_logprobs,
         "label_logprob": s.label_logprob,
         "logsumexp": s.logsumexp,
-        **{name: getattr(s, name) for name in ("lse_tau", "logit_mean", "logit_std", "lse_std") if getattr(s, name) is not None},
+        **{name: getattr(s, name) for name in EXTRA_COLUMNS if getattr(s, name) is not None},
     }
 
 

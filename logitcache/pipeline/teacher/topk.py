@@ -10,7 +10,9 @@ other temperatures, ``logsumexp(logits / tau)``, which makes every stored top-k 
 exact at tau (``p_tau = exp((logprob + logsumexp) / tau - lse_tau)``); and the logits'
 mean and (unbiased) standard deviation over the full vocabulary with the log-normaliser
 of the std-normalised logits, ``logsumexp(logits / (std + 1e-4))`` (MultiLevelOT's
-``code`` variant).
+``code`` variant); and the log of the probability that the next token starts a word (its
+mass on the ids of a ``word_start`` mask: tokens starting with whitespace, and special
+tokens), which ALM's chunk debiasing needs from the full vocabulary.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class TopK:
 
     ``lse_tau`` [N, M]: ``logsumexp(logits / tau)`` for each extra temperature asked for
     (None when none was). ``logit_mean``/``logit_std``/``lse_std`` [N]: asked for with
-    ``stats=True`` (else None).
+    ``stats=True`` (else None). ``word_start_logprob`` [N]: with a ``word_start`` mask, the
+    log of the mass on its ids (at least log of float32's smallest normal, -87.3).
     """
 
     logprobs: torch.Tensor
@@ -43,6 +46,7 @@ class TopK:
     logit_mean: torch.Tensor | None = None
     logit_std: torch.Tensor | None = None
     lse_std: torch.Tensor | None = None
+    word_start_logprob: torch.Tensor | None = None
 
 
 def chunked_topk(
@@ -54,6 +58,7 @@ def chunked_topk(
     *,
     temperatures: Sequence[float] = (),
     stats: bool = False,
+    word_start: torch.Tensor | None = None,
 ) -> TopK:
     """Top-k log-probabilities of ``head(hidden)`` without materialising all logits.
 
@@ -67,12 +72,14 @@ def chunked_topk(
             (plus 16 MiB with several temperatures or ``stats``).
         temperatures: extra temperatures (each > 0, not 1) whose log-normaliser to return.
         stats: also return the logits' mean, std and the log-normaliser of logits / (std + 1e-4).
+        word_start: bool [V] on the logits' device; also return the log-mass on its ids.
 
     Returns:
         TopK with fp32 log-probabilities normalised over the full vocabulary.
     """
     return chunked_topk_from_logits_fn(
-        lambda a, b: head(hidden[a:b]), hidden.shape[0], labels, k, chunk, temperatures=temperatures, stats=stats
+        lambda a, b: head(hidden[a:b]), hidden.shape[0], labels, k, chunk, temperatures=temperatures, stats=stats,
+        word_start=word_start,
     )
 
 
@@ -85,11 +92,14 @@ def chunked_topk_from_logits_fn(
     *,
     temperatures: Sequence[float] = (),
     stats: bool = False,
+    word_start: torch.Tensor | None = None,
 ) -> TopK:
     """As :func:`chunked_topk`, with ``logits_of(a, b)`` giving the [b - a, V] logits of positions a..b
     (a new tensor each call, or one in a narrower dtype: it is overwritten in place)."""
     taus = [float(t) for t in temperatures]
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in ("lp", "ids", "label", "lse", "tau", "mean", "std", "lse_std")}
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in ("lp", "ids", "label", "lse", "tau", "mean", "std", "lse_std", "ws")}
+    ws = None if word_start is None else word_start.to(torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         logits = logits_of(a, b).float()
@@ -110,6 +120,11 @@ def chunked_topk_from_logits_fn(
                 out["mean"].append(mean)
                 out["std"].append(std)
                 out["lse_std"].append(lse_std)
+        if ws is not None:
+            # Both branches leave exp(logits - max) in d: the word-start mass is one
+            # matrix-vector product with the mask, no second [n, V] buffer.
+            z_ws = torch.mv(d, ws.to(d.device)).clamp_min_(tiny)
+            out["ws"].append((z_ws.log_() + top1.squeeze(-1) - lse).clamp_max_(0.0))
         del d
         out["lp"].append(vals - lse[:, None])
         out["ids"].append(ids)
@@ -121,6 +136,7 @@ def chunked_topk_from_logits_fn(
             empty.reshape(0, k), empty.reshape(0, k).long(), empty, empty,
             lse_tau=empty.reshape(0, len(taus)) if taus else None,
             logit_mean=empty if stats else None, logit_std=empty if stats else None, lse_std=empty if stats else None,
+            word_start_logprob=empty if ws is not None else None,
         )
     return TopK(
         torch.cat(out["lp"]), torch.cat(out["ids"]), torch.cat(out["label"]), torch.cat(out["lse"]),
@@ -128,6 +144,7 @@ def chunked_topk_from_logits_fn(
         logit_mean=torch.cat(out["mean"]) if stats else None,
         logit_std=torch.cat(out["std"]) if stats else None,
         lse_std=torch.cat(out["lse_std"]) if stats else None,
+        word_start_logprob=torch.cat(out["ws"]) if ws is not None else None,
     )
 
 

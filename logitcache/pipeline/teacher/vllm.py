@@ -245,9 +245,10 @@ class VLLMTeacher:
 
     name = "vllm"
     # No log-normaliser from vLLM, so no log-normaliser at other temperatures and no statistics
-    # of the full logits either (run.py refuses --temperatures / --logit-stats with this engine).
+    # of the full logits either (run.py refuses --temperatures / --logit-stats / --word-start with this engine).
     temperatures: tuple[float, ...] = ()
     logit_stats = False
+    word_start = False
 
     def __init__(
         self,

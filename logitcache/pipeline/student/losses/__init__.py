@@ -28,11 +28,11 @@ from logitcache.pipeline.student.losses.mlot import MLOTConfig, multilevel_ot_lo
 from logitcache.pipeline.student.losses.mlot_parts import needed_temperatures as mlot_temperatures
 from logitcache.pipeline.student.losses.uld import uld_loss
 # cross-tokenizer losses of issue 12 §3 (TRL GOLD's hybrid; ALM, arXiv 2503.20083).
-from logitcache.pipeline.student.losses.alm import ALMConfig, alm_loss
+from logitcache.pipeline.student.losses.alm import ALMConfig, ALMTargets, alm_loss
 from logitcache.pipeline.student.losses.hybrid import HybridConfig, hybrid_loss
 
 __all__ = [
     "REDUCTIONS", "REVERSE_KL_TEACHER_FLOOR", "FusedLoss", "MLOTConfig", "ce_kd_loss", "fused_supports",
     "kd_weights", "kl_loss", "mlot_temperatures", "multilevel_ot_loss", "uld_loss",
-    "ALMConfig", "HybridConfig", "alm_loss", "hybrid_loss",
+    "ALMConfig", "ALMTargets", "HybridConfig", "alm_loss", "hybrid_loss",
 ]

@@ -29,13 +29,21 @@ it) the gradient w.r.t. the logits is about 1e-3 of CE's for chunk log-likelihoo
 by 0.5-2 nats. tokenkit trains with ALM alone (pure distillation) under Adam, where the scale
 cancels; with CE, a KD weight of the order of tau or more is needed for ALM to matter.
 
-Not implemented: the paper's outcome-chunk debiasing (tokenkit's ``alm_mode``
-"append_space" and "merge_by_space_prob"). It multiplies each chunk's likelihood by the
-model's probability that the *next* token starts with whitespace (or is special), which for
-the teacher needs its mass on all such tokens of its full vocabulary at the chunk's end: a
-top-k cache gives only a lower bound of it. (A stage-1 column holding that log-mass per
-position would make it exact.) This is tokenkit's "unconstrained" chunking with its default
-distance, without debiasing.
+Debiasing (``ALMConfig.mode`` "debias", the default; tokenkit's ``alm_mode``
+"merge_by_space_prob+append_space", its recommended setting): chunks are merged until the
+teacher's probability that a word starts after them exceeds ``merge_threshold`` (0.1,
+tokenkit's ``tokenizer_pair_bias_threshold``; chunks.py), and each chunk's log-likelihood
+gets, on both sides, the log-probability that the token after it starts a word::
+
+    ll_T(c) += log sum_{v in W_T} p_T(v | ..c),    ll_S(c) += log sum_{v in W_S} p_S(v | ..c)
+
+W: the side's tokens starting with a space, tab or newline byte, and its special tokens
+(tokenkit's ``space_mask_mode`` "space+tab+newline+special"; ``token_bytes.word_start_mask``).
+The teacher's term needs its full vocabulary: stage 1 stores it per position
+(``word_start_logprob``, ``logitcache teacher --word-start``, on by default with the hf
+engine). A chunk with nothing after it (the end-of-sequence chunk) is not debiased. Mode
+"plain" is tokenkit's "unconstrained" chunking without debiasing, for caches without the
+column (vLLM's).
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from typing import Literal
 import torch
 
 ALMDivergence = Literal["binary_kl", "binary_ce"]
+ALMMode = Literal["debias", "plain"]
 
 
 @dataclass(frozen=True)
@@ -56,8 +65,14 @@ class ALMConfig:
     temperature: float = 100.0  # binarization_temp
     epsilon: float = 1e-6
     divergence: ALMDivergence = "binary_kl"
+    mode: ALMMode = "debias"  # merge_by_space_prob+append_space; "plain": unconstrained
+    merge_threshold: float = 0.1  # tokenizer_pair_bias_threshold
 
     def check(self) -> None:
+        if self.mode not in ("debias", "plain"):
+            raise ValueError(f"ALMConfig: mode must be 'debias' or 'plain', got {self.mode!r}.")
+        if not 0.0 <= self.merge_threshold < 1.0:
+            raise ValueError(f"ALMConfig: merge_threshold must be in [0, 1), got {self.merge_threshold}.")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"ALMConfig: temperature must be positive, got {self.temperature}.")
         if self.divergence not in ("binary_kl", "binary_ce"):
@@ -100,17 +115,56 @@ def chunk_sums(student_label_logprobs: torch.Tensor, chunk_index: torch.Tensor, 
     return sums, counts
 
 
+@dataclass
+class ALMTargets:
+    """What ALM reads besides the student's logits, per batch (chunks.py via the collator).
+
+    ``chunk_index`` [B, T] long: per position q the chunk of token q + 1 (-1: none).
+    ``teacher_ll`` [B, C]: the teacher's log-likelihood of each chunk.
+    Debiasing (all three, or none): ``end`` [B, C] long, the position whose prediction
+    follows each chunk (-1: none); ``teacher_word_start`` [B, C], the teacher's word-start
+    log-probability there (NaN: none); ``word_start_mask`` [V] bool, the student's word-start
+    tokens.
+    """
+
+    chunk_index: torch.Tensor
+    teacher_ll: torch.Tensor
+    end: torch.Tensor | None = None
+    teacher_word_start: torch.Tensor | None = None
+    word_start_mask: torch.Tensor | None = None
+
+    @property
+    def debiased(self) -> bool:
+        return self.end is not None
+
+
+def student_word_start(word_start_logprobs: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """[B, C] the student's word-start log-prob after each chunk, from its per-position values
+    [B, T] at ``end`` [B, C] (any finite value where ``end`` is -1)."""
+    return word_start_logprobs.gather(1, end.clamp_min(0))
+
+
 def alm_per_chunk_mean(student_label_logprobs: torch.Tensor, chunk_index: torch.Tensor, teacher_chunk_ll: torch.Tensor,
-                       cfg: ALMConfig = ALMConfig(), reduction: str = "token") -> torch.Tensor:
+                       cfg: ALMConfig = ALMConfig(), reduction: str = "token", *,
+                       student_word_start: torch.Tensor | None = None,
+                       teacher_word_start: torch.Tensor | None = None) -> torch.Tensor:
     """ALM from the student's label log-probs [B, T], chunk indices [B, T] and teacher chunk lls [B, C].
 
     Chunks with no student token (padding of the collated [B, C]) do not count. ``reduction``:
     "token", the mean of D over the batch's chunks (tokenkit's); "sample", the mean over each
-    sequence's chunks, then over the sequences that have one. Exactly 0 when no chunk counts.
+    sequence's chunks, then over sequences that have one. Exactly 0 when no chunk counts.
+    Debiasing: ``student_word_start`` / ``teacher_word_start`` [B, C] are added to the two
+    sides' chunk log-likelihoods where the teacher's is finite (NaN: the chunk is not debiased).
     """
     s_ll, counts = chunk_sums(student_label_logprobs, chunk_index, teacher_chunk_ll.shape[1])
+    t_ll = teacher_chunk_ll.to(s_ll.dtype)
+    if teacher_word_start is not None:
+        t_ws = teacher_word_start.to(s_ll.dtype)
+        has = torch.isfinite(t_ws)
+        s_ll = s_ll + torch.where(has, student_word_start.to(s_ll.dtype), torch.zeros_like(s_ll))
+        t_ll = t_ll + torch.where(has, t_ws, torch.zeros_like(t_ll))
     valid = counts > 0
-    d = binarised_divergence(teacher_chunk_ll.to(s_ll.dtype), s_ll, cfg)
+    d = binarised_divergence(t_ll, s_ll, cfg)
     d = torch.where(valid, d, torch.zeros_like(d))
     if reduction == "sample":
         per_seq = valid.sum(dim=1)
@@ -128,6 +182,10 @@ def alm_loss(
     teacher_chunk_ll: torch.Tensor,
     cfg: ALMConfig = ALMConfig(),
     reduction: str = "token",
+    *,
+    end: torch.Tensor | None = None,
+    teacher_word_start: torch.Tensor | None = None,
+    word_start_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ALM between a student and the teacher's chunk log-likelihoods, mean over chunks.
 
@@ -140,6 +198,8 @@ def alm_loss(
         cfg: temperature, epsilon and divergence.
         reduction: "token" (tokenkit's mean over the batch's chunks) or "sample" (per sequence,
             then over sequences).
+        end, teacher_word_start, word_start_mask: debiasing (all three or none), see
+            :class:`ALMTargets`; ``cfg.mode`` "plain" ignores them.
 
     Returns:
         Scalar: the mean of the binarised divergence over the chunks; exactly 0 (zero
@@ -149,5 +209,11 @@ def alm_loss(
     b, t, _ = student_logits.shape
     nxt = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)
     inside = (chunk_index >= 0) & (nxt >= 0)
-    lp = torch.log_softmax(student_logits, dim=-1).gather(-1, nxt.clamp_min(0)[..., None]).squeeze(-1)
-    return alm_per_chunk_mean(lp, torch.where(inside, chunk_index, -1), teacher_chunk_ll, cfg, reduction)
+    log_p = torch.log_softmax(student_logits, dim=-1)
+    lp = log_p.gather(-1, nxt.clamp_min(0)[..., None]).squeeze(-1)
+    debias = {}
+    if cfg.mode == "debias" and end is not None:
+        ws = torch.logsumexp(log_p[..., word_start_mask.to(log_p.device)], dim=-1)  # [B, T]
+        t_ws = torch.where(end >= 0, teacher_word_start, torch.full_like(teacher_word_start, float("nan")))
+        debias = {"student_word_start": student_word_start(ws, end), "teacher_word_start": t_ws}
+    return alm_per_chunk_mean(lp, torch.where(inside, chunk_index, -1), teacher_chunk_ll, cfg, reduction, **debias)

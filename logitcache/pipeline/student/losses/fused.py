@@ -51,7 +51,7 @@ from logitcache.pipeline.student.losses.uld import uld_per_position
 
 # the hybrid (GOLD) reads the logits at the mapped student ids and at the student's top ids
 # outside them (found in the dense pass); ALM only the "label" block and the log-partition.
-from logitcache.pipeline.student.losses.alm import ALMConfig, alm_per_chunk_mean
+from logitcache.pipeline.student.losses.alm import ALMConfig, ALMTargets, alm_per_chunk_mean, student_word_start
 from logitcache.pipeline.student.losses.hybrid import HybridConfig, hybrid_per_position
 
 # Rows per chunk of the dense passes: about 4M logits (16 MiB in fp32) whatever the vocabulary.
@@ -100,7 +100,7 @@ def ce_kd_loss(
     spec: FusedLoss,
     *,
     tempered: Mapping[float, torch.Tensor] | None = None,
-    alm: tuple[torch.Tensor, torch.Tensor] | None = None,
+    alm: ALMTargets | tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token CE + ``spec.weight`` * KD over a batch, with its gradient, in two passes over the logits.
 
@@ -115,8 +115,9 @@ def ce_kd_loss(
         tempered: {tau: [B, T, K]} the teacher's exact log-probabilities at tau of the same
             entries (``targets.tempered_logprobs``), for ``spec.temperature`` != 1 and
             MultiLevelOT's tau_SD / tau_SL.
-        alm: for "alm", (chunk index [B, T] long, per position q the chunk of token q + 1 or -1;
-            teacher chunk log-likelihoods [B, C]), see ``chunks.alm_chunks``.
+        alm: for "alm", an :class:`ALMTargets` (or the pair (chunk index [B, T], teacher chunk
+            log-likelihoods [B, C]): no debiasing), see ``chunks.alm_chunks``. With debiasing,
+            the student's word-start log-partition ``logsumexp(x[W])`` is one more dense term.
 
     Returns:
         (total, ce, kd): the scalar to backpropagate (fp32; gradient to ``logits`` only), and its
@@ -145,7 +146,11 @@ def ce_kd_loss(
     if spec.loss == "alm":
         spec.alm.check()
         if alm is None:
-            raise ValueError("ce_kd_loss: loss 'alm' needs alm=(chunk index [B, T], teacher chunk log-likelihoods [B, C]).")
+            raise ValueError("ce_kd_loss: loss 'alm' needs alm=ALMTargets(chunk index [B, T], teacher chunk log-likelihoods [B, C]).")
+        if isinstance(alm, tuple):
+            alm = ALMTargets(*alm)
+        if spec.alm.mode == "debias" and alm.debiased and alm.word_start_mask is None:
+            raise ValueError("ce_kd_loss: debiased ALM needs the student's word_start_mask [V].")
     b, t, v = logits.shape
     targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)  # [B, T]: row q's label
     teacher = (teacher_logprobs, dict(tempered or {}), alm)
@@ -160,10 +165,13 @@ class _CEKD(torch.autograd.Function):
         with torch.enable_grad():
             total, ce, kd = problem.loss()
             leaves = [problem.gathered, *problem.lse.values()]
+            if problem.lse_ws is not None:
+                leaves.append(problem.lse_ws)
             grads = torch.autograd.grad(total, leaves, allow_unused=True)
         dg = grads[0] if grads[0] is not None else torch.zeros_like(problem.gathered)
         dlse = [g if g is not None else torch.zeros_like(l) for g, l in zip(grads[1:], leaves[1:])]
         ctx.temps = list(problem.lse)
+        ctx.ws_mask = problem.ws_mask
         ctx.save_for_backward(x, problem.index, dg, *(l.detach() for l in leaves[1:]), *dlse)
         ce, kd = ce.detach(), kd.detach()
         ctx.mark_non_differentiable(ce, kd)
@@ -173,8 +181,11 @@ class _CEKD(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, _grad_ce, _grad_kd):  # noqa: ANN001, ANN205
         x, index, dg, *rest = ctx.saved_tensors
-        n_t = len(ctx.temps)
+        n_t = len(ctx.temps) + (ctx.ws_mask is not None)
         lses, dlses = rest[:n_t], rest[n_t:]
+        if ctx.ws_mask is not None:  # the word-start log-partition comes last
+            lse_ws, dl_ws, lses, dlses = lses[-1], dlses[-1], lses[:-1], dlses[:-1]
+            ws = ctx.ws_mask.to(device=x.device, dtype=_work_dtype(x))
         dtype = _work_dtype(x)
         scale = grad_total.to(dtype)
         dg = dg * scale
@@ -188,6 +199,10 @@ class _CEKD(torch.autograd.Function):
             for tau, lse, dl in zip(ctx.temps[1:], lses[1:], dlses[1:]):
                 # softmax(x / tau) = softmax(x) ** (1 / tau) * exp(lse_1 / tau - lse_tau): a power, not an exp.
                 term = acc.pow(1.0 / tau).mul_(((lse1[a:b] / tau - lse[a:b]).exp() * dl[a:b] * (scale / tau))[:, None])
+                other = term if other is None else other.add_(term)
+            if ctx.ws_mask is not None:
+                # d logsumexp(x[W]) / dx = softmax(x) * exp(lse_1 - lse_W) on W, 0 elsewhere.
+                term = torch.mul(acc, ws).mul_(((lse1[a:b] - lse_ws[a:b]).exp() * dl_ws[a:b] * scale)[:, None])
                 other = term if other is None else other.add_(term)
             acc.mul_((dl1[a:b] * scale)[:, None])
             if other is not None:
@@ -215,6 +230,9 @@ class _Problem:
     def __init__(self, x, spec: FusedLoss, bt, targets, teacher, t_ids, kd_mask) -> None:  # noqa: ANN001
         t_lp, tempered, self.alm_inputs = teacher
         self.x, self.spec, (self.b, self.t) = x, spec, bt
+        alm = self.alm_inputs
+        debias = spec.loss == "alm" and spec.alm.mode == "debias" and alm is not None and alm.debiased
+        self.ws_mask = alm.word_start_mask.to(x.device) if debias else None  # the student's word starts [V]
         n, v = x.shape
         self.dtype = dtype = _work_dtype(x)
         self.kd_mask = kd_mask.reshape(n)
@@ -267,6 +285,7 @@ class _Problem:
         self.columns = {name: slice(end - blk.shape[1], end) for (name, blk), end in zip(blocks.items(), ends)}
         self.gathered = x.gather(1, self.index).to(dtype).requires_grad_()
         self.lse = {tau: stats["lse"][tau].requires_grad_() for tau in temps}  # 1.0 first
+        self.lse_ws = stats["lse_ws"].requires_grad_() if self.ws_mask is not None else None
         self.tail = stats.get("tail")
 
     @torch.no_grad()
@@ -289,9 +308,12 @@ class _Problem:
         if self.mlot_cfg is not None:
             out["rank_sums"] = torch.zeros(self.b, v, dtype=dtype, device=x.device)
             seq_of_row = torch.arange(n, device=x.device) // self.t
-        # The ranking, the tail and other temperatures need the chunk's exp anyway: the
-        # log-partition comes with it.
-        needs_exp = self.with_tail or self.mlot_cfg is not None or len(temps) > 1
+        if self.ws_mask is not None:
+            out["lse_ws"] = torch.empty(n, dtype=dtype, device=x.device)
+            ws = self.ws_mask.to(dtype)
+        # The ranking, the tail, other temperatures and ALM's word starts need the chunk's exp
+        # anyway: the log-partition comes with it.
+        needs_exp = self.with_tail or self.mlot_cfg is not None or len(temps) > 1 or self.ws_mask is not None
         for a, b in _chunks(x):
             xc = x[a:b].to(dtype)
             if top_k:
@@ -310,6 +332,9 @@ class _Problem:
             e = (xc - m).exp_()  # [n, V] in (0, 1]
             z = e.sum(dim=-1, keepdim=True)
             lse[1.0][a:b] = (m + z.log()).squeeze(-1)
+            if self.ws_mask is not None:  # the mass on the word starts: one matrix-vector product
+                z_ws = torch.mv(e, ws).clamp_min_(torch.finfo(dtype).tiny)
+                out["lse_ws"][a:b] = m.squeeze(-1) + z_ws.log_()
             e_kd, z_kd = e, z  # exp((x - m) / tau) and its sum at KL's temperature
             for tau in temps:
                 if tau != 1.0:
@@ -389,10 +414,18 @@ class _Problem:
 
     def _alm(self) -> torch.Tensor:
         """ALM over the batch's chunks from the student's label log-probs (losses/alm.py)."""
-        chunk_index, teacher_ll = self.alm_inputs
+        alm = self.alm_inputs
         label_lp = (self._block("label")[:, 0] - self.lse[1.0]).reshape(self.b, self.t)
-        idx = torch.where(self.has_target.reshape(self.b, self.t), chunk_index.to(label_lp.device).long(), -1)
-        return alm_per_chunk_mean(label_lp, idx, teacher_ll.to(label_lp), self.spec.alm, reduction=self.spec.reduction)
+        idx = torch.where(self.has_target.reshape(self.b, self.t), alm.chunk_index.to(label_lp.device).long(), -1)
+        debias = {}
+        if self.lse_ws is not None:
+            end = alm.end.to(label_lp.device).long()
+            s_ws = student_word_start((self.lse_ws - self.lse[1.0]).reshape(self.b, self.t), end)
+            t_ws = alm.teacher_word_start.to(label_lp)
+            debias = {"student_word_start": s_ws,
+                      "teacher_word_start": torch.where(end >= 0, t_ws, torch.full_like(t_ws, float("nan")))}
+        return alm_per_chunk_mean(label_lp, idx, alm.teacher_ll.to(label_lp), self.spec.alm, reduction=self.spec.reduction,
+                                  **debias)
     # --- end of hybrid and ALM ---------------------------------------------------------
 
     def _log_tail(self, s_log_ids: torch.Tensor) -> torch.Tensor:
