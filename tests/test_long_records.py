@@ -2,7 +2,9 @@
 
 A 100 MB record used to kill the teacher (the whole text was tokenized with offsets before the
 cut), and every rerun died on it. Stage 1 now tokenizes growing prefixes until they hold what
-``--max-length`` keeps; the tokens kept are exactly those of the whole text.
+``--max-length`` keeps; the tokens kept are exactly those of the whole text. Records longer than
+``--max-chars`` characters are skipped before any tokenizing and counted in the manifest (the
+default limit where no context length bounds the work).
 """
 
 from __future__ import annotations
@@ -15,8 +17,15 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from conftest import make_config
+from typer.testing import CliRunner
 
+from logitcache.cli import app
 from logitcache.pipeline.offsets import PREFIX_MARGIN_TOKENS, encode_prefix_with_offsets, encode_with_offsets
+from logitcache.pipeline.records import TextTemplate
+from logitcache.pipeline.teacher.run import TOO_LONG, UNBOUNDED_MAX_CHARS, TeacherConfig, part_name, run_teacher
+from logitcache.storage import load_manifest, open_cache
+from logitcache.storage.merge import merge_caches
 
 
 def _stdlib_text(chars: int) -> str:
@@ -97,3 +106,86 @@ def test_a_huge_record_is_cut_at_max_length_within_4_gb(tmp_path, teacher_dir, m
     cut = rows[huge[:20]]
     assert cut["truncated"] and len(cut["input_ids"]) == 256 and huge.startswith(cut["text"])
     assert verify_cache(out).ok
+
+
+# --- --max-chars ------------------------------------------------------------------------------
+
+LIMIT = 1000
+TEXTS = ["a short record.", "x" * 5000, "another short record.", "y " * 600, "and a third.", "z" * 1001]
+LONG_IDS = {"r1", "r3", "r5"}
+
+
+@pytest.fixture(scope="module")
+def long_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("long") / "data.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    return path
+
+
+def _capped(teacher_dir, data, out, **kw) -> TeacherConfig:
+    return make_config(teacher_dir, data, out, template=TextTemplate(text_field="text"), max_chars=LIMIT, **kw)
+
+
+@pytest.fixture(scope="module")
+def capped_cli(tmp_path_factory, teacher_dir, long_data):
+    """`logitcache teacher --max-chars 1000` over three short records and three long ones."""
+    out = tmp_path_factory.mktemp("capped") / "cache"
+    r = CliRunner().invoke(app, ["teacher", "--model", str(teacher_dir), "--data", str(long_data), "--out", str(out),
+                                 "--text-field", "text", "--top-k", "4", "--max-chars", str(LIMIT), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    return r, out
+
+
+def _skips_and_rows(cache: Path) -> tuple[dict, set]:
+    return load_manifest(cache).skipped, {row["id"] for row in open_cache(cache).iter_rows(columns=["id"])}
+
+
+def test_records_over_max_chars_are_skipped_and_the_others_written(capped_cli):
+    _, out = capped_cli
+    skipped, rows = _skips_and_rows(out)
+    assert skipped == {rid: TOO_LONG for rid in LONG_IDS}
+    assert rows == {"r0", "r2", "r4"}
+
+
+def test_the_manifest_records_the_limit_and_the_cache_is_complete(capped_cli):
+    m = load_manifest(capped_cli[1])
+    assert m.max_chars == LIMIT and m.status == "complete"
+
+
+def test_the_summary_and_inspect_count_them(capped_cli):
+    r, out = capped_cli
+    assert f"skipped 3 {TOO_LONG} (1,000 characters)" in r.output
+    shown = CliRunner().invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0 and f"3 (3 {TOO_LONG})" in shown.output
+
+
+def test_a_long_record_is_never_tokenized(tmp_path, teacher_dir, long_data, monkeypatch):
+    import logitcache.pipeline.teacher.run as run
+
+    seen: list[int] = []
+    encode = run.encode_prefix_with_offsets
+    monkeypatch.setattr(run, "encode_prefix_with_offsets", lambda tok, text, *a, **kw: seen.append(len(text)) or encode(tok, text, *a, **kw))
+
+    run_teacher(_capped(teacher_dir, long_data, tmp_path / "c"), progress=False)
+
+    assert len(seen) == 3 and max(seen) <= LIMIT
+
+
+def test_a_resumed_run_and_a_split_run_skip_what_one_run_skips(tmp_path, teacher_dir, long_data, capped_cli):
+    resumed = tmp_path / "resumed"
+    run_teacher(_capped(teacher_dir, long_data, resumed, limit=2), progress=False)
+    run_teacher(_capped(teacher_dir, long_data, resumed), progress=False)
+    parts = tmp_path / "parts"
+    for i in range(2):
+        run_teacher(_capped(teacher_dir, long_data, parts, num_workers=2, worker_index=i), progress=False)
+    merge_caches(tmp_path / "merged", [parts / part_name(i, 2) for i in range(2)])
+
+    one_run = _skips_and_rows(capped_cli[1])
+    assert _skips_and_rows(resumed) == one_run and _skips_and_rows(tmp_path / "merged") == one_run
+
+
+def test_the_default_limit_holds_only_where_no_context_length_bounds_the_work():
+    cfg = TeacherConfig(model="m", data="d", out="o")
+    assert cfg.effective_max_chars(max_length=None) == UNBOUNDED_MAX_CHARS
+    assert cfg.effective_max_chars(max_length=512) is None  # records are cut to 512 tokens instead
+    assert TeacherConfig(model="m", data="d", out="o", max_chars=50).effective_max_chars(512) == 50

@@ -388,6 +388,8 @@ def _flags_for(m: Manifest, keys: list[str]) -> list[str]:
         flags.append("--temperatures " + (",".join(f"{t:g}" for t in m.temperatures) or "none"))
     if "logit_stats" in keys:
         flags.append("--logit-stats" if m.logit_stats else "--no-logit-stats")
+    if "max_chars" in keys and m.max_chars is not None:
+        flags.append(f"--max-chars {m.max_chars}")
     return flags
 
 
