@@ -21,7 +21,12 @@ from conftest import make_config
 from typer.testing import CliRunner
 
 from logitcache.cli import app
-from logitcache.pipeline.offsets import PREFIX_MARGIN_TOKENS, encode_prefix_with_offsets, encode_with_offsets
+from logitcache.pipeline.offsets import (
+    PREFIX_MARGIN_TOKENS,
+    encode_prefix_with_offsets,
+    encode_suffix_with_offsets,
+    encode_with_offsets,
+)
 from logitcache.pipeline.records import TextTemplate
 from logitcache.pipeline.teacher.run import TOO_LONG, UNBOUNDED_MAX_CHARS, TeacherConfig, part_name, run_teacher
 from logitcache.storage import load_manifest, open_cache
@@ -68,6 +73,45 @@ def test_the_kept_tokens_are_the_whole_texts(tokenizers, name, max_tokens):
     assert (starts[:max_tokens] == whole_s[:max_tokens]).all() and (ends[:max_tokens] == whole_e[:max_tokens]).all()
 
 
+def _mixed_text(chars: int) -> str:
+    """Accents, CJK and emoji between the ASCII: characters that tokenize into several tokens."""
+    from logitcache.pipeline.tiny import generate_corpus
+
+    return ("\n".join(generate_corpus(chars // 40, 5)) + " 東京は日本の首都です。🎉👍🏽 naïve")[-chars:]
+
+
+@pytest.fixture(scope="module")
+def whole(tokenizers):
+    """(tokenizer name, text kind) -> (text, its whole tokenization): tokenized once per module."""
+    texts = {"stdlib": _stdlib_text(200_000), "mixed": _mixed_text(100_000)}
+    return {(name, kind): (text, encode_with_offsets(tok, text)) for name, tok in tokenizers.items()
+            for kind, text in texts.items()}
+
+
+@pytest.mark.parametrize("name", ["bpe", "unigram", "mistral"])
+@pytest.mark.parametrize("kind", ["stdlib", "mixed"])
+@pytest.mark.parametrize("max_tokens", [1, 7, 100, 1000])
+def test_the_kept_end_is_the_whole_texts(tokenizers, whole, name, kind, max_tokens):
+    """--truncate-prompts: the end of a prompt, tokenized alone, is the whole prompt cut from the left."""
+    if name not in tokenizers:
+        pytest.skip("the Mistral tokenizer needs mistral_common and sentencepiece")
+    text, (whole_ids, whole_s, whole_e) = whole[name, kind]
+
+    ids, starts, ends = encode_suffix_with_offsets(tokenizers[name], text, max_tokens)
+
+    assert ids == whole_ids[-max_tokens:]
+    assert (starts == whole_s[-max_tokens:]).all() and (ends == whole_e[-max_tokens:]).all()
+
+
+def test_the_end_of_a_short_text_is_cut_from_its_whole_tokenization(tokenizers):
+    tok = tokenizers["bpe"]
+    ids, starts, ends = encode_with_offsets(tok, "a short text")
+
+    got_ids, got_s, got_e = encode_suffix_with_offsets(tok, "a short text", 2)
+
+    assert got_ids == ids[-2:] and (got_s == starts[-2:]).all() and (got_e == ends[-2:]).all()
+
+
 def test_a_short_text_or_no_limit_is_tokenized_whole(tokenizers):
     tok = tokenizers["bpe"]
     for text, limit in [("a short text", 1000), (_stdlib_text(5000), None)]:
@@ -106,6 +150,80 @@ def test_a_huge_record_is_cut_at_max_length_within_4_gb(tmp_path, teacher_dir, m
     cut = rows[huge[:20]]
     assert cut["truncated"] and len(cut["input_ids"]) == 256 and huge.startswith(cut["text"])
     assert verify_cache(out).ok
+
+
+# --- --truncate-prompts -------------------------------------------------------------------------
+
+ROOM = 56  # --max-length 64 less --max-new-tokens 8: the prompt tokens that fit
+
+
+def _prompts_file(path: Path, prompts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
+    return path
+
+
+def test_a_prompt_cut_from_the_left_is_the_whole_prompts_end(tmp_path, teacher_dir):
+    from transformers import AutoTokenizer
+
+    from logitcache.pipeline.teacher.engine import GenerationConfig
+
+    prompts = [_stdlib_text(3000), _mixed_text(2000), "a short prompt:"]
+    cfg = make_config(teacher_dir, _prompts_file(tmp_path / "p.jsonl", prompts), tmp_path / "c", mode="generate",
+                      template=TextTemplate(prompt_field="prompt"), max_length=64, truncate_prompts=True,
+                      generation=GenerationConfig(max_new_tokens=8, temperature=0.0))
+
+    run_teacher(cfg, progress=False)
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    kept = sorted(row["text"][: row["prompt_chars"]] for row in open_cache(tmp_path / "c"))
+    expected = []
+    for prompt in prompts:  # tokenized whole, cut to ROOM - 1 tokens (the prompt's BOS is the last one)
+        ids, starts, _ = encode_with_offsets(tok, prompt)
+        expected.append(prompt[int(starts[len(ids) - ROOM + 1]):] if len(ids) > ROOM else prompt)
+    assert kept == sorted(expected)
+
+
+def test_cutting_a_long_prompt_tokenizes_only_its_ends(tmp_path, teacher_dir, monkeypatch):
+    """What the 4 GB test below checks by the process's fate, checked here by the texts tokenized."""
+    import logitcache.pipeline.offsets as offsets
+    import logitcache.pipeline.teacher.run as run
+    from logitcache.pipeline.teacher.engine import GenerationConfig
+
+    tokenized: list[int] = []
+    encode = offsets.encode_with_offsets
+
+    def spy(tok, text, **kw):
+        tokenized.append(len(text))
+        return encode(tok, text, **kw)
+
+    monkeypatch.setattr(offsets, "encode_with_offsets", spy)
+    monkeypatch.setattr(run, "encode_with_offsets", spy)
+    cfg = make_config(teacher_dir, _prompts_file(tmp_path / "p.jsonl", [_stdlib_text(2 << 20)]), tmp_path / "c",
+                      mode="generate", template=TextTemplate(prompt_field="prompt"), max_length=64,
+                      truncate_prompts=True, generation=GenerationConfig(max_new_tokens=8, temperature=0.0))
+
+    r = run_teacher(cfg, progress=False)
+
+    assert r.written == 1 and max(tokenized) < 50_000  # of 2 MiB
+
+
+# A teacher process starts in about 10 s here: the default suite keeps the in-process check above.
+@pytest.mark.slow
+@pytest.mark.parametrize("megabytes", [10, 100])
+def test_a_huge_prompt_is_cut_from_the_left_within_4_gb(tmp_path, teacher_dir, megabytes):
+    chunk = _stdlib_text(1 << 20)
+    huge = (chunk * (megabytes + 1))[-(megabytes << 20):]
+    data = _prompts_file(tmp_path / "p.jsonl", ["a small prompt:", huge])
+    out = tmp_path / "cache"
+
+    r = _cli_limited(["teacher", "--model", str(teacher_dir), "--data", str(data), "--out", str(out), "--mode", "generate",
+                      "--prompt-field", "prompt", "--top-k", "4", "--max-length", "64", "--max-new-tokens", "8",
+                      "--temperature", "0", "--truncate-prompts", "--no-progress"],
+                     memory_bytes=4 << 30, timeout=600)
+
+    assert r.returncode == 0, r.stderr[-2000:]
+    (cut,) = [row for row in open_cache(out) if row["truncated"] and row["prompt_chars"] > 20]
+    assert huge.endswith(cut["text"][: cut["prompt_chars"]])
 
 
 # --- --max-chars ------------------------------------------------------------------------------

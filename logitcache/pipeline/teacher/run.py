@@ -17,7 +17,7 @@ import numpy as np
 
 import logitcache
 from logitcache.errors import LogitCacheError
-from logitcache.pipeline.offsets import encode_prefix_with_offsets, encode_with_offsets
+from logitcache.pipeline.offsets import encode_prefix_with_offsets, encode_suffix_with_offsets, encode_with_offsets
 from logitcache.pipeline.records import (
     TextTemplate,
     add_special_tokens_for,
@@ -368,9 +368,8 @@ def _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, m
         if reason:
             yield _Skip(rid, reason)
             continue
-        # --truncate-prompts keeps a prompt's end, which needs all of its tokens.
-        keep = None if generate and cfg.truncate_prompts else max_length
-        ids, starts, ends = encode_prefix_with_offsets(tok, text, keep, add_special_tokens=add_special)
+        # A prompt's first tokens tell whether it fits; --truncate-prompts then tokenizes its end alone.
+        ids, starts, ends = encode_prefix_with_offsets(tok, text, max_length, add_special_tokens=add_special)
         if not generate:  # a prompt gets its end after the teacher's response (_generate_window)
             ids, starts, ends = with_eos(ids, starts, ends, len(text), eos_id)
         yield _Pending(rid, text, prompt_chars, ids, starts, ends, truncated=False)
@@ -410,8 +409,9 @@ def _generate_window(engine, window: list, cfg: TeacherConfig, tok, add_special:
             if not cfg.truncate_prompts:
                 p = _Skip(p.rid, "prompt too long")
             else:  # keep the end of the prompt, where the question usually is
-                cut = int(p.starts[len(p.ids) - room + 1])
-                text = p.text[cut:]
+                # room - 1 of the whole prompt's tokens, and its BOS again when re-tokenized
+                tail = encode_suffix_with_offsets(tok, p.text, max(room - 1, 1), add_special_tokens=add_special)
+                text = p.text[int(tail[1][0]):]
                 ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=add_special)
                 p = _Pending(p.rid, text, len(text), ids[-room:] if len(ids) > room else ids, starts, ends, True)
         out.append(p)
