@@ -36,6 +36,11 @@ from logitcache.storage.writer import TOKENIZER_DIR
 # compresses to kilobytes). The check reads lengths only.
 TEXT_SLACK_CHARS = 1 << 16
 
+# An example id names a record (a hash of its text, or the dataset's own id): never this long.
+# A longer one is a hostile shard's, whose id column would be copied into memory several times
+# over (merge, verify); stage 1 refuses such an id in the data.
+MAX_ID_BYTES = 1 << 16
+
 # A log-probability may exceed 0 by rounding only: log(sum(exp)) >= the top-1 holds exactly,
 # but top1 - (top1 + lse') can come out a few ulps above 0 in float32.
 LOGPROB_TOL = 1e-5

@@ -310,6 +310,9 @@ def _check_values(d: dict[str, Any], where: str) -> None:
         raise _bad(where, "status", f"must be one of {', '.join(STATUSES)} (got {_short(d['status'])})")
     if d.get("max_length") is not None and d["max_length"] < 1:
         raise _bad(where, "max_length", f"must be positive or null (got {d['max_length']})")
+    records = d["dataset"].get("num_records")
+    if records is not None and not (_type_ok(records, (int,)) and records >= 0):
+        raise _bad(where, "dataset.num_records", f"must be a count of records (0 or more) or null (got {_short(records)})")
     if d.get("max_chars") is not None and d["max_chars"] < 1:
         raise _bad(where, "max_chars", f"must be positive or null (got {d['max_chars']})")
     worker = d.get("worker")
