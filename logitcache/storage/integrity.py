@@ -16,7 +16,9 @@ and only the top-1 needs checking (benchmarks/finite_checks.py measures the cost
 
 from __future__ import annotations
 
+import json
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +194,13 @@ def id_bound(root: Path, m: Manifest, trust_files: bool = True) -> int:
     comes from its hashed files (``tokenizer.json``), not from the manifest, which an attacker
     could raise (ids near 2**31 would make MultiLevelOT allocate batch x max id).
     """
-    size = tokenizer_json_size(root / TOKENIZER_DIR / "tokenizer.json") if trust_files else None
+    return id_bound_for(m, tokenizer_json_size(root / TOKENIZER_DIR / "tokenizer.json") if trust_files else None)
+
+
+def id_bound_for(m: Manifest, tokenizer_size: int | None) -> int:
+    """:func:`id_bound` given the size of the cache's hashed tokenizer (None: its files are not
+    sound, or define none; the manifest's ``tokenizer.vocab_size`` then stands in)."""
+    size = tokenizer_size
     if size is None:
         size = int(m.tokenizer.get("vocab_size") or 0)
     width = m.teacher.get("vocab_size") if isinstance(m.teacher, dict) else None
@@ -214,6 +222,59 @@ def tokenizer_json_size(path: Path) -> int | None:
         return max(int(i) for i in ids) + 1 if ids else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
+
+
+@dataclass(frozen=True)
+class TokenizerCheck:
+    """A cache's tokenizer files as read once: what is wrong with them against the manifest (the
+    words of verify's ``tokenizer_problems``; none: sound), and the size of the vocabulary their
+    ``tokenizer.json`` defines (:func:`tokenizer_json_size`; None unless they are sound)."""
+
+    problems: tuple[str, ...]
+    size: int | None
+
+
+# (resolved cache, the manifest's file hashes, the stat of every tokenizer file) -> its check. The
+# training run builds up to three datasets (train, eval, the alignment check) and a featurizer
+# over one cache, each of which needs the files hashed and tokenizer.json parsed: once per process
+# serves them all. A file rewritten, replaced or added has another stat, so it is read again.
+_TOKENIZER_CHECKS: dict[tuple, TokenizerCheck] = {}
+_MAX_TOKENIZER_CHECKS = 64
+
+
+def tokenizer_check(root: Path, m: Manifest) -> TokenizerCheck:
+    """The cache's tokenizer files hashed against ``m`` and their vocabulary read, once per process
+    while no file changes (``verify`` hashes every time: it calls ``tokenizer_problems`` itself)."""
+    from logitcache.storage.verify import tokenizer_problems  # verify builds on this module
+
+    root = Path(root)
+    key = (str(root.resolve()), json.dumps(m.tokenizer.get("files"), sort_keys=True), _tree_stat(root / TOKENIZER_DIR))
+    check = _TOKENIZER_CHECKS.get(key)
+    if check is None:
+        problems = tuple(tokenizer_problems(root, m))
+        size = None if problems else tokenizer_json_size(root / TOKENIZER_DIR / "tokenizer.json")
+        if len(_TOKENIZER_CHECKS) >= _MAX_TOKENIZER_CHECKS:
+            _TOKENIZER_CHECKS.clear()
+        check = _TOKENIZER_CHECKS[key] = TokenizerCheck(problems, size)
+    return check
+
+
+def _tree_stat(directory: Path) -> tuple:
+    """(path, size, mtime_ns, inode, mode) of a directory and everything below it, of each link
+    and of what it points to (None where there is nothing): what tells a file changed."""
+    try:
+        paths = [directory, *sorted(directory.rglob("*"))] if directory.is_dir() else [directory]
+    except OSError:
+        paths = [directory]
+    out = []
+    for p in paths:
+        for follow in (False, True):
+            try:
+                st = p.stat(follow_symlinks=follow)
+                out.append((str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode))
+            except OSError:
+                out.append((str(p), None))
+    return tuple(out)
 
 
 # Shards whose bytes this process has hashed and found equal to the manifest, keyed by
