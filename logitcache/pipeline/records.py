@@ -214,7 +214,7 @@ def check_records(ds, t: TextTemplate) -> None:
             too_long = pc.greater(pc.binary_length(column), MAX_ID_BYTES)
             if pc.any(too_long).as_py():
                 first = pc.index(too_long, True).as_py()
-                raise LogitCacheError(_id_too_long(name, first, len(str(column[first]).encode("utf-8", "surrogatepass"))))
+                raise LogitCacheError(_id_too_long(name, first, len(column[first].as_py().encode("utf-8", "surrogatepass"))))
         if column.null_count and not (text and nulls_are_empty(ds)):
             import pyarrow.compute as pc
 
