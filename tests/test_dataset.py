@@ -348,7 +348,8 @@ def test_shards_are_hashed_once_per_process_and_only_when_asked(cache_copy, monk
     hashed = []
     from logitcache.storage import integrity
 
-    monkeypatch.setattr(integrity, "sha256_file", lambda p: hashed.append(p) or _sha(p))
+    # (the cache's tokenizer files are hashed through the same function: not counted here)
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: (Path(p).suffix == ".parquet" and hashed.append(p)) or _sha(p))
     ds = LogitCacheDataset(cache_copy, verify_shards=verify)
 
     list(ds), list(ds)
@@ -369,11 +370,11 @@ def test_the_cache_tokenizer_is_read_once_for_the_datasets_and_the_featurizer(ca
     """Training builds up to three datasets over one cache (train, eval, the alignment check), and
     the featurizer loads the tokenizer's byte lengths: one hashing and one parse serve them all."""
     from logitcache.pipeline.student.dataset import aligned_fraction
-    from logitcache.storage import integrity, verify
+    from logitcache.storage import integrity
 
     hashed, parsed = [], []
-    problems, size = verify.tokenizer_problems, integrity.tokenizer_json_size
-    monkeypatch.setattr(verify, "tokenizer_problems", lambda *a: hashed.append(a) or problems(*a))
+    problems, size = integrity.tokenizer_problems, integrity.tokenizer_json_size
+    monkeypatch.setattr(integrity, "tokenizer_problems", lambda *a: hashed.append(a) or problems(*a))
     monkeypatch.setattr(integrity, "tokenizer_json_size", lambda *a: parsed.append(a) or size(*a))
 
     LogitCacheDataset(cache_copy, student_tokenizer)

@@ -1,9 +1,11 @@
-"""What a shard must be to be read: one set of checks for `verify` and the training reader.
+"""What a shard must be to be read: one set of checks for `verify`, merge and the training reader.
 
 The file (``shard_file_problem``: present, a regular file, its size, its sha256), its footer
 (``footer_problem``: readable, the rows the manifest says, the columns and k of the manifest's
 codec) and its values (``value_problems``, below). ``verify`` reports every problem it finds;
 the training reader refuses the first (or skips the shard / row group with --skip-bad-shards).
+The cache's tokenizer files (``tokenizer_problems``: each one's sha256, none unlisted or linked
+from outside; ``tokenizer_check``: the same, read once per process while the files are unchanged).
 
 Values: a damaged or hostile cache (or a teacher that overflowed in float16) can hold NaN, inf or
 positive log-probabilities, or a top-k that is not sorted. ``verify`` reports them; the
@@ -25,9 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from logitcache.errors import LogitCacheError
 from logitcache.storage.codec import CODEC_NAME, META_CODEC
 from logitcache.storage.fsutil import sha256_file
-from logitcache.storage.manifest import Manifest
+from logitcache.storage.manifest import Manifest, resolve_inside
 from logitcache.storage.rows import flat_list_column
 from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN
 from logitcache.storage.writer import TOKENIZER_DIR
@@ -224,10 +227,48 @@ def tokenizer_json_size(path: Path) -> int | None:
         return None
 
 
+def inside_or_noted(root: Path, rel: str, problems: list[str]) -> Path | None:
+    """``root / rel`` if it stays inside the cache, else None with the problem noted."""
+    try:
+        return resolve_inside(root, rel)
+    except LogitCacheError:
+        problems.append(f"{rel}: leads outside the cache directory (a symlink or an escaping path); refused")
+        return None
+
+
+def tokenizer_problems(root: Path, m: Manifest) -> list[str]:
+    """What is wrong with the cache's tokenizer/ files against the manifest's sha256 of each:
+    missing, altered, unlisted (an extra file can change how the tokenizer loads), or linked
+    from outside the cache. Empty when the cache has no tokenizer and records none."""
+    files = m.tokenizer.get("files") or {}
+    tok_dir = root / TOKENIZER_DIR
+    if not tok_dir.exists() and not tok_dir.is_symlink():
+        return [f"{TOKENIZER_DIR}/: missing"] if files else []
+    problems: list[str] = []
+    if inside_or_noted(root, f"{TOKENIZER_DIR}/", problems) is None:
+        return problems
+    if not files:
+        return [f"{TOKENIZER_DIR}/: the manifest records no sha256 for these files, so they cannot be checked"]
+    for name, digest in files.items():
+        rel = f"{TOKENIZER_DIR}/{name}"
+        path = inside_or_noted(root, rel, problems)
+        if path is None:
+            continue
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    for p in sorted(tok_dir.rglob("*")):
+        name = p.relative_to(tok_dir).as_posix()
+        if name not in files and (p.is_file() or p.is_symlink()):
+            problems.append(f"{TOKENIZER_DIR}/{name}: not listed in the manifest (unknown file)")
+    return problems
+
+
 @dataclass(frozen=True)
 class TokenizerCheck:
     """A cache's tokenizer files as read once: what is wrong with them against the manifest (the
-    words of verify's ``tokenizer_problems``; none: sound), and the size of the vocabulary their
+    words of :func:`tokenizer_problems`; none: sound), and the size of the vocabulary their
     ``tokenizer.json`` defines (:func:`tokenizer_json_size`; None unless they are sound)."""
 
     problems: tuple[str, ...]
@@ -244,9 +285,7 @@ _MAX_TOKENIZER_CHECKS = 64
 
 def tokenizer_check(root: Path, m: Manifest) -> TokenizerCheck:
     """The cache's tokenizer files hashed against ``m`` and their vocabulary read, once per process
-    while no file changes (``verify`` hashes every time: it calls ``tokenizer_problems`` itself)."""
-    from logitcache.storage.verify import tokenizer_problems  # verify builds on this module
-
+    while no file changes (``verify`` and merge hash every time: they call ``tokenizer_problems``)."""
     root = Path(root)
     key = (str(root.resolve()), json.dumps(m.tokenizer.get("files"), sort_keys=True), _tree_stat(root / TOKENIZER_DIR))
     check = _TOKENIZER_CHECKS.get(key)

@@ -37,11 +37,10 @@ from logitcache.errors import LogitCacheError
 from logitcache.storage.card import render_card
 from logitcache.storage.decode import shard_id_table
 from logitcache.storage.fsutil import atomic_write_bytes, copy_files, crash_point, fsync_dir, publish
-from logitcache.storage.integrity import MAX_ID_BYTES, footer_problem, shard_file_problem
+from logitcache.storage.integrity import MAX_ID_BYTES, footer_problem, shard_file_problem, tokenizer_problems
 from logitcache.storage.lock import LOCK_NAME, CacheLock
 from logitcache.storage.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, resolve_inside
 from logitcache.storage.marker import clear_marked, write_marker
-from logitcache.storage.verify import tokenizer_problems
 from logitcache.storage.writer import CARD_NAME, DATA_DIR, TMP_PREFIX, TOKENIZER_DIR, layout_names
 
 PART_GLOB = "part-*"
@@ -331,7 +330,8 @@ def _shard_ids(part: _Part, info: ShardInfo) -> list[str]:
         raise _damaged(part, f"{info.path}: {problem}")
     try:
         f = pq.ParquetFile(path)
-        shard_id_table(f)  # None for v1; a zlib bomb is refused at codec.MAX_ID_TABLE_BYTES
+        if part.manifest.codec == "compact":  # decoded as readers decode it: a zlib bomb stops at its bound
+            shard_id_table(f)
         ids = f.read(columns=["id"]).column("id")
     except (pa.ArrowException, OSError, ValueError) as e:
         raise _damaged(part, f"{info.path} is unreadable: {_clip(' '.join(str(e).split()), 300)}") from e
