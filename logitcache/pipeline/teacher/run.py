@@ -41,9 +41,8 @@ _SORT_WINDOW_BATCHES = 16
 # a model without a known context, such as a state-space model): tokenizing a million characters
 # with offsets peaks at 0.1-0.5 GB (Mistral's 32k vocabulary, a 512-token BPE), ten million at
 # 1-3.5 GB, enough to kill a small job, so the default stays at a million (about 250k tokens of
-# prose). With a context length a record costs only what
-# its kept tokens cost, so records are cut to it instead, and none is skipped unless --max-chars
-# is given.
+# prose). With a context length a record costs only what its kept tokens cost, so records are
+# cut to it instead, and none is skipped unless --max-chars is given.
 UNBOUNDED_MAX_CHARS = 1_000_000
 TOO_LONG = "text over --max-chars"  # the skip reason, in the manifest and the summary
 
@@ -410,8 +409,8 @@ def _generate_window(engine, window: list, cfg: TeacherConfig, tok, add_special:
                 p = _Skip(p.rid, "prompt too long")
             else:  # keep the end of the prompt, where the question usually is
                 # room - 1 of the whole prompt's tokens, and its BOS again when re-tokenized
-                tail = encode_suffix_with_offsets(tok, p.text, max(room - 1, 1), add_special_tokens=add_special)
-                text = p.text[int(tail[1][0]):]
+                _, tail_starts, _ = encode_suffix_with_offsets(tok, p.text, max(room - 1, 1), add_special_tokens=add_special)
+                text = p.text[int(tail_starts[0]):]
                 ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=add_special)
                 p = _Pending(p.rid, text, len(text), ids[-room:] if len(ids) > room else ids, starts, ends, True)
         out.append(p)
