@@ -254,8 +254,10 @@ def tokenizer_problems(root: Path, m: Manifest) -> list[str]:
         path = inside_or_noted(root, rel, problems)
         if path is None:
             continue
-        if not path.is_file():
+        if not path.exists():
             problems.append(f"{rel}: missing")
+        elif not path.is_file():
+            problems.append(f"{rel}: not a regular file (a FIFO, device or directory)")
         elif sha256_file(path) != digest:
             problems.append(f"{rel}: sha256 differs from the manifest")
     for p in sorted(tok_dir.rglob("*")):
