@@ -61,6 +61,7 @@ def _bad_files(root: Path) -> Path:
     _write(root / "a-list.jsonl", '{"text": "fine"}\n[1, 2, 3]\n')
     _write(root / "missing-text.jsonl", '{"text": "one"}\n{"body": "two"}\n{"text": "three"}\n')
     _write(root / "number-text.jsonl", '{"text": 5}\n{"text": 6}\n')
+    _write(root / "long-id.jsonl", '{"id": "short", "text": "one"}\n{"id": "' + "x" * 70_000 + '", "text": "two"}\n')
     _write(root / "latin1.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     _write(root / "latin1.txt", b"a good line\nna\xefve line\n")
     _write(root / "latin1.csv", b"text\ngood\nbad \xff\n")
@@ -154,6 +155,7 @@ CASES = [
     pytest.param(lambda i, o: text_teacher(i, o / "c", i.bad / "not-json.jsonl"), ["line 2", "not valid JSON"], id="teacher-data-invalid-json-line"),
     pytest.param(lambda i, o: text_teacher(i, o / "c", i.bad / "a-list.jsonl"), ["line 2", "JSON list", "object"], id="teacher-data-json-line-not-object"),
     pytest.param(lambda i, o: text_teacher(i, o / "c", i.bad / "missing-text.jsonl"), ["record 2", "'text'", "missing"], id="teacher-data-line-missing-text"),
+    pytest.param(lambda i, o: text_teacher(i, o / "c", i.bad / "long-id.jsonl"), ["record 2", "--id-field 'id'", "70,000 bytes"], id="teacher-data-id-too-long"),
     pytest.param(lambda i, o: text_teacher(i, o / "c", i.bad / "number-text.jsonl"), ["'text'", "int64", "expected text"], id="teacher-data-text-is-a-number"),
     pytest.param(lambda i, o: text_teacher(i, o / "c", i.bad / "latin1.jsonl"), ["latin1.jsonl", "line 2", "UTF-8", "byte"], id="teacher-data-invalid-utf8-jsonl"),
     pytest.param(lambda i, o: text_teacher(i, o / "c", i.bad / "latin1.txt"), ["latin1.txt", "line 2", "UTF-8", "byte"], id="teacher-data-invalid-utf8-txt"),
@@ -175,6 +177,8 @@ CASES = [
     pytest.param(lambda i, o: teacher(i, o / "c", "--batch-size", 0), ["--batch-size", "positive"], id="teacher-batch-size-zero"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--max-length", -1), ["--max-length", "at least 2"], id="teacher-max-length-negative"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--limit", -1), ["--limit", "0 or more"], id="teacher-limit-negative"),
+    pytest.param(lambda i, o: teacher(i, o / "c", "--max-chars", 0), ["--max-chars", "positive"], id="teacher-max-chars-zero"),
+    pytest.param(lambda i, o: teacher(i, o / "c", "--max-chars", -5), ["--max-chars", "positive"], id="teacher-max-chars-negative"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--shard-size-mb", 0), ["--shard-size-mb", "positive"], id="teacher-shard-size-zero"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--shard-size-mb", "inf"), ["--shard-size-mb", "positive"], id="teacher-shard-size-infinite"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--num-workers", 0), ["--num-workers", "at least 1"], id="teacher-num-workers-zero"),

@@ -348,7 +348,8 @@ def test_shards_are_hashed_once_per_process_and_only_when_asked(cache_copy, monk
     hashed = []
     from logitcache.storage import integrity
 
-    monkeypatch.setattr(integrity, "sha256_file", lambda p: hashed.append(p) or _sha(p))
+    # (the cache's tokenizer files are hashed through the same function: not counted here)
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: (Path(p).suffix == ".parquet" and hashed.append(p)) or _sha(p))
     ds = LogitCacheDataset(cache_copy, verify_shards=verify)
 
     list(ds), list(ds)
@@ -360,3 +361,37 @@ def _sha(path):
     from logitcache.storage.fsutil import sha256_file
 
     return sha256_file(path)
+
+
+# --- the cache's tokenizer: read once per process, again when a file changes ----------------------
+
+
+def test_the_cache_tokenizer_is_read_once_for_the_datasets_and_the_featurizer(cache_copy, student_tokenizer, monkeypatch):
+    """Training builds up to three datasets over one cache (train, eval, the alignment check), and
+    the featurizer loads the tokenizer's byte lengths: one hashing and one parse serve them all."""
+    from logitcache.pipeline.student.dataset import aligned_fraction
+    from logitcache.storage import integrity
+
+    hashed, parsed = [], []
+    problems, size = integrity.tokenizer_problems, integrity.tokenizer_json_size
+    monkeypatch.setattr(integrity, "tokenizer_problems", lambda *a: hashed.append(a) or problems(*a))
+    monkeypatch.setattr(integrity, "tokenizer_json_size", lambda *a: parsed.append(a) or size(*a))
+
+    LogitCacheDataset(cache_copy, student_tokenizer)
+    LogitCacheDataset(cache_copy, student_tokenizer)
+    aligned_fraction(cache_copy, student_tokenizer)
+
+    assert len(hashed) == 1 and len(parsed) == 1
+
+
+def test_a_tokenizer_file_changed_between_reads_is_caught(cache_copy, student_tokenizer):
+    LogitCacheDataset(cache_copy, student_tokenizer)
+    tok = cache_copy / "tokenizer" / "tokenizer.json"
+    data = tok.read_bytes()
+
+    tok.write_bytes(data.replace(b'"type"', b'"TYPE"', 1))  # the same size: only its mtime tells
+
+    assert tok.stat().st_size == len(data)
+
+    with pytest.raises(LogitCacheError, match="tokenizer/tokenizer.json: sha256 differs"):
+        LogitCacheDataset(cache_copy, student_tokenizer)

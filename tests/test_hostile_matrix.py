@@ -10,66 +10,24 @@ runs for every case; ``train`` for a few by default and for all with ``-m slow``
 from __future__ import annotations
 
 import base64
-import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-
-from logitcache.storage.fsutil import sha256_file
+from hostile import assert_bounded, edit_manifest, error_lines, rewrite_shard, run_cli, with_metadata, zlib_bomb
 
 SHARD = "data/shard-00001.parquet"
-LIMIT_S = 30
-LIMIT_RSS_KB = 1 << 20  # 1 GiB
-# The console script in a child that reports its peak RSS on the way out: VmHWM, the high-water
-# mark of its own memory map (getrusage's ru_maxrss would include the forking test process's).
-_RUN = ("import atexit, runpy, sys; "
-        "atexit.register(lambda: print('MAXRSS_KB', next(l.split()[1] for l in open('/proc/self/status') "
-        "if l.startswith('VmHWM:')), file=sys.stderr)); "
-        "sys.argv = ['logitcache', *sys.argv[1:]]; runpy.run_module('logitcache', run_name='__main__')")
-
-
-def _cli(*args) -> tuple[subprocess.CompletedProcess, float, int]:
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", _RUN, *map(str, args)], capture_output=True, text=True,
-                       timeout=120, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    seconds = time.perf_counter() - t0
-    rss = [int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("MAXRSS_KB ")]
-    return r, seconds, rss[-1] if rss else 0
 
 
 # --- the damage ---------------------------------------------------------------------------------
 
 
-def _manifest(cache: Path, edit) -> None:
-    path = cache / "manifest.json"
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
-
-
-def _rehash(cache: Path, rel: str = SHARD) -> None:
-    path = cache / rel
-
-    def update(d):
-        (entry,) = [s for s in d["shards"] if s["path"] == rel]
-        entry.update(bytes=path.stat().st_size, sha256=sha256_file(path))
-
-    _manifest(cache, update)
-
-
 def _rewrite(cache: Path, change) -> None:
-    path = cache / SHARD
-    pq.write_table(change(pq.read_table(path)), path)
-    _rehash(cache)
+    rewrite_shard(cache, SHARD, change)
 
 
 def _set_list_values(table: pa.Table, name: str, fill) -> pa.Table:
@@ -88,7 +46,7 @@ def _set_list_values(table: pa.Table, name: str, fill) -> pa.Table:
 def fifo(cache: Path) -> None:
     (cache / SHARD).unlink()
     os.mkfifo(cache / SHARD)
-    _manifest(cache, lambda d: d["shards"][1].update(bytes=0))
+    edit_manifest(cache, lambda d: d["shards"][1].update(bytes=0))
 
 
 def huge_text(cache: Path) -> None:
@@ -102,7 +60,7 @@ def huge_text(cache: Path) -> None:
 
 def ids_near_2_31(cache: Path) -> None:
     _rewrite(cache, lambda t: _set_list_values(t, "topk_ids", lambda v: np.full_like(v, 2**31 - 10)))
-    _manifest(cache, lambda d: (d["tokenizer"].update(vocab_size=2**31 - 1), d["teacher"].update(vocab_size=2**31 - 1)))
+    edit_manifest(cache, lambda d: (d["tokenizer"].update(vocab_size=2**31 - 1), d["teacher"].update(vocab_size=2**31 - 1)))
 
 
 def negative_ids(cache: Path) -> None:
@@ -144,26 +102,24 @@ def nested_manifest(cache: Path) -> None:
 
 
 def huge_k(cache: Path) -> None:
-    _manifest(cache, lambda d: d.update(k=10**12))
+    edit_manifest(cache, lambda d: d.update(k=10**12))
 
 
 def template_of_the_wrong_type(cache: Path) -> None:
-    _manifest(cache, lambda d: d["template"].update(text_field=[1], kind={"a": 1}))
+    edit_manifest(cache, lambda d: d["template"].update(text_field=[1], kind={"a": 1}))
 
 
 def zlib_bomb_id_table(cache: Path) -> None:
     from logitcache.storage.codec import META_IDS
 
-    deflate, zeros = zlib.compressobj(9), bytes(1 << 20)
-    bomb = base64.b64encode(b"".join(deflate.compress(zeros) for _ in range(1024)) + deflate.flush())  # 1 GiB inflated
-    _rewrite(cache, lambda t: t.replace_schema_metadata({**t.schema.metadata, META_IDS: bomb}))
+    _rewrite(cache, lambda t: with_metadata(t, {META_IDS: zlib_bomb(1024)}))  # 1 GiB inflated
 
 
 def compact_ranks_out_of_range(cache: Path) -> None:
     from logitcache.storage.codec import META_IDS
 
     one_id = base64.b64encode(zlib.compress(np.array([3], "<i4").tobytes()))  # every other rank points past it
-    _rewrite(cache, lambda t: t.replace_schema_metadata({**t.schema.metadata, META_IDS: one_id}))
+    _rewrite(cache, lambda t: with_metadata(t, {META_IDS: one_id}))
 
 
 V1 = [fifo, huge_text, ids_near_2_31, negative_ids, nan_logprobs, null_in_a_list, invalid_utf8_text, symlink_loop,
@@ -196,20 +152,14 @@ def _cases():
         yield pytest.param(damage, codec, id=damage.__name__)
 
 
-def _bounded(r: subprocess.CompletedProcess, seconds: float, rss_kb: int) -> None:
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert seconds < LIMIT_S, f"{seconds:.1f} s"
-    assert 0 < rss_kb < LIMIT_RSS_KB, f"peak RSS {rss_kb / 1024:.0f} MiB"
-
-
 @pytest.mark.parametrize("damage, codec", list(_cases()))
 def test_verify_fails_within_bounds(tmp_path, built_cache, compact_cache, damage, codec):
     cache = _hostile(tmp_path, compact_cache if codec == "compact" else built_cache, damage)
 
-    r, seconds, rss = _cli("verify", cache)
+    r, seconds, rss = run_cli("verify", cache)
 
     assert r.returncode != 0, r.stdout
-    _bounded(r, seconds, rss)
+    assert_bounded(r, seconds, rss)
 
 
 def _train_cases():
@@ -223,11 +173,10 @@ def _train_cases():
 def test_train_refuses_in_one_line_within_bounds(tmp_path, built_cache, compact_cache, student, damage, codec):
     cache = _hostile(tmp_path, compact_cache if codec == "compact" else built_cache, damage)
 
-    r, seconds, rss = _cli("train", "--student", student, "--cache", cache, "--out", tmp_path / "run", "--loss", "kl",
+    r, seconds, rss = run_cli("train", "--student", student, "--cache", cache, "--out", tmp_path / "run", "--loss", "kl",
                            "--max-steps", "2", "--batch-size", "4", "--no-progress")
 
     assert r.returncode != 0, r.stderr[-2000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, r.stderr[-3000:]
-    _bounded(r, seconds, rss)
+    assert len(error_lines(r)) == 1, r.stderr[-3000:]
+    assert_bounded(r, seconds, rss)
     assert not (tmp_path / "run" / "model.safetensors").exists()

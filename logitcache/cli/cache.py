@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -43,7 +44,7 @@ def inspect(
         ("tokens", f"{m.num_tokens:,}"),
         ("bytes", f"{m.num_bytes:,} in {len(m.shards)} shards"),
         ("bytes/token", f"{bpt:.1f}"),
-        ("skipped", f"{len(m.skipped)}"),
+        ("skipped", _skipped(m.skipped)),
         ("truncated", f"{m.num_truncated} (max_length {m.max_length})"),
         ("template", ", ".join(f"{k}={v!r}" for k, v in m.template.items() if k != "chat_template_sha256")),
         ("created", m.created_at),
@@ -54,6 +55,14 @@ def inspect(
         return
     row = c[example] if example is not None else next(iter(c))
     _show_example(console, c, row, tokens, alternatives)
+
+
+def _skipped(skipped: dict[str, str]) -> str:
+    """'3 (2 empty text, 1 text over --max-chars)': the count, and the count per reason."""
+    if not skipped:
+        return "0"
+    by_reason = Counter(skipped.values())
+    return f"{len(skipped)} (" + ", ".join(f"{n} {why}" for why, n in by_reason.most_common()) + ")"
 
 
 def _show_example(console: Console, c, row: dict, n_show: int, n_alt: int) -> None:

@@ -29,6 +29,7 @@ def teacher(
     split: str = typer.Option("train", "--split", help="Dataset split (hub datasets and directories)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", help="Sequences per forward pass."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Longer examples are truncated to this many tokens (text cut to match) and flagged `truncated`. Default: the model's context length."),
+    max_chars: Optional[int] = typer.Option(None, "--max-chars", help="Skip (and count in the manifest) records whose text, prompt and response as rendered, is longer than N characters, before any tokenizing. Default: no limit while a context length (--max-length or the model's) bounds the work per record, which then cuts huge records instead; 1,000,000 where none does (tokenizing ten million characters can take gigabytes), so that no one record can exhaust memory."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Process only the first N records (a rerun with a larger N continues)."),
@@ -64,7 +65,7 @@ def teacher(
     quiet_libraries()
     from logitcache.pipeline.records import TextTemplate
     from logitcache.pipeline.teacher.engine import GenerationConfig
-    from logitcache.pipeline.teacher.run import TeacherConfig, run_teacher
+    from logitcache.pipeline.teacher.run import TOO_LONG, TeacherConfig, run_teacher
 
     cfg = TeacherConfig(
         model=model, data=data, out=str(out), top_k=top_k, engine=engine, mode=mode,
@@ -72,7 +73,7 @@ def teacher(
             text_field=text_field, prompt_field=prompt_field, response_field=response_field,
             messages_field=messages_field, separator=separator, id_field=id_field,
         ),
-        split=split, batch_size=batch_size, max_length=max_length, dtype=dtype, device=device,
+        split=split, batch_size=batch_size, max_length=max_length, max_chars=max_chars, dtype=dtype, device=device,
         limit=limit, revision=revision, trust_remote_code=trust_remote_code,
         shard_bytes=max(1, int(shard_size_mb * 2**20)), codec=codec,
         generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
@@ -87,7 +88,8 @@ def teacher(
     if r.already_done:
         parts.append(f"{r.already_done} already in the cache")
     if r.skipped:
-        parts.append("skipped " + ", ".join(f"{n} {why}" for why, n in r.skipped.items()))
+        parts.append("skipped " + ", ".join(f"{n} {why}" + (f" ({m.max_chars:,} characters)" if why == TOO_LONG else "")
+                                            for why, n in r.skipped.items()))
     if r.truncated - r.unfinished:
         parts.append(f"{r.truncated - r.unfinished} truncated to {m.max_length} tokens")
     if r.unfinished:

@@ -122,6 +122,31 @@ def encode_prefix_with_offsets(
     return encode_with_offsets(tokenizer, text, add_special_tokens=add_special_tokens)
 
 
+def encode_suffix_with_offsets(
+    tokenizer, text: str, max_tokens: int, *, add_special_tokens: bool = True,
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The last ``max_tokens`` tokens of ``encode_with_offsets(text)``, spans in ``text``'s characters.
+
+    Why: a prompt cut from the left (``--truncate-prompts``) keeps its end, and tokenizing a
+    100 MB prompt whole takes gigabytes. As :func:`encode_prefix_with_offsets` grows prefixes,
+    this tokenizes ends of growing length (x4) until one holds more than
+    ``max_tokens + PREFIX_MARGIN_TOKENS`` tokens, or the whole text is: the tokens near the cut
+    (and an added BOS) may differ from the whole text's, the margin keeps them out of the tail.
+    A token may span many characters, hence tokens are counted, never guessed from characters.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive (got {max_tokens})")
+    chars = 8 * (max_tokens + PREFIX_MARGIN_TOKENS)
+    while chars < len(text):
+        cut = len(text) - chars
+        ids, starts, ends = encode_with_offsets(tokenizer, text[cut:], add_special_tokens=add_special_tokens)
+        if len(ids) > max_tokens + PREFIX_MARGIN_TOKENS:
+            return ids[-max_tokens:], (starts[-max_tokens:] + cut).astype(np.int32), (ends[-max_tokens:] + cut).astype(np.int32)
+        chars *= 4
+    ids, starts, ends = encode_with_offsets(tokenizer, text, add_special_tokens=add_special_tokens)
+    return ids[-max_tokens:], starts[-max_tokens:], ends[-max_tokens:]
+
+
 # --- bytes -------------------------------------------------------------------------------------
 #
 # Character spans cannot tell the pieces of a split character apart: every later piece has an

@@ -13,6 +13,7 @@ from itertools import islice
 from typing import Any, Iterator
 
 from logitcache.errors import LogitCacheError
+from logitcache.storage.integrity import MAX_ID_BYTES
 
 # File extensions `datasets` reads with a packaged builder.
 _BUILDERS = {
@@ -207,6 +208,13 @@ def check_records(ds, t: TextTemplate) -> None:
             raise LogitCacheError(
                 f"{opt} {name!r} holds {column.type} values, expected text; name a field of strings."
             )
+        if name == t.id_field and _is_text_type(column.type):
+            import pyarrow.compute as pc
+
+            too_long = pc.greater(pc.binary_length(column), MAX_ID_BYTES)
+            if pc.any(too_long).as_py():
+                first = pc.index(too_long, True).as_py()
+                raise LogitCacheError(_id_too_long(name, first, len(column[first].as_py().encode("utf-8", "surrogatepass"))))
         if column.null_count and not (text and nulls_are_empty(ds)):
             import pyarrow.compute as pc
 
@@ -214,6 +222,11 @@ def check_records(ds, t: TextTemplate) -> None:
             raise LogitCacheError(
                 f"record {first + 1}: field {name!r} is missing (or null); give every record that field, or drop the record."
             )
+
+
+def _id_too_long(field: str, index: int, n_bytes: int) -> str:
+    return (f"record {index + 1}: --id-field {field!r} holds an id of {n_bytes:,} bytes, more than an id may have "
+            f"({MAX_ID_BYTES:,}); name a field of short ids, or none (each text's hash is then its id).")
 
 
 def nulls_are_empty(ds) -> bool:
@@ -399,6 +412,9 @@ def iter_examples(
             raise LogitCacheError(f"record {i + 1}: {e}") from e
         if t.id_field:
             rid = str(record[t.id_field])
+            # (a view of a dataset, which check_records cannot scan; a character is at most 4 bytes)
+            if len(rid) * 4 > MAX_ID_BYTES and len(rid.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+                raise LogitCacheError(_id_too_long(t.id_field, i, len(rid.encode("utf-8", "surrogatepass"))))
             if rid in seen:
                 raise LogitCacheError(
                     f"--id-field {t.id_field!r}: id {rid!r} appears twice (records {seen[rid]} and {i}); ids must be unique."

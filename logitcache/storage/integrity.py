@@ -1,9 +1,11 @@
-"""What a shard must be to be read: one set of checks for `verify` and the training reader.
+"""What a shard must be to be read: one set of checks for `verify`, merge and the training reader.
 
 The file (``shard_file_problem``: present, a regular file, its size, its sha256), its footer
 (``footer_problem``: readable, the rows the manifest says, the columns and k of the manifest's
 codec) and its values (``value_problems``, below). ``verify`` reports every problem it finds;
 the training reader refuses the first (or skips the shard / row group with --skip-bad-shards).
+The cache's tokenizer files (``tokenizer_problems``: each one's sha256, none unlisted or linked
+from outside; ``tokenizer_check``: the same, read once per process while the files are unchanged).
 
 Values: a damaged or hostile cache (or a teacher that overflowed in float16) can hold NaN, inf or
 positive log-probabilities, or a top-k that is not sorted. ``verify`` reports them; the
@@ -16,16 +18,19 @@ and only the top-1 needs checking (benchmarks/finite_checks.py measures the cost
 
 from __future__ import annotations
 
+import json
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from logitcache.errors import LogitCacheError
 from logitcache.storage.codec import CODEC_NAME, META_CODEC
 from logitcache.storage.fsutil import sha256_file
-from logitcache.storage.manifest import Manifest
+from logitcache.storage.manifest import Manifest, resolve_inside
 from logitcache.storage.rows import flat_list_column
 from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN, WORD_START_COLUMN
 from logitcache.storage.writer import TOKENIZER_DIR
@@ -35,6 +40,11 @@ from logitcache.storage.writer import TOKENIZER_DIR
 # hostile row whose text would be tokenized whole by the student featurizer (a 300 MB text
 # compresses to kilobytes). The check reads lengths only.
 TEXT_SLACK_CHARS = 1 << 16
+
+# An example id names a record (a hash of its text, or the dataset's own id): never this long.
+# A longer one is a hostile shard's, whose id column would be copied into memory several times
+# over (merge, verify); stage 1 refuses such an id in the data.
+MAX_ID_BYTES = 1 << 16
 
 # A log-probability may exceed 0 by rounding only: log(sum(exp)) >= the top-1 holds exactly,
 # but top1 - (top1 + lse') can come out a few ulps above 0 in float32.
@@ -190,7 +200,13 @@ def id_bound(root: Path, m: Manifest, trust_files: bool = True) -> int:
     comes from its hashed files (``tokenizer.json``), not from the manifest, which an attacker
     could raise (ids near 2**31 would make MultiLevelOT allocate batch x max id).
     """
-    size = tokenizer_json_size(root / TOKENIZER_DIR / "tokenizer.json") if trust_files else None
+    return id_bound_for(m, tokenizer_json_size(root / TOKENIZER_DIR / "tokenizer.json") if trust_files else None)
+
+
+def id_bound_for(m: Manifest, tokenizer_size: int | None) -> int:
+    """:func:`id_bound` given the size of the cache's hashed tokenizer (None: its files are not
+    sound, or define none; the manifest's ``tokenizer.vocab_size`` then stands in)."""
+    size = tokenizer_size
     if size is None:
         size = int(m.tokenizer.get("vocab_size") or 0)
     width = m.teacher.get("vocab_size") if isinstance(m.teacher, dict) else None
@@ -212,6 +228,97 @@ def tokenizer_json_size(path: Path) -> int | None:
         return max(int(i) for i in ids) + 1 if ids else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
+
+
+def inside_or_noted(root: Path, rel: str, problems: list[str]) -> Path | None:
+    """``root / rel`` if it stays inside the cache, else None with the problem noted."""
+    try:
+        return resolve_inside(root, rel)
+    except LogitCacheError:
+        problems.append(f"{rel}: leads outside the cache directory (a symlink or an escaping path); refused")
+        return None
+
+
+def tokenizer_problems(root: Path, m: Manifest) -> list[str]:
+    """What is wrong with the cache's tokenizer/ files against the manifest's sha256 of each:
+    missing, altered, unlisted (an extra file can change how the tokenizer loads), or linked
+    from outside the cache. Empty when the cache has no tokenizer and records none."""
+    files = m.tokenizer.get("files") or {}
+    tok_dir = root / TOKENIZER_DIR
+    if not tok_dir.exists() and not tok_dir.is_symlink():
+        return [f"{TOKENIZER_DIR}/: missing"] if files else []
+    problems: list[str] = []
+    if inside_or_noted(root, f"{TOKENIZER_DIR}/", problems) is None:
+        return problems
+    if not files:
+        return [f"{TOKENIZER_DIR}/: the manifest records no sha256 for these files, so they cannot be checked"]
+    for name, digest in files.items():
+        rel = f"{TOKENIZER_DIR}/{name}"
+        path = inside_or_noted(root, rel, problems)
+        if path is None:
+            continue
+        if not path.exists():
+            problems.append(f"{rel}: missing")
+        elif not path.is_file():
+            problems.append(f"{rel}: not a regular file (a FIFO, device or directory)")
+        elif sha256_file(path) != digest:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    for p in sorted(tok_dir.rglob("*")):
+        name = p.relative_to(tok_dir).as_posix()
+        if name not in files and (p.is_file() or p.is_symlink()):
+            problems.append(f"{TOKENIZER_DIR}/{name}: not listed in the manifest (unknown file)")
+    return problems
+
+
+@dataclass(frozen=True)
+class TokenizerCheck:
+    """A cache's tokenizer files as read once: what is wrong with them against the manifest (the
+    words of :func:`tokenizer_problems`; none: sound), and the size of the vocabulary their
+    ``tokenizer.json`` defines (:func:`tokenizer_json_size`; None unless they are sound)."""
+
+    problems: tuple[str, ...]
+    size: int | None
+
+
+# (resolved cache, the manifest's file hashes, the stat of every tokenizer file) -> its check. The
+# training run builds up to three datasets (train, eval, the alignment check) and a featurizer
+# over one cache, each of which needs the files hashed and tokenizer.json parsed: once per process
+# serves them all. A file rewritten, replaced or added has another stat, so it is read again.
+_TOKENIZER_CHECKS: dict[tuple, TokenizerCheck] = {}
+_MAX_TOKENIZER_CHECKS = 64
+
+
+def tokenizer_check(root: Path, m: Manifest) -> TokenizerCheck:
+    """The cache's tokenizer files hashed against ``m`` and their vocabulary read, once per process
+    while no file changes (``verify`` and merge hash every time: they call ``tokenizer_problems``)."""
+    root = Path(root)
+    key = (str(root.resolve()), json.dumps(m.tokenizer.get("files"), sort_keys=True), _tree_stat(root / TOKENIZER_DIR))
+    check = _TOKENIZER_CHECKS.get(key)
+    if check is None:
+        problems = tuple(tokenizer_problems(root, m))
+        size = None if problems else tokenizer_json_size(root / TOKENIZER_DIR / "tokenizer.json")
+        if len(_TOKENIZER_CHECKS) >= _MAX_TOKENIZER_CHECKS:
+            _TOKENIZER_CHECKS.clear()
+        check = _TOKENIZER_CHECKS[key] = TokenizerCheck(problems, size)
+    return check
+
+
+def _tree_stat(directory: Path) -> tuple:
+    """(path, size, mtime_ns, inode, mode) of a directory and everything below it, of each link
+    and of what it points to (None where there is nothing): what tells a file changed."""
+    try:
+        paths = [directory, *sorted(directory.rglob("*"))] if directory.is_dir() else [directory]
+    except OSError:
+        paths = [directory]
+    out = []
+    for p in paths:
+        for follow in (False, True):
+            try:
+                st = p.stat(follow_symlinks=follow)
+                out.append((str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode))
+            except OSError:
+                out.append((str(p), None))
+    return tuple(out)
 
 
 # Shards whose bytes this process has hashed and found equal to the manifest, keyed by

@@ -33,6 +33,7 @@ SETTINGS_KEYS = (
     "dataset",
     "template",
     "max_length",
+    "max_chars",
     "worker",
     "eos_id",
     "temperatures",
@@ -72,6 +73,9 @@ class Manifest:
     temperature: float = 1.0
     generation: dict[str, Any] | None = None
     max_length: int | None = None
+    # Records whose text was longer than this many characters were skipped before tokenizing
+    # (reason "text over --max-chars"); None: no limit (and every cache made before the limit existed).
+    max_chars: int | None = None
     # {"index": i, "count": n} for one worker's part of a cluster run (None: the whole dataset);
     # worker i takes the records whose index r has r % n == i.
     worker: dict[str, int] | None = None
@@ -209,6 +213,7 @@ MANIFEST_FIELD_TYPES: dict[str, tuple] = {
     "temperature": _NUMBER,
     "generation": (dict, None),
     "max_length": (int, None),
+    "max_chars": (int, None),
     "worker": (dict, None),
     "eos_id": (int, None),
     "temperatures": (list,),
@@ -309,6 +314,11 @@ def _check_values(d: dict[str, Any], where: str) -> None:
         raise _bad(where, "status", f"must be one of {', '.join(STATUSES)} (got {_short(d['status'])})")
     if d.get("max_length") is not None and d["max_length"] < 1:
         raise _bad(where, "max_length", f"must be positive or null (got {d['max_length']})")
+    records = d["dataset"].get("num_records")
+    if records is not None and not (_type_ok(records, (int,)) and records >= 0):
+        raise _bad(where, "dataset.num_records", f"must be a count of records (0 or more) or null (got {_short(records)})")
+    if d.get("max_chars") is not None and d["max_chars"] < 1:
+        raise _bad(where, "max_chars", f"must be positive or null (got {d['max_chars']})")
     worker = d.get("worker")
     if worker is not None:
         index, count = worker.get("index"), worker.get("count")

@@ -5,7 +5,8 @@
 Worker i of n (``logitcache teacher --num-workers n --worker-index i``) writes a complete
 cache of its own, holding the records whose dataset index r has r % n == i. Merging checks
 that the parts belong together (same settings, every worker once, every example once, every
-shard intact), then hard-links (or copies) their shards into ``out/data/`` without rewriting
+shard intact: a regular file of its size and sha256, with the footer verify and the training
+reader expect), then hard-links (or copies) their shards into ``out/data/`` without rewriting
 a byte of Parquet, and writes the merged manifest last: until it exists, ``out`` is not a
 cache, and a merge that fails midway removes what it made.
 
@@ -29,15 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from logitcache.errors import LogitCacheError
 from logitcache.storage.card import render_card
-from logitcache.storage.fsutil import atomic_write_bytes, copy_files, crash_point, fsync_dir, publish, sha256_file
+from logitcache.storage.decode import shard_id_table
+from logitcache.storage.fsutil import atomic_write_bytes, copy_files, crash_point, fsync_dir, publish
+from logitcache.storage.integrity import MAX_ID_BYTES, footer_problem, shard_file_problem, tokenizer_problems
 from logitcache.storage.lock import LOCK_NAME, CacheLock
 from logitcache.storage.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, resolve_inside
 from logitcache.storage.marker import clear_marked, write_marker
-from logitcache.storage.verify import tokenizer_problems
 from logitcache.storage.writer import CARD_NAME, DATA_DIR, TMP_PREFIX, TOKENIZER_DIR, layout_names
 
 PART_GLOB = "part-*"
@@ -109,7 +112,7 @@ def merge_caches(
         parts: one cache directory per worker, in any order (see ``expand_parts``).
         link: hard-link the shards (falls back to copying across filesystems); False copies.
         verify: check every shard's sha256 (and part 0's tokenizer files) against the parts'
-            manifests before linking anything. Sizes, row counts and ids are always checked.
+            manifests before linking anything. Sizes, footers, row counts and ids are always checked.
 
     Raises ``LogitCacheError`` naming the problem and the fix when the parts do not make one
     whole cache; ``out`` then holds no manifest. Holds the lock on ``out`` throughout: a second
@@ -256,14 +259,12 @@ def _damaged(part: _Part, what: str) -> LogitCacheError:
 
 
 def _check_files(parts: list[_Part]) -> None:
-    """Every listed shard is there with its listed size (cheap; ``verify`` also hashes them)."""
+    """Every listed shard is there, a regular file of its listed size (cheap; ``verify`` also hashes them)."""
     for part in parts:
         for info in part.manifest.shards:
-            path = resolve_inside(part.path, info.path)
-            size = path.stat().st_size if path.is_file() else None
-            if size != info.bytes:
-                what = "is missing" if size is None else f"has {size} bytes, the manifest says {info.bytes}"
-                raise _damaged(part, f"{info.path} {what}")
+            problem = shard_file_problem(resolve_inside(part.path, info.path), info.bytes, info.sha256, hash_bytes=False)
+            if problem is not None:
+                raise _damaged(part, f"{info.path}: {problem}")
 
 
 def _check_examples(parts: list[_Part], report: MergeReport) -> None:
@@ -273,11 +274,11 @@ def _check_examples(parts: list[_Part], report: MergeReport) -> None:
     def claim(rid: str, part: _Part) -> None:
         other = owner.get(rid)
         if other == part.path:
-            raise _damaged(part, f"example id {rid!r} is in it twice")
+            raise _damaged(part, f"example id {_short_id(rid)} is in it twice")
         if other is not None:
             raise LogitCacheError(
-                f"example id {rid!r} is in both {other} and {part.path}: the parts overlap, so they are not "
-                "one split of one dataset; merge the parts of one run (and give every record a unique id)."
+                f"example id {_short_id(rid)} is in both {other} and {part.path}: the parts overlap, so they are "
+                "not one split of one dataset; merge the parts of one run (and give every record a unique id)."
             )
         owner[rid] = part.path
 
@@ -285,12 +286,7 @@ def _check_examples(parts: list[_Part], report: MergeReport) -> None:
     for part in parts:
         n = 0
         for info in part.manifest.shards:
-            try:
-                ids = pq.read_table(resolve_inside(part.path, info.path), columns=["id"]).column("id").to_pylist()
-            except (pa.ArrowException, OSError) as e:
-                raise _damaged(part, f"{info.path} is unreadable: {' '.join(str(e).split())}") from e
-            if len(ids) != info.rows:
-                raise _damaged(part, f"{info.path} has {len(ids)} rows, the manifest says {info.rows}")
+            ids = _shard_ids(part, info)
             for rid in ids:
                 claim(rid, part)
             n += len(ids)
@@ -323,6 +319,36 @@ def _check_examples(parts: list[_Part], report: MergeReport) -> None:
         )
 
 
+def _shard_ids(part: _Part, info: ShardInfo) -> list[str]:
+    """The example ids of one of ``part``'s shards, read once its footer is what the part's manifest
+    says (the footer check of verify and the training reader, in the same words): the columns of
+    its codec and k, its rows; a compact shard's id table inflates within bounds. A shard merged
+    on looks (sizes, hashes and ids) alone could still be one that every reader refuses."""
+    path = resolve_inside(part.path, info.path)
+    problem = footer_problem(path, info.rows, part.manifest)[1]
+    if problem is not None:
+        raise _damaged(part, f"{info.path}: {problem}")
+    try:
+        f = pq.ParquetFile(path)
+        if part.manifest.codec == "compact":  # decoded as readers decode it: a zlib bomb stops at its bound
+            shard_id_table(f)
+        ids = f.read(columns=["id"]).column("id")
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise _damaged(part, f"{info.path} is unreadable: {_clip(' '.join(str(e).split()), 300)}") from e
+    longest = pc.max(pc.binary_length(ids)).as_py() or 0
+    if longest > MAX_ID_BYTES:  # checked on the Arrow column, before each id becomes a Python string
+        raise _damaged(part, f"{info.path} holds an example id of {longest:,} bytes, longer than any id ({MAX_ID_BYTES:,})")
+    return ids.to_pylist()
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short_id(rid: str) -> str:
+    return repr(_clip(rid, 80))
+
+
 def _verify_parts(parts: list[_Part]) -> None:
     """Every shard's sha256.
 
@@ -331,10 +357,14 @@ def _verify_parts(parts: list[_Part]) -> None:
     """
     jobs = [(part, info) for part in parts for info in part.manifest.shards]
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        digests = list(pool.map(lambda job: sha256_file(resolve_inside(job[0].path, job[1].path)), jobs))
-    for (part, info), digest in zip(jobs, digests):
-        if digest != info.sha256:
-            raise _damaged(part, f"{info.path}: sha256 differs from the manifest")
+        problems = list(pool.map(
+            lambda job: shard_file_problem(resolve_inside(job[0].path, job[1].path), job[1].bytes, job[1].sha256,
+                                           remember=False),
+            jobs,
+        ))
+    for (part, info), problem in zip(jobs, problems):
+        if problem is not None:
+            raise _damaged(part, f"{info.path}: {problem}")
 
 
 def _check_tokenizer(part: _Part) -> None:

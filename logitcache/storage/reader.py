@@ -51,11 +51,11 @@ class CacheReader:
         Call this right before loading the teacher tokenizer from a cache: a tokenizer file
         that was altered, added, or linked from outside the cache is refused, naming it.
         """
-        from logitcache.storage.verify import tokenizer_problems
+        from logitcache.storage.integrity import tokenizer_check
 
         if not self.tokenizer_dir.is_dir():
             raise LogitCacheError(f"{self.path}: this cache holds no teacher tokenizer ({TOKENIZER_DIR}/ is missing).")
-        problems = tokenizer_problems(self.path, self.manifest)
+        problems = tokenizer_check(self.path, self.manifest).problems  # hashed once per process while unchanged
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise LogitCacheError(

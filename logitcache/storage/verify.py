@@ -31,13 +31,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from logitcache.errors import LogitCacheError
-from logitcache.storage.fsutil import sha256_file
-from logitcache.storage.manifest import Manifest, load_manifest, resolve_inside
+from logitcache.storage.manifest import Manifest, load_manifest
 from logitcache.storage.decode import decode_rows, shard_id_table
-from logitcache.storage.integrity import footer_problem, id_bound, shard_file_problem, value_problems
+from logitcache.storage.integrity import (
+    footer_problem,
+    id_bound,
+    inside_or_noted,
+    shard_file_problem,
+    tokenizer_problems,
+    value_problems,
+)
 from logitcache.storage.rows import flat_list_column, rows_to_table
 from logitcache.storage.schema import EXTRA_COLUMNS, STATS_COLUMNS, TAU_COLUMN
-from logitcache.storage.writer import DATA_DIR, SHARD_NAME, TMP_PREFIX, TOKENIZER_DIR
+from logitcache.storage.writer import DATA_DIR, SHARD_NAME, TMP_PREFIX
 
 # fp16 keeps 11 significant bits: a stored log-prob is within 2^-11 relative of the truth.
 _FP16_RTOL = 2.0**-10
@@ -91,7 +97,7 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> 
     seen_ids: set[str] = set()
     for info in m.shards:
         where = info.path
-        path = _inside(root, where, report.problems)
+        path = inside_or_noted(root, where, report.problems)
         if path is None:
             continue
         # The file and its footer: the same checks (and words) as the training reader's.
@@ -122,44 +128,6 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> 
         report.tokens += tokens
         report.bytes += size
     return report
-
-
-def _inside(root: Path, rel: str, problems: list[str]) -> Path | None:
-    """``root / rel`` if it stays inside the cache, else None with the problem noted."""
-    try:
-        return resolve_inside(root, rel)
-    except LogitCacheError:
-        problems.append(f"{rel}: leads outside the cache directory (a symlink or an escaping path); refused")
-        return None
-
-
-def tokenizer_problems(root: Path, m: Manifest) -> list[str]:
-    """What is wrong with the cache's tokenizer/ files against the manifest's sha256 of each:
-    missing, altered, unlisted (an extra file can change how the tokenizer loads), or linked
-    from outside the cache. Empty when the cache has no tokenizer and records none."""
-    files = m.tokenizer.get("files") or {}
-    tok_dir = root / TOKENIZER_DIR
-    if not tok_dir.exists() and not tok_dir.is_symlink():
-        return [f"{TOKENIZER_DIR}/: missing"] if files else []
-    problems: list[str] = []
-    if _inside(root, f"{TOKENIZER_DIR}/", problems) is None:
-        return problems
-    if not files:
-        return [f"{TOKENIZER_DIR}/: the manifest records no sha256 for these files, so they cannot be checked"]
-    for name, digest in files.items():
-        rel = f"{TOKENIZER_DIR}/{name}"
-        path = _inside(root, rel, problems)
-        if path is None:
-            continue
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-        elif sha256_file(path) != digest:
-            problems.append(f"{rel}: sha256 differs from the manifest")
-    for p in sorted(tok_dir.rglob("*")):
-        name = p.relative_to(tok_dir).as_posix()
-        if name not in files and (p.is_file() or p.is_symlink()):
-            problems.append(f"{TOKENIZER_DIR}/{name}: not listed in the manifest (unknown file)")
-    return problems
 
 
 def _check_shard(

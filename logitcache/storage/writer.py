@@ -391,6 +391,8 @@ def _flags_for(m: Manifest, keys: list[str]) -> list[str]:
         flags.append("--logit-stats" if m.logit_stats else "--no-logit-stats")
     if "word_start" in keys:
         flags.append("--word-start" if m.word_start else "--no-word-start")
+    if "max_chars" in keys and m.max_chars is not None:
+        flags.append(f"--max-chars {m.max_chars}")
     return flags
 
 

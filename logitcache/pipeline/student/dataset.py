@@ -43,8 +43,7 @@ from logitcache.pipeline.student.features import FeatureStats, StudentFeaturizer
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.decode import decode_rows, shard_id_table
 from logitcache.storage.rows import Row
-from logitcache.storage.integrity import footer_problem, id_bound, shard_file_problem, value_problems
-from logitcache.storage.verify import tokenizer_problems
+from logitcache.storage.integrity import footer_problem, id_bound_for, shard_file_problem, tokenizer_check, value_problems
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())  # the caller decides where warnings go (run_train: stderr)
@@ -202,7 +201,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         # ids beyond the teacher's vocabulary would index past a student's logits (same vocabulary)
         # or make MultiLevelOT allocate batch x max id: bounded by the hashed tokenizer files.
         root = Path(self.cache.path)
-        self._max_id = id_bound(root, self.manifest, trust_files=not tokenizer_problems(root, self.manifest))
+        self._max_id = id_bound_for(self.manifest, tokenizer_check(root, self.manifest).size)
         self._group: tuple[int, int, pa.Table] | None = None  # the last row group read (shard, group, table)
         self.skipped_shards: list[BadShard] = []
         self.bad_row_groups: set[tuple[int, int]] = set()  # (shard, row group) skipped for bad values

@@ -17,7 +17,7 @@ import numpy as np
 
 import logitcache
 from logitcache.errors import LogitCacheError
-from logitcache.pipeline.offsets import encode_prefix_with_offsets, encode_with_offsets
+from logitcache.pipeline.offsets import encode_prefix_with_offsets, encode_suffix_with_offsets, encode_with_offsets
 from logitcache.pipeline.records import (
     TextTemplate,
     add_special_tokens_for,
@@ -38,6 +38,15 @@ from logitcache.storage.writer import DEFAULT_SHARD_BYTES, CacheWriter
 # window (not the dataset) bounds memory. Rows are still written in dataset order.
 _SORT_WINDOW_BATCHES = 16
 
+# --max-chars when left out and no context length bounds the work per record (no --max-length,
+# a model without a known context, such as a state-space model): tokenizing a million characters
+# with offsets peaks at 0.1-0.5 GB (Mistral's 32k vocabulary, a 512-token BPE), ten million at
+# 1-3.5 GB, enough to kill a small job, so the default stays at a million (about 250k tokens of
+# prose). With a context length a record costs only what its kept tokens cost, so records are
+# cut to it instead, and none is skipped unless --max-chars is given.
+UNBOUNDED_MAX_CHARS = 1_000_000
+TOO_LONG = "text over --max-chars"  # the skip reason, in the manifest and the summary
+
 
 @dataclass
 class TeacherConfig:
@@ -56,6 +65,9 @@ class TeacherConfig:
     split: str = "train"
     batch_size: int = 8
     max_length: int | None = None
+    # Skip records whose rendered text is longer (before tokenizing). None: UNBOUNDED_MAX_CHARS
+    # when no context length bounds the work per record, else no limit (see effective_max_chars).
+    max_chars: int | None = None
     dtype: str = "auto"
     device: str = "auto"
     limit: int | None = None
@@ -89,6 +101,11 @@ class TeacherConfig:
             raise LogitCacheError(f"--batch-size must be positive (got {self.batch_size}).")
         if self.max_length is not None and self.max_length < 2:
             raise LogitCacheError(f"--max-length must be at least 2 tokens (got {self.max_length}).")
+        if self.max_chars is not None and self.max_chars < 1:
+            raise LogitCacheError(
+                f"--max-chars must be a positive number of characters (got {self.max_chars}); "
+                "leave it out for the default (no limit while a context length bounds the work)."
+            )
         if self.limit is not None and self.limit < 0:
             raise LogitCacheError(f"--limit must be 0 or more (got {self.limit}).")
         if self.shard_bytes <= 0:
@@ -118,6 +135,16 @@ class TeacherConfig:
                 "use --engine hf for it, or drop the flag with --engine vllm (ALM then runs with --alm-mode plain)."
             )
         self.worker()
+
+    def effective_max_chars(self, max_length: int | None) -> int | None:
+        """The --max-chars this run applies, given the context length in force (None: none).
+
+        Left out, it is UNBOUNDED_MAX_CHARS only where no context length bounds what a record
+        costs; with one, huge records are cut to it as before rather than skipped.
+        """
+        if self.max_chars is not None:
+            return self.max_chars
+        return UNBOUNDED_MAX_CHARS if max_length is None else None
 
     def extra_temperatures(self) -> list[float]:
         """The temperatures stored besides 1, sorted, without repeats (the manifest's list)."""
@@ -258,6 +285,7 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
             f"--max-new-tokens {cfg.generation.max_new_tokens} leaves no room for a prompt in the teacher's "
             f"{max_length}-token context; lower it."
         )
+    max_chars = cfg.effective_max_chars(max_length)
     add_special = add_special_tokens_for(template)
     eos_id = getattr(tok, "eos_token_id", None) if cfg.eos else None
     eos_id = int(eos_id) if eos_id is not None else None
@@ -287,6 +315,7 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
             },
             template=template.describe(add_special, getattr(tok, "chat_template", None)),
             max_length=max_length,
+            max_chars=max_chars,
             worker={"index": index, "count": count} if count > 1 else None,
             codec=cfg.codec,
             eos_id=eos_id,
@@ -301,7 +330,7 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
     n_records = len(ds) if cfg.limit is None else min(cfg.limit, len(ds))
     assigned = len(range(index, n_records, count))
     done = frozenset(writer.done_ids)  # read by the prefetch thread; the writer thread adds to its own set
-    examples = _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, max_length,
+    examples = _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, max_length, max_chars,
                          generate=cfg.mode == "generate")
     window_size = cfg.batch_size * _SORT_WINDOW_BATCHES
     start = time.perf_counter()
@@ -333,12 +362,13 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
     return result
 
 
-def _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, max_length, *, generate: bool) -> Iterator[_Pending | _Skip]:
+def _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, max_length, max_chars, *,
+              generate: bool) -> Iterator[_Pending | _Skip]:
     """This worker's records not yet in the cache, tokenized (score mode) or as prompts (generate).
 
     Only as much of a long text is tokenized as ``max_length`` tokens can keep (the rest is cut
-    by _truncate): a 100 MB record costs what its first tokens cost (not with --truncate-prompts,
-    which keeps the end of a prompt).
+    by _truncate): a 100 MB record costs what its first tokens cost. A text over ``max_chars``
+    is skipped untokenized.
     """
     for r, rid, text, prompt_chars in iter_examples(ds, template, tok, cfg.limit, generate=generate):
         if r % count != index or rid in done:
@@ -347,12 +377,13 @@ def _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, m
             reason = "empty prompt" if not text.strip() else None
         else:
             reason = "empty text" if not text.strip() else "empty response" if prompt_chars < 0 else None
+        if max_chars is not None and len(text) > max_chars:
+            reason = TOO_LONG
         if reason:
             yield _Skip(rid, reason)
             continue
-        # --truncate-prompts keeps a prompt's end, which needs all of its tokens.
-        keep = None if generate and cfg.truncate_prompts else max_length
-        ids, starts, ends = encode_prefix_with_offsets(tok, text, keep, add_special_tokens=add_special)
+        # A prompt's first tokens tell whether it fits; --truncate-prompts then tokenizes its end alone.
+        ids, starts, ends = encode_prefix_with_offsets(tok, text, max_length, add_special_tokens=add_special)
         if not generate:  # a prompt gets its end after the teacher's response (_generate_window)
             ids, starts, ends = with_eos(ids, starts, ends, len(text), eos_id)
         yield _Pending(rid, text, prompt_chars, ids, starts, ends, truncated=False)
@@ -392,8 +423,9 @@ def _generate_window(engine, window: list, cfg: TeacherConfig, tok, add_special:
             if not cfg.truncate_prompts:
                 p = _Skip(p.rid, "prompt too long")
             else:  # keep the end of the prompt, where the question usually is
-                cut = int(p.starts[len(p.ids) - room + 1])
-                text = p.text[cut:]
+                # room - 1 of the whole prompt's tokens, and its BOS again when re-tokenized
+                _, tail_starts, _ = encode_suffix_with_offsets(tok, p.text, max(room - 1, 1), add_special_tokens=add_special)
+                text = p.text[int(tail_starts[0]):]
                 ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=add_special)
                 p = _Pending(p.rid, text, len(text), ids[-room:] if len(ids) > room else ids, starts, ends, True)
         out.append(p)
