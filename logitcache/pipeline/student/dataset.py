@@ -2,12 +2,12 @@
 shuffle buffer, mid-epoch resume, shard integrity).
 
     ds = LogitCacheDataset("out/cache", student_tokenizer, max_length=1024)
-    loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=...)
+    loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=KDCollator())
     for epoch in range(epochs):
         ds.set_epoch(epoch)
         for batch in loader:
             ...train...
-            ds.mark_consumed(batch["_worker"], batch["_index"])
+            ds.mark_consumed(batch["stream_worker"], batch["stream_index"])
         torch.save(ds.state_dict(), ...)   # at any step: resume mid-epoch
 
 The unit of work is one Parquet row group (a few MB), planned from the shards' footers.
@@ -556,8 +556,9 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
 
     # --- resume ---------------------------------------------------------------------
     def mark_consumed(self, workers: Sequence[int] | int, indices: Sequence[int] | int) -> None:
-        """Record that the training loop consumed these examples (a batch's ``_worker`` and
-        ``_index``: lists, tensors or single ints)."""
+        """Record that the training loop consumed these examples (a collated batch's
+        ``stream_worker`` and ``stream_index``, each example's ``_worker`` and ``_index``: lists,
+        tensors or single ints)."""
         w, i = _flat_ints(workers), _flat_ints(indices)
         if w.shape != i.shape:
             raise LogitCacheError(f"mark_consumed: {w.size} workers but {i.size} indices; pass one of each per example.")
