@@ -125,12 +125,14 @@ def hash_files(directory: str | os.PathLike) -> tuple[str, dict[str, str]]:
 
 
 def copy_files(src: Path, dst: Path) -> None:
-    """Copy a folder file by file. Not shutil.copytree: it gathers every failure into one
-    shutil.Error holding a list, with no errno, so a full disk could not be told in one line."""
+    """Copy a folder file by file, contents only. Not shutil.copytree: it gathers every failure
+    into one shutil.Error holding a list, with no errno, so a full disk could not be told in one
+    line. Not copy2 or copystat either: they carry the source's mode over (a temp folder's 0700,
+    a part written under another umask), and a shared cache must get the writer's umask."""
     dst.mkdir(parents=True, exist_ok=True)
     for p in sorted(src.rglob("*")):
         target = dst / p.relative_to(src)
         if p.is_dir():
             target.mkdir(parents=True, exist_ok=True)
         else:
-            shutil.copy2(p, target)
+            shutil.copyfile(p, target)
