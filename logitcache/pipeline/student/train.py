@@ -729,6 +729,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     cfg.validate()
     cache = open_cache(cfg.cache)  # refuses non-caches, unknown versions and manifests that fail the schema
     out = Path(cfg.out)
+    refuse_foreign_out(out)
     newest = get_last_checkpoint(str(out)) if out.is_dir() else None
     if newest and not cfg.resume:
         raise LogitCacheError(
@@ -854,6 +855,22 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         atomic_write_bytes(out / FINISHED, json.dumps({"config": _run_defining(cfg), "result": asdict(done)}).encode())
     _leave_process_group()
     return done
+
+
+# What a training run leaves in --out besides the saved model: checkpoints, our JSON files and
+# the hybrid loss's vocabulary map. A folder holding any of them is a run to resume or refuse.
+_RUN_PREFIXES = ("checkpoint-", "logitcache_", "vocab-map-")
+
+
+def refuse_foreign_out(out: Path) -> None:
+    """Refuse an --out that holds files but no trace of a training run: saving there would mix
+    the model's files into someone else's (config.json, model.safetensors overwritten)."""
+    names = [p.name for p in out.iterdir()] if out.is_dir() else []
+    if names and not any(n.startswith(_RUN_PREFIXES) for n in names):
+        raise LogitCacheError(
+            f"--out {out} is not empty and holds no training run ({len(names)} entries, e.g. {sorted(names)[0]!r}); "
+            "choose a new or empty directory so nothing there is overwritten."
+        )
 
 
 def _disk_full_message(e: BaseException, out: Path, step: int) -> str | None:
