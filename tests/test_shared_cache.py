@@ -86,3 +86,14 @@ def test_another_user_can_verify_a_cache_written_under_umask_022(shared_dir, tea
     r = as_nobody(sys.executable, "-m", "logitcache", "verify", str(shared_dir / "cache"), cwd=shared_dir)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("OK ")
+
+
+def test_a_training_run_follows_the_umask(shared_dir, built_cache, student):
+    from logitcache.pipeline.student.train import TrainConfig, run_train
+
+    cfg = TrainConfig(student=str(student), cache=str(built_cache), out=str(shared_dir / "run"), max_steps=2,
+                      save_steps=2, batch_size=4, progress=False)
+    with umask(SHARED):
+        run_train(cfg)
+    assert list((shared_dir / "run").glob("checkpoint-2"))
+    assert modes_off_the_umask(shared_dir / "run", SHARED) == []
