@@ -331,6 +331,32 @@ def test_cli_verify_on_a_directory_that_is_not_a_cache_is_a_one_line_error(tmp_p
     assert "Traceback" not in result.output
 
 
+def test_cli_verify_of_an_unfinished_cache_says_partial_and_exits_3(tmp_path, teacher_dir, data_file):
+    from conftest import make_config
+
+    from logitcache.cli.cache import PARTIAL_EXIT
+    from logitcache.pipeline.teacher.run import run_teacher
+
+    out = tmp_path / "c"
+    run_teacher(make_config(teacher_dir, data_file, out, limit=12), progress=False)  # 12 of the 24 records
+
+    result = runner.invoke(app, ["verify", str(out)])
+
+    assert result.exit_code == PARTIAL_EXIT == 3, result.output
+    assert result.output.startswith("OK") and "partial: 12 of 24 records" in result.output
+
+
+def test_a_workers_part_counts_only_its_share_of_the_records(tmp_path, teacher_dir, data_file):
+    from conftest import make_config
+
+    from logitcache.pipeline.teacher.run import run_teacher
+
+    out = tmp_path / "parts"
+    part = run_teacher(make_config(teacher_dir, data_file, out, num_workers=5, worker_index=1, limit=10),
+                       progress=False).out
+    assert verify_cache(part).partial == (2, 5)  # records 1 and 6 of 1, 6, 11, 16, 21
+
+
 def test_logsumexp_must_be_zero_where_the_engine_gives_none(cache_copy):
     """The vllm engine cannot return the log-normaliser: it stores 0 and says so in the manifest."""
     import json

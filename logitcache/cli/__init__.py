@@ -48,20 +48,25 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import logitcache
+
+        typer.echo(f"logitcache {logitcache.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    # Eager: it answers before click asks for the command that a bare `logitcache --version` lacks.
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
     state.debug = debug
     from logitcache.pipeline.allocator import retain_freed_memory
 
     retain_freed_memory()  # CPU steps reuse their big blocks instead of faulting them in again
-    if version:
-        import logitcache
-
-        typer.echo(logitcache.__version__)
-        raise typer.Exit()
 
 
 app.command("teacher")(_teacher.teacher)

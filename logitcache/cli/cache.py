@@ -13,6 +13,8 @@ from rich.table import Table
 
 from logitcache.cli.common import user_errors
 
+PARTIAL_EXIT = 3  # `verify`: sound, but the teacher run is unfinished (1: damaged, 2: usage)
+
 
 @user_errors
 def inspect(
@@ -114,14 +116,19 @@ def verify(
 ) -> None:
     """Check a cache: every shard's sha256, row/token counts, sortedness, ranges, offsets, no NaN/inf.
 
-    Exits 0 with a one-line summary when the cache is sound; otherwise lists each problem
-    (naming the shard) and exits 1.
+    Exit codes:
+    0: sound and complete (one OK line).
+    3: sound so far, but the teacher run has not finished: the OK line ends `partial: N of M records`; rerun the teacher to continue.
+    1: damaged: each problem listed, naming the shard.
+    2: not a cache, or bad usage.
     """
     from logitcache.storage import verify_cache
 
     report = verify_cache(cache, check_values=not fast)
     if report.ok:
         typer.echo(report.summary())
+        if report.partial is not None:
+            raise typer.Exit(PARTIAL_EXIT)
         return
     typer.echo(report.summary(), err=True)
     for problem in report.problems:

@@ -78,13 +78,21 @@ def _path_problem(e: OSError) -> str | None:
     return f"{what}{where}; {hint}."
 
 
-def user_errors(fn: F) -> F:
+RESUME_TEACHER = "interrupted: finished shards are kept; rerun the same command to resume."
+RESUME_TRAIN = ("interrupted: checkpoints saved in --out are kept; rerun the same command with --resume "
+                "to continue from the last one (without it, train refuses an --out that holds checkpoints).")
+
+
+def user_errors(fn: F | None = None, *, interrupted: str = "interrupted.") -> F:
     """Print a user's error as one line (exit 2); the traceback only with --debug.
 
     User errors: ``LogitCacheError``, and the filesystem errors a path explains (a file where a
     directory belongs, no permission, a full disk, ...): an ``OSError`` of another kind (an I/O
-    error, a lost connection) keeps its traceback.
+    error, a lost connection) keeps its traceback. ``interrupted``: the line for Ctrl-C, which
+    must tell the way back that this command really takes (exit 130).
     """
+    if fn is None:
+        return functools.partial(user_errors, interrupted=interrupted)  # type: ignore[return-value]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -102,7 +110,7 @@ def user_errors(fn: F) -> F:
         except KeyboardInterrupt:
             if state.debug:
                 raise
-            typer.echo("interrupted: finished shards are kept; rerun the same command to resume.", err=True)
+            typer.echo(interrupted, err=True)
             raise typer.Exit(130)
 
     return wrapper  # type: ignore[return-value]

@@ -8,17 +8,18 @@ from typing import Optional
 
 import typer
 
-from logitcache.cli.common import quiet_libraries, user_errors
+from logitcache.cli.common import RESUME_TEACHER, quiet_libraries, user_errors
 from logitcache.errors import LogitCacheError
 
 
-@user_errors
+@user_errors(interrupted=RESUME_TEACHER)
 def teacher(
     model: str = typer.Option(..., "--model", "-m", help="Teacher: a model directory or a hub name (any AutoModelForCausalLM with a fast tokenizer)."),
     data: str = typer.Option(..., "--data", "-d", help="Input: a .jsonl/.json/.parquet/.csv/.arrow/.txt file, a directory of them, or a hub dataset name."),
     out: Path = typer.Option(..., "--out", "-o", help="Cache directory to write. An existing cache with the same settings is resumed (also after a crash or a full disk). One run at a time: a second run on the same directory refuses."),
     top_k: int = typer.Option(64, "--top-k", "-k", help="Log-probabilities kept per position (sorted, over the full vocabulary)."),
-    engine: str = typer.Option("hf", "--engine", help="hf (transformers, CPU or GPU) or vllm (GPU; pip install 'logitcache[vllm]')."),
+    # \\[: rich markup would take [vllm] for a style tag and print only 'logitcache'.
+    engine: str = typer.Option("hf", "--engine", help="hf (transformers, CPU or GPU) or vllm (GPU; pip install 'logitcache\\[vllm]')."),
     mode: str = typer.Option("score", "--mode", help="score: teacher-forced over the given text; generate: the teacher writes the response to each prompt, then its own distribution along it is stored."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Field holding the whole text (every token is a target)."),
     prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="Field holding the prompt (with --response-field)."),

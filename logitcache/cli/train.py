@@ -7,13 +7,14 @@ from typing import Optional
 
 import typer
 
-from logitcache.cli.common import quiet_libraries, user_errors
+from logitcache.cli.common import RESUME_TRAIN, quiet_libraries, user_errors
 
 
-@user_errors
+@user_errors(interrupted=RESUME_TRAIN)
 def train(
     student: Optional[str] = typer.Option(None, "--student", "-s", help="Student to train: a model directory or hub name (any AutoModelForCausalLM with a fast tokenizer)."),
-    cache: Optional[Path] = typer.Option(None, "--cache", "-c", help="Teacher cache written by `logitcache teacher`."),
+    # A list only to see a repeated --cache (click keeps the last one silently), which is refused.
+    cache: Optional[list[Path]] = typer.Option(None, "--cache", "-c", help="Teacher cache written by `logitcache teacher` (one per run)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory: checkpoints and the final model."),
     loss: Optional[str] = typer.Option(None, "--loss", help="uld (any tokenizer), mlot (MultiLevelOT, any tokenizer), hybrid (TRL GOLD: exact JSD on tokens both vocabularies share, ULD on the rest; --hybrid-* options), alm (approximate likelihood matching of chunks both tokenizations bound; --alm-* options; its gradient scales as 1/τ, so its default --kd-weight is τ, 100), kl (same vocabulary as the teacher) or sft (no teacher). Default uld."),
     alignment: Optional[str] = typer.Option(None, "--alignment", help="offset (exact character spans) or position (the papers' index pairing). Default: position for uld/mlot, offset for kl/hybrid; alm uses its own chunks (chunk)."),
@@ -63,9 +64,14 @@ def train(
     from logitcache.errors import LogitCacheError
     from logitcache.pipeline.student.train import TrainConfig, load_config_file, run_train
 
+    if cache and len(cache) > 1:
+        raise LogitCacheError(
+            f"--cache given {len(cache)} times ({', '.join(map(str, cache))}); train learns from one "
+            "teacher cache per run: pass --cache once."
+        )
     values = load_config_file(config) if config else {}
     given = {
-        "student": student, "cache": str(cache) if cache else None, "out": str(out) if out else None,
+        "student": student, "cache": str(cache[0]) if cache else None, "out": str(out) if out else None,
         "loss": loss, "alignment": alignment, "kd_weight": kd_weight, "max_steps": max_steps,
         "num_epochs": num_epochs, "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
         "learning_rate": learning_rate, "max_length": max_length, "logging_steps": logging_steps,

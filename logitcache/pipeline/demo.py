@@ -35,6 +35,7 @@ from logitcache.pipeline.tiny import (
     train_metaspace_bpe_tokenizer,
     write_demo_dataset,
 )
+from logitcache.storage.fsutil import follow_umask
 
 # The demo's models (hidden 64-128, 2 layers) are too small for a second thread to help on an
 # idle machine, and on a busy one every OpenMP parallel region waits at a barrier for a thread
@@ -357,6 +358,7 @@ def run_teacher_part(cfg: DemoConfig, progress: bool = True) -> tuple[DemoPaths,
                 model_cfg=TinyModelConfig(hidden_size=128, num_layers=2, seed=cfg.seed), seed=cfg.seed,
                 on_step=lambda step, loss: bar.update(step, loss),
             )
+        follow_umask(tmp)  # its weights are written 0600
         tmp.rename(paths.teacher)
     if not paths.data.exists():
         write_demo_dataset(paths.data, n=cfg.examples, seed=cfg.seed + 1)
@@ -394,6 +396,7 @@ def _student_init(paths: DemoPaths, tokenizer_kind: str, cfg: DemoConfig) -> Pat
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save_pretrained(tmp)
     model.save_pretrained(tmp)
+    follow_umask(tmp)  # its weights are written 0600
     tmp.rename(init)
     return init
 

@@ -124,13 +124,40 @@ def hash_files(directory: str | os.PathLike) -> tuple[str, dict[str, str]]:
     return combined, files
 
 
+def current_umask() -> int:
+    """The process's umask. Linux shows it in /proc; elsewhere setting and restoring it is the
+    only way to read it (a moment in which another thread would create files with mode 0)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything in it the modes a plain create under the umask gives.
+    For files that libraries write private (safetensors: 0600), which a team could not read."""
+    mask = current_umask()
+    root = Path(root)
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def copy_files(src: Path, dst: Path) -> None:
-    """Copy a folder file by file. Not shutil.copytree: it gathers every failure into one
-    shutil.Error holding a list, with no errno, so a full disk could not be told in one line."""
+    """Copy a folder file by file, contents only. Not shutil.copytree: it gathers every failure
+    into one shutil.Error holding a list, with no errno, so a full disk could not be told in one
+    line. Not copy2 or copystat either: they carry the source's mode over (a temp folder's 0700,
+    a part written under another umask), and a shared cache must get the writer's umask."""
     dst.mkdir(parents=True, exist_ok=True)
     for p in sorted(src.rglob("*")):
         target = dst / p.relative_to(src)
         if p.is_dir():
             target.mkdir(parents=True, exist_ok=True)
         else:
-            shutil.copy2(p, target)
+            shutil.copyfile(p, target)

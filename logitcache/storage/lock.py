@@ -106,7 +106,8 @@ class CacheLock:
 
     def _open_locked(self) -> int:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # 0o666: the umask decides, as for every file we write (a team shares a cache).
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             try:
                 if not self._lock(fd):
                     raise self._refusal(_read_holder(fd))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Iterator
@@ -102,15 +103,21 @@ class CacheReader:
             self._index = self._build_index()
         return example_id in self._index
 
+    def _some_ids(self, n: int = 3) -> str:
+        """A few real ids to copy from, cut short: an id can be any string, and the error one line."""
+        ids = list(itertools.islice(self._index, n))
+        if not ids:
+            return "it holds no examples"
+        shown = ", ".join(repr(i if len(i) <= 40 else i[:40] + "...") for i in ids)
+        return f"its ids include {shown} ({len(self._index)} in all)"
+
     def __getitem__(self, example_id: str) -> Row:
         if self._index is None:
             self._index = self._build_index()
         try:
             shard, j = self._index[example_id]
         except KeyError:
-            raise LogitCacheError(
-                f"no example with id {example_id!r} in {self.path}; `logitcache inspect` lists some ids."
-            ) from None
+            raise LogitCacheError(f"no example with id {example_id!r} in {self.path}; {self._some_ids()}.") from None
         f = pq.ParquetFile(self.shard_path(shard))
         # Read only the row group that holds row j.
         start = 0

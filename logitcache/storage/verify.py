@@ -59,19 +59,39 @@ class VerifyReport:
     tokens: int = 0
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
+    # (records processed, records the run has to process; None where the manifest does not
+    # say) while the teacher run has not finished; None once the cache is complete.
+    partial: tuple[int, int | None] | None = None
 
     @property
     def ok(self) -> bool:
+        """Sound: nothing damaged. A partial cache can be sound (what it holds is right)."""
         return not self.problems
 
     def summary(self) -> str:
-        if self.ok:
-            bpt = self.bytes / self.tokens if self.tokens else 0.0
-            return (
-                f"OK {self.path}: {self.shards} shards, {self.examples} examples, "
-                f"{self.tokens} tokens, {bpt:.1f} bytes/token"
-            )
-        return f"FAILED {self.path}: {len(self.problems)} problem(s)"
+        if not self.ok:
+            return f"FAILED {self.path}: {len(self.problems)} problem(s)"
+        bpt = self.bytes / self.tokens if self.tokens else 0.0
+        line = (
+            f"OK {self.path}: {self.shards} shards, {self.examples} examples, "
+            f"{self.tokens} tokens, {bpt:.1f} bytes/token"
+        )
+        if self.partial is not None:
+            done, total = self.partial
+            line += (f"; partial: {done} of {total if total is not None else '?'} records "
+                     "(the teacher run has not finished; rerun it to continue)")
+        return line
+
+
+def _progress(m: Manifest) -> tuple[int, int | None] | None:
+    """(records processed, records to process) of an unfinished run; None for a complete cache.
+    Skipped records count as processed: the run has decided about them."""
+    if m.status == "complete":
+        return None
+    total = m.dataset.get("num_records")
+    if total is not None and m.worker:  # a part: worker i of n takes records i, i + n, ...
+        total = len(range(m.worker["index"], total, m.worker["count"]))
+    return m.num_examples + len(m.skipped), total
 
 
 def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> VerifyReport:
@@ -80,7 +100,7 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> 
     if not root.is_dir():
         raise LogitCacheError(f"{root}: no such cache directory; check the path.")
     m = load_manifest(root)
-    report = VerifyReport(path=root)
+    report = VerifyReport(path=root, partial=_progress(m))
     report.problems.extend(tokenizer_problems(root, m))
     vocab = id_bound(root, m, trust_files=not report.problems)
 

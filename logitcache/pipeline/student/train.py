@@ -538,6 +538,18 @@ class FiniteGradientsCallback(TrainerCallback):
         return control
 
 
+class SharedModesCallback(TrainerCallback):
+    """Gives each checkpoint the modes of the user's umask once it is saved: safetensors writes
+    its weights 0600, which another user of a shared run directory could not read."""
+
+    def on_save(self, args, state, control, **kwargs):
+        from logitcache.storage.fsutil import follow_umask
+
+        if state.is_world_process_zero:
+            follow_umask(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        return control
+
+
 class DataStateCallback(TrainerCallback):
     """Saves the dataset's position (JSON, one file per rank) into every checkpoint.
 
@@ -729,6 +741,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     cfg.validate()
     cache = open_cache(cfg.cache)  # refuses non-caches, unknown versions and manifests that fail the schema
     out = Path(cfg.out)
+    refuse_foreign_out(out)
     newest = get_last_checkpoint(str(out)) if out.is_dir() else None
     if newest and not cfg.resume:
         raise LogitCacheError(
@@ -822,7 +835,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         eval_dataset=eval_ds,
         data_collator=KDCollator(pad_token_id=pad),
         processing_class=tokenizer,
-        callbacks=[DataStateCallback(train_ds, args.process_index), FiniteGradientsCallback()],
+        callbacks=[DataStateCallback(train_ds, args.process_index), FiniteGradientsCallback(), SharedModesCallback()],
         kd_config=cfg,
         cache_temperatures=list(getattr(cache.manifest, "temperatures", []) or []),
         vocab_map=vocab_map,
@@ -847,13 +860,30 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         seconds=time.perf_counter() - t0, feature_stats=_trained_feature_stats(trainer, train_ds),
     )
     if trainer.is_world_process_zero():
-        from logitcache.storage.fsutil import atomic_write_bytes
+        from logitcache.storage.fsutil import atomic_write_bytes, follow_umask
 
         (out / "logitcache_train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         # Last: its presence says the run finished (a --resume of it is then a no-op).
         atomic_write_bytes(out / FINISHED, json.dumps({"config": _run_defining(cfg), "result": asdict(done)}).encode())
+        follow_umask(out)  # the final model's weights, written 0600 like each checkpoint's
     _leave_process_group()
     return done
+
+
+# What a training run leaves in --out besides the saved model: checkpoints, our JSON files and
+# the hybrid loss's vocabulary map. A folder holding any of them is a run to resume or refuse.
+_RUN_PREFIXES = ("checkpoint-", "logitcache_", "vocab-map-")
+
+
+def refuse_foreign_out(out: Path) -> None:
+    """Refuse an --out that holds files but no trace of a training run: saving there would mix
+    the model's files into someone else's (config.json, model.safetensors overwritten)."""
+    names = [p.name for p in out.iterdir()] if out.is_dir() else []
+    if names and not any(n.startswith(_RUN_PREFIXES) for n in names):
+        raise LogitCacheError(
+            f"--out {out} is not empty and holds no training run ({len(names)} entries, e.g. {sorted(names)[0]!r}); "
+            "choose a new or empty directory so nothing there is overwritten."
+        )
 
 
 def _disk_full_message(e: BaseException, out: Path, step: int) -> str | None:
