@@ -130,3 +130,19 @@ def test_bad_input_gets_one_line_error_and_writes_nothing(case, tmp_path, teache
 
 def test_inspect_unknown_example(built_cache):
     assert_one_line_error(invoke("inspect", built_cache, "--example", "no-such-id"), "no-such-id")
+
+
+def test_a_hub_dataset_name_with_an_owner_goes_to_the_hub_not_the_file_system(tmp_path):
+    """`owner/name` is not a path here: it is tried on the Hub, which offline fails in one line."""
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "logitcache", "teacher", "--model", "m", "--data", "tatsu-lab/alpaca",
+                        "--out", str(tmp_path / "c"), "--no-progress"],
+                       capture_output=True, text=True, timeout=120, check=False, env=env)
+
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: --data tatsu-lab/alpaca: not a local path")
+    assert "Hugging Face Hub dataset 'tatsu-lab/alpaca'" in line and "not in the local datasets cache" in line
+    assert "download it first" in line and "give a local path" in line

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from itertools import islice
@@ -20,6 +21,8 @@ _BUILDERS = {
     ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text",
 }
 # Of those, the text formats: checked for UTF-8 before `datasets` reads them.
+# A Hub dataset id: `name` or `owner/name` (letters, digits, - _ .).
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 _TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
 
 
@@ -240,7 +243,9 @@ def load_records(data: str, split: str = "train"):
     import datasets
 
     path = Path(data)
-    looks_like_path = path.suffix.lower() in _BUILDERS or os.sep in data or data.startswith(".")
+    # `owner/name` is a hub id, not a path, unless it exists here: only what cannot be a hub id
+    # (a data file's suffix, ./ ../ / ~, more than one /) is refused as a missing path.
+    looks_like_path = path.suffix.lower() in _BUILDERS or not _HUB_ID.fullmatch(data)
     # datasets logs its own traceback before raising; we report the problem in one line.
     logger = logging.getLogger("datasets")
     level = logger.level
@@ -265,7 +270,10 @@ def load_records(data: str, split: str = "train"):
         elif looks_like_path:
             raise LogitCacheError(f"--data {data}: no such file or directory; check the path.")
         else:
-            ds = datasets.load_dataset(data, split=split)
+            try:
+                ds = datasets.load_dataset(data, split=split)
+            except Exception as e:
+                raise LogitCacheError(_explain_hub_error(data, e)) from e
     except LogitCacheError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the gist and the place
@@ -336,17 +344,41 @@ def _explain_load_error(data: str, e: BaseException) -> str:
         where = _first_bad_json_line(path)
         if where:
             return f"--data {data}: {where}; fix or remove that line."
-    root = e
-    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
-        root = root.__cause__ or root.__context__
+    root = _root_cause(e)
     if path.is_dir() and type(root).__name__ in ("EmptyDatasetError", "DataFilesNotFoundError"):
         return (
             f"--data {data}: a directory with no data files; put {', '.join(sorted(_BUILDERS))} files "
             "in it, or give a file."
         )
-    text = str(root).strip()
-    first = text.splitlines()[0] if text else type(root).__name__
-    return f"--data {data}: could not be read ({type(root).__name__}: {first})."
+    return f"--data {data}: could not be read ({type(root).__name__}: {_first_line(root)})."
+
+
+def _explain_hub_error(data: str, e: BaseException) -> str:
+    root = _root_cause(e)
+    chain = f"{type(e).__name__} {e} {type(root).__name__} {root}"
+    where = f"--data {data}: not a local path, so it was tried as the Hugging Face Hub dataset {data!r}"
+    if "Offline" in chain or "not cached" in chain or isinstance(e, ConnectionError):
+        offline = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
+        why = f"{'/'.join(offline)} is set" if offline else "the Hub cannot be reached"
+        return (
+            f"{where}, which is not in the local datasets cache and {why}; download it first "
+            f"where there is network access{' (without ' + '/'.join(offline) + ')' if offline else ''}, or give a local path."
+        )
+    if type(root).__name__ in ("DatasetNotFoundError", "RepositoryNotFoundError"):
+        return f"{where}, which is not on the Hub (or is private: log in with `hf auth login`); check the name, or give a local path."
+    return f"{where}, which could not be loaded ({type(root).__name__}: {_first_line(root)})."
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    root = e
+    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+        root = root.__cause__ or root.__context__
+    return root
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _first_bad_json_line(path: Path) -> str | None:
