@@ -147,6 +147,8 @@ def own_parts(i: Inputs, o: Path) -> Path:
 CASES = [
     # teacher: the data
     pytest.param(lambda i, o: teacher(i, o / "c", data=i.bad / "nope.jsonl"), ["nope.jsonl", "no such file"], id="teacher-data-missing"),
+    # a relative path that is also a valid hub id by its characters: the suffix keeps it a path
+    pytest.param(lambda i, o: teacher(i, o / "c", data="./nope/missing.jsonl"), ["./nope/missing.jsonl", "no such file"], id="teacher-data-missing-relative"),
     pytest.param(lambda i, o: teacher(i, o / "c", data=i.bad / "empty.jsonl"), ["empty.jsonl", "empty"], id="teacher-data-empty-file"),
     pytest.param(lambda i, o: teacher(i, o / "c", data=i.bad / "empty-dir"), ["empty-dir", "no data files"], id="teacher-data-empty-dir"),
     pytest.param(lambda i, o: teacher(i, o / "c", data=i.bad / "no-data-dir"), ["no-data-dir", "no data files"], id="teacher-data-dir-without-data"),
@@ -181,8 +183,9 @@ CASES = [
     pytest.param(lambda i, o: teacher(i, o / "c", "--max-chars", -5), ["--max-chars", "positive"], id="teacher-max-chars-negative"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--shard-size-mb", 0), ["--shard-size-mb", "positive"], id="teacher-shard-size-zero"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--shard-size-mb", "inf"), ["--shard-size-mb", "positive"], id="teacher-shard-size-infinite"),
-    pytest.param(lambda i, o: teacher(i, o / "c", "--num-workers", 0), ["--num-workers", "at least 1"], id="teacher-num-workers-zero"),
-    pytest.param(lambda i, o: teacher(i, o / "c", "--num-workers", 2, "--worker-index", 2), ["--worker-index 2", "outside 0..1"], id="teacher-worker-index-out-of-range"),
+    pytest.param(lambda i, o: teacher(i, o / "c", "--num-parts", 0), ["--num-parts", "at least 1"], id="teacher-num-parts-zero"),
+    pytest.param(lambda i, o: teacher(i, o / "c", "--num-parts", 2, "--part-index", 2), ["--part-index 2", "outside 0..1"], id="teacher-part-index-out-of-range"),
+    pytest.param(lambda i, o: teacher(i, o / "c", "--num-parts", 2, "--num-workers", 2), ["--num-workers", "old name", "--num-parts only"], id="teacher-old-and-new-split-flags"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--engine", "tensorrt"), ["--engine", "'tensorrt'", "hf"], id="teacher-unknown-engine"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--codec", "zip"), ["codec", "'zip'", "v1"], id="teacher-unknown-codec"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--mode", "chat"), ["--mode", "'chat'"], id="teacher-unknown-mode"),
@@ -193,6 +196,7 @@ CASES = [
     pytest.param(lambda i, o: ["inspect", i.bad / "a-file"], ["a-file", "no such cache directory"], id="inspect-a-file"),
     pytest.param(lambda i, o: ["inspect", i.bad / "empty-dir"], ["empty-dir", "not a logitcache cache"], id="inspect-empty-dir"),
     pytest.param(lambda i, o: ["inspect", i.bad / "not-a-cache"], ["not-a-cache", "not a logitcache cache"], id="inspect-not-a-cache"),
+    pytest.param(lambda i, o: ["inspect", i.parts], ["split teacher run", "2 parts of 2", "`logitcache merge MERGED_DIR ", "parts`"], id="inspect-directory-of-parts"),
     pytest.param(lambda i, o: ["inspect", i.cache, "--example", "no-such-id"], ["no-such-id"], id="inspect-unknown-example"),
     pytest.param(lambda i, o: ["inspect", i.cache, "--tokens", -1], ["--tokens", "positive"], id="inspect-tokens-negative"),
     # verify
@@ -200,6 +204,7 @@ CASES = [
     pytest.param(lambda i, o: ["verify", i.bad / "a-file"], ["a-file"], id="verify-a-file"),
     pytest.param(lambda i, o: ["verify", i.bad / "empty-dir"], ["empty-dir", "not a logitcache cache"], id="verify-empty-dir"),
     pytest.param(lambda i, o: ["verify", i.bad / "not-a-cache"], ["not-a-cache", "not a logitcache cache"], id="verify-not-a-cache"),
+    pytest.param(lambda i, o: ["verify", i.parts], ["split teacher run", "2 parts of 2", "`logitcache merge MERGED_DIR ", "parts`"], id="verify-directory-of-parts"),
     # merge
     pytest.param(lambda i, o: ["merge", o / "merged"], ["Missing argument 'parts'"], id="merge-no-parts"),
     pytest.param(lambda i, o: ["merge", o / "merged", i.bad / "nowhere"], ["nowhere", "neither"], id="merge-part-missing"),
@@ -211,6 +216,7 @@ CASES = [
     # train
     pytest.param(lambda i, o: train(i, o / "run", cache=i.bad / "nowhere"), ["nowhere", "no such cache directory"], id="train-cache-missing"),
     pytest.param(lambda i, o: train(i, o / "run", cache=i.bad / "not-a-cache"), ["not-a-cache", "not a logitcache cache"], id="train-cache-not-a-cache"),
+    pytest.param(lambda i, o: train(i, o / "run", cache=i.parts), ["split teacher run", "`logitcache merge MERGED_DIR ", "parts`"], id="train-cache-directory-of-parts"),
     pytest.param(lambda i, o: train(i, o / "run", student=i.bad / "no-student"), ["no-student", "no such directory"], id="train-student-missing"),
     pytest.param(lambda i, o: train(i, o / "run", student=i.bad / "not-a-model"), ["not-a-model", "could not load"], id="train-student-not-a-model"),
     pytest.param(lambda i, o: train(i, o / "run", "--loss", "kl", student=i.other_student), ["--loss kl", "vocabulary"], id="train-kl-student-of-another-vocabulary"),

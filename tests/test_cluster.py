@@ -52,7 +52,7 @@ def test_slurm_array_variables_are_the_defaults(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("count, index", [(3, 3), (3, -1), (0, 0)])
 def test_bad_worker_options_are_refused(count, index, tmp_path, teacher_dir, data_file):
-    with pytest.raises(LogitCacheError, match="--worker-index|--num-workers"):
+    with pytest.raises(LogitCacheError, match="--part-index|--num-parts"):
         run_teacher(make_config(teacher_dir, data_file, tmp_path / "o", num_workers=count, worker_index=index), progress=False)
     assert not (tmp_path / "o").exists()
 
@@ -122,3 +122,57 @@ def test_training_on_one_part_says_it_holds_a_share_of_the_data(tmp_path, teache
     assert r.returncode == 0, r.stderr
     warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
     assert any("part 2 of 3 of a split teacher run" in w and "logitcache merge" in w for w in warnings), r.stderr
+
+
+def _console(*args, env=None):
+    """The real console script, as a user runs it."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "logitcache", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, check=False, env=env)
+
+
+def _teacher(teacher_dir, data_file, out, *split):
+    return ("teacher", "--model", teacher_dir, "--data", data_file, "--out", out, "--top-k", 8,
+            "--prompt-field", "prompt", "--response-field", "response", "--no-progress", *split)
+
+
+def test_a_part_says_it_is_one_part_and_names_the_merge_command(tmp_path, teacher_dir, data_file):
+    parts = tmp_path / "parts"
+
+    r = _console(*_teacher(teacher_dir, data_file, parts, "--num-parts", 4, "--part-index", 1))
+
+    assert r.returncode == 0, r.stderr
+    assert f"cache {parts / part_name(1, 4)}: 6 examples" in r.stdout
+    assert "part 2 of 4 (about 1/4 of the data), complete" in r.stdout
+    assert f"join them into one cache with `logitcache merge MERGED_DIR {parts}`" in r.stdout
+
+
+def test_the_old_split_flags_still_work_with_a_deprecation_line(tmp_path, teacher_dir, data_file):
+    from typer.testing import CliRunner
+
+    from logitcache.cli import app
+
+    parts = tmp_path / "parts"
+    args = _teacher(teacher_dir, data_file, parts, "--num-workers", 3, "--worker-index", 2)
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines() == [
+        "warning: --num-workers is deprecated (it reads as dataloader workers); use --num-parts.",
+        "warning: --worker-index is deprecated (it reads as dataloader workers); use --part-index.",
+    ]
+    assert json.loads((parts / part_name(2, 3) / "manifest.json").read_text())["worker"] == {"index": 2, "count": 3}
+
+
+def test_the_old_split_flags_are_hidden_from_help():
+    from typer.testing import CliRunner
+
+    from logitcache.cli import app
+
+    r = CliRunner().invoke(app, ["teacher", "--help"], env={"COLUMNS": "200"})
+
+    assert "--num-parts" in r.output and "--part-index" in r.output
+    assert "--num-workers" not in r.output and "--worker-index" not in r.output

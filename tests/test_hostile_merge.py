@@ -1,6 +1,6 @@
 """Hostile merge parts, through the real console script (issue 13 §3): one line, bounded.
 
-The two parts of a real split run (the tiny teacher, ``--num-workers 2``) are built once; each
+The two parts of a real split run (the tiny teacher, ``--num-parts 2``) are built once; each
 case copies them, damages them one way as an attacker who controls every byte would (hashes made
 to match unless the case is the hash), and runs ``logitcache merge``. It must refuse: exit != 0,
 exactly one short ``error:`` line and no traceback, no merged cache left behind (the output

@@ -37,7 +37,7 @@ app = typer.Typer(
     help=(
         "Offline teacher-logit cache for LLM knowledge distillation.\n\n"
         "Stage 1: `logitcache teacher` runs a teacher once and stores its top-k log-probabilities "
-        "with character offsets (split over a cluster with --num-workers, joined by `merge`); `inspect` "
+        "with character offsets (split over a cluster with --num-parts, joined by `merge`); `inspect` "
         "and `verify` look into a cache. Stage 2: `logitcache train` "
         "distils the cache into a student with any tokenizer; `eval` compares models per character. "
         "`demo` runs the whole thing on tiny models built on the spot."

@@ -17,7 +17,7 @@ def merge(
     copy: bool = typer.Option(False, "--copy", help="Copy the shards instead of hard-linking them (hard links need OUT on the parts' filesystem and take no extra space; across filesystems merge copies anyway)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every shard's size and sha256 against its part's manifest before merging."),
 ) -> None:
-    """Join the parts of a cluster run (`logitcache teacher --num-workers N`) into one cache.
+    """Join the parts of a cluster run (`logitcache teacher --num-parts N`) into one cache.
 
     Checks that the parts are every worker of one run, complete, made with the same settings,
     with every example exactly once; then links their shards into OUT/data/ (no Parquet is

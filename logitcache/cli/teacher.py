@@ -43,8 +43,11 @@ def teacher(
     top_p: float = typer.Option(1.0, "--top-p", help="Generate mode: nucleus sampling."),
     seed: int = typer.Option(0, "--seed", help="Generate mode: sampling seed."),
     truncate_prompts: bool = typer.Option(False, "--truncate-prompts", help="Generate mode: cut prompts too long for the context from the left instead of skipping (and counting) them."),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Cluster run: split the data over N workers (default: SLURM_ARRAY_TASK_COUNT, else 1). Each writes OUT/part-I-of-N; `logitcache merge` joins them."),
-    worker_index: Optional[int] = typer.Option(None, "--worker-index", help="Cluster run: this worker, 0..N-1 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)."),
+    num_parts: Optional[int] = typer.Option(None, "--num-parts", help="Cluster run: split the data into N parts, one job each (default: SLURM_ARRAY_TASK_COUNT, else 1). Part I is written to OUT/part-I-of-N, about 1/N of the data; `logitcache merge` joins the parts into one cache."),
+    part_index: Optional[int] = typer.Option(None, "--part-index", help="Cluster run: the part this job writes, 0..N-1 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)."),
+    # The old names read as dataloader workers (issue 14 §4); still accepted for existing scripts.
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", hidden=True),
+    worker_index: Optional[int] = typer.Option(None, "--worker-index", hidden=True),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model."),
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="vllm: share of GPU memory to use."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="vllm: context length (default --max-length or the model's)."),
@@ -63,10 +66,13 @@ def teacher(
     """
     if not (math.isfinite(shard_size_mb) and shard_size_mb > 0):
         raise LogitCacheError(f"--shard-size-mb must be a positive number of MiB (got {shard_size_mb}); the default is 256.")
+    num_parts = _renamed(num_workers, "--num-workers", num_parts, "--num-parts")
+    part_index = _renamed(worker_index, "--worker-index", part_index, "--part-index")
     quiet_libraries()
     from logitcache.pipeline.records import TextTemplate
     from logitcache.pipeline.teacher.engine import GenerationConfig
     from logitcache.pipeline.teacher.run import TOO_LONG, TeacherConfig, run_teacher
+    from logitcache.storage.parts import merge_command
 
     cfg = TeacherConfig(
         model=model, data=data, out=str(out), top_k=top_k, engine=engine, mode=mode,
@@ -78,7 +84,7 @@ def teacher(
         limit=limit, revision=revision, trust_remote_code=trust_remote_code,
         shard_bytes=max(1, int(shard_size_mb * 2**20)), codec=codec,
         generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
-        truncate_prompts=truncate_prompts, num_workers=num_workers, worker_index=worker_index,
+        truncate_prompts=truncate_prompts, num_workers=num_parts, worker_index=part_index,
         tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len, eos=eos, temperatures=parse_temperatures(temperatures), logit_stats=logit_stats,
         word_start=word_start,
@@ -100,7 +106,22 @@ def teacher(
     typer.echo("; ".join(parts))
     bpt = m.num_bytes / m.num_tokens if m.num_tokens else 0.0
     state = "complete" if r.complete else "partial (rerun to continue)"
+    if m.worker:  # one part of a split run must not pass for the whole cache
+        index, count = m.worker["index"], m.worker["count"]
+        state = f"part {index + 1} of {count} (about 1/{count} of the data), {state}"
     typer.echo(f"cache {r.out}: {m.num_examples} examples, {m.num_tokens} tokens, {bpt:.1f} bytes/token, {state}")
+    if m.worker:
+        typer.echo(f"once all {count} parts are complete, join them into one cache with {merge_command(Path(r.out).parent)}")
+
+
+def _renamed(old: Optional[int], old_flag: str, new: Optional[int], new_flag: str) -> Optional[int]:
+    """The value of a renamed option, given by its old name (with a deprecation line) or its new one."""
+    if old is None:
+        return new
+    if new is not None:
+        raise LogitCacheError(f"{old_flag} is the old name of {new_flag}; give {new_flag} only.")
+    typer.echo(f"warning: {old_flag} is deprecated (it reads as dataloader workers); use {new_flag}.", err=True)
+    return old
 
 
 def parse_temperatures(value: Optional[str]) -> Optional[tuple[float, ...]]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from logitcache.errors import LogitCacheError
 from logitcache.storage.fsutil import atomic_write_bytes
+from logitcache.storage.parts import merge_command, part_dirs, parts_summary
 from logitcache.storage.schema import FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS, shard_schema
 
 MANIFEST_NAME = "manifest.json"
@@ -168,6 +169,12 @@ MAX_MANIFEST_BYTES = 256 << 20
 def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
     path = Path(cache_dir) / MANIFEST_NAME
     if not path.is_file():
+        parts = part_dirs(Path(cache_dir))
+        if parts:  # the --out of a split teacher run: each part is a cache, the whole is not yet
+            raise LogitCacheError(
+                f"{cache_dir} is the directory of a split teacher run, holding {parts_summary(parts)}, not one cache; "
+                f"join the parts first with {merge_command(Path(cache_dir))} and use MERGED_DIR (or give one part)."
+            )
         raise LogitCacheError(
             f"{cache_dir}: no {MANIFEST_NAME} here, so this is not a logitcache cache; "
             "point to the directory written by `logitcache teacher --out`."

@@ -2,7 +2,7 @@
 
     report = merge_caches("out/cache", ["out/parts/part-00000-of-00002", "out/parts/part-00001-of-00002"])
 
-Worker i of n (``logitcache teacher --num-workers n --worker-index i``) writes a complete
+Part i of n (``logitcache teacher --num-parts n --part-index i``) writes a complete
 cache of its own, holding the records whose dataset index r has r % n == i. Merging checks
 that the parts belong together (same settings, every worker once, every example once, every
 shard intact: a regular file of its size and sha256, with the footer verify and the training
@@ -41,9 +41,9 @@ from logitcache.storage.integrity import MAX_ID_BYTES, footer_problem, shard_fil
 from logitcache.storage.lock import LOCK_NAME, CacheLock
 from logitcache.storage.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, resolve_inside
 from logitcache.storage.marker import clear_marked, write_marker
+from logitcache.storage.parts import PART_GLOB, part_name
 from logitcache.storage.writer import CARD_NAME, DATA_DIR, TMP_PREFIX, TOKENIZER_DIR, layout_names
 
-PART_GLOB = "part-*"
 # Hashing is bound by disk and sha256 (hashlib releases the GIL): several shards at once
 # keep a parallel filesystem busy, with 1 MiB of memory each.
 _HASH_THREADS = min(8, os.cpu_count() or 1)
@@ -92,7 +92,7 @@ def expand_parts(paths: Iterable[str | os.PathLike]) -> list[Path]:
         if not found:
             raise LogitCacheError(
                 f"{p} holds neither a {MANIFEST_NAME} nor {PART_GLOB} directories; give the worker parts "
-                "or the --out directory of the `logitcache teacher --num-workers N` run that holds them."
+                "or the --out directory of the `logitcache teacher --num-parts N` run that holds them."
             )
         out.extend(found)
     return out
@@ -176,7 +176,7 @@ def _load_part(path: Path) -> _Part:
     if not (isinstance(w, dict) and type(w.get("index")) is int and type(w.get("count")) is int):
         raise LogitCacheError(
             f"{path} is not a worker's part (its manifest has no worker entry); merge joins the "
-            "part-* directories written by `logitcache teacher --num-workers N --worker-index I`."
+            "part-* directories written by `logitcache teacher --num-parts N --part-index I`."
         )
     index, count = w["index"], w["count"]
     if not 0 <= index < count:
@@ -184,7 +184,7 @@ def _load_part(path: Path) -> _Part:
     if m.status != "complete":
         raise LogitCacheError(
             f"part {path} is partial: rerun worker {index} with the same command "
-            f"(--num-workers {count} --worker-index {index}); it resumes where it stopped."
+            f"(--num-parts {count} --part-index {index}); it resumes where it stopped."
         )
     return _Part(path, m, index, count)
 
@@ -224,7 +224,7 @@ def _check_workers(parts: list[_Part]) -> None:
         if part.count != ref.count:
             raise LogitCacheError(
                 f"parts {ref.path} (of {ref.count} workers) and {part.path} (of {part.count} workers) come from "
-                "different splits (--num-workers); merge the parts of one run (move the other run's parts away)."
+                "different splits (--num-parts); merge the parts of one run (move the other run's parts away)."
             )
     for a, b in itertools.pairwise(parts):  # sorted by index: a duplicate sits next to its twin
         if a.index == b.index:
@@ -242,14 +242,10 @@ def _check_workers(parts: list[_Part]) -> None:
         listed = ", ".join(map(str, missing)) + (f" ... ({n_missing:,} in all)" if n_missing > len(missing) else "")
         raise LogitCacheError(
             f"worker{'s' if n_missing > 1 else ''} {listed} of {ref.count} missing (no "
-            f"{', '.join(_part_name(i, ref.count) for i in missing[:3])}{', ...' if len(missing) > 3 else ''}); "
-            f"run {'them' if n_missing > 1 else 'it'} (--num-workers {ref.count} --worker-index I, or resubmit the "
+            f"{', '.join(part_name(i, ref.count) for i in missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+            f"run {'them' if n_missing > 1 else 'it'} (--num-parts {ref.count} --part-index I, or resubmit the "
             "whole Slurm array: finished workers return at once) and merge again."
         )
-
-
-def _part_name(index: int, count: int) -> str:
-    return f"part-{index:05d}-of-{count:05d}"
 
 
 def _damaged(part: _Part, what: str) -> LogitCacheError:
@@ -308,7 +304,7 @@ def _check_examples(parts: list[_Part], report: MergeReport) -> None:
     elif total != expected:
         n = parts[0].count
         short = [
-            f"{_part_name(p.index, n)} has {c} of {len(range(p.index, expected, n))}"
+            f"{part_name(p.index, n)} has {c} of {len(range(p.index, expected, n))}"
             for p, c in zip(parts, counts)
             if c != len(range(p.index, expected, n))
         ]

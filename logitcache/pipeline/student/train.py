@@ -737,6 +737,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     from logitcache.pipeline.student.collate import KDCollator
     from logitcache.pipeline.student.dataset import LogitCacheDataset, refuse_unaligned
     from logitcache.storage import open_cache
+    from logitcache.storage.parts import merge_command
 
     cfg.validate()
     cache = open_cache(cfg.cache)  # refuses non-caches, unknown versions and manifests that fail the schema
@@ -811,7 +812,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         n = int(part["count"])
         notices.append(
             f"{cfg.cache} is part {int(part['index']) + 1} of {n} of a split teacher run, about 1/{n} of the data; "
-            f"to train on all of it, join the parts first: `logitcache merge OUT PART...`."
+            f"to train on all of it, join the parts first: {merge_command(Path(cfg.cache).resolve().parent)}."
         )
     if partial:
         notices.append(

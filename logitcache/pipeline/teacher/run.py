@@ -30,6 +30,7 @@ from logitcache.pipeline.teacher.engine import ENGINES, GenerationConfig, Teache
 from logitcache.storage.fsutil import crash_point, hash_files
 from logitcache.storage.lock import CacheLock
 from logitcache.storage.manifest import Manifest
+from logitcache.storage.parts import part_name
 from logitcache.storage.rows import Row
 from logitcache.storage.schema import EXTRA_COLUMNS
 from logitcache.storage.writer import DEFAULT_SHARD_BYTES, CacheWriter
@@ -166,11 +167,11 @@ class TeacherConfig:
         count = 1 if count is None else count
         index = 0 if index is None else index
         if count < 1:
-            raise LogitCacheError(f"--num-workers must be at least 1 (got {count}).")
+            raise LogitCacheError(f"--num-parts must be at least 1 (got {count}).")
         if not 0 <= index < count:
             raise LogitCacheError(
-                f"--worker-index {index} is outside 0..{count - 1} for --num-workers {count}; "
-                "worker indices start at 0 (Slurm arrays: --array=0-N-1)."
+                f"--part-index {index} is outside 0..{count - 1} for --num-parts {count}; "
+                "part indices start at 0 (Slurm arrays: --array=0-N-1)."
             )
         return index, count
 
@@ -178,10 +179,6 @@ class TeacherConfig:
         """The cache this worker writes: ``out`` itself, or its part directory in a cluster run."""
         index, count = self.worker()
         return Path(self.out) if count == 1 else Path(self.out) / part_name(index, count)
-
-
-def part_name(index: int, count: int) -> str:
-    return f"part-{index:05d}-of-{count:05d}"
 
 
 @dataclass
