@@ -129,6 +129,8 @@ ABLATIONS = {
     "mlot-approx-tau": ("mlot", {"approximate_temperature": True}),  # §1c: tau_SD=2 renormalised over the top-K
     "uld-token": ("uld", {"kd_reduction": "token"}),  # §1d: the mean over the batch's positions
     "mlot-token": ("mlot", {"kd_reduction": "token"}),
+    "alm-plain": ("alm", {"alm_mode": "plain"}),  # §3b: ALM without its chunk debiasing (same weight)
+    "alm-w1": ("alm", {"alm_mode": "plain", "kd_weight": 1.0}),  # ALM as it ran before: plain, weight 1
 }
 LEGEND = (
     "Rows: `sft` cross-entropy only; `kl` forward KL from the top-64 cache (the teacher's tokenizer); `kl-full` the "
@@ -138,7 +140,8 @@ LEGEND = (
     "target (training feature stats). s/step: training seconds per step (this machine, as it was loaded). With "
     "--ablation, rows with one issue-12 fix undone: `mlot-approx-tau` (MultiLevelOT's tau_SD = 2 target renormalised "
     "over the top-64 instead of exact from the cache's log-partition, §1c), `uld-token`/`mlot-token` (the KD term "
-    "averaged over the batch's positions instead of per sequence, §1d)."
+    "averaged over the batch's positions instead of per sequence, §1d), `alm-plain` (ALM without its chunk debiasing, "
+    "§3b), `alm-w1` (ALM as it ran before this change: no debiasing, KD weight 1)."
 )
 
 
@@ -559,6 +562,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md and the chart")
     ap.add_argument("--ablation", action="store_true",
                     help="also the cross-tokenizer rows with one issue-12 fix undone by a flag (before/after)")
+    ap.add_argument("--methods", type=str, default=None,
+                    help="only these rows' methods, comma-separated (e.g. sft,alm,alm-plain); for a partial rerun")
     ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     ap.add_argument("--seed-list", type=str, default=None,
                     help="comma-separated seeds to run (e.g. 2), to share the rows between processes")
@@ -632,6 +637,9 @@ def main(argv: list[str] | None = None) -> None:
            "code": code, "heldout": heldout, "heldout_hash": _file_hash(heldout), "fresh": args.fresh,
            "teacher_dir": tdir, "temperatures": temperatures}
     order = methods(args.ablation)
+    if args.methods:
+        wanted = {m.strip() for m in args.methods.split(",")}
+        order = [(tok, m) for tok, m in order if m in wanted]
     plan = [(tok, m, s) for s in setup.seeds for tok, m in order]  # seed-major: a cut-short run has whole seeds
     if args.reverse:
         plan.reverse()

@@ -113,7 +113,7 @@ def test_io_error_publishing_the_manifest_keeps_the_previous_one(tmp_path, teach
 def test_no_space_while_creating_the_cache_is_redone_by_the_rerun(tmp_path, teacher_dir, data_file, built_cache, monkeypatch):
     out = tmp_path / "cache"
     with monkeypatch.context() as m:
-        fail_on_call(m, shutil, "copy2", 2, errno.ENOSPC)  # the tokenizer copy, its second file
+        fail_on_call(m, shutil, "copyfile", 2, errno.ENOSPC)  # the tokenizer copy, its second file
         with pytest.raises(CacheWriteError, match="no space left on the device while creating the cache"):
             run_teacher(make_config(teacher_dir, data_file, out), progress=False)
         assert not (out / MANIFEST_NAME).exists()
