@@ -50,7 +50,8 @@ def demo(
     )
     _check_options(cfg, threads=threads, teacher_only=teacher_only)
     from logitcache.cli.cache import inspect, verify
-    from logitcache.pipeline.demo import clock, configure_threads, evaluate_all, format_table, run_teacher_part, train_students
+    from logitcache.pipeline.demo import configure_threads, evaluate_all, format_table, run_teacher_part, train_students
+    from logitcache.pipeline.progress import clock
 
     t0, c0 = time.perf_counter(), time.process_time()
     typer.echo(f"[1/5] tiny teacher and data in {out} (built on the spot, no download)")
