@@ -123,7 +123,7 @@ def test_sigterm_between_two_windows_keeps_the_first_and_exits_143(tmp_path, tea
 def test_a_negative_log_interval_is_refused_in_one_line(tmp_path, teacher_dir, data_file):
     r = CliRunner().invoke(app, [*teacher_command(teacher_dir, data_file, tmp_path / "cache")[1:], "--log-every", "-5"])
     assert r.exit_code == 2
-    assert r.output.strip() == "error: --log-every must be 0 or more seconds (got -5.0); 0 logs every window of examples."
+    assert r.output.strip() == "error: --log-every must be 0 or more seconds (got -5.0); 0 logs at every step."
     assert not (tmp_path / "cache").exists()
 
 

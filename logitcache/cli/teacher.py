@@ -54,7 +54,7 @@ def teacher(
     logit_stats: bool = typer.Option(False, "--logit-stats/--no-logit-stats", help="Also store per position the logits' mean and std over the full vocabulary and the log-normaliser of logits / (std + 1e-4) (12 bytes per position; MultiLevelOT's code variant needs them)."),
     word_start: Optional[bool] = typer.Option(None, "--word-start/--no-word-start", help="Also store per position the log of the teacher's probability that the next token starts a word (whitespace-initial or special tokens; 4 bytes per position): ALM's chunk debiasing (train --loss alm, default --alm-mode debias) needs it. Default: on with --engine hf, off with vllm (which cannot give it)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal. Off a terminal (a log file under Slurm or nohup), or with --no-progress, a plain line every --log-every seconds instead."),
-    log_every: float = typer.Option(30.0, "--log-every", help="Seconds between plain progress lines (examples and tokens done, tokens/s, time left); 0: after every window of batches."),
+    log_every: float = typer.Option(30.0, "--log-every", help="Seconds between plain progress lines (examples and tokens done, tokens/s, time left), printed on stderr; 0: after every window of batches."),
 ) -> None:
     """Run a teacher over a dataset and write its top-k logit cache (stage 1).
 

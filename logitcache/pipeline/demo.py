@@ -340,7 +340,8 @@ def evaluate_all(cfg: DemoConfig, paths: DemoPaths, trained: list[_Trained], pro
     results = {}
     with StepProgress("held-out eval", len(models), unit="models", enabled=progress_enabled(progress), interval=0.0, indent="  ") as bar:
         for i, (name, model_dir) in enumerate(models):
-            e = evaluate(EvalConfig(model=os.fspath(model_dir), data=os.fspath(paths.heldout), template=template))
+            e = evaluate(EvalConfig(model=os.fspath(model_dir), data=os.fspath(paths.heldout), template=template,
+                                    log_every=None))
             results[name] = e
             bar.update(i + 1, note=f"{name} {e.bits_per_char:.3f} bits/char")
     t = results["teacher"]

@@ -7,16 +7,25 @@ every few seconds instead.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
 from typing import TextIO
+
+from logitcache.errors import LogitCacheError
 
 
 def clock(seconds: float) -> str:
     """Seconds as m:ss (h:mm:ss from an hour)."""
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def check_log_every(seconds: float | None) -> None:
+    """Refuse a --log-every that is no interval (negative, NaN, infinite); None is no progress at all."""
+    if seconds is not None and not (math.isfinite(seconds) and seconds >= 0):
+        raise LogitCacheError(f"--log-every must be 0 or more seconds (got {seconds}); 0 logs at every step.")
 
 
 def progress_enabled(requested: bool = True) -> bool:
@@ -30,17 +39,19 @@ class StepProgress:
     On a terminal: a rich progress bar (unless ``bar`` is False). Anywhere else (a log file, a
     pipe, CI): a line when the stage starts, then one at most every ``interval`` seconds (0: at
     every update), so a log never stays silent for long. Disabled: nothing until the end.
-    Always: one closing line with the count, the time taken and the last loss or note.
+    Always: one closing line with the count, the time taken and the last loss or note; unless
+    ``silent``, for a caller that reports progress its own way.
     The time left is estimated from the rate since the first update, so set-up before the first
     step (imports, building a tokenizer) and steps an earlier run did (a resumed stage starts at
     ``start``) do not distort it.
     """
 
     def __init__(self, label: str, total: int, *, unit: str = "steps", enabled: bool = True, bar: bool = True,
-                 interval: float = 5.0, stream: TextIO | None = None, start: int = 0, indent: str = "") -> None:
+                 interval: float = 5.0, stream: TextIO | None = None, start: int = 0, indent: str = "",
+                 silent: bool = False) -> None:
         self.label, self.total, self.unit, self.interval, self.indent = label, total, unit, interval, indent
         self.stream = stream if stream is not None else sys.stdout
-        self.enabled, self.bar = enabled, bar
+        self.enabled, self.bar, self.silent = enabled and not silent, bar, silent
         self.start = self.done = start
         self.loss: float | None = None
         self.note = ""
@@ -134,4 +145,5 @@ class StepProgress:
 
     def _print(self, text: str) -> None:
         self._shown = self.done
-        print(text, file=self.stream, flush=True)
+        if not self.silent:
+            print(text, file=self.stream, flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -18,7 +19,7 @@ import numpy as np
 import logitcache
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.offsets import encode_prefix_with_offsets, encode_suffix_with_offsets, encode_with_offsets
-from logitcache.pipeline.progress import StepProgress, progress_enabled
+from logitcache.pipeline.progress import StepProgress, check_log_every, progress_enabled
 from logitcache.pipeline.records import (
     TextTemplate,
     add_special_tokens_for,
@@ -112,8 +113,7 @@ class TeacherConfig:
             )
         if self.limit is not None and self.limit < 0:
             raise LogitCacheError(f"--limit must be 0 or more (got {self.limit}).")
-        if not (math.isfinite(self.log_every) and self.log_every >= 0):
-            raise LogitCacheError(f"--log-every must be 0 or more seconds (got {self.log_every}); 0 logs every window of examples.")
+        check_log_every(self.log_every)
         if self.shard_bytes <= 0:
             raise LogitCacheError("--shard-size-mb must be positive.")
         if self.topk_chunk <= 0:
@@ -344,8 +344,9 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
     # Three stages overlap: reading + tokenizing the next window (a thread), the teacher on
     # this one (here), and writing the previous one (a thread). Only the writer thread
     # touches the writer, so rows and skips reach it in dataset order.
+    # stderr, as tqdm and the engines log: stdout keeps the summary that scripts read.
     bar = StepProgress("teacher", assigned, unit="examples", bar=progress_enabled(progress), interval=cfg.log_every,
-                       start=len(writer.done_ids))
+                       stream=sys.stderr, start=len(writer.done_ids))
     with writer, bar, ThreadPoolExecutor(1) as write_pool:
         bar.update(len(writer.done_ids), note=_throughput(0, 0.0))
         writing = None
