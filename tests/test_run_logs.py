@@ -137,3 +137,13 @@ def test_the_resume_command_of_a_slurm_array_task_names_its_worker(tmp_path, mon
     line = _kept(TeacherConfig(model="m", data="d", out=str(tmp_path)))
     assert line == (f"nothing is written to {tmp_path / 'part-00003-of-00008'} yet; to resume, run: "
                     f"logitcache teacher --model m --data d --out {tmp_path} --num-workers 8 --worker-index 3")
+
+
+def test_verify_of_a_long_check_logs_shards_done_on_stderr(built_cache):
+    shards = len(load_manifest(built_cache).shards)
+
+    r = CliRunner().invoke(app, ["verify", str(built_cache), "--log-every", "0"])
+
+    assert r.exit_code == 0 and r.stdout.startswith("OK ") and len(r.stdout.splitlines()) == 1
+    lines = r.stderr.splitlines()
+    assert [line.split(" shards")[0] for line in lines] == [f"verify: {done}/{shards}" for done in range(shards)]

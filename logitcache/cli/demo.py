@@ -59,7 +59,7 @@ def demo(
     paths, r = run_teacher_part(cfg, progress=progress)
     typer.echo(f"[2/5] teacher stage: {r.written} examples written, {r.tokens_per_second:,.0f} tokens/s -> {paths.cache}")
     inspect(paths.cache, example=None, tokens=12, alternatives=3)
-    verify(paths.cache, fast=False)
+    verify(paths.cache, fast=False, log_every=30.0)
     if teacher_only:
         return
     typer.echo(f"[3/5] {len(cfg.students)} students, {student_steps} steps each, from the one cache")

@@ -40,7 +40,8 @@ class StepProgress:
     pipe, CI): a line when the stage starts, then one at most every ``interval`` seconds (0: at
     every update), so a log never stays silent for long. Disabled: nothing until the end.
     Always: one closing line with the count, the time taken and the last loss or note; unless
-    ``silent``, for a caller that reports progress its own way.
+    ``silent``, for a caller that reports progress its own way. Without ``ends``, neither the
+    opening nor the closing line: a quick run stays quiet, a long one still logs.
     The time left is estimated from the rate since the first update, so set-up before the first
     step (imports, building a tokenizer) and steps an earlier run did (a resumed stage starts at
     ``start``) do not distort it.
@@ -48,10 +49,10 @@ class StepProgress:
 
     def __init__(self, label: str, total: int, *, unit: str = "steps", enabled: bool = True, bar: bool = True,
                  interval: float = 5.0, stream: TextIO | None = None, start: int = 0, indent: str = "",
-                 silent: bool = False) -> None:
+                 silent: bool = False, ends: bool = True) -> None:
         self.label, self.total, self.unit, self.interval, self.indent = label, total, unit, interval, indent
         self.stream = stream if stream is not None else sys.stdout
-        self.enabled, self.bar, self.silent = enabled and not silent, bar, silent
+        self.enabled, self.bar, self.silent, self.ends = enabled and not silent, bar, silent, ends
         self.start = self.done = start
         self.loss: float | None = None
         self.note = ""
@@ -77,7 +78,7 @@ class StepProgress:
             )
             self._bar.__enter__()
             self._task = self._bar.add_task(self.label, total=self.total, completed=self.start, info="")
-        else:  # a log shows at once that the stage began, and from where
+        elif self.ends:  # a log shows at once that the stage began, and from where
             self._print(self.line())
         return self
 
@@ -87,7 +88,10 @@ class StepProgress:
         except (AttributeError, ValueError):
             return False
 
-    def update(self, done: int, loss: float | None = None, note: str = "") -> None:
+    def update(self, done: int, loss: float | None = None, note: str = "", total: int | None = None) -> None:
+        """``done`` of ``total`` (which a stage that learns its size late may give here)."""
+        if total is not None:
+            self.total = total
         if self._first is None:
             self._first = (time.perf_counter(), done)
         self.done = done
@@ -98,7 +102,7 @@ class StepProgress:
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.update(self._task, completed=done, info=self._info())
+            self._bar.update(self._task, completed=done, total=self.total, info=self._info())
             return
         now = time.perf_counter()
         if now - self.last_print >= self.interval and done != self._shown and done < self.total:
@@ -138,7 +142,7 @@ class StepProgress:
         if self._bar is not None:
             self._bar.__exit__(exc_type, exc, tb)
             self._bar = None
-        if exc_type is None:
+        if exc_type is None and self.ends:
             info = self._info(", ")
             self._print(f"{self.indent}{self.label}: {self.done:,}/{self.total:,} {self.unit} in {clock(time.perf_counter() - self.t0)}"
                         + (f", {info}" if info else ""))
