@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import re
 
 import pytest
 import torch
 
 from logitcache.pipeline import demo
-from logitcache.pipeline.demo import DemoConfig, StepProgress, cgroup_cpu_limit, configure_threads, usable_cpus
+from logitcache.pipeline.demo import DemoConfig, cgroup_cpu_limit, configure_threads, usable_cpus
 
 
 @pytest.fixture(autouse=True)
@@ -81,62 +80,6 @@ def test_student_rows_use_only_losses_that_train_offers():
     from logitcache.pipeline.student.train import LOSSES
 
     assert {s.loss for s in DemoConfig().students} <= set(LOSSES)
-
-
-# --- progress --------------------------------------------------------------------------------
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_progress_prints_plain_lines_with_count_loss_elapsed_and_time_left_when_not_a_terminal():
-    out = io.StringIO()
-    with StepProgress("teacher training", 10, stream=out, interval=0.0) as p:
-        for step in range(1, 11):
-            p.update(step, loss=2.0 / step)
-    lines = out.getvalue().splitlines()
-    assert len(lines) == 10  # steps 1..9, then the closing line
-    assert re.fullmatch(r"  teacher training: 4/10 steps \(40%\)  loss 0\.5  elapsed 0:00  left ~0:00", lines[3])
-    assert "left" not in lines[0]  # no rate is known after the first update
-    assert re.fullmatch(r"  teacher training: 10/10 steps in 0:00, loss 0\.2", lines[-1])
-
-
-def test_progress_prints_at_most_one_line_per_interval():
-    out = io.StringIO()
-    with StepProgress("student", 1000, stream=out, interval=3600.0) as p:
-        for step in range(1, 1001):
-            p.update(step, loss=1.0)
-    assert out.getvalue().splitlines() == [out.getvalue().splitlines()[-1]]
-    assert "1000/1000 steps in" in out.getvalue()
-
-
-def test_progress_disabled_prints_only_the_closing_line():
-    out = io.StringIO()
-    with StepProgress("student", 5, stream=out, interval=0.0, enabled=False) as p:
-        for step in range(1, 6):
-            p.update(step, loss=1.0)
-    assert out.getvalue().splitlines() == ["  student: 5/5 steps in 0:00, loss 1"]
-
-
-def test_progress_draws_a_rich_bar_on_a_terminal():
-    out = _Terminal()
-    with StepProgress("teacher training", 4, stream=out, interval=0.0) as p:
-        for step in range(1, 5):
-            p.update(step, loss=1.0)
-    text = out.getvalue()
-    assert "━" in text and "\x1b[" in text  # a drawn bar (ANSI), not plain lines
-    assert "teacher training: 2/4 steps (50%)" not in text
-    assert text.rstrip().endswith("teacher training: 4/4 steps in 0:00, loss 1")
-
-
-def test_progress_time_left_ignores_steps_of_an_earlier_run():
-    p = StepProgress("student", 100, stream=io.StringIO(), start=90)
-    p.update(90)
-    p._first = (p._first[0] - 10.0, 90)  # 10 s ago, at step 90
-    p.update(95)
-    assert p.eta() == pytest.approx(10.0, rel=0.05)  # 5 steps in 10 s, 5 to go
 
 
 def test_teacher_training_reports_every_step_and_ends_each_text_with_eos():

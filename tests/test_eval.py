@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -69,6 +70,24 @@ def test_cli_eval_prints_bits_per_char_and_accuracy(tmp_path, teacher_dir):
     res = json.loads(r.output.strip().splitlines()[-1])
     assert res["examples"] == 2 and res["answered"] == 2 and res["bits_per_char"] > 0
     assert 0 <= res["exact_match"] <= res["accuracy"]  # an exact match is also a prefix match
+
+
+def test_cli_eval_logs_progress_on_stderr_and_keeps_stdout_for_the_result(tmp_path, teacher_dir):
+    from typer.testing import CliRunner
+
+    from logitcache.cli import app
+
+    data = _write(tmp_path / "d.jsonl", [(f"Q{i}: What is {i} plus 4?\nA:", f" {i + 4}.") for i in range(8)])
+    r = CliRunner().invoke(app, ["eval", "--model", str(teacher_dir), "--data", str(data), "--json",
+                                 "--batch-size", "2", "--log-every", "0"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["examples"] == 8
+    lines = r.stderr.splitlines()
+    assert lines[0] == "eval loss: 0/8 examples (0%), elapsed 0:00"
+    assert re.fullmatch(r"eval loss: 4/8 examples \(50%\), \d+\.\d{4} bits/char, elapsed \d+:\d\d, ETA ~\d+:\d\d", lines[2])
+    assert re.fullmatch(r"eval loss: 8/8 examples in \d+:\d\d, \d+\.\d{4} bits/char", lines[4])
+    assert lines[5] == "eval answers: 0/8 examples (0%), elapsed 0:00"
+    assert re.fullmatch(r"eval answers: 8/8 examples in \d+:\d\d, \d+\.\d% exact match", lines[-1]) and len(lines) == 10
 
 
 def test_cli_eval_on_missing_model_is_one_line(tmp_path):

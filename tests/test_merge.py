@@ -429,6 +429,19 @@ def test_cli_merges_the_parts_of_a_directory(tmp_path, parts):
     assert verify_cache(out).ok
 
 
+def test_cli_logs_each_stage_of_a_long_merge_on_stderr(tmp_path, parts):
+    shards = sum(len(load_manifest(p).shards) for p in parts)
+
+    r = CliRunner().invoke(cli(), ["merge", str(tmp_path / "cache"), str(tmp_path / "parts"), "--log-every", "0"])
+
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("merged 3 parts into") and len(r.stdout.strip().splitlines()) == 1
+    stages = [re.match(rf"merge, ([a-z ]+): (\d+)/{shards} shards", line) for line in r.stderr.splitlines()]
+    assert all(stages), r.stderr
+    for stage in ("hashing", "reading ids", "placing"):
+        assert [int(m[2]) for m in stages if m[1] == stage] == list(range(shards)), stage
+
+
 def test_cli_refusal_is_one_error_line(tmp_path, parts):
     shutil.rmtree(parts[2])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -113,6 +114,7 @@ def _load_tokenizer(c, console: Console):
 def verify(
     cache: Path = typer.Argument(..., help="Cache directory."),
     fast: bool = typer.Option(False, "--fast", help="Check hashes and counts only, not every value."),
+    log_every: float = typer.Option(30.0, "--log-every", help="On a big cache, a progress line (shards checked, time left) on stderr every this many seconds; a bar on a terminal."),
 ) -> None:
     """Check a cache: every shard's sha256, row/token counts, sortedness, ranges, offsets, no NaN/inf.
 
@@ -122,9 +124,13 @@ def verify(
     1: damaged: each problem listed, naming the shard.
     2: not a cache, or bad usage.
     """
+    from logitcache.pipeline.progress import StepProgress, check_log_every
     from logitcache.storage import verify_cache
 
-    report = verify_cache(cache, check_values=not fast)
+    check_log_every(log_every)
+    # No opening or closing line: the result is one line, and only a long check logs more.
+    with StepProgress("verify", 0, unit="shards", interval=log_every, stream=sys.stderr, ends=False) as bar:
+        report = verify_cache(cache, check_values=not fast, on_shard=lambda done, total: bar.update(done, total=total))
     if report.ok:
         typer.echo(report.summary())
         if report.partial is not None:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import errno
 import functools
+import shlex
+import signal
+import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -78,18 +83,53 @@ def _path_problem(e: OSError) -> str | None:
     return f"{what}{where}; {hint}."
 
 
-RESUME_TEACHER = "interrupted: finished shards are kept; rerun the same command to resume."
-RESUME_TRAIN = ("interrupted: checkpoints saved in --out are kept; rerun the same command with --resume "
+RESUME_TEACHER = "finished shards are kept; rerun the same command to resume."
+RESUME_TRAIN = ("checkpoints saved in --out are kept; rerun the same command with --resume "
                 "to continue from the last one (without it, train refuses an --out that holds checkpoints).")
 
 
-def user_errors(fn: F | None = None, *, interrupted: str = "interrupted.") -> F:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm's pre-emption, `kill`): raised where Ctrl-C's KeyboardInterrupt would be,
+    so that it stops as safely (the writers keep what they finished); exit 143, not 130."""
+
+
+def _terminate(signum, frame) -> None:
+    # Slurm follows with SIGKILL after a grace period: a second SIGTERM must not cut short the
+    # clean-up that the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_stops():
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stopped_by(e: KeyboardInterrupt) -> str:
+    """How a run was stopped, as the first words of its last line."""
+    return "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+
+
+def command_line(extra: list[str] | None = None) -> str:
+    """The command as it was typed (and ``extra`` arguments), quoted for a shell: what to run again to resume."""
+    return shlex.join(["logitcache", *sys.argv[1:], *(extra or [])])
+
+
+def user_errors(fn: F | None = None, *, interrupted: str = "") -> F:
     """Print a user's error as one line (exit 2); the traceback only with --debug.
 
     User errors: ``LogitCacheError``, and the filesystem errors a path explains (a file where a
     directory belongs, no permission, a full disk, ...): an ``OSError`` of another kind (an I/O
-    error, a lost connection) keeps its traceback. ``interrupted``: the line for Ctrl-C, which
-    must tell the way back that this command really takes (exit 130).
+    error, a lost connection) keeps its traceback. Ctrl-C and SIGTERM stop the command the same
+    way (exit 130 and 143); ``interrupted`` then tells the way back that this command really
+    takes, unless the command put a line of its own in the KeyboardInterrupt.
     """
     if fn is None:
         return functools.partial(user_errors, interrupted=interrupted)  # type: ignore[return-value]
@@ -97,7 +137,8 @@ def user_errors(fn: F | None = None, *, interrupted: str = "interrupted.") -> F:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_stops():
+                return fn(*args, **kwargs)
         except LogitCacheError as e:
             if state.debug:
                 raise
@@ -107,11 +148,12 @@ def user_errors(fn: F | None = None, *, interrupted: str = "interrupted.") -> F:
             if state.debug or hint is None:
                 raise
             fail(hint)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             if state.debug:
                 raise
-            typer.echo(interrupted, err=True)
-            raise typer.Exit(130)
+            message = str(e) or interrupted
+            typer.echo(f"{stopped_by(e)}: {message}" if message else f"{stopped_by(e)}.", err=True)
+            raise typer.Exit(143 if isinstance(e, Terminated) else 130)
 
     return wrapper  # type: ignore[return-value]
 

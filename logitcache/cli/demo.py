@@ -50,7 +50,8 @@ def demo(
     )
     _check_options(cfg, threads=threads, teacher_only=teacher_only)
     from logitcache.cli.cache import inspect, verify
-    from logitcache.pipeline.demo import clock, configure_threads, evaluate_all, format_table, run_teacher_part, train_students
+    from logitcache.pipeline.demo import configure_threads, evaluate_all, format_table, run_teacher_part, train_students
+    from logitcache.pipeline.progress import clock
 
     t0, c0 = time.perf_counter(), time.process_time()
     typer.echo(f"[1/5] tiny teacher and data in {out} (built on the spot, no download)")
@@ -58,7 +59,7 @@ def demo(
     paths, r = run_teacher_part(cfg, progress=progress)
     typer.echo(f"[2/5] teacher stage: {r.written} examples written, {r.tokens_per_second:,.0f} tokens/s -> {paths.cache}")
     inspect(paths.cache, example=None, tokens=12, alternatives=3)
-    verify(paths.cache, fast=False)
+    verify(paths.cache, fast=False, log_every=30.0)
     if teacher_only:
         return
     typer.echo(f"[3/5] {len(cfg.students)} students, {student_steps} steps each, from the one cache")

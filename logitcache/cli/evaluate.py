@@ -27,6 +27,8 @@ def eval_(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run (off by default: it is code from the model's author)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal. Off a terminal, or with --no-progress, a plain line every --log-every seconds instead (on stderr)."),
+    log_every: float = typer.Option(30.0, "--log-every", help="Seconds between plain progress lines; 0: after every batch."),
 ) -> None:
     """Held-out loss per character (bits/char, comparable across tokenizers) and exact-match accuracy."""
     quiet_libraries()
@@ -37,7 +39,7 @@ def eval_(
         EvalConfig(
             model=model, data=data, split=split, batch_size=batch_size, limit=limit,
             max_new_tokens=max_new_tokens, accuracy=accuracy, device=device,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, progress=progress, log_every=log_every,
             template=TextTemplate(text_field=text_field, prompt_field=prompt_field, response_field=response_field,
                                   messages_field=messages_field, separator=separator),
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import typer
@@ -16,6 +18,7 @@ def merge(
     parts: list[Path] = typer.Argument(..., help="The workers' part directories, or the directory holding their part-* directories (the --out of the cluster run)."),
     copy: bool = typer.Option(False, "--copy", help="Copy the shards instead of hard-linking them (hard links need OUT on the parts' filesystem and take no extra space; across filesystems merge copies anyway)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every shard's size and sha256 against its part's manifest before merging."),
+    log_every: float = typer.Option(30.0, "--log-every", help="On big parts, a progress line per stage (shards done, time left) on stderr every this many seconds; a bar on a terminal."),
 ) -> None:
     """Join the parts of a cluster run (`logitcache teacher --num-parts N`) into one cache.
 
@@ -27,11 +30,40 @@ def merge(
 
         logitcache merge cache/ cache-parts/
     """
+    from logitcache.pipeline.progress import check_log_every
     from logitcache.storage.merge import expand_parts, merge_caches
 
-    with warnings.catch_warnings():
+    check_log_every(log_every)
+    with warnings.catch_warnings(), _Stages(log_every) as stages:
         warnings.simplefilter("ignore")  # the report carries them; printed below as one line each
-        report = merge_caches(out, expand_parts(parts), link=not copy, verify=verify)
+        report = merge_caches(out, expand_parts(parts), link=not copy, verify=verify, on_shard=stages.update)
     for message in report.warnings:
         typer.echo(f"warning: {message}", err=True)
     typer.echo(report.summary())
+
+
+class _Stages:
+    """Progress of each stage of a merge in turn: a bar, or a line every ``log_every`` seconds
+    (none for a quick merge, whose result is its one line)."""
+
+    def __init__(self, log_every: float) -> None:
+        self.log_every = log_every
+        self.stage: str | None = None
+        self._stack = ExitStack()
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        from logitcache.pipeline.progress import StepProgress
+
+        if stage != self.stage:
+            self._stack.close()  # the stage before is over
+            self.stage = stage
+            self.bar = self._stack.enter_context(
+                StepProgress(f"merge, {stage}", total, unit="shards", interval=self.log_every, stream=sys.stderr, ends=False)
+            )
+        self.bar.update(done)
+
+    def __enter__(self) -> "_Stages":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.__exit__(*exc)

@@ -8,8 +8,9 @@ from typing import Optional
 
 import typer
 
-from logitcache.cli.common import RESUME_TEACHER, quiet_libraries, user_errors
+from logitcache.cli.common import RESUME_TEACHER, command_line, quiet_libraries, user_errors
 from logitcache.errors import LogitCacheError
+from logitcache.storage.manifest import load_manifest
 
 
 @user_errors(interrupted=RESUME_TEACHER)
@@ -55,7 +56,8 @@ def teacher(
     temperatures: Optional[str] = typer.Option(None, "--temperatures", help="Extra temperatures (comma-separated, e.g. 2,4) whose full-vocabulary log-normaliser is stored per position, so the top-k is exact at them in stage 2 (4 bytes per position each); 1 is always there. 'none' for no extra. Default: 2 with --engine hf, none with vllm (which cannot give it)."),
     logit_stats: bool = typer.Option(False, "--logit-stats/--no-logit-stats", help="Also store per position the logits' mean and std over the full vocabulary and the log-normaliser of logits / (std + 1e-4) (12 bytes per position; MultiLevelOT's code variant needs them)."),
     word_start: Optional[bool] = typer.Option(None, "--word-start/--no-word-start", help="Also store per position the log of the teacher's probability that the next token starts a word (whitespace-initial or special tokens; 4 bytes per position): ALM's chunk debiasing (train --loss alm, default --alm-mode debias) needs it. Default: on with --engine hf, off with vllm (which cannot give it)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal. Off a terminal (a log file under Slurm or nohup), or with --no-progress, a plain line every --log-every seconds instead."),
+    log_every: float = typer.Option(30.0, "--log-every", help="Seconds between plain progress lines (examples and tokens done, tokens/s, time left), printed on stderr; 0: after every window of batches."),
 ) -> None:
     """Run a teacher over a dataset and write its top-k logit cache (stage 1).
 
@@ -87,9 +89,13 @@ def teacher(
         truncate_prompts=truncate_prompts, num_workers=num_parts, worker_index=part_index,
         tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len, eos=eos, temperatures=parse_temperatures(temperatures), logit_stats=logit_stats,
-        word_start=word_start,
+        word_start=word_start, log_every=log_every,
     )
-    r = run_teacher(cfg, progress=progress)
+    try:
+        r = run_teacher(cfg, progress=progress)
+    except KeyboardInterrupt as e:
+        e.args = (_kept(cfg),)
+        raise
     m = r.manifest
     parts = [f"wrote {r.written} examples ({r.tokens} tokens) in {r.seconds:.1f}s, {r.tokens_per_second:,.0f} tokens/s"]
     if r.already_done:
@@ -122,6 +128,26 @@ def _renamed(old: Optional[int], old_flag: str, new: Optional[int], new_flag: st
         raise LogitCacheError(f"{old_flag} is the old name of {new_flag}; give {new_flag} only.")
     typer.echo(f"warning: {old_flag} is deprecated (it reads as dataloader workers); use {new_flag}.", err=True)
     return old
+
+
+def _kept(cfg) -> str:
+    """What a stopped run leaves, and the command that resumes it (``cfg``: its TeacherConfig)."""
+    out = cfg.out_dir()
+    try:
+        m = load_manifest(out)
+    except (LogitCacheError, OSError):  # stopped before the cache was created
+        kept = f"nothing is written to {out} yet"
+    else:
+        kept = f"{m.num_examples:,} examples ({m.num_tokens:,} tokens) are kept in {out}, {m.status}"
+    # A Slurm array task takes its worker from the environment: spelled out, the command
+    # resumes this part from anywhere, not only from within the same array.
+    index, count = cfg.worker()
+    spelled = []
+    if count > 1 and cfg.num_workers is None:
+        spelled += ["--num-parts", str(count)]
+    if count > 1 and cfg.worker_index is None:
+        spelled += ["--part-index", str(index)]
+    return f"{kept}; to resume, run: {command_line(spelled)}"
 
 
 def parse_temperatures(value: Optional[str]) -> Optional[tuple[float, ...]]:

@@ -10,7 +10,7 @@ Everything is built on the spot (no download) and sized for 2 CPU cores:
 4. held-out bits per character, exact match (stopping included) and prefix match of every student and the teacher.
 
 Every stage that takes more than a moment reports steps done / total, loss, elapsed time and
-an estimate of the time left (:class:`StepProgress`).
+an estimate of the time left (:class:`~logitcache.pipeline.progress.StepProgress`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ import json
 import math
 import os
 import shutil
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable
 
+from logitcache.pipeline.progress import StepProgress, progress_enabled
 from logitcache.pipeline.records import TextTemplate
 from logitcache.pipeline.teacher.run import TeacherConfig, TeacherResult, run_teacher
 from logitcache.pipeline.tiny import (
@@ -207,118 +206,6 @@ def _affinity() -> int | str:
 # --- progress -------------------------------------------------------------------------------
 
 
-def clock(seconds: float) -> str:
-    """Seconds as m:ss (h:mm:ss from an hour)."""
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-def progress_enabled(requested: bool = True) -> bool:
-    """Whether progress is shown: asked for, and not switched off by LOGITCACHE_NO_PROGRESS."""
-    return requested and not os.environ.get("LOGITCACHE_NO_PROGRESS")
-
-
-class StepProgress:
-    """Progress of one long stage: done / total, loss, elapsed time and time left.
-
-    On a terminal: a rich progress bar. Anywhere else (a log file, a pipe, CI): a plain line at
-    most every ``interval`` seconds, so a log never stays silent for long. Disabled: nothing
-    until the end. Always: one closing line with the count, the time taken and the last loss.
-    The time left is estimated from the rate since the first update, so set-up before the first
-    step (imports, building a tokenizer) and steps an earlier run did (a resumed stage starts at
-    ``start``) do not distort it.
-    """
-
-    def __init__(self, label: str, total: int, *, unit: str = "steps", enabled: bool = True, interval: float = 5.0,
-                 stream: TextIO | None = None, start: int = 0) -> None:
-        self.label, self.total, self.unit, self.interval = label, total, unit, interval
-        self.stream = stream if stream is not None else sys.stdout
-        self.enabled = enabled
-        self.start = self.done = start
-        self.loss: float | None = None
-        self.note = ""
-        self.t0 = self.last_print = time.perf_counter()
-        self._first: tuple[float, int] | None = None  # (time, done) of the first update
-        self._bar = None
-        self._task = None
-
-    def __enter__(self) -> "StepProgress":
-        self.t0 = self.last_print = time.perf_counter()
-        if self.enabled and self._isatty():
-            from rich.console import Console
-            from rich.markup import escape
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn(f"  [bold]{escape(self.label)}"), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                console=Console(file=self.stream), transient=True,
-            )
-            self._bar.__enter__()
-            self._task = self._bar.add_task(self.label, total=self.total, completed=self.start, info="")
-        return self
-
-    def _isatty(self) -> bool:
-        try:
-            return bool(self.stream.isatty())
-        except (AttributeError, ValueError):
-            return False
-
-    def update(self, done: int, loss: float | None = None, note: str = "") -> None:
-        if self._first is None:
-            self._first = (time.perf_counter(), done)
-        self.done = done
-        if loss is not None:
-            self.loss = loss
-        if note:
-            self.note = note
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.update(self._task, completed=done, info=self._info())
-            return
-        now = time.perf_counter()
-        if now - self.last_print >= self.interval and done < self.total:
-            self.last_print = now
-            self._print(self.line())
-
-    def _info(self) -> str:
-        parts = [f"loss {self.loss:.4g}"] if self.loss is not None else []
-        if self.note:
-            parts.append(self.note)
-        return "  ".join(parts)
-
-    def eta(self) -> float | None:
-        """Seconds left at the rate since the first update; None before the first step."""
-        if self._first is None:
-            return None
-        t_first, done_first = self._first
-        ran = self.done - done_first
-        if ran <= 0:
-            return None
-        return (time.perf_counter() - t_first) / ran * max(self.total - self.done, 0)
-
-    def line(self) -> str:
-        """The plain progress line: `label: 120/600 steps (20%)  loss 2.31  elapsed 0:12  left ~0:48`."""
-        pct = f" ({self.done / self.total:.0%})" if self.total else ""
-        eta = self.eta()
-        info = self._info()
-        return (f"  {self.label}: {self.done}/{self.total} {self.unit}{pct}" + (f"  {info}" if info else "")
-                + f"  elapsed {clock(time.perf_counter() - self.t0)}" + (f"  left ~{clock(eta)}" if eta is not None else ""))
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(exc_type, exc, tb)
-            self._bar = None
-        if exc_type is None:
-            info = self._info()
-            self._print(f"  {self.label}: {self.done}/{self.total} {self.unit} in {clock(time.perf_counter() - self.t0)}"
-                        + (f", {info}" if info else ""))
-
-    def _print(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
-
-
 def _trainer_progress(progress: StepProgress):
     """A transformers TrainerCallback that feeds a StepProgress: global step and the last logged loss."""
     from transformers import TrainerCallback
@@ -352,7 +239,7 @@ def run_teacher_part(cfg: DemoConfig, progress: bool = True) -> tuple[DemoPaths,
         tmp = paths.teacher.with_name(paths.teacher.name + ".tmp")  # a killed run leaves no half-saved teacher
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(paths.teacher, ignore_errors=True)  # an earlier demo version saved in place
-        with StepProgress("teacher training", cfg.teacher_steps, enabled=progress_enabled(progress)) as bar:
+        with StepProgress("teacher training", cfg.teacher_steps, enabled=progress_enabled(progress), indent="  ") as bar:
             build_tiny_teacher(
                 tmp, train_steps=cfg.teacher_steps,
                 model_cfg=TinyModelConfig(hidden_size=128, num_layers=2, seed=cfg.seed), seed=cfg.seed,
@@ -436,7 +323,7 @@ def train_students(cfg: DemoConfig, paths: DemoPaths, progress: bool = True,
             continue
         tcfg.resume = out.exists()
         label = f"student {i}/{len(cfg.students)} {s.name} ({s.loss})"
-        with StepProgress(label, cfg.student_steps, enabled=progress_enabled(progress)) as bar:
+        with StepProgress(label, cfg.student_steps, enabled=progress_enabled(progress), indent="  ") as bar:
             r = run_train(tcfg, progress_callback=_trainer_progress(bar))
         aligned = (r.feature_stats or {}).get("fraction_matched") if s.loss != "sft" else None
         (out / DEMO_TRAIN_STATS).write_text(json.dumps({"aligned": aligned, "seconds": r.seconds}))
@@ -451,9 +338,10 @@ def evaluate_all(cfg: DemoConfig, paths: DemoPaths, trained: list[_Trained], pro
     template = TextTemplate(prompt_field="prompt", response_field="response")
     models = [("teacher", paths.teacher)] + [(t.student.name, t.out) for t in trained]
     results = {}
-    with StepProgress("held-out eval", len(models), unit="models", enabled=progress_enabled(progress), interval=0.0) as bar:
+    with StepProgress("held-out eval", len(models), unit="models", enabled=progress_enabled(progress), interval=0.0, indent="  ") as bar:
         for i, (name, model_dir) in enumerate(models):
-            e = evaluate(EvalConfig(model=os.fspath(model_dir), data=os.fspath(paths.heldout), template=template))
+            e = evaluate(EvalConfig(model=os.fspath(model_dir), data=os.fspath(paths.heldout), template=template,
+                                    log_every=None))
             results[name] = e
             bar.update(i + 1, note=f"{name} {e.bits_per_char:.3f} bits/char")
     t = results["teacher"]

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -104,6 +104,7 @@ def merge_caches(
     *,
     link: bool = True,
     verify: bool = True,
+    on_shard: Callable[[str, int, int], None] | None = None,
 ) -> MergeReport:
     """Join the worker parts of one cluster run into the cache ``out``.
 
@@ -113,6 +114,8 @@ def merge_caches(
         link: hard-link the shards (falls back to copying across filesystems); False copies.
         verify: check every shard's sha256 (and part 0's tokenizer files) against the parts'
             manifests before linking anything. Sizes, footers, row counts and ids are always checked.
+        on_shard: called as ``on_shard(stage, done, total)`` with the shards done so far in each
+            long stage (``hashing``, ``reading ids``, ``placing``): progress of a merge of big parts.
 
     Raises ``LogitCacheError`` naming the problem and the fix when the parts do not make one
     whole cache; ``out`` then holds no manifest. Holds the lock on ``out`` throughout: a second
@@ -123,10 +126,15 @@ def merge_caches(
         raise LogitCacheError(f"{out} is a file; give a new or empty directory for the merged cache.")
     _check_out_outside_parts(out, parts)
     with CacheLock(out, purpose="merging into"):
-        return _merge_locked(out, parts, link, verify)
+        return _merge_locked(out, parts, link, verify, on_shard or _nothing)
 
 
-def _merge_locked(out: Path, parts: Sequence[str | os.PathLike], link: bool, verify: bool) -> MergeReport:
+def _nothing(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def _merge_locked(out: Path, parts: Sequence[str | os.PathLike], link: bool, verify: bool,
+                  on_shard: Callable[[str, int, int], None]) -> MergeReport:
     _check_out(out)
     if not parts:
         raise LogitCacheError("no parts to merge; give the part-* directories written by the workers.")
@@ -138,9 +146,9 @@ def _merge_locked(out: Path, parts: Sequence[str | os.PathLike], link: bool, ver
     report = MergeReport(out=out, parts=len(loaded))
     _check_tokenizer(loaded[0])  # a few small files: checked even without --verify
     if verify:
-        _verify_parts(loaded)
-    _check_examples(loaded, report)
-    _write(out, loaded, link, report)
+        _verify_parts(loaded, on_shard)
+    _check_examples(loaded, report, on_shard)
+    _write(out, loaded, link, report, on_shard)
     return report
 
 
@@ -263,7 +271,7 @@ def _check_files(parts: list[_Part]) -> None:
                 raise _damaged(part, f"{info.path}: {problem}")
 
 
-def _check_examples(parts: list[_Part], report: MergeReport) -> None:
+def _check_examples(parts: list[_Part], report: MergeReport, on_shard: Callable[[str, int, int], None]) -> None:
     """Every example in exactly one part; all of the dataset's records accounted for."""
     owner: dict[str, Path] = {}
 
@@ -279,9 +287,12 @@ def _check_examples(parts: list[_Part], report: MergeReport) -> None:
         owner[rid] = part.path
 
     counts: list[int] = []
+    done, total = 0, sum(len(part.manifest.shards) for part in parts)
     for part in parts:
         n = 0
         for info in part.manifest.shards:
+            on_shard("reading ids", done, total)
+            done += 1
             ids = _shard_ids(part, info)
             for rid in ids:
                 claim(rid, part)
@@ -345,19 +356,23 @@ def _short_id(rid: str) -> str:
     return repr(_clip(rid, 80))
 
 
-def _verify_parts(parts: list[_Part]) -> None:
+def _verify_parts(parts: list[_Part], on_shard: Callable[[str, int, int], None]) -> None:
     """Every shard's sha256.
 
     Only hashes: ``verify_cache(check_values=False)`` would also decode every column (14x
     slower than hashing on a k=64 part); ``logitcache verify`` of the merged cache does that once.
     """
     jobs = [(part, info) for part in parts for info in part.manifest.shards]
+    problems = []
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        problems = list(pool.map(
+        on_shard("hashing", 0, len(jobs))
+        for problem in pool.map(
             lambda job: shard_file_problem(resolve_inside(job[0].path, job[1].path), job[1].bytes, job[1].sha256,
                                            remember=False),
             jobs,
-        ))
+        ):
+            problems.append(problem)
+            on_shard("hashing", len(problems), len(jobs))
     for (part, info), problem in zip(jobs, problems):
         if problem is not None:
             raise _damaged(part, f"{info.path}: {problem}")
@@ -373,13 +388,16 @@ def _check_tokenizer(part: _Part) -> None:
 # --- writing -----------------------------------------------------------------------------
 
 
-def _write(out: Path, parts: list[_Part], link: bool, report: MergeReport) -> None:
+def _write(out: Path, parts: list[_Part], link: bool, report: MergeReport,
+           on_shard: Callable[[str, int, int], None]) -> None:
+    total = sum(len(part.manifest.shards) for part in parts)
     try:
         write_marker(out, MERGE_MARKER, layout_names())
         (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
         shards: list[ShardInfo] = []
         for part in parts:
             for j, info in enumerate(part.manifest.shards):
+                on_shard("placing", len(shards), total)
                 rel = f"{DATA_DIR}/part-{part.index:05d}-shard-{j:05d}.parquet"
                 linked = _place(resolve_inside(part.path, info.path), out / rel, link)
                 report.linked += linked

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -94,8 +95,12 @@ def _progress(m: Manifest) -> tuple[int, int | None] | None:
     return m.num_examples + len(m.skipped), total
 
 
-def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> VerifyReport:
-    """Check a cache end to end. Never raises for a damaged shard: it reports it."""
+def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True,
+                 on_shard: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Check a cache end to end. Never raises for a damaged shard: it reports it.
+
+    ``on_shard(done, total)`` is called before each shard is checked (progress of a long run).
+    """
     root = Path(cache_dir)
     if not root.is_dir():
         raise LogitCacheError(f"{root}: no such cache directory; check the path.")
@@ -115,7 +120,9 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True) -> 
             report.problems.append(f"{rel}: not listed in the manifest (unknown shard)")
 
     seen_ids: set[str] = set()
-    for info in m.shards:
+    for done, info in enumerate(m.shards):
+        if on_shard is not None:
+            on_shard(done, len(m.shards))
         where = info.path
         path = inside_or_noted(root, where, report.problems)
         if path is None:

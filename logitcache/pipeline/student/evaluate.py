@@ -24,6 +24,7 @@ Two accuracies where records have answers, both on the greedy continuation of th
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +33,7 @@ import torch
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.offsets import encode_with_offsets
 from logitcache.pipeline.padding import pad_sequences, pad_token_id
+from logitcache.pipeline.progress import StepProgress, check_log_every, progress_enabled
 from logitcache.pipeline.student.align import target_positions
 from logitcache.pipeline.records import TextTemplate, add_special_tokens_for, iter_examples, load_records
 
@@ -48,6 +50,8 @@ class EvalConfig:
     accuracy: bool = True
     device: str = "auto"
     trust_remote_code: bool = False  # run the model's own Python code (only for models you trust)
+    progress: bool = True  # a bar on a terminal; off one, or False, a line every log_every seconds
+    log_every: float | None = 30.0  # None: no progress at all (the demo shows its own)
 
 
 @dataclass
@@ -86,6 +90,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         raise LogitCacheError(f"--batch-size must be positive (got {cfg.batch_size}).")
     if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
         raise LogitCacheError(f"--max-new-tokens must be positive (got {cfg.max_new_tokens}).")
+    check_log_every(cfg.log_every)
     ds = load_records(cfg.data, cfg.split)
     template = cfg.template.resolved(list(ds.column_names))
     device = resolve_device(cfg.device)
@@ -97,14 +102,24 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         raise LogitCacheError(f"--data {cfg.data}: no record with text to evaluate.")
     result = EvalResult(examples=len(records), chars=0, nll_nats=0.0, answered=0, correct=0)
     max_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
-    for a in range(0, len(records), cfg.batch_size):
-        _score_batch(model, tok, records[a : a + cfg.batch_size], add_special, max_len, device, result)
+    with _progress(cfg, "eval loss", len(records)) as bar:
+        for a in range(0, len(records), cfg.batch_size):
+            _score_batch(model, tok, records[a : a + cfg.batch_size], add_special, max_len, device, result)
+            bar.update(min(a + cfg.batch_size, len(records)), note=f"{result.bits_per_char:.4f} bits/char")
     if cfg.accuracy and template.kind != "text":
         answers = [(text[:pc], text[pc:]) for text, pc in records]
         max_new = cfg.max_new_tokens or 4 + max(len(tok(r, add_special_tokens=False)["input_ids"]) for _, r in answers)
-        for a in range(0, len(answers), cfg.batch_size):
-            _greedy_batch(model, tok, answers[a : a + cfg.batch_size], add_special, max_new, device, result)
+        with _progress(cfg, "eval answers", len(answers)) as bar:
+            for a in range(0, len(answers), cfg.batch_size):
+                _greedy_batch(model, tok, answers[a : a + cfg.batch_size], add_special, max_new, device, result)
+                bar.update(result.answered, note=f"{result.exact / result.answered:.1%} exact match")
     return result
+
+
+def _progress(cfg: EvalConfig, label: str, total: int) -> StepProgress:
+    # stderr: stdout holds the result alone (`eval --json` is read by scripts).
+    return StepProgress(label, total, unit="examples", bar=progress_enabled(cfg.progress), interval=cfg.log_every or 0.0,
+                        stream=sys.stderr, silent=cfg.log_every is None)
 
 
 @torch.inference_mode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -18,6 +19,7 @@ import numpy as np
 import logitcache
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.offsets import encode_prefix_with_offsets, encode_suffix_with_offsets, encode_with_offsets
+from logitcache.pipeline.progress import StepProgress, check_log_every, progress_enabled
 from logitcache.pipeline.records import (
     TextTemplate,
     add_special_tokens_for,
@@ -90,6 +92,9 @@ class TeacherConfig:
     # Cluster split: None reads SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID, else 1 / 0.
     num_workers: int | None = None
     worker_index: int | None = None
+    # Off a terminal, or with the bar off: a progress line every this many seconds (0: after
+    # every window of examples written), so a job's log shows how far it is and how long is left.
+    log_every: float = 30.0
     # vllm engine
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
@@ -109,6 +114,7 @@ class TeacherConfig:
             )
         if self.limit is not None and self.limit < 0:
             raise LogitCacheError(f"--limit must be 0 or more (got {self.limit}).")
+        check_log_every(self.log_every)
         if self.shard_bytes <= 0:
             raise LogitCacheError("--shard-size-mb must be positive.")
         if self.topk_chunk <= 0:
@@ -249,7 +255,8 @@ def run_teacher(cfg: TeacherConfig, *, progress: bool = True) -> TeacherResult:
     """Write (or resume) this worker's cache. Returns what this run did.
 
     Holds the lock on the cache (or the worker's part) from the start, so a second run
-    pointed at it refuses at once rather than after loading its model.
+    pointed at it refuses at once rather than after loading its model. ``progress``: a bar on a
+    terminal; off a terminal, or False, a line every ``cfg.log_every`` seconds instead.
     """
     cfg.validate()
     # The manifest records local paths resolved, so that a resume (or a merge of parts) spelled
@@ -334,8 +341,11 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
     # Three stages overlap: reading + tokenizing the next window (a thread), the teacher on
     # this one (here), and writing the previous one (a thread). Only the writer thread
     # touches the writer, so rows and skips reach it in dataset order.
-    with writer, _Progress(assigned, enabled=progress) as bar, ThreadPoolExecutor(1) as write_pool:
-        bar.advance(len(writer.done_ids), 0)
+    # stderr, as tqdm and the engines log: stdout keeps the summary that scripts read.
+    bar = StepProgress("teacher", assigned, unit="examples", bar=progress_enabled(progress), interval=cfg.log_every,
+                       stream=sys.stderr, start=len(writer.done_ids))
+    with writer, bar, ThreadPoolExecutor(1) as write_pool:
+        bar.update(len(writer.done_ids), note=_throughput(0, 0.0))
         writing = None
         for window in _prefetch(_windows(examples, window_size)):
             t0 = time.perf_counter()
@@ -347,7 +357,7 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
             result.engine_seconds += time.perf_counter() - t0
             if writing is not None:
                 writing.result()  # in order, and an error in the writer stops us here
-            writing = write_pool.submit(_write_window, writer, window, scored, result, bar)
+            writing = write_pool.submit(_write_window, writer, window, scored, result, bar, start)
         if writing is not None:
             writing.result()
         if n_records == len(ds):
@@ -463,19 +473,23 @@ def _generate_window(engine, window: list, cfg: TeacherConfig, tok, add_special:
     return final
 
 
-def _write_window(writer: CacheWriter, window: list, scored: dict, result: TeacherResult, bar) -> None:
+def _write_window(writer: CacheWriter, window: list, scored: dict, result: TeacherResult, bar: StepProgress,
+                  start: float) -> None:
     for p in window:  # dataset order
         if isinstance(p, _Skip):
             writer.skip(p.rid, p.reason)
             result.skipped[p.reason] = result.skipped.get(p.reason, 0) + 1
-            bar.advance(1, 0)
             continue
         writer.write(_row(p, scored[p.rid]))
         result.written += 1
         result.tokens += len(p.ids)
         result.truncated += p.truncated
-        bar.advance(1, len(p.ids))
+    bar.update(bar.done + len(window), note=_throughput(result.tokens, time.perf_counter() - start))
     crash_point("run.window_written")
+
+
+def _throughput(tokens: int, seconds: float) -> str:
+    return f"{tokens:,} tokens, {tokens / seconds if seconds > 0 else 0:,.0f} tokens/s"
 
 
 def _windows(items: Iterator, size: int) -> Iterator[list]:
@@ -567,42 +581,3 @@ def _row(p: _Pending, s) -> Row:
         "logsumexp": s.logsumexp,
         **{name: getattr(s, name) for name in EXTRA_COLUMNS if getattr(s, name) is not None},
     }
-
-
-class _Progress:
-    """A rich progress bar counting examples, with tokens/s; silent when disabled."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.enabled = enabled and not os.environ.get("LOGITCACHE_NO_PROGRESS")
-        self.total = total
-        self.tokens = 0
-        self.t0 = time.perf_counter()
-
-    def __enter__(self) -> "_Progress":
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._p = Progress(
-                TextColumn("[bold]teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
-                TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-            )
-            self._p.__enter__()
-            self._task = self._p.add_task("teacher", total=self.total, tps="-")
-        return self
-
-    def advance(self, examples: int, tokens: int) -> None:
-        self.tokens += tokens
-        if self.enabled:
-            dt = time.perf_counter() - self.t0
-            self._p.update(self._task, advance=examples, tps=f"{self.tokens / dt:,.0f}" if dt > 0 else "-")
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._p.__exit__(*exc)
