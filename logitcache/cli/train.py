@@ -25,6 +25,13 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Examples per device per step (default 8)."),
     gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps", help="Batches per optimizer step."),
     learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Peak learning rate (default 5e-4)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0)."),
+    warmup_steps: Optional[float] = typer.Option(None, "--warmup-steps", help="Learning-rate warm-up: steps, or a fraction of all steps when below 1 (default 0)."),
+    lr_scheduler: Optional[str] = typer.Option(None, "--lr-scheduler", help="Learning-rate schedule after warm-up, a transformers scheduler name: linear (default), cosine, constant, ..."),
+    save_total_limit: Optional[int] = typer.Option(None, "--save-total-limit", help="Checkpoints kept in --out, oldest deleted first (default 2)."),
+    shuffle_buffer: Optional[int] = typer.Option(None, "--shuffle-buffer", help="Examples in each reader's shuffle buffer (default 1024; row groups are shuffled too)."),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="Experiment tracker(s) the Trainer logs to, with CE, KD and the aligned fraction: none (default), tensorboard, wandb, mlflow, trackio, ... (comma-separated; each needs its package)."),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="The run's name in the tracker (default: the Trainer's)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Student tokens per example; longer ones are cut on both sides (default 512)."),
     logging_steps: Optional[int] = typer.Option(None, "--logging-steps", help="Log CE, KD and aligned fraction every N steps."),
     save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps (default 500)."),
@@ -81,6 +88,9 @@ def train(
         "hybrid_beta": hybrid_beta, "hybrid_matched_weight": hybrid_matched_weight,
         "hybrid_unmatched_weight": hybrid_unmatched_weight, "alm_temperature": alm_temperature,
         "alm_divergence": alm_divergence, "alm_mode": alm_mode, "alm_merge_threshold": alm_merge_threshold,
+        "weight_decay": weight_decay, "warmup_steps": warmup_steps, "lr_scheduler": lr_scheduler,
+        "save_total_limit": save_total_limit, "shuffle_buffer": shuffle_buffer, "report_to": report_to,
+        "run_name": run_name,
     }
     values.update({k: v for k, v in given.items() if v is not None})
     switches = (("resume", resume), ("skip_bad_shards", skip_bad_shards), ("trust_remote_code", trust_remote_code),

@@ -96,6 +96,10 @@ class TrainConfig:
     alm_mode: str = "debias"  # debias | plain
     alm_merge_threshold: float = 0.1  # tokenkit's tokenizer_pair_bias_threshold
     trust_remote_code: bool = False  # run the student's own Python code (never the cache's tokenizer's)
+    # Experiment trackers the Trainer reports to (its report_to): none, or e.g. tensorboard, wandb,
+    # mlflow, trackio; comma-separated for several. run_name: the run's name there.
+    report_to: str = "none"
+    run_name: str | None = None
     progress: bool = True
 
     def mlot_config(self) -> "losses.MLOTConfig":
@@ -128,6 +132,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.loss not in LOSSES:
             raise LogitCacheError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}.")
+        check_trackers(self.report_to)
         if self.kd_chunk_size < 0:
             raise LogitCacheError(f"--kd-chunk-size must be 0 (automatic) or positive (got {self.kd_chunk_size}).")
         for name in ("batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "mlot_k"):
@@ -184,6 +189,27 @@ class TrainConfig:
     def alm_debiased(self) -> bool:
         """Whether ALM's chunks are debiased (the featurizer merges them; the loss adds word starts)."""
         return self.loss == "alm" and self.alm_mode == "debias"
+
+
+# The trackers transformers' Trainer reports to (report_to), and the package each one needs.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
+            "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "neptune": "neptune",
+            "swanlab": "swanlab"}
+
+
+def check_trackers(report_to: str) -> None:
+    """Refuse, before any work, a tracker the Trainer does not know or whose package is missing
+    (the Trainer would fail only once the model is loaded, with a traceback)."""
+    import importlib.util
+
+    if report_to == "none":
+        return
+    for name in (t.strip() for t in str(report_to).split(",")):
+        if name not in TRACKERS:
+            raise LogitCacheError(f"--report-to {name!r}: use none or any of {', '.join(TRACKERS)} (comma-separated).")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise LogitCacheError(f"--report-to {name}: the {TRACKERS[name]} package is not installed; "
+                                  f"`pip install {TRACKERS[name]}`, or pass --report-to none.")
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -784,7 +810,8 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         dataloader_num_workers=cfg.num_workers,
         remove_unused_columns=False,
         prediction_loss_only=True,
-        report_to="none",
+        report_to=[t.strip() for t in cfg.report_to.split(",")] if cfg.report_to != "none" else "none",
+        run_name=cfg.run_name,
         disable_tqdm=not cfg.progress,
         ignore_data_skip=True,
         # accelerate sets up multi-process CPU training (gloo) under torchrun only when told "cpu".
