@@ -70,3 +70,16 @@ def test_tensorboard_gets_ce_kd_and_the_aligned_fraction(tmp_path, built_cache, 
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     assert {"train/loss", "train/ce", "train/kd", "train/kd_fraction"} <= tags, tags
+
+
+def test_the_example_config_lists_every_option_at_its_default():
+    from pathlib import Path
+
+    from logitcache.pipeline.student.train import load_config_file
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train.yaml"
+    values = load_config_file(path)
+    assert set(values) == set(TrainConfig.field_names())
+    cfg = TrainConfig(**values)
+    defaults = TrainConfig(student=cfg.student, cache=cfg.cache, out=cfg.out)
+    assert dataclasses.asdict(cfg) == dataclasses.asdict(defaults)
