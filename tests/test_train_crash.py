@@ -129,6 +129,12 @@ def test_a_kill_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path,
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    # the logged epoch counts on from the checkpoint, as in the run that was never stopped
+    logged = json.loads((tmp_path / "killed" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    straight_log = json.loads((tmp_path / "straight" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    epochs = [(h["step"], h["epoch"]) for h in logged if "loss" in h]
+    assert epochs == [(h["step"], h["epoch"]) for h in straight_log if "loss" in h]
+    assert [e for _, e in epochs] == sorted(e for _, e in epochs)
 
 
 def test_checkpoints_hold_the_data_state_as_json(tmp_path, built_cache, student):

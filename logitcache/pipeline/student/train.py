@@ -576,6 +576,23 @@ class SharedModesCallback(TrainerCallback):
         return control
 
 
+class EpochCallback(TrainerCallback):
+    """Keeps the logged epoch counting from the run's start after a mid-epoch --resume.
+
+    The dataset resumes mid-epoch itself (ignore_data_skip), so the Trainer counts the resumed
+    epoch's steps from 0 and the logged epoch went backwards (0.39, then 0.13). The epoch is the
+    optimizer steps done over the steps of a whole epoch, which the dataset's length gives.
+    """
+
+    def __init__(self, examples_per_epoch: int, batch_size: int, accumulation: int) -> None:
+        batches = max(1, math.ceil(examples_per_epoch / batch_size))
+        self.updates_per_epoch = max(1, math.ceil(batches / accumulation))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        state.epoch = state.global_step / self.updates_per_epoch
+        return control
+
+
 class DataStateCallback(TrainerCallback):
     """Saves the dataset's position (JSON, one file per rank) into every checkpoint.
 
@@ -863,7 +880,8 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         eval_dataset=eval_ds,
         data_collator=KDCollator(pad_token_id=pad),
         processing_class=tokenizer,
-        callbacks=[DataStateCallback(train_ds, args.process_index), FiniteGradientsCallback(), SharedModesCallback()],
+        callbacks=[DataStateCallback(train_ds, args.process_index), FiniteGradientsCallback(), SharedModesCallback(),
+                   EpochCallback(len(train_ds), cfg.batch_size, cfg.gradient_accumulation_steps)],
         kd_config=cfg,
         cache_temperatures=list(getattr(cache.manifest, "temperatures", []) or []),
         vocab_map=vocab_map,
