@@ -257,14 +257,14 @@ def test_parts_with_different_settings_are_refused(tmp_path, tokenizer_dir, sett
 def test_a_missing_part_is_refused_naming_its_index(tmp_path, parts):
     message = refuse(tmp_path / "cache", [parts[0], parts[2]], "missing")
 
-    assert "worker 1 of 3" in message and "part-00001-of-00003" in message
+    assert "part 1 of 3" in message and "part-00001-of-00003" in message
 
 
 def test_a_duplicated_part_is_refused_naming_both_paths(tmp_path, parts):
     twin = tmp_path / "elsewhere" / parts[1].name
     shutil.copytree(parts[1], twin)
 
-    message = refuse(tmp_path / "cache", [*parts, twin], "both worker 1 of 3")
+    message = refuse(tmp_path / "cache", [*parts, twin], "both part 1 of 3")
 
     assert str(parts[1]) in message and str(twin) in message
 
@@ -281,13 +281,13 @@ def test_a_partial_part_is_refused(tmp_path, tokenizer_dir):
 
     message = refuse(tmp_path / "cache", parts, "is partial")
 
-    assert str(parts[1]) in message and "rerun worker 1" in message
+    assert str(parts[1]) in message and "rerun its teacher command (--num-parts 3 --part-index 1)" in message
 
 
 def test_a_cache_that_is_not_a_worker_part_is_refused(tmp_path, tokenizer_dir, parts):
     whole = write_part(tmp_path / "whole", tokenizer_dir, 0, worker=None, ids=ALL_IDS)
 
-    refuse(tmp_path / "cache", [whole, *parts[1:]], "not a worker's part")
+    refuse(tmp_path / "cache", [whole, *parts[1:]], "not a part of a split run")
 
 
 def test_an_example_in_two_parts_is_refused(tmp_path, tokenizer_dir):
@@ -328,7 +328,7 @@ def test_a_part_with_a_corrupted_shard_is_refused(tmp_path, parts):
 
     message = refuse(tmp_path / "cache", parts, "damaged")
 
-    assert str(parts[1]) in message and "rerun worker 1" in message
+    assert str(parts[1]) in message and "rerun its teacher command (--part-index 1)" in message
 
 
 def test_a_shard_whose_sha256_differs_is_refused_unless_verify_is_off(tmp_path, parts):
@@ -449,7 +449,7 @@ def test_cli_refusal_is_one_error_line(tmp_path, parts):
 
     assert r.exit_code != 0 and "Traceback" not in r.output
     errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "worker 2 of 3 missing" in errors[0], r.output
+    assert len(errors) == 1 and "part 2 of 3 missing" in errors[0], r.output
     assert not (tmp_path / "cache").exists()
 
 
@@ -490,5 +490,5 @@ def test_parts_claiming_a_billion_workers_are_refused_without_listing_them(tmp_p
         data["worker"]["count"] = 10**9
         (part / "manifest.json").write_text(json.dumps(data))
 
-    message = refuse(tmp_path / "merged", parts, r"workers 3, 4, .* \(999,999,997 in all\) of 1000000000 missing")
+    message = refuse(tmp_path / "merged", parts, r"parts 3, 4, .* \(999,999,997 in all\) of 1000000000 missing")
     assert len(message) < 2000

@@ -183,15 +183,15 @@ def _load_part(path: Path) -> _Part:
     w = m.worker
     if not (isinstance(w, dict) and type(w.get("index")) is int and type(w.get("count")) is int):
         raise LogitCacheError(
-            f"{path} is not a worker's part (its manifest has no worker entry); merge joins the "
+            f"{path} is not a part of a split run (its manifest has no worker entry); merge joins the "
             "part-* directories written by `logitcache teacher --num-parts N --part-index I`."
         )
     index, count = w["index"], w["count"]
     if not 0 <= index < count:
-        raise LogitCacheError(f"{path}: worker index {index} is outside 0..{count - 1}; the manifest is damaged.")
+        raise LogitCacheError(f"{path}: part index {index} is outside 0..{count - 1}; the manifest is damaged.")
     if m.status != "complete":
         raise LogitCacheError(
-            f"part {path} is partial: rerun worker {index} with the same command "
+            f"part {path} is partial: rerun its teacher command "
             f"(--num-parts {count} --part-index {index}); it resumes where it stopped."
         )
     return _Part(path, m, index, count)
@@ -231,7 +231,7 @@ def _check_workers(parts: list[_Part]) -> None:
     for part in parts[1:]:
         if part.count != ref.count:
             raise LogitCacheError(
-                f"parts {ref.path} (of {ref.count} workers) and {part.path} (of {part.count} workers) come from "
+                f"parts {ref.path} (of {ref.count} parts) and {part.path} (of {part.count} parts) come from "
                 "different splits (--num-parts); merge the parts of one run (move the other run's parts away)."
             )
     for a, b in itertools.pairwise(parts):  # sorted by index: a duplicate sits next to its twin
@@ -239,7 +239,7 @@ def _check_workers(parts: list[_Part]) -> None:
             if a.path.resolve() == b.path.resolve():
                 raise LogitCacheError(f"part {a.path} is given twice; give each part once.")
             raise LogitCacheError(
-                f"parts {a.path} and {b.path} are both worker {a.index} of {a.count}; keep one of them."
+                f"parts {a.path} and {b.path} are both part {a.index} of {a.count}; keep one of them."
             )
     if ref.count != len(parts):
         # Found by walking the indices, never by building range(count): a hostile manifest may
@@ -249,16 +249,16 @@ def _check_workers(parts: list[_Part]) -> None:
         n_missing = ref.count - len(parts)
         listed = ", ".join(map(str, missing)) + (f" ... ({n_missing:,} in all)" if n_missing > len(missing) else "")
         raise LogitCacheError(
-            f"worker{'s' if n_missing > 1 else ''} {listed} of {ref.count} missing (no "
+            f"part{'s' if n_missing > 1 else ''} {listed} of {ref.count} missing (no "
             f"{', '.join(part_name(i, ref.count) for i in missing[:3])}{', ...' if len(missing) > 3 else ''}); "
             f"run {'them' if n_missing > 1 else 'it'} (--num-parts {ref.count} --part-index I, or resubmit the "
-            "whole Slurm array: finished workers return at once) and merge again."
+            "whole Slurm array: finished parts return at once) and merge again."
         )
 
 
 def _damaged(part: _Part, what: str) -> LogitCacheError:
     return LogitCacheError(
-        f"part {part.path} is damaged ({what}): remove it and rerun worker {part.index} with the same command."
+        f"part {part.path} is damaged ({what}): remove it and rerun its teacher command (--part-index {part.index})."
     )
 
 
@@ -322,7 +322,7 @@ def _check_examples(parts: list[_Part], report: MergeReport, on_shard: Callable[
         raise LogitCacheError(
             f"the parts hold {total} examples (rows + skipped) but the dataset has {expected} records"
             f"{' (' + ', '.join(short) + ')' if short else ''}; remove the parts that are off and rerun "
-            "their workers with the same command."
+            "their teacher commands."
         )
 
 
