@@ -138,10 +138,12 @@ class ALMTargets:
         return self.end is not None
 
 
-def student_word_start(word_start_logprobs: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """[B, C] the student's word-start log-prob after each chunk, from its per-position values
-    [B, T] at ``end`` [B, C] (any finite value where ``end`` is -1)."""
-    return word_start_logprobs.gather(1, end.clamp_min(0))
+def debias_terms(word_start_logprobs: torch.Tensor, end: torch.Tensor, teacher_word_start: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`alm_per_chunk_mean`'s debiasing arguments: the student's word-start log-prob after
+    each chunk [B, C], read from its per-position values [B, T] at ``end`` [B, C], and the
+    teacher's [B, C], NaN (not debiased) wherever ``end`` is -1."""
+    t_ws = torch.where(end >= 0, teacher_word_start, torch.full_like(teacher_word_start, float("nan")))
+    return {"student_word_start": word_start_logprobs.gather(1, end.clamp_min(0)), "teacher_word_start": t_ws}
 
 
 def alm_per_chunk_mean(student_label_logprobs: torch.Tensor, chunk_index: torch.Tensor, teacher_chunk_ll: torch.Tensor,
@@ -214,6 +216,5 @@ def alm_loss(
     debias = {}
     if cfg.mode == "debias" and end is not None:
         ws = torch.logsumexp(log_p[..., word_start_mask.to(log_p.device)], dim=-1)  # [B, T]
-        t_ws = torch.where(end >= 0, teacher_word_start, torch.full_like(teacher_word_start, float("nan")))
-        debias = {"student_word_start": student_word_start(ws, end), "teacher_word_start": t_ws}
+        debias = debias_terms(ws, end, teacher_word_start)
     return alm_per_chunk_mean(lp, torch.where(inside, chunk_index, -1), teacher_chunk_ll, cfg, reduction, **debias)

@@ -51,7 +51,7 @@ from logitcache.pipeline.student.losses.uld import uld_per_position
 
 # the hybrid (GOLD) reads the logits at the mapped student ids and at the student's top ids
 # outside them (found in the dense pass); ALM only the "label" block and the log-partition.
-from logitcache.pipeline.student.losses.alm import ALMConfig, ALMTargets, alm_per_chunk_mean, student_word_start
+from logitcache.pipeline.student.losses.alm import ALMConfig, ALMTargets, alm_per_chunk_mean, debias_terms
 from logitcache.pipeline.student.losses.hybrid import HybridConfig, hybrid_per_position
 
 # Rows per chunk of the dense passes: about 4M logits (16 MiB in fp32) whatever the vocabulary.
@@ -183,10 +183,10 @@ class _CEKD(torch.autograd.Function):
         x, index, dg, *rest = ctx.saved_tensors
         n_t = len(ctx.temps) + (ctx.ws_mask is not None)
         lses, dlses = rest[:n_t], rest[n_t:]
+        dtype = _work_dtype(x)
         if ctx.ws_mask is not None:  # the word-start log-partition comes last
             lse_ws, dl_ws, lses, dlses = lses[-1], dlses[-1], lses[:-1], dlses[:-1]
-            ws = ctx.ws_mask.to(device=x.device, dtype=_work_dtype(x))
-        dtype = _work_dtype(x)
+            ws = ctx.ws_mask.to(device=x.device, dtype=dtype)
         scale = grad_total.to(dtype)
         dg = dg * scale
         grad = torch.empty_like(x)
@@ -419,11 +419,8 @@ class _Problem:
         idx = torch.where(self.has_target.reshape(self.b, self.t), alm.chunk_index.to(label_lp.device).long(), -1)
         debias = {}
         if self.lse_ws is not None:
-            end = alm.end.to(label_lp.device).long()
-            s_ws = student_word_start((self.lse_ws - self.lse[1.0]).reshape(self.b, self.t), end)
-            t_ws = alm.teacher_word_start.to(label_lp)
-            debias = {"student_word_start": s_ws,
-                      "teacher_word_start": torch.where(end >= 0, t_ws, torch.full_like(t_ws, float("nan")))}
+            ws = (self.lse_ws - self.lse[1.0]).reshape(self.b, self.t)
+            debias = debias_terms(ws, alm.end.to(label_lp.device).long(), alm.teacher_word_start.to(label_lp))
         return alm_per_chunk_mean(label_lp, idx, alm.teacher_ll.to(label_lp), self.spec.alm, reduction=self.spec.reduction,
                                   **debias)
     # --- end of hybrid and ALM ---------------------------------------------------------
