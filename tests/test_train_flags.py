@@ -83,3 +83,15 @@ def test_the_example_config_lists_every_option_at_its_default():
     cfg = TrainConfig(**values)
     defaults = TrainConfig(student=cfg.student, cache=cfg.cache, out=cfg.out)
     assert dataclasses.asdict(cfg) == dataclasses.asdict(defaults)
+
+
+def test_help_shows_each_options_default_from_the_config():
+    """The flags default to None (so --config can fill them); --help shows TrainConfig's own defaults."""
+    cmd = typer.main.get_command(app).commands["train"]
+    shown = {p.name: p.show_default for p in cmd.params if p.default is None}
+    expected = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING and f.default is not None and f.name in shown}
+    assert expected and all(str(shown[name]).lower() == str(value).lower() for name, value in expected.items()), (
+        {n: (shown[n], v) for n, v in expected.items()})
+    r = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert "default: (1024)" in r.output and "default: (linear)" in r.output

@@ -10,6 +10,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import typer
@@ -156,6 +157,58 @@ def user_errors(fn: F | None = None, *, interrupted: str = "") -> F:
             raise typer.Exit(143 if isinstance(e, Terminated) else 130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def show_defaults(command: Callable, config: type) -> None:
+    """Let ``--help`` show, for each option of ``command`` that defaults to None, the default of
+    the ``config`` dataclass field of the same name (where it has one that is not None)."""
+    import dataclasses
+    import inspect
+
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    for name, param in inspect.signature(command).parameters.items():
+        option = param.default  # typer's OptionInfo, shared with the command that click builds
+        if defaults.get(name) is not None and getattr(option, "default", ...) is None:
+            value = defaults[name]
+            option.show_default = str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def options_with_config(ctx: typer.Context, path) -> dict:  # noqa: ANN001 (a path)
+    """The command's options, with a YAML file's value for each one the command line left out.
+
+    Keys are the option names (``top_k`` or ``top-k``); values are converted as the flag's own
+    value would be. An unknown key or a value of the wrong kind is refused in one line, naming
+    the file and the key: a key read by nobody is a setting silently lost.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise LogitCacheError(f"--config {path}: no such file.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise LogitCacheError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]}).") from e
+    if not isinstance(data, dict):
+        raise LogitCacheError(f"--config {path}: expected a mapping of option: value.")
+    params = {q.name: q for q in ctx.command.params if not getattr(q, "hidden", False) and q.name != "config"}
+    values = dict(ctx.params, config=None)
+    unknown = sorted(str(k) for k in data if str(k).replace("-", "_") not in params)
+    if unknown:
+        raise LogitCacheError(f"--config {path}: unknown keys {unknown}; known keys are: {', '.join(params)}.")
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            continue  # the command line wins
+        if isinstance(value, list) and not params[name].multiple:  # temperatures: [2, 4] as the flag's "2,4"
+            value = ",".join(map(str, value))
+        try:
+            values[name] = None if value is None else params[name].process_value(ctx, value)
+        except typer.BadParameter as e:
+            why = getattr(e, "message", None) or e.format_message()
+            raise LogitCacheError(f"--config {path}: {key}: {value!r}: {why} (see `--help` for what it takes).") from None
+    return values
 
 
 def quiet_libraries() -> None:

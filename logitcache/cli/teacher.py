@@ -8,16 +8,17 @@ from typing import Optional
 
 import typer
 
-from logitcache.cli.common import RESUME_TEACHER, command_line, quiet_libraries, user_errors
+from logitcache.cli.common import RESUME_TEACHER, command_line, options_with_config, quiet_libraries, user_errors
 from logitcache.errors import LogitCacheError
 from logitcache.storage.manifest import load_manifest
 
 
 @user_errors(interrupted=RESUME_TEACHER)
 def teacher(
-    model: str = typer.Option(..., "--model", "-m", help="Teacher: a model directory or a hub name (any AutoModelForCausalLM with a fast tokenizer)."),
-    data: str = typer.Option(..., "--data", "-d", help="Input: a .jsonl/.json/.parquet/.csv/.arrow/.txt file, a directory of them, or a hub dataset name."),
-    out: Path = typer.Option(..., "--out", "-o", help="Cache directory to write. An existing cache with the same settings is resumed (also after a crash or a full disk). One run at a time: a second run on the same directory refuses."),
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Teacher: a model directory or a hub name (any AutoModelForCausalLM with a fast tokenizer)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Input: a .jsonl/.json/.parquet/.csv/.arrow/.txt file, a directory of them, or a hub dataset name."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory to write. An existing cache with the same settings is resumed (also after a crash or a full disk). One run at a time: a second run on the same directory refuses."),
     top_k: int = typer.Option(64, "--top-k", "-k", help="Log-probabilities kept per position (sorted, over the full vocabulary)."),
     # \\[: rich markup would take [vllm] for a style tag and print only 'logitcache'.
     engine: str = typer.Option("hf", "--engine", help="hf (transformers, CPU or GPU) or vllm (GPU; pip install 'logitcache\\[vllm]')."),
@@ -58,6 +59,7 @@ def teacher(
     word_start: Optional[bool] = typer.Option(None, "--word-start/--no-word-start", help="Also store per position the log of the teacher's probability that the next token starts a word (whitespace-initial or special tokens; 4 bytes per position): ALM's chunk debiasing (train --loss alm, default --alm-mode debias) needs it. Default: on with --engine hf, off with vllm (which cannot give it)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal. Off a terminal (a log file under Slurm or nohup), or with --no-progress, a plain line every --log-every seconds instead."),
     log_every: float = typer.Option(30.0, "--log-every", help="Seconds between plain progress lines (examples and tokens done, tokens/s, time left), printed on stderr; 0: after every window of batches."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options, keyed by name (top_k: 64); flags given on the command line win. examples/teacher.yaml lists them all."),
 ) -> None:
     """Run a teacher over a dataset and write its top-k logit cache (stage 1).
 
@@ -66,6 +68,11 @@ def teacher(
         logitcache teacher --model ./teacher --data train.jsonl --prompt-field prompt
         --response-field response --out cache/ --top-k 64
     """
+    if config is not None:  # fill in what the command line left out, then run as if it had all been typed
+        return teacher(**options_with_config(ctx, config), ctx=ctx)
+    missing = [flag for flag, value in (("--model", model), ("--data", data), ("--out", out)) if value is None]
+    if missing:
+        raise LogitCacheError(f"missing {', '.join(missing)} (on the command line or in --config).")
     if not (math.isfinite(shard_size_mb) and shard_size_mb > 0):
         raise LogitCacheError(f"--shard-size-mb must be a positive number of MiB (got {shard_size_mb}); the default is 256.")
     num_parts = _renamed(num_workers, "--num-workers", num_parts, "--num-parts")

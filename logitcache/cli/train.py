@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from logitcache.cli.common import RESUME_TRAIN, quiet_libraries, user_errors
+from logitcache.cli.common import RESUME_TRAIN, quiet_libraries, show_defaults, user_errors
+from logitcache.pipeline.student.config import TrainConfig
 
 
 @user_errors(interrupted=RESUME_TRAIN)
@@ -16,25 +17,25 @@ def train(
     # A list only to see a repeated --cache (click keeps the last one silently), which is refused.
     cache: Optional[list[Path]] = typer.Option(None, "--cache", "-c", help="Teacher cache written by `logitcache teacher` (one per run).", rich_help_panel="Data"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory: checkpoints and the final model.", rich_help_panel="Data"),
-    loss: Optional[str] = typer.Option(None, "--loss", help="uld (any tokenizer), mlot (MultiLevelOT, any tokenizer), hybrid (TRL GOLD: exact JSD on tokens both vocabularies share, ULD on the rest; --hybrid-* options), alm (approximate likelihood matching of chunks both tokenizations bound; --alm-* options; its gradient scales as 1/τ, so its default --kd-weight is τ, 100), kl (same vocabulary as the teacher) or sft (no teacher). Default uld.", rich_help_panel="Loss"),
+    loss: Optional[str] = typer.Option(None, "--loss", help="uld (any tokenizer), mlot (MultiLevelOT, any tokenizer), hybrid (TRL GOLD: exact JSD on tokens both vocabularies share, ULD on the rest; --hybrid-* options), alm (approximate likelihood matching of chunks both tokenizations bound; --alm-* options; its gradient scales as 1/τ, so its default --kd-weight is τ, 100), kl (same vocabulary as the teacher) or sft (no teacher).", rich_help_panel="Loss"),
     alignment: Optional[str] = typer.Option(None, "--alignment", help="offset (exact character spans) or position (the papers' index pairing). Default: position for uld/mlot, offset for kl/hybrid; alm uses its own chunks (chunk).", rich_help_panel="Loss"),
     kd_weight: Optional[float] = typer.Option(None, "--kd-weight", help="λ in CE + λ·KD (default 1; with --loss alm, its --alm-temperature, 100, which offsets ALM's 1/τ gradient scale).", rich_help_panel="Loss"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options (flags given on the command line win).", rich_help_panel="Data"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --num-epochs).", rich_help_panel="Optimisation"),
-    num_epochs: Optional[float] = typer.Option(None, "--num-epochs", help="Passes over the cache (default 1).", rich_help_panel="Optimisation"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Examples per device per step (default 8).", rich_help_panel="Optimisation"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --num-epochs; -1: none, train --num-epochs).", rich_help_panel="Optimisation"),
+    num_epochs: Optional[float] = typer.Option(None, "--num-epochs", help="Passes over the cache.", rich_help_panel="Optimisation"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Examples per device per step.", rich_help_panel="Optimisation"),
     gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps", help="Batches per optimizer step.", rich_help_panel="Optimisation"),
-    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Peak learning rate (default 5e-4).", rich_help_panel="Optimisation"),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0).", rich_help_panel="Optimisation"),
-    warmup_steps: Optional[float] = typer.Option(None, "--warmup-steps", help="Learning-rate warm-up: steps, or a fraction of all steps when below 1 (default 0).", rich_help_panel="Optimisation"),
-    lr_scheduler: Optional[str] = typer.Option(None, "--lr-scheduler", help="Learning-rate schedule after warm-up, a transformers scheduler name: linear (default), cosine, constant, ...", rich_help_panel="Optimisation"),
-    save_total_limit: Optional[int] = typer.Option(None, "--save-total-limit", help="Checkpoints kept in --out, oldest deleted first (default 2).", rich_help_panel="Checkpointing"),
-    shuffle_buffer: Optional[int] = typer.Option(None, "--shuffle-buffer", help="Examples in each reader's shuffle buffer (default 1024; row groups are shuffled too).", rich_help_panel="Data"),
-    report_to: Optional[str] = typer.Option(None, "--report-to", help="Experiment tracker(s) the Trainer logs to, with CE, KD and the aligned fraction: none (default), tensorboard, wandb, mlflow, trackio, ... (comma-separated; each needs its package).", rich_help_panel="Logging"),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Peak learning rate.", rich_help_panel="Optimisation"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay.", rich_help_panel="Optimisation"),
+    warmup_steps: Optional[float] = typer.Option(None, "--warmup-steps", help="Learning-rate warm-up: steps, or a fraction of all steps when below 1.", rich_help_panel="Optimisation"),
+    lr_scheduler: Optional[str] = typer.Option(None, "--lr-scheduler", help="Learning-rate schedule after warm-up, a transformers scheduler name: linear, cosine, constant, ...", rich_help_panel="Optimisation"),
+    save_total_limit: Optional[int] = typer.Option(None, "--save-total-limit", help="Checkpoints kept in --out, oldest deleted first.", rich_help_panel="Checkpointing"),
+    shuffle_buffer: Optional[int] = typer.Option(None, "--shuffle-buffer", help="Examples in each reader's shuffle buffer (row groups are shuffled too).", rich_help_panel="Data"),
+    report_to: Optional[str] = typer.Option(None, "--report-to", help="Experiment tracker(s) the Trainer logs to, with CE, KD and the aligned fraction: none, tensorboard, wandb, mlflow, trackio, ... (comma-separated; each needs its package).", rich_help_panel="Logging"),
     run_name: Optional[str] = typer.Option(None, "--run-name", help="The run's name in the tracker (default: the Trainer's).", rich_help_panel="Logging"),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Student tokens per example; longer ones are cut on both sides (default 512).", rich_help_panel="Data"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Student tokens per example; longer ones are cut on both sides.", rich_help_panel="Data"),
     logging_steps: Optional[int] = typer.Option(None, "--logging-steps", help="Log CE, KD and aligned fraction every N steps.", rich_help_panel="Logging"),
-    save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps (default 500).", rich_help_panel="Checkpointing"),
+    save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps.", rich_help_panel="Checkpointing"),
     eval_cache: Optional[Path] = typer.Option(None, "--eval-cache", help="A second cache to evaluate CE + KD on.", rich_help_panel="Data"),
     eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Evaluate every N steps (with --eval-cache).", rich_help_panel="Logging"),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 mixed precision.", rich_help_panel="Optimisation"),
@@ -42,18 +43,18 @@ def train(
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Dataloader worker processes (every example once per epoch, full batches, exact --resume with the same number).", rich_help_panel="Data"),
     kl_kind: Optional[str] = typer.Option(None, "--kl-kind", help="forward, reverse or jsd (with --loss kl).", rich_help_panel="Loss"),
     mlot_variant: Optional[str] = typer.Option(None, "--mlot-variant", help="paper or code (with --loss mlot; code needs a cache written with `logitcache teacher --logit-stats`).", rich_help_panel="Loss"),
-    mlot_k: Optional[int] = typer.Option(None, "--mlot-k", help="Ranked vocabulary dimensions MultiLevelOT compares (default 50, the paper's; the cache's k must be at least this).", rich_help_panel="Loss"),
-    kd_temperature: Optional[float] = typer.Option(None, "--kd-temperature", help="KD at temperature τ (uld, kl, hybrid; MultiLevelOT's τ_SL; not alm, whose chunk likelihoods have none): the student's softmax(logits/τ) against the teacher's exact probabilities at τ (the cache needs `logitcache teacher --temperatures τ`), KD term × τ² (Hinton et al.). Default 1.", rich_help_panel="Loss"),
-    kd_reduction: Optional[str] = typer.Option(None, "--kd-reduction", help="sample (default): KD averaged over each example's aligned positions, then over examples (llm-recipes, Multi-Level-OT, TRL); token: over all aligned positions of the batch. CE is always the mean over the batch's targets.", rich_help_panel="Loss"),
-    hybrid_beta: Optional[float] = typer.Option(None, "--hybrid-beta", help="--loss hybrid: β of the JSD on matched tokens (0: forward KL, 1: reverse KL; default 0.5, GOLD's).", rich_help_panel="Loss"),
+    mlot_k: Optional[int] = typer.Option(None, "--mlot-k", help="Ranked vocabulary dimensions MultiLevelOT compares (50 is the paper's; the cache's k must be at least this).", rich_help_panel="Loss"),
+    kd_temperature: Optional[float] = typer.Option(None, "--kd-temperature", help="KD at temperature τ (uld, kl, hybrid; MultiLevelOT's τ_SL; not alm, whose chunk likelihoods have none): the student's softmax(logits/τ) against the teacher's exact probabilities at τ (the cache needs `logitcache teacher --temperatures τ`), KD term × τ² (Hinton et al.).", rich_help_panel="Loss"),
+    kd_reduction: Optional[str] = typer.Option(None, "--kd-reduction", help="sample: KD averaged over each example's aligned positions, then over examples (llm-recipes, Multi-Level-OT, TRL); token: over all aligned positions of the batch. CE is always the mean over the batch's targets.", rich_help_panel="Loss"),
+    hybrid_beta: Optional[float] = typer.Option(None, "--hybrid-beta", help="--loss hybrid: β of the JSD on matched tokens (0: forward KL, 1: reverse KL; 0.5 is GOLD's).", rich_help_panel="Loss"),
     hybrid_matched_weight: Optional[float] = typer.Option(None, "--hybrid-matched-weight", help="--loss hybrid: weight of the matched-token term (default: GOLD's adaptive weight, the share of the teacher vocabulary that maps).", rich_help_panel="Loss"),
     hybrid_unmatched_weight: Optional[float] = typer.Option(None, "--hybrid-unmatched-weight", help="--loss hybrid: weight of the ULD term on the rest (default: 1 minus the matched share).", rich_help_panel="Loss"),
-    alm_temperature: Optional[float] = typer.Option(None, "--alm-temperature", help="--loss alm: binarisation temperature τ in exp(log-likelihood/τ) (default 100, tokenkit's).", rich_help_panel="Loss"),
-    alm_divergence: Optional[str] = typer.Option(None, "--alm-divergence", help="--loss alm: binary_kl (default; 0 when the student matches) or binary_ce (tokenkit's; same gradient).", rich_help_panel="Loss"),
-    alm_mode: Optional[str] = typer.Option(None, "--alm-mode", help="--loss alm: debias (default; the paper's outcome-chunk debiasing, tokenkit's merge_by_space_prob+append_space: chunks merged until a word likely follows, each likelihood times the probability that a word starts after it; the cache needs `logitcache teacher --word-start`, on by default with --engine hf) or plain (no debiasing; any cache).", rich_help_panel="Loss"),
-    alm_merge_threshold: Optional[float] = typer.Option(None, "--alm-merge-threshold", help="--loss alm --alm-mode debias: merge chunks until the teacher's probability that a word starts after them exceeds this (default 0.1, tokenkit's).", rich_help_panel="Loss"),
+    alm_temperature: Optional[float] = typer.Option(None, "--alm-temperature", help="--loss alm: binarisation temperature τ in exp(log-likelihood/τ) (100 is tokenkit's).", rich_help_panel="Loss"),
+    alm_divergence: Optional[str] = typer.Option(None, "--alm-divergence", help="--loss alm: binary_kl (0 when the student matches) or binary_ce (tokenkit's; same gradient).", rich_help_panel="Loss"),
+    alm_mode: Optional[str] = typer.Option(None, "--alm-mode", help="--loss alm: debias (the paper's outcome-chunk debiasing, tokenkit's merge_by_space_prob+append_space: chunks merged until a word likely follows, each likelihood times the probability that a word starts after it; the cache needs `logitcache teacher --word-start`, on by default with --engine hf) or plain (no debiasing; any cache).", rich_help_panel="Loss"),
+    alm_merge_threshold: Optional[float] = typer.Option(None, "--alm-merge-threshold", help="--loss alm --alm-mode debias: merge chunks until the teacher's probability that a word starts after them exceeds this (0.1 is tokenkit's).", rich_help_panel="Loss"),
     approximate_temperature: bool = typer.Option(False, "--approximate-temperature", help="--loss mlot on a cache without `--temperatures 2`: renormalise the teacher's top-k at τ_SD instead of refusing (biased: the tail's mass is dropped).", rich_help_panel="Loss"),
-    kd_chunk_size: Optional[int] = typer.Option(None, "--kd-chunk-size", help="0 (default): CE and KD in one fused, memory-bounded pass over the logits. N > 0: CE, then the standalone ULD/KL loss over chunks of N positions (slower; for comparison).", rich_help_panel="Loss"),
+    kd_chunk_size: Optional[int] = typer.Option(None, "--kd-chunk-size", help="0: CE and KD in one fused, memory-bounded pass over the logits. N > 0: CE, then the standalone ULD/KL loss over chunks of N positions (slower; for comparison).", rich_help_panel="Loss"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in --out (mid-epoch); one cut short by a kill is passed over.", rich_help_panel="Checkpointing"),
     skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards", help="Train without the cache's damaged shards (missing, resized, altered) and row groups with bad values (NaN, inf, log-probs above 0, unsorted top-k), naming them and the examples lost, instead of refusing the cache.", rich_help_panel="Data"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the student's own Python code to run (off by default: it is code from the model's author). The cache's tokenizer never runs code.", rich_help_panel="Data"),
@@ -69,7 +70,8 @@ def train(
     """
     quiet_libraries()
     from logitcache.errors import LogitCacheError
-    from logitcache.pipeline.student.train import TrainConfig, load_config_file, run_train
+    from logitcache.pipeline.student.config import load_config_file
+    from logitcache.pipeline.student.train import run_train
 
     if cache and len(cache) > 1:
         raise LogitCacheError(
@@ -114,3 +116,8 @@ def train(
         line += f"; aligned {frac:.1%} of target positions ({stats.get('no_kd', 0)} examples without KD, {stats.get('truncated', 0)} truncated)"
     typer.echo(line)
     typer.echo(f"model saved to {cfg.out}")
+
+
+# The options default to None (so that --config can fill what the command line leaves out):
+# --help shows TrainConfig's defaults instead, read from it so that the two cannot drift apart.
+show_defaults(train, TrainConfig)
