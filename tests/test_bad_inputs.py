@@ -190,7 +190,7 @@ CASES = [
     pytest.param(lambda i, o: teacher(i, o / "c", "--codec", "zip"), ["codec", "'zip'", "v1"], id="teacher-unknown-codec"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--mode", "chat"), ["--mode", "'chat'"], id="teacher-unknown-mode"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--dtype", "int8"), ["--dtype", "int8"], id="teacher-unknown-dtype"),
-    pytest.param(lambda i, o: ["teacher", "--data", i.data, "--out", o / "c"], ["Missing option", "--model"], id="teacher-no-model"),
+    pytest.param(lambda i, o: ["teacher", "--data", i.data, "--out", o / "c"], ["missing --model", "--config"], id="teacher-no-model"),
     # inspect
     pytest.param(lambda i, o: ["inspect", i.bad / "nowhere"], ["nowhere", "no such cache directory"], id="inspect-missing-dir"),
     pytest.param(lambda i, o: ["inspect", i.bad / "a-file"], ["a-file", "no such cache directory"], id="inspect-a-file"),

@@ -147,3 +147,25 @@ def test_verify_of_a_long_check_logs_shards_done_on_stderr(built_cache):
     assert r.exit_code == 0 and r.stdout.startswith("OK ") and len(r.stdout.splitlines()) == 1
     lines = r.stderr.splitlines()
     assert [line.split(" shards")[0] for line in lines] == [f"verify: {done}/{shards}" for done in range(shards)]
+
+
+# The first step's line has no loss logged yet and no rate to estimate the time left from.
+TRAIN_PROGRESS = re.compile(r"train: (\d+)/6 steps \(\d+%\)(, loss [\d.]+)?, elapsed \d+:\d\d(, ETA ~\d+:\d\d)?")
+
+
+def test_a_training_run_logged_to_a_file_prints_plain_progress_lines(tmp_path, built_cache, student):
+    """No tqdm bar redrawn into the file: a plain line per step (--log-every 0), and the Trainer's metrics."""
+    log = tmp_path / "job.log"
+    p = start([str(LOGITCACHE), "train", "--student", str(student), "--cache", str(built_cache), "--out",
+               str(tmp_path / "run"), "--loss", "uld", "--max-steps", "6", "--batch-size", "4", "--logging-steps", "1",
+               "--log-every", "0"], log)
+    assert p.wait(timeout=300) == 0, log.read_text()
+
+    text = log.read_text()
+    assert "\r" not in text and "it/s]" not in text
+    lines = text.splitlines()
+    progress = [m for m in map(TRAIN_PROGRESS.fullmatch, lines) if m]
+    assert [int(m[1]) for m in progress] == [0, 1, 2, 3, 4, 5]  # the opening line, then each step
+    assert all(m[2] and m[3] for m in progress[2:])
+    assert any(re.fullmatch(r"train: 6/6 steps in \d+:\d\d, loss [\d.]+", line) for line in lines), text
+    assert sum("'kd':" in line for line in lines) == 6  # the Trainer's logged metrics are still there

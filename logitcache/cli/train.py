@@ -58,7 +58,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in --out (mid-epoch); one cut short by a kill is passed over.", rich_help_panel="Checkpointing"),
     skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards", help="Train without the cache's damaged shards (missing, resized, altered) and row groups with bad values (NaN, inf, log-probs above 0, unsorted top-k), naming them and the examples lost, instead of refusing the cache.", rich_help_panel="Data"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the student's own Python code to run (off by default: it is code from the model's author). The cache's tokenizer never runs code.", rich_help_panel="Data"),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.", rich_help_panel="Logging"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show transformers' progress bar on a terminal. Off a terminal (a log file under Slurm or nohup), or with --no-progress, a plain line every --log-every seconds instead (steps done, loss, time left), beside the Trainer's logged metrics.", rich_help_panel="Logging"),
+    log_every: Optional[float] = typer.Option(None, "--log-every", help="Seconds between plain progress lines, printed on stderr; 0: after every step.", rich_help_panel="Logging"),
 ) -> None:
     """Train a student from a teacher cache: CE + λ·KD on transformers' Trainer.
 
@@ -92,7 +93,7 @@ def train(
         "alm_divergence": alm_divergence, "alm_mode": alm_mode, "alm_merge_threshold": alm_merge_threshold,
         "weight_decay": weight_decay, "warmup_steps": warmup_steps, "lr_scheduler": lr_scheduler,
         "save_total_limit": save_total_limit, "shuffle_buffer": shuffle_buffer, "report_to": report_to,
-        "run_name": run_name,
+        "run_name": run_name, "log_every": log_every,
     }
     values.update({k: v for k, v in given.items() if v is not None})
     switches = (("resume", resume), ("skip_bad_shards", skip_bad_shards), ("trust_remote_code", trust_remote_code),

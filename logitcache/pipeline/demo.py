@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from logitcache.pipeline.progress import StepProgress, progress_enabled
+from logitcache.pipeline.progress import StepProgress, progress_enabled, trainer_progress
 from logitcache.pipeline.records import TextTemplate
 from logitcache.pipeline.teacher.run import TeacherConfig, TeacherResult, run_teacher
 from logitcache.pipeline.tiny import (
@@ -203,28 +203,6 @@ def _affinity() -> int | str:
         return "n/a"
 
 
-# --- progress -------------------------------------------------------------------------------
-
-
-def _trainer_progress(progress: StepProgress):
-    """A transformers TrainerCallback that feeds a StepProgress: global step and the last logged loss."""
-    from transformers import TrainerCallback
-
-    class _Callback(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            progress.total = state.max_steps or progress.total
-            progress.start = progress.done = state.global_step
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                progress.loss = float(logs["loss"])
-
-        def on_step_end(self, args, state, control, **kwargs):
-            progress.update(state.global_step)
-
-    return _Callback()
-
-
 # --- the stages -----------------------------------------------------------------------------
 
 
@@ -324,7 +302,7 @@ def train_students(cfg: DemoConfig, paths: DemoPaths, progress: bool = True,
         tcfg.resume = out.exists()
         label = f"student {i}/{len(cfg.students)} {s.name} ({s.loss})"
         with StepProgress(label, cfg.student_steps, enabled=progress_enabled(progress), indent="  ") as bar:
-            r = run_train(tcfg, progress_callback=_trainer_progress(bar))
+            r = run_train(tcfg, progress_callback=trainer_progress(bar))
         aligned = (r.feature_stats or {}).get("fraction_matched") if s.loss != "sft" else None
         (out / DEMO_TRAIN_STATS).write_text(json.dumps({"aligned": aligned, "seconds": r.seconds}))
         trained.append(_Trained(s, out, alignment, aligned, r.seconds))

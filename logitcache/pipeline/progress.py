@@ -151,3 +151,32 @@ class StepProgress:
         self._shown = self.done
         if not self.silent:
             print(text, file=self.stream, flush=True)
+
+
+def trainer_progress(progress: StepProgress, *, owns: bool = False):  # noqa: ANN201 (a TrainerCallback)
+    """A transformers TrainerCallback that feeds ``progress``: the global step, the last logged loss.
+
+    ``owns``: the callback opens ``progress`` when training begins (its total is known only then)
+    and closes it when training ends; else the caller holds it open around the training.
+    """
+    from transformers import TrainerCallback
+
+    class _Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+            progress.total = state.max_steps or progress.total
+            progress.start = progress.done = state.global_step
+            if owns:
+                progress.__enter__()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN003
+            if logs and "loss" in logs:
+                progress.loss = float(logs["loss"])
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+            progress.update(state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+            if owns:
+                progress.__exit__(None, None, None)
+
+    return _Callback()

@@ -90,7 +90,10 @@ class TrainConfig:
     # mlflow, trackio; comma-separated for several. run_name: the run's name there.
     report_to: str = "none"
     run_name: str | None = None
+    # A bar on a terminal (transformers'); off one (a job's log file), or without progress, a
+    # plain line every log_every seconds: a tqdm bar redrawn into a file is one endless line.
     progress: bool = True
+    log_every: float = 30.0
 
     def mlot_config(self) -> "losses.MLOTConfig":
         """The MultiLevelOT hyper-parameters these options choose (--kd-temperature is its tau_SL)."""
@@ -127,6 +130,8 @@ class TrainConfig:
         if self.loss not in LOSSES:
             raise LogitCacheError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}.")
         check_trackers(self.report_to)
+        if not (isinstance(self.log_every, (int, float)) and math.isfinite(self.log_every) and self.log_every >= 0):
+            raise LogitCacheError(f"--log-every must be 0 or more seconds (got {self.log_every}); 0 logs at every step.")
         if self.kd_chunk_size < 0:
             raise LogitCacheError(f"--kd-chunk-size must be 0 (automatic) or positive (got {self.kd_chunk_size}).")
         for name in ("batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "mlot_k"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from logitcache.errors import LogitCacheError
+from logitcache.pipeline.progress import StepProgress, trainer_progress
 from logitcache.pipeline.student import losses
 from logitcache.pipeline.student.config import (  # noqa: F401  (re-exported: the public names stay here)
     DEFAULT_ALIGNMENT, LOSSES, TRACKERS, TrainConfig, check_trackers, coerce_config_value, load_config_file,
@@ -569,6 +571,8 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     if cfg.eval_cache:  # its batches share the trainer's teacher_targets(): the same columns needed
         check_eval_targets(cfg, cache.manifest, open_cache(cfg.eval_cache).manifest)
 
+    # transformers' tqdm bar only on a terminal: redrawn into a job's log file it is one endless line.
+    bar = cfg.progress and progress_callback is None and _is_terminal(sys.stderr)
     args = TrainingArguments(
         output_dir=str(out),
         max_steps=cfg.max_steps,
@@ -593,7 +597,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         prediction_loss_only=True,
         report_to=[t.strip() for t in cfg.report_to.split(",")] if cfg.report_to != "none" else "none",
         run_name=cfg.run_name,
-        disable_tqdm=not cfg.progress,
+        disable_tqdm=not bar,
         ignore_data_skip=True,
         # accelerate sets up multi-process CPU training (gloo) under torchrun only when told "cpu".
         use_cpu=not torch.cuda.is_available(),
@@ -650,6 +654,10 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         cache_temperatures=list(getattr(cache.manifest, "temperatures", []) or []),
         vocab_map=vocab_map,
     )
+    if progress_callback is None and not bar and trainer.is_world_process_zero():
+        # Beside the Trainer's printed metrics, a line that says how far the run is and how long is left.
+        trainer.add_callback(trainer_progress(
+            StepProgress("train", 0, bar=False, interval=cfg.log_every, stream=sys.stderr), owns=True))
     if progress_callback is not None:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -685,6 +693,13 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
 _RUN_PREFIXES = ("checkpoint-", "logitcache_", "vocab-map-")
 
 
+def _is_terminal(stream) -> bool:  # noqa: ANN001
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def refuse_foreign_out(out: Path) -> None:
     """Refuse an --out that holds files but no trace of a training run: saving there would mix
     the model's files into someone else's (config.json, model.safetensors overwritten)."""
@@ -715,7 +730,7 @@ def _disk_full_message(e: BaseException, out: Path, step: int) -> str | None:
 
 FINISHED = "logitcache_train_result.json"
 # Options that do not change what a finished run trained: a --resume with only these changed is a no-op.
-_NOT_DEFINING = ("resume", "progress", "num_workers")
+_NOT_DEFINING = ("resume", "progress", "log_every", "num_workers")
 
 
 def _run_defining(cfg: TrainConfig) -> dict[str, Any]:
