@@ -23,8 +23,17 @@ def inspect(
     example: Optional[str] = typer.Option(None, "--example", "-e", help="Example id to show (default: the first)."),
     tokens: int = typer.Option(32, "--tokens", "-n", help="How many positions of the example to show."),
     alternatives: int = typer.Option(3, "--alternatives", "-a", help="Top alternatives shown per position."),
+    stats: bool = typer.Option(False, "--stats", help="Scan the whole cache: lengths, teacher top-1 probability, top-k entropy, tail mass beyond k."),
+    student: Optional[str] = typer.Option(None, "--student", help="A student tokenizer (directory or hub name); implies --stats: the fraction of its targets that align with the cache, as training aligns them."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="With --stats, scan only the first N examples (default: all)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Implies --stats: draw the distributions into this .png/.pdf/.svg (needs `pip install 'logitcache[plot]'`)."),
+    ids: bool = typer.Option(False, "--ids", help="List the example ids, one per line, and nothing else."),
 ) -> None:
-    """Summarise a cache and show one example token by token with the teacher's top alternatives."""
+    """Summarise a cache and show one example token by token with the teacher's top alternatives.
+
+    --stats (implied by --student and --plot) shows distributions over the cache instead of an example;
+    --ids lists the ids (`| head` works).
+    """
     from logitcache.errors import LogitCacheError
     from logitcache.storage import open_cache
 
@@ -32,8 +41,24 @@ def inspect(
         raise LogitCacheError(f"--tokens must be positive (got {tokens}).")
     if alternatives < 0:
         raise LogitCacheError(f"--alternatives must be 0 or more (got {alternatives}).")
+    _check_ids_alone(ids, stats=stats, student=student, limit=limit, plot=plot, example=example)
+    stats = stats or student is not None or plot is not None
+    if limit is not None and not stats:
+        raise LogitCacheError("--limit counts the examples that --stats scans; add --stats.")
+    if limit is not None and limit < 1:
+        raise LogitCacheError(f"--limit must be 1 or more (got {limit}); leave it out to scan every example.")
+    if plot is not None:
+        from logitcache.pipeline.cache_plot import check_plot_path, require_matplotlib
+
+        check_plot_path(plot)
+        require_matplotlib()
 
     c = open_cache(cache)
+    if ids:
+        _print_ids(c)
+        return
+    row = c[example] if example is not None else None  # an unknown id is refused before anything is printed
+    student_tok = _load_student(student) if student is not None else None
     m = c.manifest
     console = Console()
     summary = Table(title=f"cache {cache}", show_header=False)
@@ -54,10 +79,87 @@ def inspect(
     ]:
         summary.add_row(key, str(value))
     console.print(summary)
+    if stats:
+        _show_stats(console, c, limit, student_tok, plot)
+        if example is None:
+            return
     if m.num_examples == 0:
         return
-    row = c[example] if example is not None else next(iter(c))
+    if row is None:
+        row = next(iter(c))
     _show_example(console, c, row, tokens, alternatives)
+
+
+def _check_ids_alone(ids: bool, **others) -> None:
+    """--ids prints ids and nothing else, for pipes: any option that prints more is refused."""
+    from logitcache.errors import LogitCacheError
+
+    given = [f"--{name}" for name, value in others.items() if value not in (None, False)]
+    if ids and given:
+        raise LogitCacheError(
+            f"--ids lists the ids and nothing else; drop {', '.join(given)}, or run it as a second command."
+        )
+
+
+def _print_ids(c) -> None:
+    # Plain writes, not rich: ids go to a pipe (`| head`, `| wc -l`), one per line, as they are.
+    try:
+        for example_id in c.ids():
+            sys.stdout.write(example_id + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader has what it wanted (`| head`). Python would flush stdout again at exit and
+        # complain on stderr: point stdout at /dev/null so that it stays quiet.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _load_student(name: str):
+    from logitcache.pipeline.loading import load_tokenizer
+    from logitcache.pipeline.offsets import require_fast_tokenizer
+
+    # Like the cache's tokenizer in training, a name on the command line never runs code.
+    tok = load_tokenizer(name, "--student", trust_remote_code=False)
+    require_fast_tokenizer(tok, "student tokenizer")
+    return tok
+
+
+def _show_stats(console: Console, c, limit: Optional[int], student_tok, plot: Optional[Path]) -> None:
+    from logitcache.pipeline.cache_stats import QUANTILES, cache_stats
+
+    s = cache_stats(c, limit, student_tok)
+    scope = "every example" if limit is None or limit >= len(c) else f"the first {s.examples:,} examples"
+    table = Table(title=f"distributions over {scope}: {s.targets:,} of {s.positions:,} positions are targets")
+    table.add_column("")
+    for name in ("mean", "min", *(f"p{round(100 * q)}" for q in QUANTILES), "max"):
+        table.add_column(name, justify="right")
+    for label, dist, fmt in [
+        ("tokens per example", s.lengths, "{:.1f}"),
+        ("teacher top-1 probability", s.top1, "{:.3f}"),
+        (f"entropy of the top-{c.k}, renormalised (nats)", s.entropy, "{:.3f}"),
+        (f"tail mass beyond top-{c.k}", s.tail, "{:.4f}"),
+    ]:
+        values = [dist.mean, dist.low, *(dist.quantile(q) for q in QUANTILES), dist.high]
+        table.add_row(label, *(fmt.format(v) for v in values))
+    console.print(table)
+    if s.alignment:
+        _show_alignment(console, s.alignment, getattr(student_tok, "name_or_path", "") or "the student")
+    if plot is not None:
+        from logitcache.pipeline.cache_plot import plot_cache_stats
+
+        plot_cache_stats(s, plot, title=str(c.path))
+        console.print(f"plot written to {plot}")
+
+
+def _show_alignment(console: Console, alignment: dict, name: str) -> None:
+    table = Table(title=f"student tokenizer {name}: its target positions aligned with the cache")
+    for column in ("alignment", "student targets", "aligned", "fraction", "text only", "examples without KD"):
+        table.add_column(column, justify="left" if column == "alignment" else "right")
+    for how, st in alignment.items():
+        table.add_row(how, f"{st.targets:,}", f"{st.matched:,}", f"{st.fraction_matched:.1%}",
+                      f"{st.fraction_text_matched:.1%}", f"{st.no_kd:,}")
+    console.print(table)
 
 
 def _skipped(skipped: dict[str, str]) -> str:

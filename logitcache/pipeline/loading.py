@@ -37,7 +37,10 @@ def load_tokenizer(name: str, option: str, **kwargs: Any):
     try:
         return AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
-        raise LogitCacheError(f"{option} {name}: could not load its tokenizer ({_first_line(e)}).") from e
+        raise LogitCacheError(
+            f"{option} {name}: could not load its tokenizer ({_first_line(e)}); give a directory holding "
+            "a tokenizer's files (tokenizer.json) or a hub name."
+        ) from e
 
 
 def load_causal_lm(name: str, option: str, **kwargs: Any):

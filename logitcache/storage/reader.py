@@ -117,7 +117,10 @@ class CacheReader:
         try:
             shard, j = self._index[example_id]
         except KeyError:
-            raise LogitCacheError(f"no example with id {example_id!r} in {self.path}; {self._some_ids()}.") from None
+            raise LogitCacheError(
+                f"no example with id {example_id!r} in {self.path}; {self._some_ids()}; "
+                f"list them all with `logitcache inspect {self.path} --ids`."
+            ) from None
         f = pq.ParquetFile(self.shard_path(shard))
         # Read only the row group that holds row j.
         start = 0
