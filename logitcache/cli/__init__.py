@@ -6,6 +6,7 @@ import typer
 from typer.core import TyperGroup
 
 from logitcache.cli import cache as _cache
+from logitcache.cli import convert as _convert
 from logitcache.cli import demo as _demo
 from logitcache.cli import evaluate as _evaluate
 from logitcache.cli import merge as _merge
@@ -38,7 +39,7 @@ app = typer.Typer(
         "Offline teacher-logit cache for LLM knowledge distillation.\n\n"
         "Stage 1: `logitcache teacher` runs a teacher once and stores its top-k log-probabilities "
         "with character offsets (split over a cluster with --num-parts, joined by `merge`); `inspect` "
-        "and `verify` look into a cache. Stage 2: `logitcache train` "
+        "and `verify` look into a cache, `convert` rewrites it with another codec. Stage 2: `logitcache train` "
         "distils the cache into a student with any tokenizer; `eval` compares models per character. "
         "`demo` runs the whole thing on tiny models built on the spot."
     ),
@@ -73,6 +74,7 @@ app.command("teacher")(_teacher.teacher)
 app.command("inspect")(_cache.inspect)
 app.command("verify")(_cache.verify)
 app.command("merge")(_merge.merge)
+app.command("convert")(_convert.convert)
 app.command("train")(_train.train)
 app.command("eval")(_evaluate.eval_)
 app.command("demo")(_demo.demo)

@@ -8,7 +8,7 @@ import shlex
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -85,6 +85,7 @@ def _path_problem(e: OSError) -> str | None:
 
 
 RESUME_TEACHER = "finished shards are kept; rerun the same command to resume."
+RESUME_CONVERT = "finished shards are kept; rerun the same command to resume the convert."
 RESUME_TRAIN = ("checkpoints saved in --out are kept; rerun the same command with --resume "
                 "to continue from the last one (without it, train refuses an --out that holds checkpoints).")
 
@@ -227,3 +228,33 @@ def quiet_libraries() -> None:
         datasets.disable_progress_bars()
     except Exception:  # pragma: no cover - optional niceties
         pass
+
+
+class Stages:
+    """Progress of each stage of a command in turn (merge, convert): a bar on a terminal, else a
+    line every ``log_every`` seconds (none for a quick run, whose result is its one line).
+    ``update(stage, done, total)`` is the ``on_progress`` callback the storage functions take."""
+
+    def __init__(self, command: str, log_every: float) -> None:
+        self.command = command
+        self.log_every = log_every
+        self.stage: str | None = None
+        self._stack = ExitStack()
+
+    def update(self, stage: str, done: int, total: int, unit: str = "shards") -> None:
+        from logitcache.pipeline.progress import StepProgress
+
+        if stage != self.stage:
+            self._stack.close()  # the stage before is over
+            self.stage = stage
+            self.bar = self._stack.enter_context(
+                StepProgress(f"{self.command}, {stage}", total, unit=unit, interval=self.log_every,
+                             stream=sys.stderr, ends=False)
+            )
+        self.bar.update(done)
+
+    def __enter__(self) -> "Stages":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.__exit__(*exc)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
-from contextlib import ExitStack
 from pathlib import Path
 
 import typer
 
-from logitcache.cli.common import user_errors
+from logitcache.cli.common import Stages, user_errors
 
 
 @user_errors
@@ -34,36 +32,9 @@ def merge(
     from logitcache.storage.merge import expand_parts, merge_caches
 
     check_log_every(log_every)
-    with warnings.catch_warnings(), _Stages(log_every) as stages:
+    with warnings.catch_warnings(), Stages("merge", log_every) as stages:
         warnings.simplefilter("ignore")  # the report carries them; printed below as one line each
         report = merge_caches(out, expand_parts(parts), link=not copy, verify=verify, on_shard=stages.update)
     for message in report.warnings:
         typer.echo(f"warning: {message}", err=True)
     typer.echo(report.summary())
-
-
-class _Stages:
-    """Progress of each stage of a merge in turn: a bar, or a line every ``log_every`` seconds
-    (none for a quick merge, whose result is its one line)."""
-
-    def __init__(self, log_every: float) -> None:
-        self.log_every = log_every
-        self.stage: str | None = None
-        self._stack = ExitStack()
-
-    def update(self, stage: str, done: int, total: int) -> None:
-        from logitcache.pipeline.progress import StepProgress
-
-        if stage != self.stage:
-            self._stack.close()  # the stage before is over
-            self.stage = stage
-            self.bar = self._stack.enter_context(
-                StepProgress(f"merge, {stage}", total, unit="shards", interval=self.log_every, stream=sys.stderr, ends=False)
-            )
-        self.bar.update(done)
-
-    def __enter__(self) -> "_Stages":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.__exit__(*exc)

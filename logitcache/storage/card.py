@@ -10,14 +10,29 @@ from logitcache.storage.manifest import Manifest
 def _loading(m: Manifest) -> str:
     if m.codec == "compact":
         return (
-            "The shards use logitcache's compact codec (quantised log-probs, frequency-ranked ids in\n"
-            "byte planes): read them with `logitcache.open_cache(path)`; plain Parquet tools see the\n"
-            "encoded columns."
+            "**Codec: compact.** The columns `top1_logprob`, `topk_steps_*` and `topk_ranks_*` are logitcache's\n"
+            "compact encoding of the top-k log-probs and ids (quantised log-probs, frequency-ranked ids in byte\n"
+            "planes, an id table in each shard's footer): `datasets`, pandas or DuckDB read them as opaque bytes,\n"
+            "not as numbers. Read the cache with `logitcache.open_cache(path)`, or write a plain-Parquet copy\n"
+            "for those tools with\n\n"
+            "    logitcache convert CACHE OUT --codec v1\n\n"
+            "(about twice the bytes: the decoded log-probs stored as float16)."
         )
     return (
-        "Load it with `logitcache.open_cache(path)`, with `pyarrow.parquet`, or with\n"
-        '`datasets.load_dataset("parquet", data_files="data/*.parquet")`.'
+        "**Codec: v1**, plain Parquet (float16 log-probs, int32 ids). Load it with\n"
+        "`logitcache.open_cache(path)`, `pyarrow.parquet`, pandas, DuckDB, or\n"
+        '`datasets.load_dataset("parquet", data_files="data/*.parquet")`. To save about half the disk\n'
+        "(for logitcache's own readers only): `logitcache convert CACHE OUT --codec compact`."
     )
+
+
+def _origin(m: Manifest) -> str:
+    """Where a converted cache came from (``logitcache convert``); empty for any other."""
+    origin = m.converted_from
+    if not origin:
+        return ""
+    return (f"\nConverted by `logitcache convert` from a cache in the {origin.get('codec', '?')} codec "
+            f"(written by logitcache {origin.get('tool_version') or '?'}).\n")
 
 
 def _extras(m: Manifest) -> str:
@@ -66,7 +81,7 @@ tags:
 
 # Teacher logit cache: {teacher}
 
-Written by [logitcache](https://pypi.org/project/logitcache/) {m.tool_version}, cache format v{m.format_version}.
+Written by [logitcache](https://pypi.org/project/logitcache/) {m.tool_version}, cache format v{m.format_version}.{_origin(m)}
 Every row is one example: the exact `text` the teacher read, its tokens with character
 spans, and per position the teacher's top-{m.k} next-token log-probabilities (sorted,
 temperature {m.temperature}, normalised over the full vocabulary), the log-probability of
@@ -84,8 +99,9 @@ the actual next token and the log-normaliser of the raw logits.
 | bytes/token | {bpt:.1f} |
 | status | {m.status} |
 
-{_loading(m)} The teacher tokenizer is
-in `tokenizer/`; `manifest.json` has the settings and a sha256 per shard
+{_loading(m)}
+
+The teacher tokenizer is in `tokenizer/`; `manifest.json` has the settings and a sha256 per shard
 (`logitcache verify` checks them).
 
 Template (how a record became text):

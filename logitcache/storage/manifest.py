@@ -90,6 +90,9 @@ class Manifest:
     logit_stats: bool = False
     # whether the rows hold ``word_start_logprob`` (ALM's debiasing).
     word_start: bool = False
+    # Written by `logitcache convert`: the source cache's codec, path, tool version and a digest of
+    # its shards' sha256 (what tells a rerun that OUT is a partial convert of the same source).
+    converted_from: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     tool_version: str = ""
     created_at: str = field(default_factory=_now)
@@ -119,6 +122,25 @@ class Manifest:
     def has_logsumexp(self) -> bool:
         """Whether the engine gave the raw logits' log-normaliser (vllm does not)."""
         return self.teacher.get("logsumexp", True) is not False
+
+    @property
+    def compact_encodings(self) -> int:
+        """How many times the top-k log-probs went through the compact codec's quantisation since
+        the teacher wrote them: 1 for a compact cache, 0 for v1, as ``convert`` counted for a
+        converted one (a v1 copy of a compact cache keeps its error)."""
+        counted = (self.converted_from or {}).get("compact_encodings")
+        if type(counted) is int and counted >= 0:
+            return counted
+        return int(self.codec == "compact")
+
+    def logprob_error_nats(self) -> float:
+        """The most a stored top-k log-prob may differ from the teacher's beyond float16 rounding:
+        the compact codec's bound once per quantisation it went through."""
+        if not self.compact_encodings:
+            return 0.0
+        from logitcache.storage.codec import ERROR_BOUND_NATS
+
+        return self.compact_encodings * ERROR_BOUND_NATS
 
     def arrow_schema(self):
         """The Arrow schema of this cache's shards (codec, k and optional columns)."""
@@ -226,6 +248,7 @@ MANIFEST_FIELD_TYPES: dict[str, tuple] = {
     "temperatures": (list,),
     "logit_stats": (bool,),
     "word_start": (bool,),
+    "converted_from": (dict, None),
     "tool_version": (str,),
     "created_at": (str,),
     "updated_at": (str,),

@@ -163,14 +163,11 @@ def _check_shard(
     f = pq.ParquetFile(path)
     k, compact = m.k, m.codec == "compact"
     has_logsumexp = m.has_logsumexp
-    if compact:  # the columns and k were checked by footer_problem
-        from logitcache.storage import codec as compact_codec
-
-        id_table = shard_id_table(f)
-        # A decoded logprob is within the codec's bound of the label's fp32 value.
-        extra_tol = compact_codec.ERROR_BOUND_NATS
-    else:
-        id_table, extra_tol = None, 0.0
+    # The columns and k were checked by footer_problem.
+    id_table = shard_id_table(f) if compact else None
+    # A logprob that went through the compact codec (this cache's, or its source's when
+    # `logitcache convert` wrote it) is within the codec's bound of the label's fp32 value.
+    extra_tol = m.logprob_error_nats()
     rows = tokens = 0
     for batch in f.iter_batches(batch_size=1024):
         for rid in batch.column("id").to_pylist():
