@@ -33,33 +33,60 @@ def one_error_line(result) -> str:
     return errors[0]
 
 
-def cli_options() -> set[str]:
-    """Every long option of `logitcache` and its commands, `--help` included."""
+def command_options() -> dict[str, set[str]]:
+    """Each command's long options, with the root's (--debug, --version, --help)."""
     group = typer.main.get_command(app)
     ctx = group.make_context("logitcache", ["--help"], resilient_parsing=True)
-    options = set()
-    for command in [group, *group.commands.values()]:
-        for param in command.get_params(ctx):
-            options.update(o for o in [*param.opts, *param.secondary_opts] if o.startswith("--"))
-    return options
+    root = {o for p in group.get_params(ctx) for o in [*p.opts, *p.secondary_opts]}
+    return {name: root | {o for p in command.get_params(ctx) for o in [*p.opts, *p.secondary_opts]}
+            for name, command in group.commands.items()}
 
 
-def flags_in_strings() -> dict[str, list[str]]:
-    """flag -> where it is named, over every string literal (messages, help, docstrings)."""
-    found: dict[str, list[str]] = {}
+# The command a module's messages speak for, when they do not name one (longest prefix wins).
+HOME = {"cli/teacher.py": "teacher", "pipeline/teacher/": "teacher", "cli/train.py": "train",
+        "pipeline/student/": "train", "pipeline/student/evaluate.py": "eval", "cli/evaluate.py": "eval",
+        "cli/merge.py": "merge", "cli/convert.py": "convert", "cli/demo.py": "demo"}
+# `logitcache teacher --top-k 64`: the flags of a quoted command line are that command's.
+QUOTED = re.compile(r"`logitcache ([a-z]+)\b([^`]*)`")
+
+
+def _messages(path: Path):
+    """(line, text) of every string literal but docstrings; an f-string as one text, {} for its fields."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    inside_fstrings = {id(c) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for c in ast.walk(node)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            yield node.lineno, "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings | inside_fstrings:
+            yield node.lineno, node.value
+
+
+def flags_in_messages() -> list[tuple[str, str, str | None]]:
+    """(flag, where, the command it belongs to or None when neither the text nor the module says)."""
+    found = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                for flag in FLAG.findall(node.value):
-                    found.setdefault(flag, []).append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+        rel = path.relative_to(PACKAGE).as_posix()
+        homes = [prefix for prefix in HOME if rel.startswith(prefix)]
+        home = HOME[max(homes, key=len)] if homes else None
+        for line, text in _messages(path):
+            for quoted in QUOTED.finditer(text):
+                found += [(flag, f"{rel}:{line}", quoted[1]) for flag in FLAG.findall(quoted[2])]
+            found += [(flag, f"{rel}:{line}", home) for flag in FLAG.findall(QUOTED.sub("", text))]
     return found
 
 
-def test_every_flag_a_message_names_is_an_option_of_the_cli():
-    named = flags_in_strings()
-    assert "--mlot-k" in named and "--resume" in named  # the scan sees the messages
-    unknown = {f: where for f, where in named.items() if f not in cli_options() and f not in OTHER_TOOLS}
-    assert unknown == {}
+def test_every_flag_a_message_names_is_an_option_of_the_command_it_speaks_for():
+    """A flag in `logitcache CMD ...` is CMD's; any other is its module's command's (teacher for
+    pipeline/teacher, train for pipeline/student, ...), or some command's where no module says."""
+    options = command_options()
+    named = flags_in_messages()
+    assert {"--mlot-k", "--resume", "--top-k"} <= {flag for flag, _, _ in named}  # the scan sees the messages
+    wrong = [(flag, where, command) for flag, where, command in named if flag not in OTHER_TOOLS
+             and flag not in (options.get(command) if command else set().union(*options.values()))]
+    assert wrong == []
 
 
 def test_version_prints_the_name_and_version():

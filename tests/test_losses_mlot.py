@@ -308,7 +308,7 @@ def test_small_lambda_stays_finite() -> None:
 
 def test_cache_k_smaller_than_mlot_k_raises() -> None:
     student, lp, ids, _ = make_case(0, vs=12, vt=12, K=4)
-    with pytest.raises(ValueError, match=r"top-4 .* k=5 .*--top-k 5 or more.*MLOTConfig\.k"):
+    with pytest.raises(ValueError, match=r"top-4 .* k=5 .*--top-k 5` or more.*MLOTConfig\.k"):
         multilevel_ot_loss(student, lp, ids, MASK, MLOTConfig(k=5))
 
 

@@ -13,7 +13,7 @@ from logitcache.cli.common import Stages, user_errors
 @user_errors
 def merge(
     out: Path = typer.Argument(..., help="The merged cache to write: a new or empty directory."),
-    parts: list[Path] = typer.Argument(..., help="The workers' part directories, or the directory holding their part-* directories (the --out of the cluster run)."),
+    parts: list[Path] = typer.Argument(..., help="The workers' part directories, or the directory holding their part-* directories (what the cluster run gave `logitcache teacher --out`)."),
     copy: bool = typer.Option(False, "--copy", help="Copy the shards instead of hard-linking them (hard links need OUT on the parts' filesystem and take no extra space; across filesystems merge copies anyway)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every shard's size and sha256 against its part's manifest before merging."),
     log_every: float = typer.Option(30.0, "--log-every", help="On big parts, a progress line per stage (shards done, time left) on stderr every this many seconds; a bar on a terminal."),

@@ -457,7 +457,7 @@ def check_compatibility(cfg: TrainConfig, student_tokenizer, cache) -> None:
     if cfg.loss == "mlot" and manifest.k < cfg.mlot_k:
         raise LogitCacheError(
             f"--loss mlot ranks the top {cfg.mlot_k} teacher tokens, but the cache keeps only k={manifest.k}; "
-            f"rerun the teacher with --top-k {cfg.mlot_k} or more, or pass --mlot-k {manifest.k}."
+            f"rerun the teacher with `logitcache teacher --top-k {cfg.mlot_k}` or more, or pass --mlot-k {manifest.k}."
         )
     check_teacher_targets(cfg, manifest)
 
@@ -469,10 +469,11 @@ def check_teacher_targets(cfg: TrainConfig, manifest) -> None:
     if cfg.loss == "mlot" and cfg.mlot_variant == "code":
         targets.require_logit_stats(manifest, "--loss mlot --mlot-variant code (logits divided by their std)")
     if cfg.alm_debiased() and not getattr(manifest, "word_start", False):
-        engine = "--engine hf " if manifest.teacher.get("engine") == "vllm" or not manifest.has_logsumexp else ""
+        vllm = manifest.teacher.get("engine") == "vllm" or not manifest.has_logsumexp
         raise LogitCacheError(
             "--loss alm debiases its chunks with the teacher's word-start probability, which this cache lacks; "
-            f"rerun the teacher with `logitcache teacher {engine}--word-start` (a new --out), or pass --alm-mode plain."
+            f"rerun the teacher with `logitcache teacher {'--engine hf ' if vllm else ''}--word-start` (a new --out), "
+            "or pass --alm-mode plain."
         )
     for tau in cfg.teacher_temperatures():
         try:

@@ -139,7 +139,7 @@ class TeacherConfig:
         if self.engine == "vllm" and self.word_start:
             raise LogitCacheError(
                 "--word-start needs the teacher's full distribution, which vLLM does not return; "
-                "use --engine hf for it, or drop the flag with --engine vllm (ALM then runs with --alm-mode plain)."
+                "use --engine hf for it, or drop the flag with --engine vllm (ALM then runs with `logitcache train --alm-mode plain`)."
             )
         self.worker()
 

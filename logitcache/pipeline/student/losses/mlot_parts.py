@@ -116,7 +116,7 @@ def checked_config(
     if k_cache < cfg.k:
         raise ValueError(
             f"The cache keeps the teacher's top-{k_cache} per position, but MultiLevelOT ranks k={cfg.k} "
-            f"teacher dims: re-run the teacher with --top-k {cfg.k} or more, or lower MLOTConfig.k "
+            f"teacher dims: re-run the teacher with `logitcache teacher --top-k {cfg.k}` or more, or lower MLOTConfig.k "
             f"(--mlot-k) to {k_cache} or less."
         )
     if vs < cfg.k:
