@@ -60,10 +60,14 @@ def train(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the student's own Python code to run (off by default: it is code from the model's author). The cache's tokenizer never runs code.", rich_help_panel="Data"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show transformers' progress bar on a terminal. Off a terminal (a log file under Slurm or nohup), or with --no-progress, a plain line every --log-every seconds instead (steps done, loss, time left), beside the Trainer's logged metrics.", rich_help_panel="Logging"),
     log_every: Optional[float] = typer.Option(None, "--log-every", help="Seconds between plain progress lines, printed on stderr; 0: after every step.", rich_help_panel="Logging"),
+    fsdp: Optional[str] = typer.Option(None, "--fsdp", help="Under torchrun: shard the student with FSDP, transformers' TrainingArguments.fsdp as it is (e.g. 'full_shard auto_wrap'). With `accelerate launch --config_file fsdp.yaml` leave it out: the config decides.", rich_help_panel="Distributed"),
+    fsdp_config: Optional[Path] = typer.Option(None, "--fsdp-config", help="With --fsdp: a JSON file of FSDP settings (transformers' fsdp_config: version, state_dict_type, ...).", rich_help_panel="Distributed"),
+    deepspeed: Optional[Path] = typer.Option(None, "--deepspeed", help="A DeepSpeed JSON config (transformers' TrainingArguments.deepspeed), for torchrun or the deepspeed launcher; needs the deepspeed package.", rich_help_panel="Distributed"),
 ) -> None:
     """Train a student from a teacher cache: CE + λ·KD on transformers' Trainer.
 
-    Works under torchrun / accelerate (each rank streams its own part of the cache).
+    Works under torchrun / accelerate launch (each rank streams its own part of the cache), with
+    DDP, FSDP (an accelerate config, or --fsdp) or DeepSpeed (an accelerate config, or --deepspeed).
 
     Example:
 
@@ -93,7 +97,8 @@ def train(
         "alm_divergence": alm_divergence, "alm_mode": alm_mode, "alm_merge_threshold": alm_merge_threshold,
         "weight_decay": weight_decay, "warmup_steps": warmup_steps, "lr_scheduler": lr_scheduler,
         "save_total_limit": save_total_limit, "shuffle_buffer": shuffle_buffer, "report_to": report_to,
-        "run_name": run_name, "log_every": log_every,
+        "run_name": run_name, "log_every": log_every, "fsdp": fsdp, "fsdp_config": str(fsdp_config) if fsdp_config else None,
+        "deepspeed": str(deepspeed) if deepspeed else None,
     }
     values.update({k: v for k, v in given.items() if v is not None})
     switches = (("resume", resume), ("skip_bad_shards", skip_bad_shards), ("trust_remote_code", trust_remote_code),

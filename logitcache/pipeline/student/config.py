@@ -90,6 +90,12 @@ class TrainConfig:
     # mlflow, trackio; comma-separated for several. run_name: the run's name there.
     report_to: str = "none"
     run_name: str | None = None
+    # transformers' own sharding options, passed to TrainingArguments as they are, for torchrun /
+    # `deepspeed` launches (with `accelerate launch --config_file`, its config decides instead).
+    # fsdp: e.g. "full_shard auto_wrap"; fsdp_config and deepspeed: paths to JSON files.
+    fsdp: str | None = None
+    fsdp_config: str | None = None
+    deepspeed: str | None = None
     # A bar on a terminal (transformers'); off one (a job's log file), or without progress, a
     # plain line every log_every seconds: a tqdm bar redrawn into a file is one endless line.
     progress: bool = True
@@ -130,6 +136,7 @@ class TrainConfig:
         if self.loss not in LOSSES:
             raise LogitCacheError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}.")
         check_trackers(self.report_to)
+        self._validate_sharding()
         if not (isinstance(self.log_every, (int, float)) and math.isfinite(self.log_every) and self.log_every >= 0):
             raise LogitCacheError(f"--log-every must be 0 or more seconds (got {self.log_every}); 0 logs at every step.")
         if self.kd_chunk_size < 0:
@@ -159,6 +166,22 @@ class TrainConfig:
                 "only); drop --kd-temperature or use --mlot-variant paper."
             )
         self._validate_hybrid_alm()
+
+    def _validate_sharding(self) -> None:
+        """--fsdp / --fsdp-config / --deepspeed, before any work (else: a traceback once the model is loaded)."""
+        import importlib.util
+
+        if self.deepspeed is not None:
+            if importlib.util.find_spec("deepspeed") is None:
+                raise LogitCacheError("--deepspeed needs the deepspeed package: pip install deepspeed")
+            if self.fsdp:
+                raise LogitCacheError("--fsdp and --deepspeed both shard the model; give one of them.")
+        for name in ("fsdp_config", "deepspeed"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise LogitCacheError(f"--{name.replace('_', '-')} {path}: no such file (a JSON config is expected).")
+        if self.fsdp_config is not None and not self.fsdp:
+            raise LogitCacheError("--fsdp-config configures --fsdp; give --fsdp too (e.g. --fsdp 'full_shard auto_wrap').")
 
     def _validate_hybrid_alm(self) -> None:
         """the hybrid's and ALM's options."""

@@ -300,15 +300,32 @@ def first_non_finite_gradient(model: torch.nn.Module) -> str | None:
     """The name of the first parameter whose gradient holds NaN or inf, or None.
 
     One fused norm per parameter and one device sync: a norm is finite iff every entry is.
+    Under FSDP each rank holds only its shard of every gradient (a DTensor's local part), so the
+    ranks agree on the answer through one all-reduce: a rank that stopped alone would leave the
+    others waiting in the next collective until the timeout.
     """
-    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
-    if not named:
-        return None
-    norms = torch._foreach_norm([g for _, g in named])
-    finite = torch.isfinite(torch.stack([n.float() for n in norms]))
-    if bool(finite.all()):
-        return None
-    return named[int((~finite).nonzero()[0, 0])][0]
+    import torch.distributed as dist
+
+    names = [n for n, _ in model.named_parameters()]  # the same list on every rank
+    local = [(i, _local_tensor(p.grad)) for i, (_, p) in enumerate(model.named_parameters()) if p.grad is not None]
+    local = [(i, g) for i, g in local if g.numel() > 0]
+    first = len(names)  # none
+    if local:
+        norms = torch._foreach_norm([g for _, g in local])
+        finite = torch.isfinite(torch.stack([n.float() for n in norms]))
+        if not bool(finite.all()):
+            first = local[int((~finite).nonzero()[0, 0])][0]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        agreed = torch.tensor([first], dtype=torch.int64, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        first = int(agreed)
+    return names[first] if first < len(names) else None
+
+
+def _local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's (FSDP2's sharded gradient's) local part; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class FiniteGradientsCallback(TrainerCallback):
@@ -539,7 +556,6 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     """
     import time
 
-    from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     from logitcache.pipeline.loading import load_causal_lm, load_tokenizer
@@ -574,7 +590,10 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
 
     # transformers' tqdm bar only on a terminal: redrawn into a job's log file it is one endless line.
     bar = cfg.progress and progress_callback is None and _is_terminal(sys.stderr)
-    args = TrainingArguments(
+    # Built before the model is loaded: under `accelerate launch` (or --deepspeed) it reads the
+    # FSDP / DeepSpeed settings, so from_pretrained can load for them (ZeRO-3 init, rank-0 loading).
+    args = _training_arguments(
+        cfg,
         output_dir=str(out),
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.num_epochs,
@@ -602,7 +621,15 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         ignore_data_skip=True,
         # accelerate sets up multi-process CPU training (gloo) under torchrun only when told "cpu".
         use_cpu=not torch.cuda.is_available(),
+        fsdp=cfg.fsdp or None,
+        fsdp_config=cfg.fsdp_config,
+        deepspeed=cfg.deepspeed,
     )
+    if cfg.fsdp and args.world_size < 2:  # (DeepSpeed in one process is fine: ZeRO-Offload)
+        raise LogitCacheError(
+            "--fsdp shards the model across processes: launch with `torchrun --nproc_per_node N -m logitcache "
+            "train ...` (or accelerate launch with examples/accelerate/fsdp.yaml)."
+        )
 
     def dataset(path: str, shuffle: bool) -> LogitCacheDataset:
         return LogitCacheDataset(
@@ -665,9 +692,14 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(progress_callback)
+    _notify(_sharding_notices(trainer), args.process_index == 0)
     t0 = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
+        if trainer.is_fsdp_enabled:
+            # Under SHARDED_STATE_DICT (fast checkpoints) save_model writes no weights at all; the
+            # final model is gathered whole, so from_pretrained loads it. Checkpoints stay sharded.
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model(str(out))
     except (OSError, RuntimeError) as e:
         message = _disk_full_message(e, out, trainer.state.global_step)
@@ -687,6 +719,30 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         follow_umask(out)  # the final model's weights, written 0600 like each checkpoint's
     _leave_process_group()
     return done
+
+
+def _training_arguments(cfg: TrainConfig, **kwargs: Any):  # noqa: ANN202
+    """TrainingArguments(**kwargs); a bad --fsdp / --fsdp-config / --deepspeed in one line."""
+    from transformers import TrainingArguments
+
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, KeyError, TypeError) as e:
+        if not (cfg.fsdp or cfg.deepspeed):
+            raise
+        given = " ".join(f"--{k.replace('_', '-')} {v}" for k in ("fsdp", "fsdp_config", "deepspeed")
+                         if (v := getattr(cfg, k)))
+        raise LogitCacheError(f"{given}: the Trainer refused it: {str(e).splitlines()[0]}") from e
+
+
+def _sharding_notices(trainer: Trainer) -> list[str]:
+    """A run that asked for FSDP but trains without it (accelerate runs FSDP only on accelerators:
+    on CPU it silently falls back to DDP, each rank holding the whole model)."""
+    asked = bool(trainer.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and not trainer.is_fsdp_enabled and trainer.args.world_size > 1:
+        return [f"FSDP was asked for but accelerate set up {trainer.accelerator.distributed_type.value} "
+                "(it shards only on GPUs or other accelerators, not on CPU): every process holds the whole model."]
+    return []
 
 
 # What a training run leaves in --out besides the saved model: checkpoints, our JSON files and
