@@ -90,7 +90,9 @@ found = [first_non_finite_gradient(model)]
 if dist.get_rank() == 1:  # only rank 1's shard of one gradient goes bad
     model.model.layers[0].mlp.up_proj.weight.grad.to_local()[0, 0] = float("nan")
 found.append(first_non_finite_gradient(model))
-print(json.dumps({"rank": dist.get_rank(), "found": found}), flush=True)
+# One write per rank: print's separate newline lets the two ranks' lines run together on the shared pipe.
+sys.stdout.write(json.dumps({"rank": dist.get_rank(), "found": found}) + "\\n")
+sys.stdout.flush()
 dist.destroy_process_group()
 '''
 

@@ -58,7 +58,7 @@ def demo(
     typer.echo(f"  {configure_threads(threads)}")
     paths, r = run_teacher_part(cfg, progress=progress)
     typer.echo(f"[2/5] teacher stage: {r.written} examples written, {r.tokens_per_second:,.0f} tokens/s -> {paths.cache}")
-    inspect(paths.cache, example=None, tokens=12, alternatives=3)
+    inspect(paths.cache, example=None, tokens=12, alternatives=3, stats=False, student=None, limit=None, plot=None, ids=False)
     verify(paths.cache, fast=False, log_every=30.0)
     if teacher_only:
         return
