@@ -10,7 +10,6 @@ import sys
 import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, TypeVar
 
 import typer
@@ -181,17 +180,9 @@ def options_with_config(ctx: typer.Context, path) -> dict:  # noqa: ANN001 (a pa
     value would be. An unknown key or a value of the wrong kind is refused in one line, naming
     the file and the key: a key read by nobody is a setting silently lost.
     """
-    import yaml
+    from logitcache.pipeline.config_file import read_config_mapping
 
-    p = Path(path)
-    if not p.is_file():
-        raise LogitCacheError(f"--config {path}: no such file.")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise LogitCacheError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]}).") from e
-    if not isinstance(data, dict):
-        raise LogitCacheError(f"--config {path}: expected a mapping of option: value.")
+    data = read_config_mapping(path)
     params = {q.name: q for q in ctx.command.params if not getattr(q, "hidden", False) and q.name != "config"}
     values = dict(ctx.params, config=None)
     unknown = sorted(str(k) for k in data if str(k).replace("-", "_") not in params)

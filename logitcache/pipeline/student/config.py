@@ -238,17 +238,9 @@ def check_trackers(report_to: str) -> None:
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML (or JSON) mapping of TrainConfig fields; unknown keys are an error, not ignored."""
-    import yaml
+    from logitcache.pipeline.config_file import read_config_mapping
 
-    p = Path(path)
-    if not p.is_file():
-        raise LogitCacheError(f"--config {path}: no such file.")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise LogitCacheError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]}).") from e
-    if not isinstance(data, dict):
-        raise LogitCacheError(f"--config {path}: expected a mapping of option: value.")
+    data = read_config_mapping(path)
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(TrainConfig.field_names()))
     if unknown:
