@@ -105,7 +105,10 @@ class CacheWriter:
             raise LogitCacheError(f"--out {d} is a file; give a directory for the cache.")
         if (d / MANIFEST_NAME).exists():
             existing = load_manifest(d)
-            diffs = existing.settings_differences(wanted)
+            # A cache begun in an older format resumes in it (every version listed is readable), so
+            # an upgrade of logitcache mid-run does not orphan it; rows it cannot hold are refused.
+            diffs = [key for key in existing.settings_differences(wanted)
+                     if not (key == "format_version" and existing.format_version < wanted.format_version)]
             if diffs:
                 detail = "; ".join(
                     f"{key}: cache has {getattr(existing, key)!r}, this run has {getattr(wanted, key)!r}"
