@@ -160,16 +160,14 @@ def spans_from_field(value: Any, field: str, n_chars: int) -> TargetSpans:
     """
     if hasattr(value, "tolist"):  # numpy arrays from some `datasets` formats
         value = value.tolist()
-    if not isinstance(value, (list, tuple)) or not all(
-        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
-        for p in value
-    ):
+    pairs = _int_pairs(value)
+    if pairs is None:
         raise _RecordError(
-            f"--target-field {field!r} must hold a list of [start, end] pairs of character offsets "
+            f"--target-field {field!r} must hold a list of [start, end] pairs of whole-number character offsets "
             f"(got {_short_repr(value)})."
         )
     spans: list[tuple[int, int]] = []
-    for start, end in value:
+    for start, end in pairs:
         if not 0 <= start <= end <= n_chars:
             raise _RecordError(
                 f"--target-field {field!r}: span [{start}, {end}] is not within the text's {n_chars} characters "
@@ -187,6 +185,21 @@ def spans_from_field(value: Any, field: str, n_chars: int) -> TargetSpans:
         else:
             spans.append((start, end))
     return tuple(spans)
+
+
+def _int_pairs(value: Any) -> list[tuple[int, int]] | None:
+    """``value`` as (int, int) pairs, or None. Whole floats count: `datasets` gives a column floats
+    as soon as one record holds one, so the record holding the 1.5 is the one refused."""
+    if not isinstance(value, (list, tuple)):
+        return None
+    out = []
+    for pair in value:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            return None
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and float(x).is_integer() for x in pair):
+            return None
+        out.append((int(pair[0]), int(pair[1])))
+    return out
 
 
 def _short_repr(value: Any, limit: int = 60) -> str:
