@@ -373,7 +373,7 @@ def test_one_span_to_the_end_is_exactly_the_v1_rule(two_tokenizers, alignment):
 def span_cache(tmp_path_factory, teacher_dir, data_file) -> Path:
     from logitcache.pipeline.records import TextTemplate
     from logitcache.pipeline.teacher.run import run_teacher
-    from tests.conftest import make_config
+    from conftest import make_config
 
     tmp = tmp_path_factory.mktemp("spans")
     records = []
@@ -389,23 +389,12 @@ def span_cache(tmp_path_factory, teacher_dir, data_file) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def other_student(tmp_path_factory) -> Path:
-    from logitcache.pipeline.tiny import TinyModelConfig, build_tiny_model, generate_corpus, train_metaspace_bpe_tokenizer
-
-    tok = train_metaspace_bpe_tokenizer(generate_corpus(2000, 7), 400)
-    out = tmp_path_factory.mktemp("student") / "metaspace"
-    build_tiny_model(tok, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, seed=1)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.mark.parametrize("loss, which", [("uld", "other"), ("kl", "same"), ("alm", "other")])
-def test_a_multi_span_cache_trains(tmp_path, span_cache, student, other_student, loss, which):
+def test_a_multi_span_cache_trains(tmp_path, span_cache, student, metaspace_student, loss, which):
     from logitcache.pipeline.student.train import TrainConfig, run_train
 
     assert max(len(r["target_spans"]) for r in open_cache(span_cache)) == 3
-    cfg = TrainConfig(student=str(student if which == "same" else other_student), cache=str(span_cache),
+    cfg = TrainConfig(student=str(student if which == "same" else metaspace_student), cache=str(span_cache),
                       out=str(tmp_path / "run"), loss=loss, max_steps=2, batch_size=4, learning_rate=1e-3,
                       save_steps=2, logging_steps=1, progress=False, shuffle_buffer=8)
     r = run_train(cfg)
