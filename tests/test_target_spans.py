@@ -399,3 +399,14 @@ def test_a_multi_span_cache_trains(tmp_path, span_cache, student, metaspace_stud
                       save_steps=2, logging_steps=1, progress=False, shuffle_buffer=8)
     r = run_train(cfg)
     assert r.global_step == 2 and torch.isfinite(torch.tensor(r.train_loss))
+
+
+def test_eval_scores_only_the_target_spans(tmp_path, student):
+    from logitcache.pipeline.records import TextTemplate
+    from logitcache.pipeline.student.evaluate import EvalConfig, evaluate
+
+    data = _records(tmp_path, [{"id": "a", "text": TEXT, "spans": [[16, 27], [47, 65]]}])
+    whole = evaluate(EvalConfig(model=str(student), data=str(data), template=TextTemplate(text_field="text"), progress=False))
+    spans = evaluate(EvalConfig(model=str(student), data=str(data),
+                                template=TextTemplate(text_field="text", target_field="spans"), progress=False))
+    assert 0 < spans.chars < whole.chars and 0 < spans.nll_nats < whole.nll_nats
