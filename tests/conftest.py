@@ -82,3 +82,15 @@ def student(tmp_path_factory, built_cache) -> Path:
     build_tiny_model(tok, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, seed=1)).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def metaspace_student(tmp_path_factory) -> Path:
+    """A tiny student with a tokenizer of its own (Metaspace BPE): another vocabulary than the teacher's."""
+    from logitcache.pipeline.tiny import TinyModelConfig, build_tiny_model, generate_corpus, train_metaspace_bpe_tokenizer
+
+    tok = train_metaspace_bpe_tokenizer(generate_corpus(2000, 7), 400)
+    out = tmp_path_factory.mktemp("student") / "metaspace"
+    build_tiny_model(tok, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, seed=1)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -35,8 +35,10 @@ def synthetic_rows(n_rows: int, k: int, V: int, seed: int = 0, max_len: int = 40
         lp = np.sort(rng.normal(0, 3, size=(m, k)), axis=1)[:, ::-1]
         lp = (lp - np.log(np.exp(lp).sum(axis=1, keepdims=True)) - rng.uniform(0, 2, size=(m, 1)))
         ids = np.stack([rng.choice(V, size=k, replace=False) for _ in range(m)]) if m else np.zeros((0, k))
+        pc = int(rng.integers(0, n))
         rows.append({
-            "id": f"s{i}", "text": "t" * n + "é", "prompt_chars": int(rng.integers(0, n)), "truncated": bool(i % 2),
+            "id": f"s{i}", "text": "t" * n + "é", "prompt_chars": pc, "truncated": bool(i % 2),
+            "target_spans": np.array([[pc, n + 1]], np.int32),
             "input_ids": rng.integers(0, V, size=n).astype(np.int32),
             "char_start": np.arange(n, dtype=np.int32), "char_end": np.arange(1, n + 1, dtype=np.int32),
             "topk_ids": ids.astype(np.int32), "topk_logprobs": lp.astype(np.float16),

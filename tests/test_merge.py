@@ -48,6 +48,7 @@ def make_row(rid: str, n: int, seed: int, k: int = K) -> dict:
         "id": rid,
         "text": "".join(chr(ord("a") + int(c)) for c in rng.integers(0, 26, size=2 * n)),
         "prompt_chars": n // 2,
+        "target_spans": np.array([[n // 2, 2 * n]], np.int32),
         "truncated": False,
         "input_ids": input_ids,
         "char_start": (2 * np.arange(n)).astype(np.int32),

@@ -52,7 +52,7 @@ def test_writes_bounded_shards_that_verify(built_cache):
 
 def test_manifest_records_settings_and_tokenizer(built_cache):
     m = json.loads((built_cache / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["mode"] == "score" and m["temperature"] == 1.0
+    assert m["format_version"] == 2 and m["mode"] == "score" and m["temperature"] == 1.0
     assert m["teacher"]["dtype"] == "float32" and m["teacher"]["vocab_size"] == 512
     assert m["tokenizer"]["vocab_size"] == 512 and len(m["tokenizer"]["sha256"]) == 64
     assert (built_cache / "tokenizer" / "tokenizer.json").is_file()

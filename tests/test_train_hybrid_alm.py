@@ -9,17 +9,6 @@ import torch
 from logitcache.pipeline.student.train import TrainConfig, run_train
 
 
-@pytest.fixture(scope="module")
-def metaspace_student(tmp_path_factory) -> Path:
-    from logitcache.pipeline.tiny import TinyModelConfig, build_tiny_model, generate_corpus, train_metaspace_bpe_tokenizer
-
-    tok = train_metaspace_bpe_tokenizer(generate_corpus(2000, 7), 400)
-    out = tmp_path_factory.mktemp("student") / "metaspace"
-    build_tiny_model(tok, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, seed=1)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def _cfg(student, cache, out, **kw) -> TrainConfig:
     base = dict(student=str(student), cache=str(cache), out=str(out), max_steps=2, batch_size=4, learning_rate=1e-3,
                 save_steps=2, logging_steps=1, progress=False, shuffle_buffer=8)

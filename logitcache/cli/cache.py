@@ -171,11 +171,16 @@ def _skipped(skipped: dict[str, str]) -> str:
 
 
 def _show_example(console: Console, c, row: dict, n_show: int, n_alt: int) -> None:
+    from logitcache.pipeline.student.align import target_positions
+    from logitcache.storage.spans import row_spans
+
     tok = _load_tokenizer(c, console)
     text, starts, ends = row["text"], row["char_start"], row["char_end"]
     n_pos = len(row["label_logprob"])
-    # Start where the response starts: that is where students learn from the teacher.
-    first = next((p for p in range(n_pos) if ends[p + 1] > row["prompt_chars"]), 0)
+    # Start where the first target starts: that is where students learn from the teacher.
+    spans = row_spans(row)
+    targets = target_positions(starts, ends, spans)
+    first = int(targets[0]) if len(targets) else 0
     table = Table(title=f"example {row['id']!r}: position p predicts token p+1")
     table.add_column("p", justify="right")
     table.add_column("next token")
@@ -189,7 +194,8 @@ def _show_example(console: Console, c, row: dict, n_show: int, n_alt: int) -> No
             piece = tok.decode([tid]) if tok is not None else str(tid)
             alts.append(f"{piece!r} {np.exp(float(row['topk_logprobs'][p, j])):.3f}")
         table.add_row(str(p), repr(surface), f"{np.exp(float(row['label_logprob'][p])):.3f}", "  ".join(alts))
-    console.print(f"[bold]text[/bold] ({row['prompt_chars']} prompt chars): {text!r}", soft_wrap=True)
+    shown = ", ".join(f"[{int(a)}, {int(b)})" for a, b in spans) or "none"
+    console.print(f"[bold]text[/bold] (target spans: {shown}): {text!r}", soft_wrap=True)
     console.print(table)
 
 

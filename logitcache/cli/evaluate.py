@@ -15,6 +15,7 @@ def eval_(
     model: str = typer.Option(..., "--model", "-m", help="Model directory or hub name (a student, or the teacher)."),
     data: str = typer.Option(..., "--data", "-d", help="Held-out data (same formats as `teacher --data`)."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Field holding the whole text (loss only)."),
+    target_field: Optional[str] = typer.Option(None, "--target-field", help="With --text-field: field holding the spans scored, [start, end] character offsets into the text (as `logitcache teacher --target-field`)."),
     prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="Field holding the prompt (with --response-field: loss on the response, exact match)."),
     response_field: Optional[str] = typer.Option(None, "--response-field", help="Field holding the reference response."),
     separator: str = typer.Option("", "--separator", help="Text between prompt and response (as used for the cache)."),
@@ -41,7 +42,7 @@ def eval_(
             max_new_tokens=max_new_tokens, accuracy=accuracy, device=device,
             trust_remote_code=trust_remote_code, progress=progress, log_every=log_every,
             template=TextTemplate(text_field=text_field, prompt_field=prompt_field, response_field=response_field,
-                                  messages_field=messages_field, separator=separator),
+                                  messages_field=messages_field, separator=separator, target_field=target_field),
         )
     )
     res = {"model": model, "examples": r.examples, "chars": r.chars, "bits_per_char": r.bits_per_char,

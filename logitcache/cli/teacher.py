@@ -23,7 +23,8 @@ def teacher(
     # \\[: rich markup would take [vllm] for a style tag and print only 'logitcache'.
     engine: str = typer.Option("hf", "--engine", help="hf (transformers, CPU or GPU) or vllm (GPU; pip install 'logitcache\\[vllm]')."),
     mode: str = typer.Option("score", "--mode", help="score: teacher-forced over the given text; generate: the teacher writes the response to each prompt, then its own distribution along it is stored."),
-    text_field: Optional[str] = typer.Option(None, "--text-field", help="Field holding the whole text (every token is a target)."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Field holding the whole text (every token is a target, unless --target-field says which)."),
+    target_field: Optional[str] = typer.Option(None, "--target-field", help="With --text-field: field holding the target spans, a list of [start, end] character offsets into the text (sorted, not overlapping); CE and KD apply only inside them. A record without one is skipped as 'no target'."),
     prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="Field holding the prompt (with --response-field)."),
     response_field: Optional[str] = typer.Option(None, "--response-field", help="Field holding the response (with --prompt-field)."),
     separator: str = typer.Option("", "--separator", help="Text put between prompt and response."),
@@ -87,7 +88,7 @@ def teacher(
         model=model, data=data, out=str(out), top_k=top_k, engine=engine, mode=mode,
         template=TextTemplate(
             text_field=text_field, prompt_field=prompt_field, response_field=response_field,
-            messages_field=messages_field, separator=separator, id_field=id_field,
+            messages_field=messages_field, separator=separator, id_field=id_field, target_field=target_field,
         ),
         split=split, batch_size=batch_size, max_length=max_length, max_chars=max_chars, dtype=dtype, device=device,
         limit=limit, revision=revision, trust_remote_code=trust_remote_code,

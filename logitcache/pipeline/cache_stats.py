@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from logitcache.pipeline.student.align import ALIGNMENTS, target_positions
+from logitcache.storage.spans import row_spans
 from logitcache.storage.rows import Row
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ class CacheStats:
         self.examples += 1
         self.lengths.add(n)
         self.positions += max(n - 1, 0)
-        targets = target_positions(row["char_start"], row["char_end"], int(row["prompt_chars"]))
+        targets = target_positions(row["char_start"], row["char_end"], row_spans(row))
         self.targets += len(targets)
         if not len(targets):
             return

@@ -1,5 +1,9 @@
 """Input records for both stages: load them with `datasets`, render each through a template into
-(id, text, prompt_chars). Stage 1 scores them; stage 2 evaluates students on the same templates."""
+(id, text, target_spans). Stage 1 scores them; stage 2 evaluates students on the same templates.
+
+``target_spans`` is a tuple of (start, end) character ranges of the text that are targets
+(sorted, apart, non-empty; see storage/spans.py): for a prompt/response record the one span
+``((len(prompt), len(text)),)``, or ``()`` for an empty response."""
 
 from __future__ import annotations
 
@@ -34,7 +38,9 @@ class _RecordError(LogitCacheError):
 class TextTemplate:
     """How a record becomes the text the teacher reads. Exactly one of the three ways:
 
-    * ``text_field``: the whole text (``prompt_chars`` = 0: every token is a target);
+    * ``text_field``: the whole text (one span over all of it: every token is a target), or with
+      ``target_field`` the spans that field holds: a list of [start, end] character offsets
+      into the text (sorted, not overlapping; empty pairs are dropped, touching ones joined);
     * ``prompt_field`` + ``response_field``: ``prompt + separator + response``;
     * ``messages_field``: a chat (list of {role, content}) rendered with the tokenizer's
       chat template; the last message is the response.
@@ -46,6 +52,7 @@ class TextTemplate:
     messages_field: str | None = None
     separator: str = ""
     id_field: str | None = None
+    target_field: str | None = None
 
     @property
     def kind(self) -> str:
@@ -62,7 +69,14 @@ class TextTemplate:
                 "give one way to build the text: --text-field, or --prompt-field with --response-field, "
                 "or --messages-field (not several)."
             )
+        if self.target_field and (self.prompt_field or self.response_field or self.messages_field):
+            raise LogitCacheError(
+                "--target-field goes with --text-field (the spans are offsets into that text); "
+                "drop --target-field, or build the text with --text-field."
+            )
         if mode == "generate":
+            if self.target_field:
+                raise LogitCacheError("--mode generate: the teacher writes the response, which is the target; drop --target-field.")
             if self.response_field:
                 raise LogitCacheError("--mode generate: the teacher writes the response; drop --response-field.")
         elif bool(self.prompt_field) != bool(self.response_field):
@@ -97,7 +111,7 @@ class TextTemplate:
         for opt, name in [
             ("--text-field", t.text_field), ("--prompt-field", t.prompt_field),
             ("--response-field", t.response_field), ("--messages-field", t.messages_field),
-            ("--id-field", t.id_field),
+            ("--id-field", t.id_field), ("--target-field", t.target_field),
         ]:
             if name is not None and name not in columns:
                 raise LogitCacheError(
@@ -119,14 +133,82 @@ def add_special_tokens_for(template: TextTemplate) -> bool:
     return template.kind != "messages"
 
 
-def render(record: dict[str, Any], t: TextTemplate, tokenizer) -> tuple[str, int]:
-    """(text, prompt_chars) for one record."""
+TargetSpans = tuple[tuple[int, int], ...]
+
+
+def render(record: dict[str, Any], t: TextTemplate, tokenizer) -> tuple[str, TargetSpans]:
+    """(text, target_spans) for one record (see the module)."""
     if t.kind == "text":
-        return _as_str(record[t.text_field], t.text_field), 0
+        text = _as_str(record[t.text_field], t.text_field)
+        if t.target_field:
+            return text, spans_from_field(record.get(t.target_field), t.target_field, len(text))
+        return text, ((0, len(text)),) if text else ()
     if t.kind == "prompt_response":
         prompt = _as_str(record[t.prompt_field], t.prompt_field) + t.separator
         response = _as_str(record[t.response_field], t.response_field)
-        return prompt + response, len(prompt) if response else -1
+        text = prompt + response
+        return text, ((len(prompt), len(text)),) if response else ()
+    text, prompt_chars = _render_messages(record, t, tokenizer)
+    return text, ((prompt_chars, len(text)),) if 0 <= prompt_chars < len(text) else ()
+
+
+def spans_from_field(value: Any, field: str, n_chars: int) -> TargetSpans:
+    """A record's ``--target-field`` value as target spans, or a one-line refusal naming the problem.
+
+    Unsorted or overlapping spans are refused rather than sorted or joined: they say the offsets
+    were computed for another text (or another rendering of it), which no reordering repairs.
+    """
+    if hasattr(value, "tolist"):  # numpy arrays from some `datasets` formats
+        value = value.tolist()
+    pairs = _int_pairs(value)
+    if pairs is None:
+        raise _RecordError(
+            f"--target-field {field!r} must hold a list of [start, end] pairs of whole-number character offsets "
+            f"(got {_short_repr(value)})."
+        )
+    spans: list[tuple[int, int]] = []
+    for start, end in pairs:
+        if not 0 <= start <= end <= n_chars:
+            raise _RecordError(
+                f"--target-field {field!r}: span [{start}, {end}] is not within the text's {n_chars} characters "
+                "(0 <= start <= end <= length)."
+            )
+        if spans and start < spans[-1][1]:
+            raise _RecordError(
+                f"--target-field {field!r}: span [{start}, {end}] starts before the previous one ends "
+                f"({spans[-1][1]}); give the spans sorted and not overlapping."
+            )
+        if start == end:
+            continue  # no characters: no target
+        if spans and start == spans[-1][1]:
+            spans[-1] = (spans[-1][0], end)  # touching spans are one
+        else:
+            spans.append((start, end))
+    return tuple(spans)
+
+
+def _int_pairs(value: Any) -> list[tuple[int, int]] | None:
+    """``value`` as (int, int) pairs, or None. Whole floats count: `datasets` gives a column floats
+    as soon as one record holds one, so the record holding the 1.5 is the one refused."""
+    if not isinstance(value, (list, tuple)):
+        return None
+    out = []
+    for pair in value:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            return None
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and float(x).is_integer() for x in pair):
+            return None
+        out.append((int(pair[0]), int(pair[1])))
+    return out
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _render_messages(record: dict[str, Any], t: TextTemplate, tokenizer) -> tuple[str, int]:
+    """(text, prompt_chars) of a chat whose last message is the response (-1: an empty response)."""
     messages = record[t.messages_field]
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise _RecordError(f"--messages-field {t.messages_field!r} must hold a list of {{role, content}} objects.")
@@ -202,7 +284,7 @@ def check_records(ds, t: TextTemplate) -> None:
     for opt, name, text in [
         ("--text-field", t.text_field, True), ("--prompt-field", t.prompt_field, True),
         ("--response-field", t.response_field, True), ("--messages-field", t.messages_field, False),
-        ("--id-field", t.id_field, False),
+        ("--id-field", t.id_field, False), ("--target-field", t.target_field, False),
     ]:
         if name is None or name not in table.column_names:
             continue
@@ -417,11 +499,12 @@ def dataset_fingerprint(data: str, ds) -> str:
 
 def iter_examples(
     ds, t: TextTemplate, tokenizer, limit: int | None = None, *, generate: bool = False
-) -> Iterator[tuple[int, str, str, int]]:
-    """Yield (record index, id, text, prompt_chars) per record, in dataset order; ids are unique.
+) -> Iterator[tuple[int, str, str, TargetSpans]]:
+    """Yield (record index, id, text, target_spans) per record, in dataset order; ids are unique.
 
-    ``prompt_chars`` is -1 for a record with an empty response. In generate mode ``text`` is
-    the prompt alone and ``prompt_chars`` its length. Without an id field the id is a hash of
+    ``target_spans`` is ``()`` for a record with no target (an empty response). In generate
+    mode ``text`` is the prompt alone and ``target_spans`` ``((len(text), len(text)),)``: the
+    response the teacher writes starts there. Without an id field the id is a hash of
     the text; repeated texts get "-2", "-3", ... in order of appearance.
     """
     if limit is not None and limit < 0:
@@ -437,9 +520,9 @@ def iter_examples(
         try:
             if generate:
                 text = render_prompt(record, t, tokenizer)
-                prompt_chars = len(text)
+                spans: TargetSpans = ((len(text), len(text)),)
             else:
-                text, prompt_chars = render(record, t, tokenizer)
+                text, spans = render(record, t, tokenizer)
         except _RecordError as e:
             raise LogitCacheError(f"record {i + 1}: {e}") from e
         if t.id_field:
@@ -457,4 +540,4 @@ def iter_examples(
             count = seen.get(base, 0) + 1
             seen[base] = count
             rid = base if count == 1 else f"{base}-{count}"
-        yield i, rid, text, prompt_chars
+        yield i, rid, text, spans

@@ -37,7 +37,7 @@ def _origin(m: Manifest) -> str:
 
 def _extras(m: Manifest) -> str:
     """What the rows hold beyond format v1's columns (issue 12), as card paragraphs."""
-    parts = []
+    parts = [_targets(m)]
     if m.eos_id is not None:
         parts.append(
             f"Every example that ended (not `truncated`) ends with the end-of-sequence token (id {m.eos_id}),\n"
@@ -63,6 +63,16 @@ def _extras(m: Manifest) -> str:
             "starts a word: its mass on tokens beginning with a space, tab or newline byte, and on special tokens."
         )
     return "\n\n".join(parts)
+
+
+def _targets(m: Manifest) -> str:
+    if not m.has_spans:
+        return ("Students learn from the characters after `prompt_chars` (the response); the prompt is\n"
+                "context only (cache format v1).")
+    return ("`target_start` and `target_end` list the [start, end) character ranges of `text` that students\n"
+            "learn from (sorted, not overlapping; the assistant turns of a chat, the response of a prompt);\n"
+            "the rest is context only. `prompt_chars` is kept for readers of format v1: the first range's\n"
+            "start (the text's length when there is none).")
 
 
 def render_card(m: Manifest) -> str:

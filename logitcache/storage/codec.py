@@ -4,7 +4,8 @@ Not yet wired into the writer/reader (issue 6); v1 (``rows.py``) stays the defau
 
 What one compact table holds, per row (one example), compared with v1 (DESIGN.md §2):
 
-* ``id``, ``text``, ``prompt_chars``, ``truncated``, ``input_ids``, ``char_start``,
+* ``id``, ``text``, ``prompt_chars``, ``truncated``, (format v2: ``target_start``,
+  ``target_end``), ``input_ids``, ``char_start``,
   ``char_end``, ``label_logprob``, ``logsumexp``: the same values and types as v1, exact
   (only their Parquet encodings differ, see :data:`PARQUET_COLUMN_ENCODING`).
 * ``top1_logprob``: list<float32>, one per position: the largest logprob ``lp_0``, exact
@@ -63,8 +64,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from logitcache.storage.rows import Row, extra_arrays, flat_list_column
-from logitcache.storage.schema import EXTRA_COLUMNS, extra_fields
+from logitcache.storage.rows import Row, base_columns_prompt, extra_arrays, flat_list_column
+from logitcache.storage.schema import EXTRA_COLUMNS, extra_fields, span_fields
+from logitcache.storage.spans import decode_spans, spans_arrays
 
 CODEC_NAME = "compact"
 DEFAULT_STEP = 2.0**-6  # q: a power of two, so q * n is exact in float64
@@ -101,13 +103,15 @@ PARQUET_OPTIONS: dict[str, Any] = {
 }
 
 
-def compact_schema(n_temperatures: int = 0, logit_stats: bool = False, word_start: bool = False) -> pa.Schema:
+def compact_schema(n_temperatures: int = 0, logit_stats: bool = False, word_start: bool = False,
+                   spans: bool = True) -> pa.Schema:
     """The Arrow schema of every compact table (without metadata); the same for any k.
-    The optional columns (schema.extra_fields) follow, as in v1."""
+    The optional columns (schema.extra_fields) follow, as in v1; ``spans=False``: format v1."""
     lst = pa.list_
     return pa.schema(
         [pa.field("id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False),
          pa.field("prompt_chars", pa.int32(), nullable=False), pa.field("truncated", pa.bool_(), nullable=False)]
+        + span_fields(spans)
         + [pa.field(n, lst(pa.int32()), nullable=False) for n in ("input_ids", "char_start", "char_end")]
         + [pa.field(n, lst(pa.float32()), nullable=False) for n in ("label_logprob", "logsumexp", "top1_logprob")]
         + [pa.field(n, pa.binary(), nullable=False) for n in ("topk_steps_lo", "topk_steps_hi", "topk_ranks_lo", "topk_ranks_hi")]
@@ -249,9 +253,10 @@ def _cat(chunks: list[np.ndarray], dtype: Any, width: int | None = None) -> np.n
 
 def encode_compact(
     rows: Sequence[Row], k: int, *, step: float = DEFAULT_STEP, id_table: np.ndarray | None = None,
-    n_temperatures: int = 0, logit_stats: bool = False, word_start: bool = False,
+    n_temperatures: int = 0, logit_stats: bool = False, word_start: bool = False, spans: bool = True,
 ) -> pa.Table:
-    """Rows (v1 layout) -> a compact Arrow table; its schema metadata holds k, step, id table."""
+    """Rows (v1 layout) -> a compact Arrow table; its schema metadata holds k, step, id table.
+    ``spans``: format v2's span columns (False: a format v1 table)."""
     if k < 1:
         raise ValueError("k must be >= 1")
     n_pos = [max(len(r["input_ids"]) - 1, 0) for r in rows]
@@ -286,8 +291,9 @@ def encode_compact(
     columns = {
         "id": pa.array([r["id"] for r in rows], pa.string()),
         "text": pa.array([r["text"] for r in rows], pa.string()),
-        "prompt_chars": pa.array([int(r["prompt_chars"]) for r in rows], pa.int32()),
+        "prompt_chars": base_columns_prompt(rows, spans),
         "truncated": pa.array([bool(r["truncated"]) for r in rows], pa.bool_()),
+        **(spans_arrays(rows) if spans else {}),
         "input_ids": _list_of(_cat(input_ids, np.int32), [len(c) for c in input_ids], pa.int32()),
         "char_start": per_token("char_start", np.int32),
         "char_end": per_token("char_end", np.int32),
@@ -304,7 +310,7 @@ def encode_compact(
         META_STEP: repr(float(step)).encode(),
         META_IDS: _encode_ids(table_ids),
     }
-    schema = compact_schema(n_temperatures, logit_stats, word_start).with_metadata(metadata)
+    schema = compact_schema(n_temperatures, logit_stats, word_start, spans).with_metadata(metadata)
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
 
 
@@ -388,7 +394,8 @@ def decode_compact(
         out[name] = [flat[off[i] : off[i + 1]] for i in range(len(off) - 1)]
     out["topk_ids"] = [ids[pos_off[i] : pos_off[i + 1]] for i in range(len(pos_off) - 1)]
     out["topk_logprobs"] = [lp[pos_off[i] : pos_off[i + 1]] for i in range(len(pos_off) - 1)]
-    order = ("id", "text", "prompt_chars", "truncated", "input_ids", "char_start", "char_end",
+    out["target_spans"] = decode_spans(batch, out["text"])
+    order = ("id", "text", "prompt_chars", "truncated", "target_spans", "input_ids", "char_start", "char_end",
              "topk_ids", "topk_logprobs", "label_logprob", "logsumexp")
     extras = tuple(name for name in EXTRA_COLUMNS if name in names)
     for name in extras:

@@ -1,5 +1,8 @@
 """convert: rewrite a complete cache with another codec, verified both ways.
 
+The output is in the current cache format (v2): a v1 source's rows get their one target span
+(``prompt_chars`` to the end of the text) in the span columns; the values are otherwise the same.
+
     report = convert_cache("cache", "cache-v1", "v1")
 
 Why: a ``compact`` cache is about half the bytes of ``v1``, but its top-k columns are
@@ -43,6 +46,7 @@ import pyarrow.parquet as pq
 
 from logitcache.errors import LogitCacheError
 from logitcache.storage import codec as compact_codec
+from logitcache.storage.schema import FORMAT_VERSION
 from logitcache.storage.card import render_card
 from logitcache.storage.decode import decode_rows, shard_id_table
 from logitcache.storage.fsutil import atomic_write_bytes
@@ -206,8 +210,10 @@ def _target_manifest(src: Path, m: Manifest, codec: str, tool_version: str | Non
               "updated_at": m.updated_at, "shards_digest": source_digest(m),
               # each encoding may add the codec's error (verify widens its tolerance by as much)
               "compact_encodings": m.compact_encodings + (codec == "compact")}
+    # A convert writes the current format: a v1 source's rows become v2 rows of one span each.
     return dataclasses.replace(
         m, codec=codec, converted_from=origin, status="partial", shards=[], skipped=dict(m.skipped),
+        format_version=FORMAT_VERSION,
         tool_version=m.tool_version if tool_version is None else tool_version,
     )
 

@@ -33,6 +33,7 @@ from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.manifest import Manifest, resolve_inside
 from logitcache.storage.rows import flat_list_column
 from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN, WORD_START_COLUMN
+from logitcache.storage.spans import span_problems
 from logitcache.storage.writer import TOKENIZER_DIR
 
 # A row's text ends where its tokens end (stage 1 cuts a truncated text there). A tokenizer
@@ -110,7 +111,7 @@ def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None
     top-k id (v1; the compact codec's ids come from its footer table, checked where it is read);
     the top-k log-probabilities are finite, at most 0 and sorted descending; the label log-prob
     is finite and at most 0; the log-normaliser and the optional columns (``lse_tau``, logit
-    stats) are finite. Each message counts the
+    stats) are finite; format v2's target spans are sorted, apart and inside the text. Each message counts the
     positions and names the first example id. ``compact``: the codec the manifest names (None:
     the batch's own metadata says). ``max_id``: ids must stay below it (v1; :func:`id_bound`;
     0: unchecked).
@@ -183,6 +184,7 @@ def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None
     if WORD_START_COLUMN in names:
         ws, offsets = column(WORD_START_COLUMN)
         report(~np.isfinite(ws) | (ws > LOGPROB_TOL), "with a word-start log-prob that is not finite or above 0", offsets)
+    out.extend(span_problems(batch))  # format v2: spans sorted, apart, inside the text
     return out
 
 

@@ -147,8 +147,13 @@ class Manifest:
         if self.codec == "compact":
             from logitcache.storage.codec import compact_schema
 
-            return compact_schema(len(self.temperatures), self.logit_stats, self.word_start)
-        return shard_schema(self.k, len(self.temperatures), self.logit_stats, self.word_start)
+            return compact_schema(len(self.temperatures), self.logit_stats, self.word_start, self.has_spans)
+        return shard_schema(self.k, len(self.temperatures), self.logit_stats, self.word_start, self.has_spans)
+
+    @property
+    def has_spans(self) -> bool:
+        """Whether the shards hold format v2's target span columns (a v1 cache has prompt_chars alone)."""
+        return self.format_version >= 2
 
     def settings(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in SETTINGS_KEYS}

@@ -199,6 +199,15 @@ def _load_part(path: Path) -> _Part:
 
 def _check_settings(parts: list[_Part]) -> None:
     ref = parts[0]
+    versions = {part.manifest.format_version for part in parts}
+    if len(versions) > 1:
+        # Shards of two formats in one cache would give one manifest a lie: refuse, and say how to align them.
+        old = next(part for part in parts if part.manifest.format_version == min(versions))
+        raise LogitCacheError(
+            f"parts mix cache format versions {sorted(versions)} ({old.path} is v{min(versions)}); "
+            f"rewrite the older parts in format v{max(versions)} with `logitcache convert PART NEW_DIR "
+            f"--codec {old.manifest.codec}`, then merge those."
+        )
     for part in parts[1:]:
         keys = [key for key in ref.manifest.settings_differences(part.manifest) if key != "worker"]
         if keys:

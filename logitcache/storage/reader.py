@@ -14,11 +14,12 @@ from logitcache.storage.manifest import Manifest, load_manifest, resolve_inside
 from logitcache.storage.decode import decode_rows, shard_id_table
 from logitcache.storage.rows import Row, batch_to_rows
 from logitcache.storage.schema import EXTRA_COLUMNS
+from logitcache.storage.spans import SPAN_COLUMNS
 from logitcache.storage.writer import TOKENIZER_DIR
 
 
 # Columns stored as they are in both codecs (reading only these needs no decoding).
-_PLAIN_COLUMNS = {"id", "text", "prompt_chars", "truncated", "input_ids", "char_start", "char_end",
+_PLAIN_COLUMNS = {"id", "text", "prompt_chars", "truncated", *SPAN_COLUMNS, "input_ids", "char_start", "char_end",
                   "label_logprob", "logsumexp", *EXTRA_COLUMNS}
 
 
@@ -73,8 +74,11 @@ class CacheReader:
         return self.manifest.num_examples
 
     def iter_rows(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[Row]:
-        """Rows in cache order; ``columns`` (e.g. ``["id"]``) reads only those (v1 names)."""
+        """Rows in cache order; ``columns`` (e.g. ``["id"]``) reads only those (v1 names, or
+        ``target_spans``: asked for, or with ``prompt_chars``, rows get their spans in either format)."""
         compact = self.manifest.codec == "compact"
+        if columns is not None:
+            columns = self._with_span_columns(columns)
         if compact and columns is not None and not set(columns) <= _PLAIN_COLUMNS:
             columns = None  # top-k data lives in the codec's own columns: decode whole rows
         for i in range(len(self.manifest.shards)):
@@ -82,6 +86,13 @@ class CacheReader:
             id_table = shard_id_table(f) if compact and columns is None else None
             for batch in f.iter_batches(batch_size=batch_size, columns=columns):
                 yield from (batch_to_rows(batch) if columns is not None else decode_rows(batch, id_table))
+
+    def _with_span_columns(self, columns: list[str]) -> list[str]:
+        # A v2 row's prompt_chars says only where its first span starts: the spans come with it.
+        if "target_spans" not in columns and "prompt_chars" not in columns:
+            return columns
+        wanted = ["text", "prompt_chars", *(SPAN_COLUMNS if self.manifest.has_spans else ())]
+        return [c for c in columns if c != "target_spans"] + [c for c in wanted if c not in columns]
 
     def __iter__(self) -> Iterator[Row]:
         return self.iter_rows()

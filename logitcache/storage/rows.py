@@ -3,6 +3,7 @@
 A row is::
 
     id: str, text: str, prompt_chars: int, truncated: bool,
+    target_spans:                           int32 [m, 2] (storage/spans.py; v1 rows read as one span)
     input_ids, char_start, char_end:        int32 [n]
     topk_ids:                               int32 [n - 1, k]
     topk_logprobs:                          float16 [n - 1, k]
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from logitcache.storage.schema import FLAT_EXTRA_COLUMNS, STATS_COLUMNS, TAU_COLUMN, WORD_START_COLUMN, shard_schema
+from logitcache.storage.spans import SPAN_COLUMNS, decode_spans, prompt_chars_column, row_spans, single_span, spans_arrays
 
 Row = dict[str, Any]
 
@@ -74,15 +76,18 @@ V1_PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level"
 
 
 def rows_to_table(rows: Sequence[Row], k: int, n_temperatures: int = 0, logit_stats: bool = False,
-                  word_start: bool = False) -> pa.Table:
-    """Rows -> a v1 table; the optional columns as the cache's manifest says (each row must hold them)."""
-    schema = shard_schema(k, n_temperatures, logit_stats, word_start)
+                  word_start: bool = False, spans: bool = True) -> pa.Table:
+    """Rows -> a table in the v1 codec (format v2; ``spans=False``: v1); the optional columns as the
+    cache's manifest says (each row must hold them)."""
+    schema = shard_schema(k, n_temperatures, logit_stats, word_start, spans)
     columns: dict[str, pa.Array] = {
         "id": pa.array([r["id"] for r in rows], pa.string()),
         "text": pa.array([r["text"] for r in rows], pa.string()),
-        "prompt_chars": pa.array([int(r["prompt_chars"]) for r in rows], pa.int32()),
+        "prompt_chars": base_columns_prompt(rows, spans),
         "truncated": pa.array([bool(r["truncated"]) for r in rows], pa.bool_()),
     }
+    if spans:
+        columns.update(spans_arrays(rows))
     for name, dtype in _FLAT_DTYPES.items():
         chunks = [np.asarray(r[name]) for r in rows]
         columns[name] = _list_array(chunks, pa.array(_flat(chunks, dtype), type=schema.field(name).type.value_type))
@@ -93,6 +98,18 @@ def rows_to_table(rows: Sequence[Row], k: int, n_temperatures: int = 0, logit_st
         columns[name] = _list_array(mats, values)
     columns.update(extra_arrays(rows, n_temperatures, logit_stats, word_start))
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def base_columns_prompt(rows: Sequence[Row], spans: bool) -> pa.Array:
+    """``prompt_chars``; a format v1 shard cannot hold spans that its one number does not say."""
+    if not spans:
+        for r in rows:
+            if "target_spans" in r and not single_span(row_spans(r), len(r["text"])):
+                raise ValueError(
+                    f"example {r['id']!r} has several target spans, which a format v1 cache cannot hold; "
+                    "write it to a new cache (format v2)."
+                )
+    return prompt_chars_column(rows)
 
 
 def extra_arrays(rows: Sequence[Row], n_temperatures: int, logit_stats: bool, word_start: bool = False) -> dict[str, pa.Array]:
@@ -136,9 +153,15 @@ def batch_to_rows(batch: pa.RecordBatch) -> Iterator[Row]:
     n_rows = batch.num_rows
     for name in names:
         col = batch.column(names.index(name))
+        if name in SPAN_COLUMNS:
+            continue  # read as target_spans, below
         if name in _FLAT_DTYPES or name in _MATRIX_DTYPES or name in _EXTRA_FLAT or name == TAU_COLUMN:
             out[name] = _split(*flat_list_column(col))
         else:
             out[name] = col.to_pylist()
+    spans = decode_spans(batch, out.get("text"))
+    if spans is not None:
+        out["target_spans"] = spans
+    keys = list(out)
     for i in range(n_rows):
-        yield {name: out[name][i] for name in names}
+        yield {name: out[name][i] for name in keys}

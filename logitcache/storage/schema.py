@@ -1,4 +1,4 @@
-"""Cache format v1: the Parquet schema of one shard.
+"""Cache format v2 (and v1): the Parquet schema of one shard.
 
 One row is one example. Per-token columns have one entry per teacher token
 (``input_ids``, ``char_start``, ``char_end``); per-position columns have one entry
@@ -15,15 +15,24 @@ Optional per-position columns, after the v1 columns, present when the manifest s
 * ``word_start_logprob`` list<float32> (manifest ``word_start``): the log of the teacher's
   probability that the next token starts a word (its mass on tokens that begin with a space,
   tab or newline byte, and on special tokens), for ALM's chunk debiasing.
+
+Format v2 (issue 15) adds ``target_start`` and ``target_end`` list<int32> after ``truncated``:
+the [start, end) character ranges of ``text`` that are targets (storage/spans.py), which
+generalise v1's ``prompt_chars`` to several spans (the assistant turns of a chat). v2 keeps
+``prompt_chars``, written as the first span's start (``len(text)`` with no span), so a tool that
+reads only v1 columns keeps working. A v1 shard has no span columns; readers give its rows
+the one span ``(prompt_chars, len(text))``.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-FORMAT_VERSION = 1
+from logitcache.storage.spans import SPAN_COLUMNS
+
+FORMAT_VERSION = 2
 # Readers accept exactly these; a newer writer bumps FORMAT_VERSION.
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 
 # Columns with one entry per teacher token.
 TOKEN_COLUMNS = ("input_ids", "char_start", "char_end")
@@ -50,14 +59,23 @@ def extra_fields(n_temperatures: int = 0, logit_stats: bool = False, word_start:
     return fields
 
 
-def shard_schema(k: int, n_temperatures: int = 0, logit_stats: bool = False, word_start: bool = False) -> pa.Schema:
-    """The Arrow schema of a v1 shard for a cache with top-``k`` entries per position."""
+def span_fields(spans: bool = True) -> list[pa.Field]:
+    """v2's span columns (none for a v1 shard)."""
+    return [pa.field(name, pa.list_(pa.int32()), nullable=False) for name in SPAN_COLUMNS] if spans else []
+
+
+def shard_schema(k: int, n_temperatures: int = 0, logit_stats: bool = False, word_start: bool = False,
+                 spans: bool = True) -> pa.Schema:
+    """The Arrow schema of a shard (v2; ``spans=False``: v1) for a cache with top-``k`` entries per position."""
     return pa.schema(
         [
             pa.field("id", pa.string(), nullable=False),
             pa.field("text", pa.string(), nullable=False),
             pa.field("prompt_chars", pa.int32(), nullable=False),
             pa.field("truncated", pa.bool_(), nullable=False),
+        ]
+        + span_fields(spans)
+        + [
             pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("char_start", pa.list_(pa.int32()), nullable=False),
             pa.field("char_end", pa.list_(pa.int32()), nullable=False),

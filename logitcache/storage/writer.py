@@ -105,7 +105,10 @@ class CacheWriter:
             raise LogitCacheError(f"--out {d} is a file; give a directory for the cache.")
         if (d / MANIFEST_NAME).exists():
             existing = load_manifest(d)
-            diffs = existing.settings_differences(wanted)
+            # A cache begun in an older format resumes in it (every version listed is readable), so
+            # an upgrade of logitcache mid-run does not orphan it; rows it cannot hold are refused.
+            diffs = [key for key in existing.settings_differences(wanted)
+                     if not (key == "format_version" and existing.format_version < wanted.format_version)]
             if diffs:
                 detail = "; ".join(
                     f"{key}: cache has {getattr(existing, key)!r}, this run has {getattr(wanted, key)!r}"
@@ -199,14 +202,14 @@ class CacheWriter:
             table = codec.encode_compact(
                 rows, self.manifest.k, id_table=self._id_table,
                 n_temperatures=len(self.manifest.temperatures), logit_stats=self.manifest.logit_stats,
-                word_start=self.manifest.word_start,
+                word_start=self.manifest.word_start, spans=self.manifest.has_spans,
             )
             self._id_table = codec.id_table_of(table.schema)
             # The id table grows with each row group; the shard's final one goes into its footer.
             meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != codec.META_IDS}
             return table.replace_schema_metadata(meta), codec.PARQUET_OPTIONS
         m = self.manifest
-        return rows_to_table(rows, m.k, len(m.temperatures), m.logit_stats, m.word_start), V1_PARQUET_OPTIONS
+        return rows_to_table(rows, m.k, len(m.temperatures), m.logit_stats, m.word_start, m.has_spans), V1_PARQUET_OPTIONS
 
     def _flush_row_group(self) -> None:
         if not self._buffer:

@@ -10,7 +10,8 @@ sum of the cache's ``label_logprob`` over the teacher's positions predicting its
 
 Rules:
 
-* Only target tokens (those covering a response character, see align.py) take part; a chunk
+* Only target tokens (those covering a character of a target span, see align.py) take part; a
+  chunk lies within one span on both sides (never across the text between two spans); a chunk
   counts only if both sides have a token in it and both sides' first tokens start at the
   same character (so a token that only one side lets straddle the prompt/response boundary
   costs the first chunk, never a misaligned one).
@@ -44,6 +45,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from logitcache.pipeline.student.align import target_span_index
+
 
 class ALMChunks(NamedTuple):
     """One example's chunks: see :func:`alm_chunks`."""
@@ -59,6 +62,7 @@ def alm_chunks(
     s_starts: np.ndarray, s_ends: np.ndarray, student_targets: np.ndarray, n_student: int,
     *, teacher_eos: bool = False, student_eos: bool = False,
     teacher_word_start: np.ndarray | None = None, merge_threshold: float | None = None,
+    target_spans: np.ndarray | None = None,
 ) -> ALMChunks:
     """Chunk index per student position, and per chunk the teacher log-likelihood and what debiasing needs.
 
@@ -73,6 +77,10 @@ def alm_chunks(
         teacher_word_start: [n_t - 1] the cache's ``word_start_logprob`` (None: NaN per chunk).
         merge_threshold: merge consecutive chunks until the teacher's word-start probability
             after the last one exceeds this (None: no merging).
+        target_spans: the row's target spans ([m, 2]; None: one, as v1). A chunk lies within one
+            span on both sides (its tokens all belong to it, ``align.target_span_index``), and
+            merging never joins chunks of two spans: the text between two spans is no target, so
+            a chunk across it would compare likelihoods of pieces the two sides cut differently.
 
     Returns:
         :class:`ALMChunks`.
@@ -104,6 +112,17 @@ def alm_chunks(
     np.minimum.at(t_first, t_c[t_in], np.asarray(t_starts, dtype=np.int64)[t_pos[t_in] + 1])
     np.minimum.at(s_first, s_c[s_in], np.asarray(s_starts, dtype=np.int64)[s_pos[s_in] + 1])
     valid = (t_count > 0) & (s_count > 0) & (t_first == s_first)
+    span_of_chunk = np.zeros(n_b, dtype=np.int64)
+    if target_spans is not None and n_b:
+        t_sp = target_span_index(t_starts, t_ends, t_pos, target_spans)
+        s_sp = target_span_index(s_starts, s_ends, s_pos, target_spans)
+        lo = np.full(n_b, big, dtype=np.int64)
+        hi = np.full(n_b, -1, dtype=np.int64)
+        for c, sp, inside in ((t_c, t_sp, t_in), (s_c, s_sp, s_in)):
+            np.minimum.at(lo, c[inside], sp[inside])
+            np.maximum.at(hi, c[inside], sp[inside])
+        valid &= lo == hi
+        span_of_chunk = lo
     ll = np.zeros(n_b, dtype=np.float64)
     np.add.at(ll, t_c[t_in], np.asarray(teacher_label_logprob, dtype=np.float64)[t_pos[t_in]])
     # The last token of each chunk on each side: the position predicting the token after it.
@@ -124,6 +143,7 @@ def alm_chunks(
     if merge_threshold is not None and len(kept):
         close = np.ones(len(kept), dtype=bool)  # a group ends at this chunk
         close[:-1] = (np.exp(t_ws[:-1]) > merge_threshold) | np.isnan(t_ws[:-1]) | (np.diff(kept) != 1)
+        close[:-1] |= np.diff(span_of_chunk[kept]) != 0
         group = np.concatenate(([0], np.cumsum(close[:-1])))
         ll_kept = np.zeros(int(group[-1]) + 1)
         np.add.at(ll_kept, group, ll[kept])

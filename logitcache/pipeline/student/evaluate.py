@@ -34,7 +34,8 @@ from logitcache.errors import LogitCacheError
 from logitcache.pipeline.offsets import encode_with_offsets
 from logitcache.pipeline.padding import pad_sequences, pad_token_id
 from logitcache.pipeline.progress import StepProgress, check_log_every, progress_enabled
-from logitcache.pipeline.student.align import target_positions
+from logitcache.pipeline.student.align import target_positions, target_span_index
+from logitcache.storage.spans import ends_at_text_end
 from logitcache.pipeline.records import TextTemplate, add_special_tokens_for, iter_examples, load_records
 
 
@@ -97,7 +98,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     tok = load_tokenizer(cfg.model, "--model", trust_remote_code=cfg.trust_remote_code)
     model = load_causal_lm(cfg.model, "--model", trust_remote_code=cfg.trust_remote_code).to(device).eval()
     add_special = add_special_tokens_for(template)
-    records = [(text, pc) for _, _, text, pc in iter_examples(ds, template, tok, cfg.limit) if text.strip() and pc >= 0]
+    records = [(text, spans) for _, _, text, spans in iter_examples(ds, template, tok, cfg.limit) if text.strip() and spans]
     if not records:
         raise LogitCacheError(f"--data {cfg.data}: no record with text to evaluate.")
     result = EvalResult(examples=len(records), chars=0, nll_nats=0.0, answered=0, correct=0)
@@ -107,7 +108,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             _score_batch(model, tok, records[a : a + cfg.batch_size], add_special, max_len, device, result)
             bar.update(min(a + cfg.batch_size, len(records)), note=f"{result.bits_per_char:.4f} bits/char")
     if cfg.accuracy and template.kind != "text":
-        answers = [(text[:pc], text[pc:]) for text, pc in records]
+        # The answer is the last target span, continued from everything before it.
+        answers = [(text[: spans[-1][0]], text[spans[-1][0] : spans[-1][1]]) for text, spans in records]
         max_new = cfg.max_new_tokens or 4 + max(len(tok(r, add_special_tokens=False)["input_ids"]) for _, r in answers)
         with _progress(cfg, "eval answers", len(answers)) as bar:
             for a in range(0, len(answers), cfg.batch_size):
@@ -126,7 +128,7 @@ def _progress(cfg: EvalConfig, label: str, total: int) -> StepProgress:
 def _score_batch(model, tok, batch, add_special, max_len, device, result: EvalResult) -> None:
     seqs, targets = [], []
     eos = tok.eos_token_id
-    for text, pc in batch:
+    for text, spans in batch:
         ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=add_special)
         has_end = eos is not None and len(ids) > 0 and ids[-1] == eos and starts[-1] == ends[-1] == len(text)
         if has_end:  # the tokenizer put its EOS there itself: keep the spans of the text's tokens
@@ -135,10 +137,10 @@ def _score_batch(model, tok, batch, add_special, max_len, device, result: EvalRe
             ids = list(ids) + [eos]  # the end of the answer is scored, as in training (features.py)
         cut = len(ids) > max_len
         ids, starts, ends = ids[:max_len], starts[:max_len], ends[:max_len]
-        t = target_positions(starts, ends, pc)
+        t = target_positions(starts, ends, spans)
         if len(t):  # characters actually scored: from the first scored token's start
-            result.chars += int(ends[t[-1] + 1]) - int(starts[t[0] + 1])
-        if eos is not None and not cut:
+            result.chars += _chars_scored(starts, ends, t, spans)
+        if eos is not None and not cut and ends_at_text_end(np.asarray(spans), len(text)):
             t = np.append(t, len(ids) - 2)
         seqs.append(ids)
         targets.append(t)
@@ -148,6 +150,18 @@ def _score_batch(model, tok, batch, add_special, max_len, device, result: EvalRe
         if len(t):
             t = torch.as_tensor(t, device=device)
             result.nll_nats -= float(logp[i, t, input_ids[i, t + 1].to(device)].sum())
+
+
+def _chars_scored(starts: np.ndarray, ends: np.ndarray, t: np.ndarray, spans) -> int:
+    """Characters the scored tokens cover, per span from its first scored token's start (one span: as before)."""
+    if len(spans) == 1:
+        return int(ends[t[-1] + 1]) - int(starts[t[0] + 1])
+    sp = target_span_index(starts, ends, t, spans)
+    total = 0
+    for j in np.unique(sp):
+        tj = t[sp == j]
+        total += int(ends[tj[-1] + 1]) - int(starts[tj[0] + 1])
+    return total
 
 
 @torch.inference_mode()

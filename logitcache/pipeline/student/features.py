@@ -1,6 +1,7 @@
 """One cache row -> one student training example (retokenize, truncate, align, gather).
 
-The end of the response is a target (see align.py): the student's featurizer appends the
+The end of the response is a target when the row's last target span reaches the end of the
+text (see align.py; always for a v1 row): the student's featurizer appends the
 student tokenizer's EOS (``tokenizer.eos_token_id``, when it has one and the encoded text does
 not already end with it) with an empty span at ``len(text)``; it gets CE, and KD from the
 teacher's end where the cache has one (manifest ``eos_id``; caches made before it have none:
@@ -32,8 +33,10 @@ from logitcache.pipeline.student.align import (
     align_by_offset,
     align_by_position,
     target_positions,
+    target_span_index,
 )
 from logitcache.storage.rows import Row
+from logitcache.storage.spans import ends_at_text_end, row_spans
 
 
 @dataclass
@@ -102,8 +105,8 @@ class StudentFeaturizer:
 
     Output (``n`` = student tokens after truncation):
         input_ids       int64 [n]      the student's tokens, its EOS appended (see the module)
-        labels          int64 [n]      token id on target tokens (those covering a response
-                                       character, and the EOS), -100 elsewhere
+        labels          int64 [n]      token id on target tokens (those covering a character of
+                                       a target span, and the EOS), -100 elsewhere
         teacher_logprobs float16 [n, K] at student position q: the aligned teacher top-k
         teacher_ids     int32 [n, K]
         kd_mask         bool [n]       q has an aligned teacher position
@@ -142,7 +145,8 @@ class StudentFeaturizer:
         self._student_bytes = _piece_bytes_of(self.tokenizer) if self.alignment != "position" else None
 
     def __call__(self, row: Row) -> dict[str, Any]:
-        text, prompt_chars = row["text"], int(row["prompt_chars"])
+        text = row["text"]
+        spans = row_spans(row)  # v1 rows (and hand-made ones with prompt_chars alone): one span
         ids, s_starts, s_ends = encode_with_offsets(self.tokenizer, text, add_special_tokens=self.add_special_tokens)
         if self._eos_id is not None and (not ids or ids[-1] != self._eos_id):
             ids = ids + [self._eos_id]
@@ -161,14 +165,19 @@ class StudentFeaturizer:
         t_end = _end_of(row["input_ids"], t_starts, t_ends, self.teacher_eos_id, len(text))
         # The text without the ends: the ends are targets of their own, paired with each other.
         n_s, n_t = n - s_end, len(t_starts) - t_end
-        s_targets = target_positions(s_starts[:n_s], s_ends[:n_s], prompt_chars)
-        t_targets = target_positions(t_starts[:n_t], t_ends[:n_t], prompt_chars, limit_chars)
-        student_end = n_s - 1 if s_end else None
-        teacher_end = n_t - 1 if t_end and s_end else None
+        s_targets = target_positions(s_starts[:n_s], s_ends[:n_s], spans)
+        t_targets = target_positions(t_starts[:n_t], t_ends[:n_t], spans, limit_chars)
+        # The ends are targets when the last span reaches the end of the text (a chat ending with
+        # a target turn; always for v1's one span).
+        end_is_target = ends_at_text_end(spans, len(text))
+        student_end = n_s - 1 if s_end and end_is_target else None
+        teacher_end = n_t - 1 if t_end and s_end and end_is_target else None
         if self.alignment == "position":
             al = align_by_position(
                 t_targets, s_targets, max(n - 1, 0), teacher_target_ends=t_ends[t_targets + 1],
                 student_target_ends=s_ends[s_targets + 1], teacher_end=teacher_end, student_end=student_end,
+                teacher_target_spans=target_span_index(t_starts, t_ends, t_targets, spans),
+                student_target_spans=target_span_index(s_starts, s_ends, s_targets, spans),
             )
         else:
             char_bytes = char_byte_offsets(text)
@@ -196,14 +205,14 @@ class StudentFeaturizer:
         if self.alm_chunks:  # the ends are targets too (chunks.py pairs them as a chunk of their own)
             from logitcache.pipeline.student.chunks import alm_chunks
 
-            t_all = np.append(t_targets, n_t - 1) if t_end else t_targets
-            s_all = np.append(s_targets, n_s - 1) if s_end else s_targets
+            t_all = np.append(t_targets, n_t - 1) if t_end and end_is_target else t_targets
+            s_all = np.append(s_targets, n_s - 1) if s_end and end_is_target else s_targets
             debias = self.alm_merge_threshold is not None
             c = alm_chunks(
                 t_starts, t_ends, t_all, np.asarray(row["label_logprob"]), s_starts, s_ends, s_all, n,
                 teacher_eos=t_end, student_eos=s_end,
                 teacher_word_start=np.asarray(row["word_start_logprob"]) if debias else None,
-                merge_threshold=self.alm_merge_threshold,
+                merge_threshold=self.alm_merge_threshold, target_spans=spans,
             )
             extras["alm_chunk"], extras["alm_teacher_ll"] = c.chunk, c.teacher_ll
             if debias:

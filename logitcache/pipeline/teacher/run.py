@@ -216,7 +216,7 @@ class TeacherResult:
 class _Pending:
     rid: str
     text: str
-    prompt_chars: int
+    spans: tuple[tuple[int, int], ...]  # target spans (records.py); in generate mode, where the response starts
     ids: list[int]
     starts: np.ndarray
     ends: np.ndarray
@@ -351,7 +351,7 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
             t0 = time.perf_counter()
             if cfg.mode == "generate":
                 window = _generate_window(engine, window, cfg, tok, add_special, max_length, eos_id, result)
-            window = _truncate(window, max_length)
+            window = _truncate(window, max_length, skip_targetless=bool(template.target_field))
             pending = [p for p in window if isinstance(p, _Pending)]
             scored = _score_window(engine, pending, cfg.batch_size, cfg.top_k)
             result.engine_seconds += time.perf_counter() - t0
@@ -377,13 +377,13 @@ def _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, m
     by _truncate): a 100 MB record costs what its first tokens cost. A text over ``max_chars``
     is skipped untokenized.
     """
-    for r, rid, text, prompt_chars in iter_examples(ds, template, tok, cfg.limit, generate=generate):
+    for r, rid, text, spans in iter_examples(ds, template, tok, cfg.limit, generate=generate):
         if r % count != index or rid in done:
             continue
         if generate:
             reason = "empty prompt" if not text.strip() else None
         else:
-            reason = "empty text" if not text.strip() else "empty response" if prompt_chars < 0 else None
+            reason = "empty text" if not text.strip() else None if spans else _no_target(template)
         if max_chars is not None and len(text) > max_chars:
             reason = TOO_LONG
         if reason:
@@ -393,7 +393,20 @@ def _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, m
         ids, starts, ends = encode_prefix_with_offsets(tok, text, max_length, add_special_tokens=add_special)
         if not generate:  # a prompt gets its end after the teacher's response (_generate_window)
             ids, starts, ends = with_eos(ids, starts, ends, len(text), eos_id)
-        yield _Pending(rid, text, prompt_chars, ids, starts, ends, truncated=False)
+        yield _Pending(rid, text, spans, ids, starts, ends, truncated=False)
+
+
+NO_TARGET = "no target"
+
+
+def _no_target(template) -> str:
+    # A response that is empty says it in the words users know; spans given as data may be empty too.
+    return NO_TARGET if template.target_field else "empty response"
+
+
+def cut_spans(spans: tuple[tuple[int, int], ...], n_chars: int) -> tuple[tuple[int, int], ...]:
+    """The spans within the first ``n_chars`` characters (a text cut by --max-length), empty ones dropped."""
+    return tuple((a, min(b, n_chars)) for a, b in spans if a < n_chars)
 
 
 def with_eos(ids: list[int], starts: np.ndarray, ends: np.ndarray, n_chars: int, eos_id: int | None):
@@ -405,8 +418,11 @@ def with_eos(ids: list[int], starts: np.ndarray, ends: np.ndarray, n_chars: int,
     return ids + [eos_id], np.concatenate([starts, at]).astype(np.int32), np.concatenate([ends, at]).astype(np.int32)
 
 
-def _truncate(window: list, max_length: int | None) -> list:
-    """Cut examples to max_length tokens and exactly the text they cover (flagged, never dropped)."""
+def _truncate(window: list, max_length: int | None, skip_targetless: bool = False) -> list:
+    """Cut examples to max_length tokens and exactly the text they cover, and their spans to that
+    text (flagged, never dropped; except that with ``--target-field`` an example whose targets
+    were all cut away is skipped as "no target", as one without targets is: there the spans are
+    the data, where a prompt/response row cut inside its prompt keeps what it has, as v1 did)."""
     if max_length is None:
         return window
     out = []
@@ -414,7 +430,9 @@ def _truncate(window: list, max_length: int | None) -> list:
         if isinstance(p, _Pending) and len(p.ids) > max_length:
             ends = p.ends[:max_length]
             text = p.text[: int(ends[-1])]
-            p = _Pending(p.rid, text, min(p.prompt_chars, len(text)), p.ids[:max_length], p.starts[:max_length], ends, True)
+            spans = cut_spans(p.spans, len(text))
+            p = _Skip(p.rid, NO_TARGET) if skip_targetless and not spans else \
+                _Pending(p.rid, text, spans, p.ids[:max_length], p.starts[:max_length], ends, True)
         out.append(p)
     return out
 
@@ -434,7 +452,8 @@ def _generate_window(engine, window: list, cfg: TeacherConfig, tok, add_special:
                 _, tail_starts, _ = encode_suffix_with_offsets(tok, p.text, max(room - 1, 1), add_special_tokens=add_special)
                 text = p.text[int(tail_starts[0]):]
                 ids, starts, ends = encode_with_offsets(tok, text, add_special_tokens=add_special)
-                p = _Pending(p.rid, text, len(text), ids[-room:] if len(ids) > room else ids, starts, ends, True)
+                p = _Pending(p.rid, text, ((len(text), len(text)),), ids[-room:] if len(ids) > room else ids, starts,
+                             ends, True)
         out.append(p)
         if isinstance(p, _Pending):
             prompts.append(p)
@@ -469,7 +488,8 @@ def _generate_window(engine, window: list, cfg: TeacherConfig, tok, add_special:
             ids, starts, ends = with_eos(ids, starts, ends, len(text), eos_id)
         else:
             result.unfinished += 1
-        final.append(_Pending(p.rid, text, p.prompt_chars, ids, starts, ends, p.truncated or not stopped))
+        # The response the teacher wrote is the target: from the end of the prompt to the end.
+        final.append(_Pending(p.rid, text, ((len(p.text), len(text)),), ids, starts, ends, p.truncated or not stopped))
     return final
 
 
@@ -570,7 +590,8 @@ def _row(p: _Pending, s) -> Row:
     return {
         "id": p.rid,
         "text": p.text,
-        "prompt_chars": p.prompt_chars,
+        "prompt_chars": p.spans[0][0] if p.spans else len(p.text),  # v1's column (storage/spans.py)
+        "target_spans": np.asarray(p.spans, dtype=np.int32).reshape(-1, 2),
         "truncated": p.truncated,
         "input_ids": np.asarray(p.ids, dtype=np.int32),
         "char_start": p.starts,
