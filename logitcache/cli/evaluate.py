@@ -19,7 +19,7 @@ def eval_(
     prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="Field holding the prompt (with --response-field: loss on the response, exact match)."),
     response_field: Optional[str] = typer.Option(None, "--response-field", help="Field holding the reference response."),
     separator: str = typer.Option("", "--separator", help="Text between prompt and response (as used for the cache)."),
-    messages_field: Optional[str] = typer.Option(None, "--messages-field", help="Field holding a chat; the last message is the answer."),
+    messages_field: Optional[str] = typer.Option(None, "--messages-field", help="Field holding a chat; every assistant turn is scored, the last one is the answer."),
     split: str = typer.Option("train", "--split", help="Dataset split."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Sequences per forward pass."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N records only."),

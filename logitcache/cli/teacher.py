@@ -28,7 +28,8 @@ def teacher(
     prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="Field holding the prompt (with --response-field)."),
     response_field: Optional[str] = typer.Option(None, "--response-field", help="Field holding the response (with --prompt-field)."),
     separator: str = typer.Option("", "--separator", help="Text put between prompt and response."),
-    messages_field: Optional[str] = typer.Option(None, "--messages-field", help="Field holding a chat [{role, content}]; rendered with the tokenizer's chat template, the last message is the response."),
+    messages_field: Optional[str] = typer.Option(None, "--messages-field", help="Field holding a chat [{role, content}] (system, user, assistant, tool; tool calls where the template renders them), rendered with the tokenizer's chat template: every assistant turn is a target, through its end-of-turn marker; everything else is context. Generate mode: the teacher writes the last assistant turn afresh."),
+    message_train_field: Optional[str] = typer.Option(None, "--message-train-field", help="With --messages-field: the per-message key whose false value keeps an assistant turn out of the targets (default: train, as in {\"role\": \"assistant\", \"content\": ..., \"train\": false})."),
     id_field: Optional[str] = typer.Option(None, "--id-field", help="Field holding a unique example id (default: 'id' if present, else a hash of the text)."),
     split: str = typer.Option("train", "--split", help="Dataset split (hub datasets and directories)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", help="Sequences per forward pass."),
@@ -89,6 +90,7 @@ def teacher(
         template=TextTemplate(
             text_field=text_field, prompt_field=prompt_field, response_field=response_field,
             messages_field=messages_field, separator=separator, id_field=id_field, target_field=target_field,
+            message_train_field=message_train_field,
         ),
         split=split, batch_size=batch_size, max_length=max_length, max_chars=max_chars, dtype=dtype, device=device,
         limit=limit, revision=revision, trust_remote_code=trust_remote_code,

@@ -42,8 +42,10 @@ class TextTemplate:
       ``target_field`` the spans that field holds: a list of [start, end] character offsets
       into the text (sorted, not overlapping; empty pairs are dropped, touching ones joined);
     * ``prompt_field`` + ``response_field``: ``prompt + separator + response``;
-    * ``messages_field``: a chat (list of {role, content}) rendered with the tokenizer's
-      chat template; the last message is the response.
+    * ``messages_field``: a chat (list of {role, content}: system, user, assistant, tool, and
+      assistant tool calls where the template renders them) rendered with the tokenizer's chat
+      template; every assistant turn is a target (``pipeline/chat.py``), except one whose
+      ``message_train_field`` (default "train") is false.
     """
 
     text_field: str | None = None
@@ -53,6 +55,8 @@ class TextTemplate:
     separator: str = ""
     id_field: str | None = None
     target_field: str | None = None
+    # The per-message key that excludes an assistant turn from the targets (None: "train").
+    message_train_field: str | None = None
 
     @property
     def kind(self) -> str:
@@ -125,6 +129,10 @@ class TextTemplate:
         d["add_special_tokens"] = add_special_tokens
         if self.kind == "messages":
             d["chat_template_sha256"] = hashlib.sha256((chat_template or "").encode()).hexdigest()
+            # Every assistant turn a target (format 2); caches written before took the last
+            # message alone as the response: a resume of one is refused, not mixed.
+            d["chat_targets"] = "assistant_turns"
+            d["message_train_field"] = self.message_train_field or "train"
         return d
 
 
@@ -148,8 +156,7 @@ def render(record: dict[str, Any], t: TextTemplate, tokenizer) -> tuple[str, Tar
         response = _as_str(record[t.response_field], t.response_field)
         text = prompt + response
         return text, ((len(prompt), len(text)),) if response else ()
-    text, prompt_chars = _render_messages(record, t, tokenizer)
-    return text, ((prompt_chars, len(text)),) if 0 <= prompt_chars < len(text) else ()
+    return _render_messages(record, t, tokenizer)
 
 
 def spans_from_field(value: Any, field: str, n_chars: int) -> TargetSpans:
@@ -207,28 +214,32 @@ def _short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _render_messages(record: dict[str, Any], t: TextTemplate, tokenizer) -> tuple[str, int]:
-    """(text, prompt_chars) of a chat whose last message is the response (-1: an empty response)."""
+def _chat(record: dict[str, Any], t: TextTemplate, tokenizer) -> list[dict[str, Any]]:
+    """The record's chat, checked to be a list of messages, for a tokenizer with a chat template."""
     messages = record[t.messages_field]
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+    if hasattr(messages, "tolist"):  # numpy arrays from some `datasets` formats
+        messages = messages.tolist()
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise _RecordError(f"--messages-field {t.messages_field!r} must hold a list of {{role, content}} objects.")
     if getattr(tokenizer, "chat_template", None) is None:
         raise LogitCacheError(
             "--messages-field needs a chat template, and the teacher tokenizer has none; "
             "use --prompt-field/--response-field instead."
         )
-    if messages[-1].get("role") != "assistant":
-        raise _RecordError(
-            f"the last message of a chat must be the assistant's response (got role {messages[-1].get('role')!r})."
-        )
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    # Templates normally render the prompt as a prefix of the whole chat; where one does
-    # not (e.g. it rewrites earlier turns), the shared prefix is the prompt.
-    prompt_chars = len(os.path.commonprefix([full, prompt]))
-    if not messages[-1].get("content"):
-        prompt_chars = -1
-    return full, prompt_chars
+    return messages
+
+
+def _render_messages(record: dict[str, Any], t: TextTemplate, tokenizer) -> tuple[str, TargetSpans]:
+    """(text, the assistant turns' spans) of a chat; a chat without messages has neither."""
+    from logitcache.pipeline.chat import render_chat
+
+    messages = _chat(record, t, tokenizer)
+    if not messages:
+        return "", ()
+    try:
+        return render_chat(messages, tokenizer, train_key=t.message_train_field or "train")
+    except LogitCacheError as e:  # about this record's chat: the caller names the record
+        raise _RecordError(str(e)) from None
 
 
 def render_prompt(record: dict[str, Any], t: TextTemplate, tokenizer) -> str:
@@ -243,16 +254,15 @@ def render_prompt(record: dict[str, Any], t: TextTemplate, tokenizer) -> str:
     if t.kind == "prompt_response":
         prompt = _as_str(record[t.prompt_field], t.prompt_field)
         return prompt + t.separator if prompt else ""
-    messages = record[t.messages_field]
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise _RecordError(f"--messages-field {t.messages_field!r} must hold a list of {{role, content}} objects.")
-    if messages and messages[-1].get("role") == "assistant":
-        messages = messages[:-1]
-    if not messages:
+    from logitcache.pipeline.chat import last_assistant_prefix
+
+    messages = _chat(record, t, tokenizer)
+    if not messages or (len(messages) == 1 and messages[0].get("role") == "assistant"):
         return ""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise LogitCacheError("--messages-field needs a chat template, and the teacher tokenizer has none.")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        return last_assistant_prefix(messages, tokenizer, train_key=t.message_train_field or "train")
+    except LogitCacheError as e:
+        raise _RecordError(str(e)) from None
 
 
 def _as_str(value: Any, field: str) -> str:

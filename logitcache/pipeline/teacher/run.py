@@ -351,7 +351,7 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
             t0 = time.perf_counter()
             if cfg.mode == "generate":
                 window = _generate_window(engine, window, cfg, tok, add_special, max_length, eos_id, result)
-            window = _truncate(window, max_length, skip_targetless=bool(template.target_field))
+            window = _truncate(window, max_length, skip_targetless=_spans_are_data(template))
             pending = [p for p in window if isinstance(p, _Pending)]
             scored = _score_window(engine, pending, cfg.batch_size, cfg.top_k)
             result.engine_seconds += time.perf_counter() - t0
@@ -399,9 +399,15 @@ def _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, m
 NO_TARGET = "no target"
 
 
+def _spans_are_data(template) -> bool:
+    """Spans given as data or found in a chat: a record left without any has nothing to learn."""
+    return bool(template.target_field) or template.kind == "messages"
+
+
 def _no_target(template) -> str:
-    # A response that is empty says it in the words users know; spans given as data may be empty too.
-    return NO_TARGET if template.target_field else "empty response"
+    # A response that is empty says it in the words users know; spans given as data, or a chat's
+    # assistant turns (none, all empty, all "train": false), may leave no target too.
+    return NO_TARGET if _spans_are_data(template) else "empty response"
 
 
 def cut_spans(spans: tuple[tuple[int, int], ...], n_chars: int) -> tuple[tuple[int, int], ...]:
