@@ -103,6 +103,19 @@ def last_assistant_prefix(messages: Sequence[dict[str, Any]], tokenizer, *, trai
     return _render(tokenizer, chat[:last], add_generation_prompt=True)
 
 
+def target_turns(messages: Sequence[dict[str, Any]], train_key: str = "train") -> list[dict[str, Any]]:
+    """The assistant messages that give a target span, in the order of render_chat's spans
+    (trained and not empty; a template that renders a turn as nothing gives it no span)."""
+    return [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"
+            and _is_target(m, train_key) and not _is_empty_turn(m)]
+
+
+def content_pieces(message: dict[str, Any]) -> list[str]:
+    """The text of a message that every template copies verbatim (a string, or the text blocks of
+    a multimodal content list)."""
+    return _content_pieces(message)
+
+
 # --------------------------------------------------------------------------------------------------
 # Messages
 

@@ -130,6 +130,10 @@ class StudentFeaturizer:
     # alm_end int64 [C] and alm_teacher_ws float32 [C]; the rows need ``word_start_logprob``.
     # None: plain chunks.
     alm_merge_threshold: float | None = None
+    # A chat cache and a student with a chat template of its own (chat_view.py): each chat is
+    # rendered the student's way, and paired with the teacher's by the assistant content.
+    student_chat: bool = False
+    message_train_field: str = "train"
     stats: FeatureStats = field(default_factory=FeatureStats)
 
     def __post_init__(self) -> None:
@@ -147,47 +151,58 @@ class StudentFeaturizer:
     def __call__(self, row: Row) -> dict[str, Any]:
         text = row["text"]
         spans = row_spans(row)  # v1 rows (and hand-made ones with prompt_chars alone): one span
-        ids, s_starts, s_ends = encode_with_offsets(self.tokenizer, text, add_special_tokens=self.add_special_tokens)
+        view = self._chat_view(row, text, spans)
+        s_text, s_spans = (view.text, np.asarray(view.spans, dtype=np.int64).reshape(-1, 2)) if view else (text, spans)
+        ids, s_starts, s_ends = encode_with_offsets(self.tokenizer, s_text, add_special_tokens=self.add_special_tokens)
         if self._eos_id is not None and (not ids or ids[-1] != self._eos_id):
             ids = ids + [self._eos_id]
-            end = np.array([len(text)], dtype=s_starts.dtype)
+            end = np.array([len(s_text)], dtype=s_starts.dtype)
             s_starts, s_ends = np.concatenate((s_starts, end)), np.concatenate((s_ends, end))
         ids = np.asarray(ids, dtype=np.int64)
         limit_chars = None
         if self.max_length is not None and len(ids) > self.max_length:
             ids, s_starts, s_ends = ids[: self.max_length], s_starts[: self.max_length], s_ends[: self.max_length]
-            # Cut the teacher where the student's text ends, so both sides see the same text.
-            limit_chars = int(s_ends[-1])
+            # Cut the teacher where the student's text ends, so both sides see the same text (in
+            # its own rendering the student pairs only what it holds: nothing to cut).
+            limit_chars = None if view else int(s_ends[-1])
             self.stats.truncated += 1
         n = len(ids)
         t_starts, t_ends = row["char_start"], row["char_end"]
-        s_end = _end_of(ids, s_starts, s_ends, self._eos_id, len(text))
+        s_end = _end_of(ids, s_starts, s_ends, self._eos_id, len(s_text))
         t_end = _end_of(row["input_ids"], t_starts, t_ends, self.teacher_eos_id, len(text))
         # The text without the ends: the ends are targets of their own, paired with each other.
         n_s, n_t = n - s_end, len(t_starts) - t_end
-        s_targets = target_positions(s_starts[:n_s], s_ends[:n_s], spans)
+        s_targets = target_positions(s_starts[:n_s], s_ends[:n_s], s_spans)
         t_targets = target_positions(t_starts[:n_t], t_ends[:n_t], spans, limit_chars)
         # The ends are targets when the last span reaches the end of the text (a chat ending with
         # a target turn; always for v1's one span).
         end_is_target = ends_at_text_end(spans, len(text))
-        student_end = n_s - 1 if s_end and end_is_target else None
+        student_end = n_s - 1 if s_end and ends_at_text_end(s_spans, len(s_text)) else None
         teacher_end = n_t - 1 if t_end and s_end and end_is_target else None
+        # KD pairs the student's targets in the teacher's text: the same offsets, or (a chat in
+        # the student's own rendering) those of the shared assistant content, the rest CE only.
+        kd_targets, a_starts, a_ends, a_end = s_targets, s_starts, s_ends, student_end
+        if view is not None:
+            a_starts, a_ends, mapped = view.to_teacher(s_starts, s_ends)
+            kd_targets, a_end, teacher_end = s_targets[mapped[s_targets + 1]], None, None
         if self.alignment == "position":
             al = align_by_position(
-                t_targets, s_targets, max(n - 1, 0), teacher_target_ends=t_ends[t_targets + 1],
-                student_target_ends=s_ends[s_targets + 1], teacher_end=teacher_end, student_end=student_end,
+                t_targets, kd_targets, max(n - 1, 0), teacher_target_ends=t_ends[t_targets + 1],
+                student_target_ends=a_ends[kd_targets + 1], teacher_end=teacher_end, student_end=a_end,
                 teacher_target_spans=target_span_index(t_starts, t_ends, t_targets, spans),
-                student_target_spans=target_span_index(s_starts, s_ends, s_targets, spans),
+                student_target_spans=target_span_index(a_starts, a_ends, kd_targets, spans),
             )
         else:
             char_bytes = char_byte_offsets(text)
             t_tokens = row["input_ids"][:n_t]
             tb_start, tb_end, t_known = byte_spans(t_tokens, t_starts[:n_t], t_ends[:n_t], self.teacher_bytes, char_bytes)
-            sb_start, sb_end, s_known = byte_spans(ids[:n_s], s_starts[:n_s], s_ends[:n_s], self._student_bytes, char_bytes)
+            sb_start, sb_end, s_known = byte_spans(ids[:n_s], a_starts[:n_s], a_ends[:n_s], self._student_bytes, char_bytes)
             al = align_by_offset(
-                tb_start, tb_end, t_targets, sb_start, sb_end, s_targets, max(n - 1, 0),
-                t_known=t_known, s_known=s_known, teacher_end=teacher_end, student_end=student_end,
+                tb_start, tb_end, t_targets, sb_start, sb_end, kd_targets, max(n - 1, 0),
+                t_known=t_known, s_known=s_known, teacher_end=teacher_end, student_end=a_end,
             )
+        if view is not None:  # the aligned fraction is of every target that gets CE
+            al.targets += len(s_targets) - len(kd_targets) + (student_end is not None)
 
         labels = np.full(n, -100, dtype=np.int64)
         labels[s_targets + 1] = ids[s_targets + 1]
@@ -205,11 +220,12 @@ class StudentFeaturizer:
         if self.alm_chunks:  # the ends are targets too (chunks.py pairs them as a chunk of their own)
             from logitcache.pipeline.student.chunks import alm_chunks
 
-            t_all = np.append(t_targets, n_t - 1) if t_end and end_is_target else t_targets
-            s_all = np.append(s_targets, n_s - 1) if s_end and end_is_target else s_targets
+            # (in the student's own rendering the ends are not paired: no teacher end either)
+            t_all = np.append(t_targets, n_t - 1) if t_end and end_is_target and view is None else t_targets
+            s_all = np.append(kd_targets, n_s - 1) if a_end is not None else kd_targets
             debias = self.alm_merge_threshold is not None
             c = alm_chunks(
-                t_starts, t_ends, t_all, np.asarray(row["label_logprob"]), s_starts, s_ends, s_all, n,
+                t_starts, t_ends, t_all, np.asarray(row["label_logprob"]), a_starts, a_ends, s_all, n,
                 teacher_eos=t_end, student_eos=s_end,
                 teacher_word_start=np.asarray(row["word_start_logprob"]) if debias else None,
                 merge_threshold=self.alm_merge_threshold, target_spans=spans,
@@ -234,6 +250,16 @@ class StudentFeaturizer:
             **extras,
         }
 
+
+    def _chat_view(self, row: Row, text: str, spans: np.ndarray):  # noqa: ANN202
+        """The student's own rendering of the row's chat, or None (same text as the teacher's)."""
+        if not self.student_chat or row.get("messages") is None:
+            return None
+        import json
+
+        from logitcache.pipeline.student.chat_view import student_chat_view
+
+        return student_chat_view(json.loads(row["messages"]), self.tokenizer, text, spans, self.message_train_field)
 
 # --- extra teacher columns (issue 12 §1b, §2), gathered at the aligned teacher positions ---------
 
