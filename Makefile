@@ -36,6 +36,7 @@ $(VENV)/.quality-installed: $(VENV)/.installed
 
 quality: $(VENV)/.quality-installed  ## KD vs SFT on real text, 3 seeds (40 min on 2 cores from an empty cache, the teacher's 7 min included; later runs reuse it); results in benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/quality.py $(QUALITY_ARGS)
+	$(BIN)/python benchmarks/sampled_targets.py --seeds 3
 
 quality-quick: $(VENV)/.quality-installed  ## the same pipeline on small data, 1 seed (a few minutes)
 	$(BIN)/python benchmarks/quality.py --quick

@@ -45,7 +45,7 @@ def teacher(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Generate mode: longest response in tokens."),
     temperature: float = typer.Option(1.0, "--temperature", help="Generate mode: sampling temperature (0: greedy). Stored log-probs are always at temperature 1."),
     top_p: float = typer.Option(1.0, "--top-p", help="Generate mode: nucleus sampling."),
-    seed: int = typer.Option(0, "--seed", help="Generate mode: sampling seed."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed: of generate mode's responses, and of --sample's draws."),
     truncate_prompts: bool = typer.Option(False, "--truncate-prompts", help="Generate mode: cut prompts too long for the context from the left instead of skipping (and counting) them."),
     num_parts: Optional[int] = typer.Option(None, "--num-parts", help="Cluster run: split the data into N parts, one job each (default: SLURM_ARRAY_TASK_COUNT, else 1). Part I is written to OUT/part-I-of-N, about 1/N of the data; `logitcache merge` joins the parts into one cache."),
     part_index: Optional[int] = typer.Option(None, "--part-index", help="Cluster run: the part this job writes, 0..N-1 (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)."),
@@ -59,6 +59,7 @@ def teacher(
     temperatures: Optional[str] = typer.Option(None, "--temperatures", help="Extra temperatures (comma-separated, e.g. 2,4) whose full-vocabulary log-normaliser is stored per position, so the top-k is exact at them in stage 2 (4 bytes per position each); 1 is always there. 'none' for no extra. Default: 2 with --engine hf, none with vllm (which cannot give it)."),
     logit_stats: bool = typer.Option(False, "--logit-stats/--no-logit-stats", help="Also store per position the logits' mean and std over the full vocabulary and the log-normaliser of logits / (std + 1e-4) (12 bytes per position; MultiLevelOT's code variant needs them)."),
     word_start: Optional[bool] = typer.Option(None, "--word-start/--no-word-start", help="Also store per position the log of the teacher's probability that the next token starts a word (whitespace-initial or special tokens; 4 bytes per position): ALM's chunk debiasing (`logitcache train --loss alm --alm-mode debias`, its default) needs it. Default: on with --engine hf, off with vllm (which cannot give it)."),
+    sample: int = typer.Option(0, "--sample", help="Also store per position N draws from the teacher's distribution (hf; ids + counts, about 5 bytes per distinct id): `logitcache train --kd-targets sample` distils from them without the top-k's bias (Random Sampling KD). With --top-k 0, the draws alone. Seeded by --seed and the example id: a rerun draws the same. 0: none."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on a terminal. Off a terminal (a log file under Slurm or nohup), or with --no-progress, a plain line every --log-every seconds instead."),
     log_every: float = typer.Option(30.0, "--log-every", help="Seconds between plain progress lines (examples and tokens done, tokens/s, time left), printed on stderr; 0: after every window of batches."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options, keyed by name (top_k: 64); flags given on the command line win. examples/teacher.yaml lists them all."),
@@ -99,7 +100,7 @@ def teacher(
         truncate_prompts=truncate_prompts, num_workers=num_parts, worker_index=part_index,
         tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len, eos=eos, temperatures=parse_temperatures(temperatures), logit_stats=logit_stats,
-        word_start=word_start, log_every=log_every,
+        word_start=word_start, log_every=log_every, sample=sample,
     )
     try:
         r = run_teacher(cfg, progress=progress)

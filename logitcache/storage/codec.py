@@ -51,6 +51,10 @@ add the float16 rounding v1 already makes (``<= |lp| * 2**-11``).
 
 Decoded rows have the v1 layout with ``topk_logprobs`` as float32 and ``topk_ids`` int32.
 Pure numpy/pyarrow.
+
+At k = 0 (sampled targets only) the table has no top-k columns (``top1_logprob`` and the four
+planes). The sampled targets (storage/samples.py) are stored as they are, as in v1: the
+distinct ids of a position are few and already one int32 each, and their counts one byte.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ import numpy as np
 import pyarrow as pa
 
 from logitcache.storage.rows import Row, base_columns_prompt, extra_arrays, flat_list_column
+from logitcache.storage.samples import SAMPLE_COUNTS, SAMPLE_IDS, decode_sample_columns, sample_fields
 from logitcache.storage.schema import EXTRA_COLUMNS, extra_fields, span_fields
 from logitcache.storage.spans import decode_spans, spans_arrays
 
@@ -104,18 +109,22 @@ PARQUET_OPTIONS: dict[str, Any] = {
 
 
 def compact_schema(n_temperatures: int = 0, logit_stats: bool = False, word_start: bool = False,
-                   spans: bool = True) -> pa.Schema:
-    """The Arrow schema of every compact table (without metadata); the same for any k.
-    The optional columns (schema.extra_fields) follow, as in v1; ``spans=False``: format v1."""
+                   spans: bool = True, sample: int = 0, topk: bool = True) -> pa.Schema:
+    """The Arrow schema of every compact table (without metadata); the same for any k > 0
+    (``topk=False``: k = 0, no top-k columns). The optional columns (schema.extra_fields, then
+    samples.sample_fields) follow, as in v1; ``spans=False``: format v1."""
     lst = pa.list_
+    top = ["top1_logprob"] if topk else []
+    planes = ("topk_steps_lo", "topk_steps_hi", "topk_ranks_lo", "topk_ranks_hi") if topk else ()
     return pa.schema(
         [pa.field("id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False),
          pa.field("prompt_chars", pa.int32(), nullable=False), pa.field("truncated", pa.bool_(), nullable=False)]
         + span_fields(spans)
         + [pa.field(n, lst(pa.int32()), nullable=False) for n in ("input_ids", "char_start", "char_end")]
-        + [pa.field(n, lst(pa.float32()), nullable=False) for n in ("label_logprob", "logsumexp", "top1_logprob")]
-        + [pa.field(n, pa.binary(), nullable=False) for n in ("topk_steps_lo", "topk_steps_hi", "topk_ranks_lo", "topk_ranks_hi")]
+        + [pa.field(n, lst(pa.float32()), nullable=False) for n in ("label_logprob", "logsumexp", *top)]
+        + [pa.field(n, pa.binary(), nullable=False) for n in planes]
         + extra_fields(n_temperatures, logit_stats, word_start)
+        + sample_fields(sample)
     )
 
 
@@ -254,11 +263,15 @@ def _cat(chunks: list[np.ndarray], dtype: Any, width: int | None = None) -> np.n
 def encode_compact(
     rows: Sequence[Row], k: int, *, step: float = DEFAULT_STEP, id_table: np.ndarray | None = None,
     n_temperatures: int = 0, logit_stats: bool = False, word_start: bool = False, spans: bool = True,
+    sample: int = 0,
 ) -> pa.Table:
     """Rows (v1 layout) -> a compact Arrow table; its schema metadata holds k, step, id table.
-    ``spans``: format v2's span columns (False: a format v1 table)."""
-    if k < 1:
-        raise ValueError("k must be >= 1")
+    ``spans``: format v2's span columns (False: a format v1 table); ``sample``: the cache's draws
+    per position (0: none), stored as in v1."""
+    if k < 0:
+        raise ValueError("k must be >= 0")
+    if k == 0:
+        return _encode_k0(rows, step, id_table, n_temperatures, logit_stats, word_start, spans, sample)
     n_pos = [max(len(r["input_ids"]) - 1, 0) for r in rows]
     lp = _cat([np.asarray(r["topk_logprobs"], dtype=np.float64).reshape(-1, k) for r in rows], np.float64, k)
     ids = _cat([np.asarray(r["topk_ids"]).reshape(-1, k) for r in rows], np.int64, k)
@@ -303,15 +316,28 @@ def encode_compact(
     }
     columns["topk_steps_lo"], columns["topk_steps_hi"] = _planes(steps.reshape(-1).astype(np.int64), [m * (k - 1) for m in n_pos])
     columns["topk_ranks_lo"], columns["topk_ranks_hi"] = _planes(ranks.reshape(-1), [m * k for m in n_pos])
-    columns.update(extra_arrays(rows, n_temperatures, logit_stats, word_start))
+    columns.update(extra_arrays(rows, n_temperatures, logit_stats, word_start, sample))
     metadata = {
         META_CODEC: CODEC_NAME.encode(),
         META_K: str(k).encode(),
         META_STEP: repr(float(step)).encode(),
         META_IDS: _encode_ids(table_ids),
     }
-    schema = compact_schema(n_temperatures, logit_stats, word_start, spans).with_metadata(metadata)
+    schema = compact_schema(n_temperatures, logit_stats, word_start, spans, sample).with_metadata(metadata)
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+
+def _encode_k0(rows: Sequence[Row], step: float, id_table: np.ndarray | None, n_temperatures: int, logit_stats: bool,
+               word_start: bool, spans: bool, sample: int) -> pa.Table:
+    """A k = 0 table: the plain columns only (the id table passes through, empty or as given)."""
+    from logitcache.storage.rows import rows_to_table
+
+    plain = rows_to_table(rows, 0, n_temperatures, logit_stats, word_start, spans, sample)
+    table_ids = np.zeros(0, np.int32) if id_table is None else np.asarray(id_table, np.int32)
+    metadata = {META_CODEC: CODEC_NAME.encode(), META_K: b"0", META_STEP: repr(float(step)).encode(),
+                META_IDS: _encode_ids(table_ids)}
+    schema = compact_schema(n_temperatures, logit_stats, word_start, spans, sample, topk=False).with_metadata(metadata)
+    return pa.Table.from_arrays([plain.column(name) for name in schema.names], schema=schema)
 
 
 def write_compact_parquet(table: pa.Table, where: Any, **options: Any) -> None:
@@ -369,6 +395,9 @@ def decode_compact(
     table_ids = _decode_ids(meta[META_IDS]) if id_table is None else np.asarray(id_table, dtype=np.int32)
     col = batch.column
     names = batch.schema.names
+    if k == 0:
+        yield from _decode_k0(batch)
+        return
 
     top1, pos_off = flat_list_column(col(names.index("top1_logprob")))
     m = len(top1)
@@ -402,5 +431,17 @@ def decode_compact(
         flat, off = flat_list_column(col(names.index(name)))
         out[name] = [flat[off[i] : off[i + 1]] for i in range(len(off) - 1)]
     order += extras
+    if SAMPLE_IDS in names:
+        out[SAMPLE_IDS], out[SAMPLE_COUNTS] = decode_sample_columns(col(names.index(SAMPLE_IDS)), col(names.index(SAMPLE_COUNTS)))
+        order += (SAMPLE_IDS, SAMPLE_COUNTS)
     for i in range(batch.num_rows):
         yield {name: out[name][i] for name in order}
+
+
+def _decode_k0(batch: pa.RecordBatch) -> Iterator[Row]:
+    """A k = 0 compact batch holds v1's plain columns only: read as v1 rows (top-k [n - 1, 0], float32)."""
+    from logitcache.storage.rows import batch_to_rows
+
+    for row in batch_to_rows(batch):
+        row["topk_logprobs"] = row["topk_logprobs"].astype(np.float32)
+        yield row

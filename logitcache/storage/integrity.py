@@ -32,6 +32,7 @@ from logitcache.storage.codec import CODEC_NAME, META_CODEC
 from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.manifest import Manifest, resolve_inside
 from logitcache.storage.rows import flat_list_column
+from logitcache.storage.samples import SAMPLE_COUNTS, SAMPLE_IDS, sample_problems
 from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN, WORD_START_COLUMN
 from logitcache.storage.spans import span_problems
 from logitcache.storage.writer import TOKENIZER_DIR
@@ -148,7 +149,9 @@ def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None
         rid = batch.column(names.index("id"))[first].as_py()
         out.append(f"{int(too_long.sum())} rows whose text runs far past their last token (first: id {rid!r}, "
                    f"{int(text_len[first]):,} characters, tokens up to {int(last_end[first]):,})")
-    if is_compact(batch.schema) if compact is None else compact:
+    if "top1_logprob" not in names and "topk_ids" not in names:
+        pass  # a k = 0 cache (sampled targets only): no top-k columns
+    elif is_compact(batch.schema) if compact is None else compact:
         top1, row_offsets = column("top1_logprob")
         report(~np.isfinite(top1), "with NaN/inf top-k log-probabilities", row_offsets)
         report(top1 > LOGPROB_TOL, "with a top-k log-probability above 0", row_offsets)
@@ -184,6 +187,9 @@ def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None
     if WORD_START_COLUMN in names:
         ws, offsets = column(WORD_START_COLUMN)
         report(~np.isfinite(ws) | (ws > LOGPROB_TOL), "with a word-start log-prob that is not finite or above 0", offsets)
+    if SAMPLE_IDS in names and SAMPLE_COUNTS in names:
+        # Ids in range, counts positive, distinct ascending ids; verify adds the sum to the manifest's N.
+        out.extend(sample_problems(batch, 0, max_id)[0])
     out.extend(span_problems(batch))  # format v2: spans sorted, apart, inside the text
     return out
 
@@ -368,7 +374,8 @@ def footer_problem(path: Path, rows: int, m: Manifest) -> tuple[list[int], str |
     counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
     if not schema.equals(m.arrow_schema(), check_metadata=False):
         extras = ", ".join((["temperatures " + str(m.temperatures)] if m.temperatures else [])
-                           + (["logit stats"] if m.logit_stats else []) + (["word-start log-probs"] if m.word_start else []))
+                           + (["logit stats"] if m.logit_stats else []) + (["word-start log-probs"] if m.word_start else [])
+                           + ([f"sample={m.sample}"] if m.sample else []))
         return [], (f"its columns differ from the manifest's (codec {m.codec}, k={m.k}"
                     f"{', ' + extras if extras else ''}): schema differs")
     if m.codec == "compact":

@@ -40,6 +40,8 @@ SETTINGS_KEYS = (
     "temperatures",
     "logit_stats",
     "word_start",
+    "sample",
+    "sample_proposal",
 )
 
 
@@ -90,6 +92,10 @@ class Manifest:
     logit_stats: bool = False
     # whether the rows hold ``word_start_logprob`` (ALM's debiasing).
     word_start: bool = False
+    # Draws per position of the sampled targets (``sample_ids``/``sample_counts``, storage/samples.py;
+    # 0: none), and how they were drawn: the proposal, its weights and the seed.
+    sample: int = 0
+    sample_proposal: dict[str, Any] | None = None
     # Written by `logitcache convert`: the source cache's codec, path, tool version and a digest of
     # its shards' sha256 (what tells a rerun that OUT is a partial convert of the same source).
     converted_from: dict[str, Any] | None = None
@@ -147,8 +153,10 @@ class Manifest:
         if self.codec == "compact":
             from logitcache.storage.codec import compact_schema
 
-            return compact_schema(len(self.temperatures), self.logit_stats, self.word_start, self.has_spans)
-        return shard_schema(self.k, len(self.temperatures), self.logit_stats, self.word_start, self.has_spans)
+            return compact_schema(len(self.temperatures), self.logit_stats, self.word_start, self.has_spans,
+                                  self.sample, topk=self.k > 0)
+        return shard_schema(self.k, len(self.temperatures), self.logit_stats, self.word_start, self.has_spans,
+                            self.sample)
 
     @property
     def has_spans(self) -> bool:
@@ -253,6 +261,8 @@ MANIFEST_FIELD_TYPES: dict[str, tuple] = {
     "temperatures": (list,),
     "logit_stats": (bool,),
     "word_start": (bool,),
+    "sample": (int,),
+    "sample_proposal": (dict, None),
     "converted_from": (dict, None),
     "tool_version": (str,),
     "created_at": (str,),
@@ -336,8 +346,14 @@ TEMPLATE_VALUE_TYPES = (str, bool, int)
 
 
 def _check_values(d: dict[str, Any], where: str) -> None:
-    if not 1 <= d["k"] <= MAX_K:
-        raise _bad(where, "k", f"must be between 1 and {MAX_K:,} (got {_short(d['k'])})")
+    if not 0 <= d["k"] <= MAX_K:
+        raise _bad(where, "k", f"must be between 0 and {MAX_K:,} (got {_short(d['k'])})")
+    from logitcache.storage.samples import MAX_SAMPLE
+
+    if not 0 <= d.get("sample", 0) <= MAX_SAMPLE:
+        raise _bad(where, "sample", f"must be between 0 and {MAX_SAMPLE} draws per position (got {_short(d['sample'])})")
+    if d["k"] == 0 and not d.get("sample", 0):
+        raise _bad(where, "k", "is 0 with no sampled targets (sample 0): the cache would hold no teacher distribution")
     for key, value in d["template"].items():
         if not isinstance(key, str) or not isinstance(value, TEMPLATE_VALUE_TYPES):
             raise _bad(where, f"template.{key}", f"must be text, a number or true/false (got {_short(value)})")

@@ -13,6 +13,7 @@ from logitcache.errors import LogitCacheError
 from logitcache.storage.manifest import Manifest, load_manifest, resolve_inside
 from logitcache.storage.decode import decode_rows, shard_id_table
 from logitcache.storage.rows import Row, batch_to_rows
+from logitcache.storage.samples import SAMPLE_COLUMNS
 from logitcache.storage.schema import EXTRA_COLUMNS
 from logitcache.storage.spans import SPAN_COLUMNS
 from logitcache.storage.writer import TOKENIZER_DIR
@@ -20,7 +21,7 @@ from logitcache.storage.writer import TOKENIZER_DIR
 
 # Columns stored as they are in both codecs (reading only these needs no decoding).
 _PLAIN_COLUMNS = {"id", "text", "prompt_chars", "truncated", *SPAN_COLUMNS, "input_ids", "char_start", "char_end",
-                  "label_logprob", "logsumexp", *EXTRA_COLUMNS}
+                  "label_logprob", "logsumexp", *EXTRA_COLUMNS, *SAMPLE_COLUMNS}
 
 
 class CacheReader:

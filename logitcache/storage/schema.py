@@ -14,7 +14,11 @@ Optional per-position columns, after the v1 columns, present when the manifest s
   logits' mean and unbiased std over the vocabulary, and ``logsumexp(logits / (std + 1e-4))``;
 * ``word_start_logprob`` list<float32> (manifest ``word_start``): the log of the teacher's
   probability that the next token starts a word (its mass on tokens that begin with a space,
-  tab or newline byte, and on special tokens), for ALM's chunk debiasing.
+  tab or newline byte, and on special tokens), for ALM's chunk debiasing;
+* ``sample_ids`` list<list<int32>>, ``sample_counts`` list<list<uint8>> (manifest ``sample``: N):
+  N draws from the teacher's distribution as distinct ids and counts (storage/samples.py).
+
+A cache with ``k`` 0 (sampled targets only) has no ``topk_ids``/``topk_logprobs`` columns.
 
 Format v2 (issue 15) adds ``target_start`` and ``target_end`` list<int32> after ``truncated``:
 the [start, end) character ranges of ``text`` that are targets (storage/spans.py), which
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from logitcache.storage.samples import sample_fields
 from logitcache.storage.spans import SPAN_COLUMNS
 
 FORMAT_VERSION = 2
@@ -64,9 +69,19 @@ def span_fields(spans: bool = True) -> list[pa.Field]:
     return [pa.field(name, pa.list_(pa.int32()), nullable=False) for name in SPAN_COLUMNS] if spans else []
 
 
+def topk_fields(k: int) -> list[pa.Field]:
+    """The top-k columns; none at k = 0 (a cache of sampled targets only: Arrow has no
+    fixed-size list of width 0, and readers give such rows [n - 1, 0] top-k arrays)."""
+    if not k:
+        return []
+    return [pa.field("topk_ids", pa.list_(pa.list_(pa.int32(), k)), nullable=False),
+            pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16(), k)), nullable=False)]
+
+
 def shard_schema(k: int, n_temperatures: int = 0, logit_stats: bool = False, word_start: bool = False,
-                 spans: bool = True) -> pa.Schema:
-    """The Arrow schema of a shard (v2; ``spans=False``: v1) for a cache with top-``k`` entries per position."""
+                 spans: bool = True, sample: int = 0) -> pa.Schema:
+    """The Arrow schema of a shard (v2; ``spans=False``: v1) for a cache with top-``k`` entries per position
+    (and ``sample`` draws per position, storage/samples.py)."""
     return pa.schema(
         [
             pa.field("id", pa.string(), nullable=False),
@@ -79,10 +94,12 @@ def shard_schema(k: int, n_temperatures: int = 0, logit_stats: bool = False, wor
             pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("char_start", pa.list_(pa.int32()), nullable=False),
             pa.field("char_end", pa.list_(pa.int32()), nullable=False),
-            pa.field("topk_ids", pa.list_(pa.list_(pa.int32(), k)), nullable=False),
-            pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16(), k)), nullable=False),
+        ]
+        + topk_fields(k)
+        + [
             pa.field("label_logprob", pa.list_(pa.float32()), nullable=False),
             pa.field("logsumexp", pa.list_(pa.float32()), nullable=False),
         ]
         + extra_fields(n_temperatures, logit_stats, word_start)
+        + sample_fields(sample)
     )

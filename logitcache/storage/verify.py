@@ -43,6 +43,7 @@ from logitcache.storage.integrity import (
     value_problems,
 )
 from logitcache.storage.rows import flat_list_column, rows_to_table
+from logitcache.storage.samples import sample_problems
 from logitcache.storage.schema import EXTRA_COLUMNS, STATS_COLUMNS, TAU_COLUMN
 from logitcache.storage.writer import DATA_DIR, SHARD_NAME, TMP_PREFIX
 
@@ -184,7 +185,7 @@ def _check_shard(
                     continue
                 rows_ = list(decode_rows(batch, id_table, compact=True))
                 batch = rows_to_table(rows_, k, len(m.temperatures), m.logit_stats, m.word_start,
-                                      m.has_spans).to_batches()[0]
+                                      m.has_spans, m.sample).to_batches()[0]
             for msg in _check_values(batch, k, vocab, has_logsumexp, extra_tol, m):
                 problems.append(f"{where}: {msg}")
     return rows, tokens
@@ -201,9 +202,12 @@ def _check_values(
     in_ids, tok_off = flat_list_column(batch.column("input_ids"))
     cs, cs_off = flat_list_column(batch.column("char_start"))
     ce, ce_off = flat_list_column(batch.column("char_end"))
-    lp, pos_off = flat_list_column(batch.column("topk_logprobs"))
-    tk, _ = flat_list_column(batch.column("topk_ids"))
     label, label_off = flat_list_column(batch.column("label_logprob"))
+    if k:
+        lp, pos_off = flat_list_column(batch.column("topk_logprobs"))
+        tk, _ = flat_list_column(batch.column("topk_ids"))
+    else:  # sampled targets only: no top-k columns
+        lp, tk, pos_off = np.zeros((len(label), 0), np.float16), np.zeros((len(label), 0), np.int32), label_off
     lse, lse_off = flat_list_column(batch.column("logsumexp"))
 
     n_tok = np.diff(tok_off)
@@ -259,6 +263,13 @@ def _check_values(
         rows = np.zeros(len(ids), bool)
         rows[row_of_tok[bad_span]] = True
         out.append(f"{int(bad_span.sum())} token spans outside the text or out of order (first: id {first_bad(rows)})")
+    if m is not None and m.sample:
+        problems, n_sample_pos = sample_problems(batch, m.sample, vocab)
+        # value_problems above reported the rest (it has no vocabulary size nor N here)
+        out.extend(p for p in problems if "sum to" in p or "at or above" in p)
+        bad = n_sample_pos != n_pos
+        if bad.any():
+            out.append(f"{int(bad.sum())} rows whose sample_ids have another number of positions (first: id {first_bad(bad)})")
     if m is not None:
         out.extend(_check_optional(batch, m, vocab, ids, texts, in_ids, tok_off, cs, ce, lp32, lse, row_of_pos, extra_tol, first_bad))
     prompt = batch.column("prompt_chars").to_numpy()
@@ -299,7 +310,7 @@ def _check_optional(batch, m: Manifest, vocab, ids, texts, in_ids, tok_off, cs, 
     if lengths_bad.any():
         out.append(f"{int(lengths_bad.sum())} rows whose {'/'.join(present)} lengths differ from their positions (first: id {first_bad(lengths_bad)})")
         return out
-    if not len(lp32):
+    if not lp32.size:  # no positions, or k = 0 (no top-1 to bound the partitions with)
         return out
     # The largest raw logit, from the stored top-1 (rounded: fp16, or the compact codec's step).
     top1 = lp32[:, 0].astype(np.float64) + lse

@@ -38,6 +38,7 @@ from logitcache.storage.lock import LOCK_NAME, CacheLock
 from logitcache.storage.marker import clear_marked, write_marker
 from logitcache.storage.manifest import CODECS, MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 from logitcache.storage.rows import V1_PARQUET_OPTIONS, Row, row_nbytes, rows_to_table
+from logitcache.storage.samples import SAMPLE_COLUMNS, SAMPLE_COUNTS
 from logitcache.storage.schema import POSITION_COLUMNS, STATS_COLUMNS, TAU_COLUMN, TOKEN_COLUMNS, WORD_START_COLUMN
 
 DATA_DIR = "data"
@@ -202,14 +203,15 @@ class CacheWriter:
             table = codec.encode_compact(
                 rows, self.manifest.k, id_table=self._id_table,
                 n_temperatures=len(self.manifest.temperatures), logit_stats=self.manifest.logit_stats,
-                word_start=self.manifest.word_start, spans=self.manifest.has_spans,
+                word_start=self.manifest.word_start, spans=self.manifest.has_spans, sample=self.manifest.sample,
             )
             self._id_table = codec.id_table_of(table.schema)
             # The id table grows with each row group; the shard's final one goes into its footer.
             meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != codec.META_IDS}
             return table.replace_schema_metadata(meta), codec.PARQUET_OPTIONS
         m = self.manifest
-        return rows_to_table(rows, m.k, len(m.temperatures), m.logit_stats, m.word_start, m.has_spans), V1_PARQUET_OPTIONS
+        return (rows_to_table(rows, m.k, len(m.temperatures), m.logit_stats, m.word_start, m.has_spans, m.sample),
+                V1_PARQUET_OPTIONS)
 
     def _flush_row_group(self) -> None:
         if not self._buffer:
@@ -394,6 +396,8 @@ def _flags_for(m: Manifest, keys: list[str]) -> list[str]:
         flags.append("--logit-stats" if m.logit_stats else "--no-logit-stats")
     if "word_start" in keys:
         flags.append("--word-start" if m.word_start else "--no-word-start")
+    if "sample" in keys:
+        flags.append(f"--sample {m.sample}" if m.sample else "--sample 0")
     if "max_chars" in keys and m.max_chars is not None:
         flags.append(f"--max-chars {m.max_chars}")
     return flags
@@ -413,7 +417,7 @@ def _check_row(row: Row, m: Manifest) -> None:
         if len(row[name]) != n:
             raise ValueError(f"row {row['id']!r}: {name} has {len(row[name])} entries, input_ids has {n}")
     extra = (((TAU_COLUMN,) if m.temperatures else ()) + (STATS_COLUMNS if m.logit_stats else ())
-             + ((WORD_START_COLUMN,) if m.word_start else ()))
+             + ((WORD_START_COLUMN,) if m.word_start else ()) + (SAMPLE_COLUMNS if m.sample else ()))
     for name in extra:
         if name not in row:
             raise ValueError(f"row {row['id']!r}: no {name} column, which this cache's manifest promises")
@@ -422,5 +426,7 @@ def _check_row(row: Row, m: Manifest) -> None:
     for name in POSITION_COLUMNS + extra:
         if len(row[name]) != max(n - 1, 0):
             raise ValueError(f"row {row['id']!r}: {name} has {len(row[name])} positions, expected {n - 1}")
+    if m.sample and n > 1 and np.any(np.asarray(row[SAMPLE_COUNTS], np.int64).sum(axis=1) != m.sample):
+        raise ValueError(f"row {row['id']!r}: sample_counts do not sum to the cache's sample={m.sample} at every position")
     if n > 1 and row["topk_ids"].shape[1] != k:
         raise ValueError(f"row {row['id']!r}: topk has width {row['topk_ids'].shape[1]}, cache k is {k}")

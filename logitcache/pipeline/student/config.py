@@ -59,6 +59,9 @@ class TrainConfig:
     # instead of refusing the cache.
     skip_bad_shards: bool = False
     kl_kind: str = "forward"  # forward | reverse | jsd
+    # The teacher targets of the KD term: "topk" (top-k + tail) or "sample" (the cache's --sample
+    # draws, losses/sampled_kl.py: forward KL only, standalone after CE, not fused).
+    kd_targets: str = "topk"
     mlot_variant: str = "paper"  # paper | code
     mlot_k: int = 50
     # KD at temperature tau (ULD, KL, hybrid; MultiLevelOT's tau_SL): student softmax(logits / tau), the
@@ -152,6 +155,7 @@ class TrainConfig:
             raise LogitCacheError("give --max-steps or a positive --num-epochs.")
         if self.kl_kind not in ("forward", "reverse", "jsd"):
             raise LogitCacheError(f"--kl-kind {self.kl_kind!r}: use forward, reverse or jsd.")
+        self._validate_kd_targets()
         if self.mlot_variant not in ("paper", "code"):
             raise LogitCacheError(f"--mlot-variant {self.mlot_variant!r}: use paper or code.")
         if not (isinstance(self.kd_temperature, (int, float)) and 0 < self.kd_temperature < math.inf):
@@ -182,6 +186,28 @@ class TrainConfig:
                 raise LogitCacheError(f"--{name.replace('_', '-')} {path}: no such file (a JSON config is expected).")
         if self.fsdp_config is not None and not self.fsdp:
             raise LogitCacheError("--fsdp-config configures --fsdp; give --fsdp too (e.g. --fsdp 'full_shard auto_wrap').")
+
+    def _validate_kd_targets(self) -> None:
+        """--kd-targets sample: the draws estimate p itself, so only a loss linear in p keeps the estimate unbiased."""
+        if self.kd_targets not in ("topk", "sample"):
+            raise LogitCacheError(f"--kd-targets {self.kd_targets!r}: use topk or sample.")
+        if self.kd_targets != "sample":
+            return
+        if self.loss != "kl":
+            raise LogitCacheError(
+                f"--kd-targets sample works with --loss kl only: --loss {self.loss} needs the teacher's ranked "
+                "log-probabilities (or chunk likelihoods), which draws do not give; use --kd-targets topk with it."
+            )
+        if self.kl_kind != "forward":
+            raise LogitCacheError(
+                f"--kd-targets sample estimates forward KL only: --kl-kind {self.kl_kind} needs log p where the student "
+                "has mass, which the draws cannot estimate without bias; use --kl-kind forward, or --kd-targets topk."
+            )
+        if self.kd_temperature != 1.0:
+            raise LogitCacheError(
+                "--kd-targets sample holds draws from the teacher at temperature 1, which estimate no other "
+                "temperature; drop --kd-temperature, or use --kd-targets topk."
+            )
 
     def _validate_hybrid_alm(self) -> None:
         """the hybrid's and ALM's options."""

@@ -158,6 +158,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         skip_bad_shards: bool = False,
         batch_size: int | None = None,
         alm_merge_threshold: float | None = None,
+        kd_targets: str = "topk",
     ) -> None:
         super().__init__()
         self.cache = CacheReader(cache_dir)
@@ -184,6 +185,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         self.alignment = alignment
         self.max_length = max_length
         self.alm_merge_threshold = alm_merge_threshold
+        self.kd_targets = kd_targets
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -506,7 +508,8 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         if self._featurizer is None or self._featurizer_pid != os.getpid():
             # the cache's EOS id and its tokenizer's byte lengths come with it: features.py
             self._featurizer = featurizer_for_cache(self.cache, self.student_tokenizer, self.alignment, self.max_length,
-                                                    alm_merge_threshold=self.alm_merge_threshold)
+                                                    alm_merge_threshold=self.alm_merge_threshold,
+                                                    kd_targets=self.kd_targets)
             self._featurizer_pid = os.getpid()
         return self._featurizer
 

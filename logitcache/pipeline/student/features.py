@@ -134,6 +134,9 @@ class StudentFeaturizer:
     # rendered the student's way, and paired with the teacher's by the assistant content.
     student_chat: bool = False
     message_train_field: str = "train"
+    # "sample": the teacher columns carry the cache's draws instead of its top-k (sampled_targets)
+    kd_targets: str = "topk"
+    sample_width: int = 0  # the cache's N: every row's draws padded to it, so that batches stack
     stats: FeatureStats = field(default_factory=FeatureStats)
 
     def __post_init__(self) -> None:
@@ -208,6 +211,8 @@ class StudentFeaturizer:
         labels[s_targets + 1] = ids[s_targets + 1]
         if student_end is not None:
             labels[n - 1] = ids[n - 1]
+        if self.kd_targets == "sample":
+            row = sampled_targets(row, self.sample_width)
         k = row["topk_ids"].shape[1] if row["topk_ids"].ndim == 2 else 0
         t_lp = np.zeros((n, k), dtype=np.float16)
         t_ids = np.zeros((n, k), dtype=np.int32)
@@ -264,6 +269,22 @@ class StudentFeaturizer:
 # --- extra teacher columns (issue 12 §1b, §2), gathered at the aligned teacher positions ---------
 
 
+def sampled_targets(row: Row, width: int) -> Row:
+    """``row`` with its draws (storage/samples.py) in place of its top-k: ids, and log(count / N)
+    (padding: count 0, stored as float16's lowest, weight exp(-65504) = 0), so alignment carries them as it carries the top-k.
+    float16 rounds the log-weight by at most 2**-9 relative (N <= 255): a 0.2 % weight error."""
+    P = len(row["sample_counts"])
+    counts = np.zeros((P, width), np.float32)
+    ids = np.zeros((P, width), np.int32)
+    have = np.asarray(row["sample_counts"]).reshape(P, -1)[:, :width]
+    counts[:, : have.shape[1]] = have
+    ids[:, : have.shape[1]] = np.asarray(row["sample_ids"]).reshape(P, -1)[:, :width]
+    n = counts.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        lp = np.maximum(np.log(counts / np.maximum(n, 1)), np.finfo(np.float16).min).astype(np.float16)
+    return {**row, "topk_ids": ids, "topk_logprobs": lp}
+
+
 def teacher_extras(row: Row, teacher_pos: np.ndarray, n: int) -> dict[str, np.ndarray]:
     """The cache's optional per-position columns at each of the ``n`` student positions' aligned
     teacher position (``teacher_pos`` [<= n], -1 where none), only those the row has:
@@ -317,7 +338,7 @@ def teacher_piece_bytes(cache) -> PieceBytes | None:
 
 
 def featurizer_for_cache(cache, tokenizer, alignment: str = "offset", max_length: int | None = None, *,
-                         alm_merge_threshold: float | None = None) -> StudentFeaturizer:
+                         alm_merge_threshold: float | None = None, kd_targets: str = "topk") -> StudentFeaturizer:
     """The featurizer of ``cache`` (a CacheReader) for a student ``tokenizer``, as training uses it."""
     manifest = cache.manifest
     return StudentFeaturizer(
@@ -328,4 +349,5 @@ def featurizer_for_cache(cache, tokenizer, alignment: str = "offset", max_length
         teacher_bytes=teacher_piece_bytes(cache) if alignment != "position" else None,
         teacher_eos_id=getattr(manifest, "eos_id", None),
         alm_merge_threshold=alm_merge_threshold,
+        kd_targets=kd_targets, sample_width=int(getattr(manifest, "sample", 0) or 0),
     )

@@ -103,6 +103,8 @@ def kd_term(
     weights = losses.kd_weights(mask, cfg.kd_reduction, dtype=logits.dtype)[mask]
     s, lp, ids = logits[mask], t_lp[mask], t_ids[mask]
     ones = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    if cfg.kd_targets == "sample":  # features.py put the draws here: ids, log(count / N)
+        return losses.sampled_kl_loss(s, ids, lp.float().exp(), ones, weights=weights)
     chunk = cfg.kd_chunk_size or (1024 if s.numel() > AUTO_CHUNK_ELEMENTS else None)
     if cfg.loss == "uld":
         return losses.uld_loss(s, lp, ones, temperature=tau, weights=weights, chunk_size=chunk)
@@ -138,7 +140,8 @@ def fused_loss_of(cfg: TrainConfig, matched_fraction: float = 1.0) -> "losses.Fu
         reduction=cfg.kd_reduction,
         **_extra_loss_configs(cfg, matched_fraction),
     )
-    return spec if losses.fused_supports(spec) and not cfg.kd_chunk_size else None
+    # Sampled targets take the standalone path after CE (losses/sampled_kl.py), not the fused pass.
+    return spec if losses.fused_supports(spec) and not cfg.kd_chunk_size and cfg.kd_targets == "topk" else None
 
 
 def batch_loss(
@@ -471,6 +474,16 @@ def check_compatibility(cfg: TrainConfig, student_tokenizer, cache) -> None:
                 f"({len(student_tokenizer)} vs {len(teacher_tok)} tokens, or other ids); use --loss uld or --loss mlot "
                 "for a student with another tokenizer."
             )
+    sample = getattr(manifest, "sample", 0)
+    if cfg.kd_targets == "sample" and not sample:
+        raise LogitCacheError(
+            "--kd-targets sample needs a cache with sampled targets, and this one has none; "
+            "rewrite it with `logitcache teacher --sample 12` (or more), or use --kd-targets topk."
+        )
+    if cfg.kd_targets == "topk" and manifest.k == 0:
+        raise LogitCacheError(
+            f"this cache holds sampled targets only (k=0, sample={sample}); train with --kd-targets sample --loss kl."
+        )
     if cfg.loss == "mlot" and manifest.k < cfg.mlot_k:
         raise LogitCacheError(
             f"--loss mlot ranks the top {cfg.mlot_k} teacher tokens, but the cache keeps only k={manifest.k}; "
@@ -634,7 +647,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     def dataset(path: str, shuffle: bool) -> LogitCacheDataset:
         return LogitCacheDataset(
             path, tokenizer, alignment=cfg.resolved_alignment(), max_length=cfg.max_length,
-            alm_merge_threshold=cfg.alm_merge_threshold if cfg.alm_debiased() else None,
+            alm_merge_threshold=cfg.alm_merge_threshold if cfg.alm_debiased() else None, kd_targets=cfg.kd_targets,
             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, shuffle=shuffle,
             rank=args.process_index, world_size=args.world_size, num_workers=cfg.num_workers,
             skip_bad_shards=cfg.skip_bad_shards, batch_size=cfg.batch_size,

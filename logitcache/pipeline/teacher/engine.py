@@ -31,6 +31,10 @@ class ScoredSequence:
     lse_std: np.ndarray | None = None  # float32 [n - 1]: logsumexp(logits / (logit_std + 1e-4))
     # float32 [n - 1]: log of the mass on tokens that start a word (whitespace-initial, special)
     word_start_logprob: np.ndarray | None = None
+    # With --sample N (hf): N draws per position from the teacher's distribution, as distinct ids
+    # and counts, [n - 1, N] each, padded with id 0 / count 0 (storage/samples.py).
+    sample_ids: np.ndarray | None = None  # int32
+    sample_counts: np.ndarray | None = None  # uint8
 
 
 def first_bad_value(s: ScoredSequence) -> str | None:
@@ -90,7 +94,9 @@ class TeacherEngine(Protocol):
     def describe(self) -> dict[str, Any]: ...  # the manifest's "teacher" entry
 
     def score(self, seqs: Sequence[Sequence[int]], k: int) -> list[ScoredSequence]:
-        """Top-k of every next-token prediction along each token sequence (teacher-forced)."""
+        """Top-k of every next-token prediction along each token sequence (teacher-forced).
+        An engine made with ``sample=N`` (hf) takes ``keys=`` too: one draw key per sequence
+        (topk.sequence_key), and fills ``sample_ids``/``sample_counts``."""
 
     def generate(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> list[list[int]]:
         """The new token ids the teacher writes after each prompt (without the prompt, no padding)."""

@@ -22,7 +22,9 @@ from logitcache.pipeline.offsets import require_fast_tokenizer
 from logitcache.pipeline.padding import pad_sequences, pad_token_id
 from logitcache.pipeline.teacher.engine import GenerationConfig, ScoredSequence
 from logitcache.pipeline.token_bytes import word_start_mask
+from logitcache.pipeline.teacher.draws import draw_uniforms
 from logitcache.pipeline.teacher.topk import TopK, chunked_topk, chunked_topk_from_logits_fn
+from logitcache.storage.samples import counts_from_draws
 
 # Config attributes of models whose logits are not just lm_head(hidden).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -60,8 +62,10 @@ class HFTeacher:
         temperatures: tuple[float, ...] = (),
         logit_stats: bool = False,
         word_start: bool = False,
+        sample: int = 0,
     ) -> None:
         self.model_name = model
+        self.sample = int(sample)
         self.temperatures = tuple(float(t) for t in temperatures)
         self.logit_stats = logit_stats
         self.word_start = word_start
@@ -129,10 +133,16 @@ class HFTeacher:
 
     # --- scoring -----------------------------------------------------------------------
     @torch.inference_mode()
-    def score(self, seqs: Sequence[Sequence[int]], k: int) -> list[ScoredSequence]:
-        """Top-k of every next-token prediction along each sequence (one batch, padded here)."""
+    def score(self, seqs: Sequence[Sequence[int]], k: int, *, keys: Sequence[int] | None = None) -> list[ScoredSequence]:
+        """Top-k of every next-token prediction along each sequence (one batch, padded here); with
+        ``sample``, that many draws per position too, keyed by ``keys`` (one per sequence)."""
         if not seqs:
             return []
+        uniforms = None
+        if self.sample:
+            if keys is None or len(keys) != len(seqs):
+                raise ValueError("an engine made with sample=N needs one draw key per sequence (keys=)")
+            uniforms = torch.from_numpy(draw_uniforms(list(keys), [max(len(s) - 1, 0) for s in seqs], self.sample))
         lens = torch.tensor([len(s) for s in seqs])
         input_ids, attn = pad_sequences(seqs, pad_token_id(self.tokenizer), self.tokenizer.padding_side)
         # Explicit positions: with left padding the first real token must still be position 0.
@@ -149,13 +159,14 @@ class HFTeacher:
         if self.uses_head_path:
             hidden = self._decoder(**inputs).last_hidden_state[pred.to(self.device)]
             top = chunked_topk(hidden, self._head, labels, k, self.chunk, temperatures=self.temperatures,
-                               stats=self.logit_stats, word_start=self._word_start_ids)
+                               stats=self.logit_stats, word_start=self._word_start_ids, uniforms=uniforms)
         else:
             logits = self.model(**inputs).logits
             bi, ti = pred.to(self.device).nonzero(as_tuple=True)
             top = chunked_topk_from_logits_fn(
                 lambda a, b: logits[bi[a:b], ti[a:b]], len(bi), labels, k, self.chunk,
                 temperatures=self.temperatures, stats=self.logit_stats, word_start=self._word_start_ids,
+                uniforms=uniforms,
             )
         return _split(top, (lens - 1).tolist())
 
@@ -194,6 +205,8 @@ def _split(top: TopK, counts: list[int]) -> list[ScoredSequence]:
     extra = {"lse_tau": f32(top.lse_tau), "logit_mean": f32(top.logit_mean),
              "logit_std": f32(top.logit_std), "lse_std": f32(top.lse_std),
              "word_start_logprob": f32(top.word_start_logprob)}
+    if top.sample_ids is not None:
+        extra["sample_ids"], extra["sample_counts"] = counts_from_draws(top.sample_ids.cpu().numpy())
     out, a = [], 0
     for c in counts:
         more = {name: v[a : a + c] for name, v in extra.items() if v is not None}

@@ -34,6 +34,8 @@ from logitcache.storage.lock import CacheLock
 from logitcache.storage.manifest import Manifest
 from logitcache.storage.parts import part_name
 from logitcache.storage.rows import Row
+from logitcache.pipeline.teacher.draws import sequence_key
+from logitcache.storage.samples import MAX_SAMPLE, PROPOSAL, SAMPLE_COLUMNS
 from logitcache.storage.schema import EXTRA_COLUMNS
 from logitcache.storage.writer import DEFAULT_SHARD_BYTES, CacheWriter
 
@@ -86,6 +88,9 @@ class TeacherConfig:
     # None: the engine's default, (2.0,) for hf and () for vllm (which has no log-normaliser).
     temperatures: tuple[float, ...] | None = None
     logit_stats: bool = False  # the logits' mean, std and logsumexp(logits / (std + 1e-4))
+    # Draws per position from the teacher's distribution, stored as ids + counts (storage/samples.py;
+    # 0: none). Keyed by (generation.seed, example id, position): a rerun or resume draws the same.
+    sample: int = 0
     # The log-mass on word-start tokens per position (ALM's debiasing). None: on with hf, off
     # with vllm (which gives no full distribution).
     word_start: bool | None = None
@@ -101,8 +106,16 @@ class TeacherConfig:
     max_model_len: int | None = None
 
     def validate(self) -> None:
-        if self.top_k <= 0:
-            raise LogitCacheError(f"--top-k must be a positive integer (got {self.top_k}); 64 is a good default.")
+        if not 0 <= self.sample <= MAX_SAMPLE:
+            raise LogitCacheError(
+                f"--sample must be between 1 and {MAX_SAMPLE} draws per position, or 0 for none (got {self.sample}); "
+                "12 is a good start."
+            )
+        if self.top_k < 0 or (self.top_k == 0 and not self.sample):
+            raise LogitCacheError(
+                f"--top-k must be a positive integer (got {self.top_k}); 64 is a good default "
+                "(--top-k 0 stores sampled targets alone, with --sample N)."
+            )
         if self.batch_size <= 0:
             raise LogitCacheError(f"--batch-size must be positive (got {self.batch_size}).")
         if self.max_length is not None and self.max_length < 2:
@@ -135,6 +148,11 @@ class TeacherConfig:
             raise LogitCacheError(
                 f"{flag} needs the log-normaliser of the full logits, which vLLM does not return; "
                 f"use --engine hf for it, or drop {'the flag' if self.logit_stats else 'them (--temperatures none)'} with --engine vllm."
+            )
+        if self.engine == "vllm" and self.sample:
+            raise LogitCacheError(
+                "--sample needs the teacher's full distribution, which vLLM does not return; "
+                "use --engine hf for it, or drop the flag with --engine vllm."
             )
         if self.engine == "vllm" and self.word_start:
             raise LogitCacheError(
@@ -247,7 +265,7 @@ def make_engine(cfg: TeacherConfig) -> TeacherEngine:
         cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code, chunk=cfg.topk_chunk,
         temperatures=tuple(cfg.extra_temperatures()), logit_stats=cfg.logit_stats,
-        word_start=cfg.stores_word_start(),
+        word_start=cfg.stores_word_start(), sample=cfg.sample,
     )
 
 
@@ -326,6 +344,8 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
             temperatures=list(engine.temperatures),
             logit_stats=bool(engine.logit_stats),
             word_start=bool(engine.word_start),
+            sample=cfg.sample,
+            sample_proposal={**PROPOSAL, "seed": cfg.generation.seed} if cfg.sample else None,
             tool_version=logitcache.__version__,
         )
         writer = CacheWriter(cfg.out_dir(), manifest, tokenizer_dir=tok_dir, shard_bytes=cfg.shard_bytes, lock=lock)
@@ -353,7 +373,8 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
                 window = _generate_window(engine, window, cfg, tok, add_special, max_length, eos_id, result)
             window = _truncate(window, max_length, skip_targetless=_spans_are_data(template))
             pending = [p for p in window if isinstance(p, _Pending)]
-            scored = _score_window(engine, pending, cfg.batch_size, cfg.top_k)
+            seeded = {"sample_seed": cfg.generation.seed} if cfg.sample else {}
+            scored = _score_window(engine, pending, cfg.batch_size, cfg.top_k, **seeded)
             result.engine_seconds += time.perf_counter() - t0
             if writing is not None:
                 writing.result()  # in order, and an error in the writer stops us here
@@ -564,12 +585,14 @@ def _prefetch(items: Iterator[list], depth: int = 1) -> Iterator[list]:
         stop.set()
 
 
-def _score_window(engine, window: list[_Pending], batch_size: int, k: int) -> dict:
+def _score_window(engine, window: list[_Pending], batch_size: int, k: int, *, sample_seed: int | None = None) -> dict:
     by_length = sorted(window, key=lambda p: len(p.ids), reverse=True)
     scored = {}
     for a in range(0, len(by_length), batch_size):
         batch = by_length[a : a + batch_size]
-        for p, s in zip(batch, engine.score([p.ids for p in batch], k)):
+        # Draws keyed by example id, not by batch: a resume, which batches differently, draws the same.
+        keys = None if sample_seed is None else {"keys": [sequence_key(sample_seed, p.rid) for p in batch]}
+        for p, s in zip(batch, engine.score([p.ids for p in batch], k, **(keys or {}))):
             problem = first_bad_value(s)
             if problem is not None:
                 raise LogitCacheError(_non_finite_message(engine, p.rid, problem))
@@ -606,5 +629,5 @@ def _row(p: _Pending, s) -> Row:
         "topk_logprobs": s.topk_logprobs,
         "label_logprob": s.label_logprob,
         "logsumexp": s.logsumexp,
-        **{name: getattr(s, name) for name in EXTRA_COLUMNS if getattr(s, name) is not None},
+        **{name: getattr(s, name) for name in EXTRA_COLUMNS + SAMPLE_COLUMNS if getattr(s, name, None) is not None},
     }

@@ -13,6 +13,12 @@ of the std-normalised logits, ``logsumexp(logits / (std + 1e-4))`` (MultiLevelOT
 ``code`` variant); and the log of the probability that the next token starts a word (its
 mass on the ids of a ``word_start`` mask: tokens starting with whitespace, and special
 tokens), which ALM's chunk debiasing needs from the full vocabulary.
+
+And (issue 15 §3) N draws per position from the teacher's distribution at temperature 1, by
+inverse CDF over the same ``exp(logits - max)`` buffer (cumulated in place), each from a uniform
+given by the caller: draws.py derives them from a per-sequence key and the
+position, so a draw does not depend on the batch or chunk it was made in (a resume redraws the
+same ids). See storage/samples.py for why the proposal is the teacher itself.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class TopK:
     logit_std: torch.Tensor | None = None
     lse_std: torch.Tensor | None = None
     word_start_logprob: torch.Tensor | None = None
+    sample_ids: torch.Tensor | None = None  # [N, S] int64: S draws per position (with ``uniforms``)
 
 
 def chunked_topk(
@@ -59,6 +66,7 @@ def chunked_topk(
     temperatures: Sequence[float] = (),
     stats: bool = False,
     word_start: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> TopK:
     """Top-k log-probabilities of ``head(hidden)`` without materialising all logits.
 
@@ -73,13 +81,16 @@ def chunked_topk(
         temperatures: extra temperatures (each > 0, not 1) whose log-normaliser to return.
         stats: also return the logits' mean, std and the log-normaliser of logits / (std + 1e-4).
         word_start: bool [V] on the logits' device; also return the log-mass on its ids.
+        uniforms: [N, S] in [0, 1) (:func:`draw_uniforms`); also return S draws per position from
+            the softmax of the logits (inverse CDF: draw j is the first id whose cumulative
+            probability exceeds ``uniforms[:, j]``).
 
     Returns:
         TopK with fp32 log-probabilities normalised over the full vocabulary.
     """
     return chunked_topk_from_logits_fn(
         lambda a, b: head(hidden[a:b]), hidden.shape[0], labels, k, chunk, temperatures=temperatures, stats=stats,
-        word_start=word_start,
+        word_start=word_start, uniforms=uniforms,
     )
 
 
@@ -93,11 +104,12 @@ def chunked_topk_from_logits_fn(
     temperatures: Sequence[float] = (),
     stats: bool = False,
     word_start: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> TopK:
     """As :func:`chunked_topk`, with ``logits_of(a, b)`` giving the [b - a, V] logits of positions a..b
     (a new tensor each call, or one in a narrower dtype: it is overwritten in place)."""
     taus = [float(t) for t in temperatures]
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in ("lp", "ids", "label", "lse", "tau", "mean", "std", "lse_std", "ws")}
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in ("lp", "ids", "label", "lse", "tau", "mean", "std", "lse_std", "ws", "draws")}
     ws = None if word_start is None else word_start.to(torch.float32)
     tiny = torch.finfo(torch.float32).tiny
     for a in range(0, n, chunk):
@@ -107,7 +119,7 @@ def chunked_topk_from_logits_fn(
         label = logits.gather(-1, labels[a:b, None].to(logits.device)).squeeze(-1)
         # log-sum-exp in place (the max is the top-1): torch.logsumexp would allocate a
         # second [n, V] buffer, doubling the peak of this step.
-        top1 = vals[:, :1]
+        top1 = logits.amax(-1, keepdim=True) if k == 0 else vals[:, :1]
         d = logits.sub_(top1)
         del logits
         if not taus and not stats:
@@ -125,6 +137,12 @@ def chunked_topk_from_logits_fn(
             # matrix-vector product with the mask, no second [n, V] buffer.
             z_ws = torch.mv(d, ws.to(d.device)).clamp_min_(tiny)
             out["ws"].append((z_ws.log_() + top1.squeeze(-1) - lse).clamp_max_(0.0))
+        if uniforms is not None:
+            # Inverse CDF on exp(logits - max), cumulated in place (no second [n, V] buffer).
+            # A token whose exp underflowed (p < e^-103 of the top-1's) adds nothing: never drawn.
+            cdf = d.cumsum_(-1)
+            target = uniforms[a:b].to(device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+            out["draws"].append(torch.searchsorted(cdf, target.contiguous(), right=True).clamp_max_(cdf.shape[-1] - 1))
         del d
         out["lp"].append(vals - lse[:, None])
         out["ids"].append(ids)
@@ -137,6 +155,7 @@ def chunked_topk_from_logits_fn(
             lse_tau=empty.reshape(0, len(taus)) if taus else None,
             logit_mean=empty if stats else None, logit_std=empty if stats else None, lse_std=empty if stats else None,
             word_start_logprob=empty if ws is not None else None,
+            sample_ids=None if uniforms is None else empty.reshape(0, uniforms.shape[1]).long(),
         )
     return TopK(
         torch.cat(out["lp"]), torch.cat(out["ids"]), torch.cat(out["label"]), torch.cat(out["lse"]),
@@ -145,6 +164,7 @@ def chunked_topk_from_logits_fn(
         logit_std=torch.cat(out["std"]) if stats else None,
         lse_std=torch.cat(out["lse_std"]) if stats else None,
         word_start_logprob=torch.cat(out["ws"]) if ws is not None else None,
+        sample_ids=torch.cat(out["draws"]) if uniforms is not None else None,
     )
 
 

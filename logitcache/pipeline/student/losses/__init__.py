@@ -6,6 +6,8 @@
 - :func:`hybrid_loss` (+ :class:`HybridConfig`): TRL GOLD's hybrid, exact JSD on tokens both
   vocabularies share (``vocab_map``), ULD on the rest.
 - :func:`alm_loss` (+ :class:`ALMConfig`): approximate likelihood matching of chunks (``chunks``).
+- :func:`sampled_kl_loss`: forward KL to a cache's sampled targets (ids + count / N weights),
+  Random Sampling KD's unbiased estimate of the full-vocabulary forward KL's gradient.
 
 All take the teacher as a top-K cache gives it (log-probabilities over the full teacher
 vocabulary, K entries per position) and return the KD term only: the caller adds the
@@ -26,6 +28,7 @@ from logitcache.pipeline.student.losses.fused import supports as fused_supports
 from logitcache.pipeline.student.losses.kl import REVERSE_KL_TEACHER_FLOOR, kl_loss
 from logitcache.pipeline.student.losses.mlot import MLOTConfig, multilevel_ot_loss
 from logitcache.pipeline.student.losses.mlot_parts import needed_temperatures as mlot_temperatures
+from logitcache.pipeline.student.losses.sampled_kl import sampled_kl_loss
 from logitcache.pipeline.student.losses.uld import uld_loss
 # cross-tokenizer losses of issue 12 §3 (TRL GOLD's hybrid; ALM, arXiv 2503.20083).
 from logitcache.pipeline.student.losses.alm import ALMConfig, ALMTargets, alm_loss
@@ -33,6 +36,6 @@ from logitcache.pipeline.student.losses.hybrid import HybridConfig, hybrid_loss
 
 __all__ = [
     "REDUCTIONS", "REVERSE_KL_TEACHER_FLOOR", "FusedLoss", "MLOTConfig", "ce_kd_loss", "fused_supports",
-    "kd_weights", "kl_loss", "mlot_temperatures", "multilevel_ot_loss", "uld_loss",
+    "kd_weights", "kl_loss", "mlot_temperatures", "multilevel_ot_loss", "sampled_kl_loss", "uld_loss",
     "ALMConfig", "ALMTargets", "HybridConfig", "alm_loss", "hybrid_loss",
 ]
