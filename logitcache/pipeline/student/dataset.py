@@ -95,6 +95,13 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             row group is refused, or with this flag passed over (``bad_row_groups``, warned).
         num_workers: the number of dataloader workers (0: none) you will use. Optional;
             given, every worker checks it and a resume state must match it exactly.
+        companions: other caches over the same records (several teachers): this cache drives
+            the order, and each row carries ``_teachers``, the companions' rows of its id (read
+            by id through an index of their id columns, built once); featurized, each example
+            carries ``_more``, each companion's teacher columns by its own featurizer. A record
+            with another text or other target spans is refused (naming the id and cache).
+        on_missing: with companions, a record not in every cache is refused ("refuse") or
+            left out of the plan ("skip": ``missing`` lists them; ``len`` counts the rest).
 
     Every example also carries ``_worker`` (dataloader worker id, 0 without workers) and
     ``_index`` (its position in that worker's stream this epoch, from 0).
