@@ -73,9 +73,9 @@ def test_two_teachers_loss_equals_ce_plus_weighted_kds_of_a_slow_reference():
     ref.backward()
     # the fused pass (CE, teacher 0) keeps float64; the standalone KD (teacher 1) computes in float32
     assert float(ce.detach()) == pytest.approx(float(ref_ce.detach()), abs=1e-10)
-    assert float(kds[0]) == pytest.approx(float(ref_kd[0]), abs=1e-10)
-    assert float(kds[1]) == pytest.approx(float(ref_kd[1]), abs=1e-6)
-    assert float(loss) == pytest.approx(float(ref), abs=1e-6)
+    assert float(kds[0].detach()) == pytest.approx(float(ref_kd[0].detach()), abs=1e-10)
+    assert float(kds[1].detach()) == pytest.approx(float(ref_kd[1].detach()), abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), abs=1e-6)
     assert float((x.grad - y.grad).abs().max()) < 1e-6
 
 
@@ -279,3 +279,16 @@ def test_the_cli_and_a_config_file_take_several_caches(tmp_path, built_cache, ot
                                  "--max-steps", "1", "--batch-size", "4", "--no-progress"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "cli" / "logitcache_train_config.json").read_text())["teacher_weights"] == "1,3"
+
+
+@pytest.mark.parametrize("loss, extra", [("hybrid", {}), ("alm", {}), ("mlot", {"mlot_k": 8}), ("sft", {})])
+def test_every_loss_trains_with_two_teachers_of_other_tokenizers(loss, extra, tmp_path, built_cache, other_teacher_cache,
+                                                                 metaspace_student):
+    r = run_train(_cfg(metaspace_student, [str(built_cache), str(other_teacher_cache)], tmp_path / "run", loss=loss,
+                       max_steps=2, save_steps=2, **extra))
+    assert r.global_step == 2 and torch.isfinite(torch.tensor(r.train_loss))
+    logged = [h for h in json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+              if "loss" in h]
+    assert all({"kd_0", "kd_1"} <= set(h) for h in logged)
+    if loss != "sft":
+        assert all(h["kd_0"] != 0 and h["kd_1"] != 0 for h in logged)
