@@ -35,6 +35,12 @@ Protocol (fixed before any result was looked at; change it only with a reason wr
   real tokenizer is the teacher's (3 student rows) and the cross-tokenizer rows (10 per
   seed) use small vocabularies of two families other than the teacher's; Tekken (131k)
   would not fit the budget.
+* Several teachers (``--multi-teacher``, not in the default run): a second teacher, the same
+  architecture and training but a byte-level BPE tokenizer of 4096 pieces (quality_teacher.py,
+  ``TeacherSpec(tokenizer="bpe-4096")``), writes a second stage-1 cache over the same
+  student-train windows. The Unigram student then trains with ULD from each teacher alone
+  (``uld``: the Mistral teacher, the row above; ``uld-teacher2``: the BPE teacher) and from both
+  (``uld-2teachers``: ``--cache A --cache B``, weights 0.5/0.5), same steps and seeds.
 * Top-k cost: ``kl-full`` is KL against the teacher's full logits computed on the fly
   (quality_fullkd.py), same student, steps and seeds as ``kl`` from the top-64 cache.
 * Metric: held-out bits per character (total NLL of the held-out windows / ln 2 /
@@ -132,6 +138,9 @@ ABLATIONS = {
     "alm-plain": ("alm", {"alm_mode": "plain"}),  # §3b: ALM without its chunk debiasing (same weight)
     "alm-w1": ("alm", {"alm_mode": "plain", "kd_weight": 1.0}),  # ALM as it ran before: plain, weight 1
 }
+# --multi-teacher: (loss, which stage-1 caches: "a" the Mistral teacher's, "b" the BPE teacher's).
+MULTI = {"uld-teacher2": ("uld", "b"), "uld-2teachers": ("uld", "ab")}
+SECOND_TEACHER_TOKENIZER = "bpe-4096"
 LEGEND = (
     "Rows: `sft` cross-entropy only; `kl` forward KL from the top-64 cache (the teacher's tokenizer); `kl-full` the "
     "same KL against the teacher's full logits computed on the fly (K = V; the reference for the top-k cost); `uld`, "
@@ -141,11 +150,13 @@ LEGEND = (
     "--ablation, rows with one issue-12 fix undone: `mlot-approx-tau` (MultiLevelOT's tau_SD = 2 target renormalised "
     "over the top-64 instead of exact from the cache's log-partition, §1c), `uld-token`/`mlot-token` (the KD term "
     "averaged over the batch's positions instead of per sequence, §1d), `alm-plain` (ALM without its chunk debiasing, "
-    "§3b), `alm-w1` (ALM as it ran before this change: no debiasing, KD weight 1)."
+    "§3b), `alm-w1` (ALM as it ran before this change: no debiasing, KD weight 1). With --multi-teacher: "
+    "`uld-teacher2` (ULD from a second teacher, same training, byte-level BPE tokenizer V=4096) and `uld-2teachers` "
+    "(ULD from both teachers at once, weights 0.5/0.5; `uld` is the Mistral teacher alone)."
 )
 
 
-def methods(ablation: bool = False) -> list[tuple[str, str]]:
+def methods(ablation: bool = False, multi_teacher: bool = False) -> list[tuple[str, str]]:
     """(tokenizer, method) of every row, in table order; data-driven on the losses that exist."""
     from logitcache.pipeline.student.train import LOSSES
 
@@ -155,6 +166,8 @@ def methods(ablation: bool = False) -> list[tuple[str, str]]:
         rows += [(tok, loss) for loss in CROSS_LOSSES if loss in LOSSES]
         if ablation:
             rows += [(tok, name) for name in ABLATIONS]
+    if multi_teacher:  # the student's tokenizer is neither teacher's (Mistral, BPE)
+        rows += [("unigram", name) for name in MULTI]
     return rows
 
 
@@ -356,9 +369,15 @@ def run_row(ctx: dict, tok: str, method: str, seed: int) -> dict:
     setup: Setup = ctx["setup"]
     spec = setup.student
     loss, overrides = ABLATIONS.get(method, ("kl" if method == "kl-full" else method, {}))
+    stage1 = os.fspath(ctx["stage1"])
     row_cfg = {"tokenizer": tok, "tokenizer_files": tokenizer_hash(ctx["tokenizers"][tok]), "method": method, "seed": seed,
                "student": asdict(spec), "cache_manifest": ctx["cache_hash"], "code": ctx["code"],
                "heldout": ctx["heldout_hash"]}
+    if method in MULTI:
+        loss, which = MULTI[method]
+        both = {"a": os.fspath(ctx["stage1"]), "b": os.fspath(ctx["stage1_b"])}
+        stage1 = both[which] if len(which) == 1 else [both[w] for w in which]
+        row_cfg["cache_manifest_b"] = ctx["cache_hash_b"]
     key = _key(row_cfg)
     result_file = ctx["cache"] / "results" / f"{tok}-{method}-s{seed}-{key}.json"
     if result_file.is_file() and not ctx["fresh"]:
@@ -367,7 +386,7 @@ def run_row(ctx: dict, tok: str, method: str, seed: int) -> dict:
     out = ctx["cache"] / "runs" / f"{tok}-{method}-s{seed}-{key}"
     shutil.rmtree(out, ignore_errors=True)
     tcfg = TrainConfig(
-        student=os.fspath(init), cache=os.fspath(ctx["stage1"]), out=os.fspath(out), loss=loss,
+        student=os.fspath(init), cache=stage1, out=os.fspath(out), loss=loss,
         max_steps=spec.steps, batch_size=spec.batch, learning_rate=spec.lr, warmup_steps=spec.warmup,
         save_steps=spec.steps, save_total_limit=1, logging_steps=max(spec.steps // 4, 1), seed=seed,
         max_length=spec.max_positions, shuffle_buffer=4096, progress=False, **overrides,
@@ -468,7 +487,7 @@ def goals(aggs: dict[tuple[str, str], Agg]) -> list[tuple[str, str, str]]:
     rel_same = (sft.mean - kl.mean) / sft.mean if sft and kl else float("nan")
     best = None
     for (tok, method), a in aggs.items():
-        if tok == "mistral" or method == "sft" or method in ABLATIONS or (tok, "sft") not in aggs:
+        if tok == "mistral" or method == "sft" or method in ABLATIONS or method in MULTI or (tok, "sft") not in aggs:
             continue
         s = aggs[(tok, "sft")]
         ok, gain, noise = beats(a, s)
@@ -484,6 +503,14 @@ def goals(aggs: dict[tuple[str, str], Agg]) -> list[tuple[str, str, str]]:
                     verdict(ok),
                     f"best {method} ({tok}): gain {gain:+.4f} vs 2 std = {noise:.4f}; recovers {recovered:.0%} "
                     f"of the same-tokenizer relative gain ({rel_same:.2%}){pair}"))
+    two = aggs.get(("unigram", "uld-2teachers"))
+    alone = [a for a in (aggs.get(("unigram", "uld")), aggs.get(("unigram", "uld-teacher2"))) if a is not None]
+    if two and alone:
+        best_alone = min(alone, key=lambda a: a.mean)
+        ok, gain, noise = beats(two, best_alone)
+        out.append(("two teachers of different tokenizers beat the better one alone (ULD, Unigram student)", verdict(ok),
+                    f"{best_alone.method} alone {best_alone.mean:.4f}, both {two.mean:.4f}: gain {gain:+.4f} vs 2 std = "
+                    f"{noise:.4f}{paired(two, best_alone)}"))
     if sft and kl and full:
         full_gain, cache_gain = sft.mean - full.mean, sft.mean - kl.mean
         if full_gain > 0:
@@ -562,6 +589,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md and the chart")
     ap.add_argument("--ablation", action="store_true",
                     help="also the cross-tokenizer rows with one issue-12 fix undone by a flag (before/after)")
+    ap.add_argument("--multi-teacher", action="store_true",
+                    help="also train a second teacher (byte-level BPE tokenizer) and the rows uld-teacher2 and "
+                         "uld-2teachers (the Unigram student from the BPE teacher alone, and from both teachers)")
     ap.add_argument("--methods", type=str, default=None,
                     help="only these rows' methods, comma-separated (e.g. sft,alm,alm-plain); for a partial rerun")
     ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
@@ -636,7 +666,21 @@ def main(argv: list[str] | None = None) -> None:
     ctx = {"setup": setup, "cache": cache, "tokenizers": tokenizers, "stage1": stage1, "cache_hash": cache_hash,
            "code": code, "heldout": heldout, "heldout_hash": _file_hash(heldout), "fresh": args.fresh,
            "teacher_dir": tdir, "temperatures": temperatures}
-    order = methods(args.ablation)
+    if args.multi_teacher:
+        # The second teacher: the same training, another tokenizer; its cache covers the same windows.
+        spec_b = replace(setup.teacher, tokenizer=SECOND_TEACHER_TOKENIZER)
+        tdir_b = teacher_dir(args.cache_dir, spec_b, splits.digest())
+        if args.fresh_teacher:
+            shutil.rmtree(tdir_b, ignore_errors=True)
+        t0 = time.perf_counter()
+        train_teacher(spec_b, splits.teacher, tdir_b, log=log)
+        if time.perf_counter() - t0 > 5:  # trained by this run: its time is not the rows'
+            teacher_wall += time.perf_counter() - t0
+            teacher_trained_now = True
+        stage1_b, stage1_b_s = run_stage1(cache, tdir_b, student_data, setup, code, args.fresh)
+        log(f"second teacher: {tdir_b.name} ({SECOND_TEACHER_TOKENIZER}); stage 1: {stage1_b.name}, {stage1_b_s:.0f} s")
+        ctx.update(stage1_b=stage1_b, cache_hash_b=_file_hash(stage1_b / "manifest.json"))
+    order = methods(args.ablation, args.multi_teacher)
     if args.methods:
         wanted = {m.strip() for m in args.methods.split(",")}
         order = [(tok, m) for tok, m in order if m in wanted]

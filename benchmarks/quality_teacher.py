@@ -34,7 +34,9 @@ class TeacherSpec:
     weight_decay: float = 0.1
     seed: int = 0
     max_positions: int = 1024
-    tokenizer: str = "mistral-v1"  # the real Mistral-7B v1 SentencePiece tokenizer (V=32000)
+    # "mistral-v1": the real Mistral-7B v1 SentencePiece tokenizer (V=32000); "bpe-N": a byte-level
+    # BPE of N pieces trained on the teacher-train windows (quality.py --multi-teacher's second teacher)
+    tokenizer: str = "mistral-v1"
 
     def key(self, data_digest: str) -> str:
         blob = json.dumps({**asdict(self), "data": data_digest}, sort_keys=True)
@@ -72,7 +74,12 @@ def train_teacher(spec: TeacherSpec, windows: list[str], out: Path, log=print) -
         return json.loads(info_file.read_text())
     work = out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    tok = mistral_tokenizer(work / "tokenizer")
+    if spec.tokenizer.startswith("bpe-"):
+        from logitcache.pipeline.tiny import train_bpe_tokenizer
+
+        tok = train_bpe_tokenizer(windows, int(spec.tokenizer.split("-")[1]), chat_template=False)
+    else:
+        tok = mistral_tokenizer(work / "tokenizer")
     model = build_tiny_model(tok, TinyModelConfig(hidden_size=spec.hidden, num_layers=spec.layers,
                                                    num_heads=spec.heads, max_positions=spec.max_positions,
                                                    seed=spec.seed))
@@ -105,7 +112,7 @@ def train_teacher(spec: TeacherSpec, windows: list[str], out: Path, log=print) -
         start, seconds_before = state["step"], state["seconds"]
         log(f"teacher: resuming at step {start}/{spec.steps}")
     log(f"teacher: Llama hidden {spec.hidden} x {spec.layers} layers, {n_params / 1e6:.1f}M parameters "
-        f"({n_body / 1e6:.2f}M without embeddings), Mistral-7B tokenizer V={len(tok)}; {len(encoded)} windows, "
+        f"({n_body / 1e6:.2f}M without embeddings), {spec.tokenizer} tokenizer V={len(tok)}; {len(encoded)} windows, "
         f"{sum(map(len, encoded))} tokens; {spec.steps} steps of {spec.batch} x {spec.seq} packed tokens")
     model.train()
     t0, c0 = time.perf_counter(), time.process_time()

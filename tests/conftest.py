@@ -94,3 +94,17 @@ def metaspace_student(tmp_path_factory) -> Path:
     build_tiny_model(tok, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, seed=1)).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def other_teacher_cache(tmp_path_factory, data_file) -> Path:
+    """The built_cache's 24 records from a second teacher with another tokenizer (unigram, 350 pieces)."""
+    from logitcache.pipeline.teacher.run import run_teacher
+    from logitcache.pipeline.tiny import TinyModelConfig, build_tiny_teacher, generate_corpus, train_unigram_tokenizer
+
+    tok = train_unigram_tokenizer(generate_corpus(2000, 11), 350)
+    teacher = build_tiny_teacher(tmp_path_factory.mktemp("teacher") / "unigram", tokenizer=tok,
+                                 model_cfg=TinyModelConfig(seed=5))
+    out = tmp_path_factory.mktemp("cache") / "other-teacher"
+    run_teacher(make_config(teacher, data_file, out), progress=False)
+    return out

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -118,11 +119,18 @@ def test_inspect_of_an_unknown_id_shows_real_ids(built_cache):
     assert "'nope'" in line and "'ex-00000'" in line and "24 in all" in line
 
 
-def test_train_refuses_a_second_cache(tmp_path, built_cache):
+@pytest.mark.parametrize("weights, needle", [
+    ("1,2,3", "gives 3 weights for 2 caches"),
+    ("0.5,-1", "finite, 0 or more"),
+    ("0,0", "not all 0"),
+    ("0.5,nan", "finite"),
+    ("half,half", "one number per --cache"),
+])
+def test_train_refuses_teacher_weights_that_do_not_fit_the_caches(tmp_path, built_cache, weights, needle):
     r = invoke("train", "--student", tmp_path / "s", "--cache", built_cache, "--cache", tmp_path / "other",
-               "--out", tmp_path / "run")
+               "--teacher-weights", weights, "--out", tmp_path / "run")
     line = one_error_line(r)
-    assert "--cache given 2 times" in line and "once" in line
+    assert "--teacher-weights" in line and needle in line
     assert not (tmp_path / "run").exists()
 
 

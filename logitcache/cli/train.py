@@ -14,8 +14,9 @@ from logitcache.pipeline.student.config import TrainConfig
 @user_errors(interrupted=RESUME_TRAIN)
 def train(
     student: Optional[str] = typer.Option(None, "--student", "-s", help="Student to train: a model directory or hub name (any AutoModelForCausalLM with a fast tokenizer).", rich_help_panel="Data"),
-    # A list only to see a repeated --cache (click keeps the last one silently), which is refused.
-    cache: Optional[list[Path]] = typer.Option(None, "--cache", "-c", help="Teacher cache written by `logitcache teacher` (one per run).", rich_help_panel="Data"),
+    cache: Optional[list[Path]] = typer.Option(None, "--cache", "-c", help="Teacher cache written by `logitcache teacher`; give it once per teacher to learn from several at once (caches of the same records, by teachers of any tokenizers): CE + λ·Σ w_j·KD_j.", rich_help_panel="Data"),
+    teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help="With several --cache: each teacher's weight w_j, comma-separated in --cache order (e.g. 0.7,0.3). Default: equal, summing to 1.", rich_help_panel="Loss"),
+    on_missing: Optional[str] = typer.Option(None, "--on-missing", help="With several --cache: refuse records that are not in every cache, or skip them (train on the records all caches hold, naming how many were left out).", rich_help_panel="Data"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory: checkpoints and the final model.", rich_help_panel="Data"),
     loss: Optional[str] = typer.Option(None, "--loss", help="uld (any tokenizer), mlot (MultiLevelOT, any tokenizer), hybrid (TRL GOLD: exact JSD on tokens both vocabularies share, ULD on the rest; --hybrid-* options), alm (approximate likelihood matching of chunks both tokenizations bound; --alm-* options; its gradient scales as 1/τ, so its default --kd-weight is τ, 100), kl (same vocabulary as the teacher) or sft (no teacher).", rich_help_panel="Loss"),
     alignment: Optional[str] = typer.Option(None, "--alignment", help="offset (exact character spans) or position (the papers' index pairing). Default: position for uld/mlot, offset for kl/hybrid; alm uses its own chunks (chunk).", rich_help_panel="Loss"),
@@ -79,14 +80,12 @@ def train(
     from logitcache.pipeline.student.config import load_config_file
     from logitcache.pipeline.student.train import run_train
 
-    if cache and len(cache) > 1:
-        raise LogitCacheError(
-            f"--cache given {len(cache)} times ({', '.join(map(str, cache))}); train learns from one "
-            "teacher cache per run: pass --cache once."
-        )
     values = load_config_file(config) if config else {}
     given = {
-        "student": student, "cache": str(cache[0]) if cache else None, "out": str(out) if out else None,
+        "student": student, "out": str(out) if out else None,
+        # one --cache stays a str (what a single-teacher run saved in its config before)
+        "cache": (str(cache[0]) if len(cache) == 1 else [str(c) for c in cache]) if cache else None,
+        "teacher_weights": teacher_weights, "on_missing": on_missing,
         "loss": loss, "alignment": alignment, "kd_weight": kd_weight, "max_steps": max_steps,
         "num_epochs": num_epochs, "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
         "learning_rate": learning_rate, "max_length": max_length, "logging_steps": logging_steps,

@@ -31,6 +31,16 @@ class KDCollator:
     pad_token_id: int = 0
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "_more" in examples[0]:
+            first = [{k: v for k, v in e.items() if k != "_more"} for e in examples]
+            batch = self(first)
+            for j in range(len(examples[0]["_more"])):
+                # each teacher's columns through the one-teacher path, on the same student tokens
+                theirs = self([{"input_ids": e["input_ids"], "labels": e["labels"], **e["_more"][j]} for e in examples])
+                for name, value in theirs.items():
+                    if name not in ("input_ids", "attention_mask", "labels"):
+                        batch[f"{name}_{j + 1}"] = value
+            return batch
         B = len(examples)
         T = max(len(e["input_ids"]) for e in examples)
         K = examples[0]["teacher_logprobs"].shape[1]

@@ -29,13 +29,20 @@ class TrainConfig:
     """Everything `logitcache train` takes (flags, or keys of --config train.yaml)."""
 
     student: str
-    cache: str
+    # One teacher cache, or several (a list: YAML `cache: [a, b]`, or --cache given once per
+    # teacher), written over the same records: CE + λ · Σ_j w_j · KD_j (see caches()).
+    cache: str | list[str]
     out: str
     loss: str = "uld"
     alignment: str | None = None  # None: the loss's default (DEFAULT_ALIGNMENT)
     # λ in CE + λ·KD. None: 1, but ALM's --alm-temperature τ for --loss alm, whose gradient
     # scales as 1/τ (binarised at exp(ll / τ)): at λ = 1 it is about 1/1000 of CE's and does nothing.
     kd_weight: float | None = None
+    # Several caches: each teacher's w_j in Σ_j w_j · KD_j, "0.5,0.5" or a list; None: equal,
+    # summing to 1 (so one teacher keeps w = 1). λ (kd_weight) multiplies the whole sum.
+    teacher_weights: str | list[float] | None = None
+    # Several caches: a record that is not in every cache is refused, or left out ("skip").
+    on_missing: str = "refuse"
     max_length: int | None = 512
     max_steps: int = -1
     num_epochs: float = 1.0
@@ -132,6 +139,29 @@ class TrainConfig:
             alm_tau = self.alm_temperature
             self.kd_weight = float(alm_tau) if self.loss == "alm" and isinstance(alm_tau, (int, float)) else 1.0
 
+    def caches(self) -> list[str]:
+        """The teacher caches, the first driving the order (one for a str ``cache``)."""
+        return [str(c) for c in self.cache] if isinstance(self.cache, (list, tuple)) else [str(self.cache)]
+
+    def resolved_teacher_weights(self) -> list[float]:
+        """One weight per cache (validated): the given ones, or equal ones summing to 1."""
+        n = len(self.caches())
+        given = self.teacher_weights
+        if given is None:
+            return [1.0 / n] * n
+        items = [p.strip() for p in given.split(",")] if isinstance(given, str) else list(given)
+        try:
+            weights = [float(w) for w in items]
+        except (TypeError, ValueError):
+            raise LogitCacheError(f"--teacher-weights {given!r}: give one number per --cache, comma-separated "
+                                  "(e.g. 0.5,0.5).") from None
+        if len(weights) != n:
+            raise LogitCacheError(f"--teacher-weights gives {len(weights)} weights for {n} caches; give one per --cache "
+                                  "(in their order), or leave it out for equal weights.")
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
+            raise LogitCacheError(f"--teacher-weights {given!r}: the weights must be finite, 0 or more, and not all 0.")
+        return weights
+
     def resolved_alignment(self) -> str:
         return self.alignment or DEFAULT_ALIGNMENT[self.loss]
 
@@ -140,6 +170,11 @@ class TrainConfig:
             raise LogitCacheError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}.")
         check_trackers(self.report_to)
         self._validate_sharding()
+        if not self.caches() or not all(self.caches()):
+            raise LogitCacheError("give --cache (once per teacher).")
+        if self.on_missing not in ("refuse", "skip"):
+            raise LogitCacheError(f"--on-missing {self.on_missing!r}: use refuse or skip.")
+        self.resolved_teacher_weights()
         if not (isinstance(self.log_every, (int, float)) and math.isfinite(self.log_every) and self.log_every >= 0):
             raise LogitCacheError(f"--log-every must be 0 or more seconds (got {self.log_every}); 0 logs at every step.")
         if self.kd_chunk_size < 0:
@@ -305,6 +340,10 @@ def coerce_config_value(value: Any, annotation: str, where: str) -> Any:
             return value
         elif base == "str" and isinstance(value, str):
             return value
+        if isinstance(value, list) and "list[str]" in kinds and value and all(isinstance(v, str) for v in value):
+            return value[0] if len(value) == 1 else list(value)
+        if isinstance(value, list) and "list[float]" in kinds and not any(isinstance(v, bool) for v in value):
+            return [float(v) for v in value]
     except (TypeError, ValueError):
         pass
     raise LogitCacheError(f"{where}: {value!r} is not {_NAMES.get(base, base)}.")

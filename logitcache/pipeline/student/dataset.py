@@ -43,6 +43,7 @@ from logitcache.pipeline.student.features import FeatureStats, StudentFeaturizer
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.decode import decode_rows, shard_id_table
 from logitcache.storage.rows import Row
+from logitcache.storage.spans import SPAN_COLUMNS, decode_spans
 from logitcache.storage.integrity import footer_problem, id_bound_for, shard_file_problem, tokenizer_check, value_problems
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,13 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             row group is refused, or with this flag passed over (``bad_row_groups``, warned).
         num_workers: the number of dataloader workers (0: none) you will use. Optional;
             given, every worker checks it and a resume state must match it exactly.
+        companions: other caches over the same records (several teachers): this cache drives
+            the order, and each row carries ``_teachers``, the companions' rows of its id (read
+            by id through an index of their id columns, built once); featurized, each example
+            carries ``_more``, each companion's teacher columns by its own featurizer. A record
+            with another text or other target spans is refused (naming the id and cache).
+        on_missing: with companions, a record not in every cache is refused ("refuse") or
+            left out of the plan ("skip": ``missing`` lists them; ``len`` counts the rest).
 
     Every example also carries ``_worker`` (dataloader worker id, 0 without workers) and
     ``_index`` (its position in that worker's stream this epoch, from 0).
@@ -159,6 +167,8 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         batch_size: int | None = None,
         alm_merge_threshold: float | None = None,
         kd_targets: str = "topk",
+        companions: Sequence[str | os.PathLike] = (),
+        on_missing: str = "refuse",
     ) -> None:
         super().__init__()
         self.cache = CacheReader(cache_dir)
@@ -208,6 +218,18 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         self.skipped_shards: list[BadShard] = []
         self.bad_row_groups: set[tuple[int, int]] = set()  # (shard, row group) skipped for bad values
         self._units: list[Unit] = self._plan_units()
+        # Several teachers: this cache drives the order; the companions' rows of the same ids ride
+        # along (row["_teachers"]), each featurized by its own cache's featurizer.
+        self.companions: list[LogitCacheDataset] = [
+            LogitCacheDataset(p, None, shuffle=False, rank=0, world_size=1, verify_shards=verify_shards,
+                              skip_bad_shards=skip_bad_shards) for p in companions
+        ]
+        self._keep: dict[int, np.ndarray] = {}  # unit -> the rows of its row group read (ids in every cache)
+        self._where: list[dict[str, tuple[int, int]]] = []  # per companion: id -> (its unit, row)
+        self.missing: list[str] = []  # ids skipped by on_missing="skip" (not in every cache)
+        if self.companions:
+            self._match_companions(on_missing)
+        self._companion_featurizers: list[StudentFeaturizer] | None = None
         self._num_examples = sum(n for _, _, n in self._units)
         self._featurizer: StudentFeaturizer | None = None
         self._featurizer_pid: int | None = None
@@ -255,6 +277,65 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             logger.warning("%s: skipped (%s)", self.cache.path / b.path, b.reason)
         self.skipped_shards = bad
         logger.warning("%s", self.skipped_summary())
+
+    def _match_companions(self, on_missing: str) -> None:
+        """Pair this cache's records with the companions' by id, once, from the id / text / span
+        columns only. A record with another text or other spans is refused; one not in every
+        cache is refused, or with ``on_missing="skip"`` left out of the plan (``self.missing``)."""
+        if on_missing not in ("refuse", "skip"):
+            raise LogitCacheError(f"--on-missing {on_missing!r}: use refuse or skip.")
+        mine = _record_keys(self)
+        others = [_record_keys(c) for c in self.companions]
+        for c, theirs in zip(self.companions, others):
+            for rid, (_, _, digest) in mine.items():
+                if rid in theirs and theirs[rid][2] != digest:
+                    raise LogitCacheError(
+                        f"{c.cache.path}: record {rid!r} has another text or other target spans than in "
+                        f"{self.cache.path}; several teachers' caches must be written over the same records "
+                        "(same ids, same texts): rerun the teacher on the same data."
+                    )
+        everywhere = [rid for rid in mine if all(rid in theirs for theirs in others)]
+        missing = [rid for rid in mine if not all(rid in theirs for theirs in others)]
+        seen = set(mine)
+        for theirs in others:  # records of a companion that this cache lacks
+            extra = [rid for rid in theirs if rid not in seen]
+            missing += extra
+            seen.update(extra)
+        if missing and on_missing == "refuse":
+            rid = missing[0]
+            holders = [str(d.cache.path) for d, keys in zip([self, *self.companions], [mine, *others]) if rid in keys]
+            lacking = [str(d.cache.path) for d, keys in zip([self, *self.companions], [mine, *others]) if rid not in keys]
+            raise LogitCacheError(
+                f"record {rid!r} is in {', '.join(holders)} but not in {', '.join(lacking)} ({len(missing)} records "
+                f"are not in every cache); pass --on-missing skip to train on the {len(everywhere)} records all "
+                "caches hold."
+            )
+        if not everywhere:
+            raise LogitCacheError(f"no record is in every cache ({', '.join(str(d.cache.path) for d in [self, *self.companions])}); "
+                                  "the caches must be written over the same records.")
+        self.missing = missing
+        keep: dict[int, list[int]] = {}
+        for rid in everywhere:
+            unit, row, _ = mine[rid]
+            keep.setdefault(unit, []).append(row)
+        units: list[Unit] = []
+        self._keep = {}
+        for u, (shard, group, n) in enumerate(self._units):
+            rows = sorted(keep.get(u, []))
+            if rows:
+                if len(rows) < n:
+                    self._keep[len(units)] = np.asarray(rows, dtype=np.int64)
+                units.append((shard, group, len(rows)))
+        self._units = units
+        self._where = [{rid: (unit, row) for rid, (unit, row, _) in theirs.items()} for theirs in others]
+
+    def missing_summary(self) -> str | None:
+        """One line on the records ``on_missing="skip"`` left out; None when none was."""
+        if not self.missing:
+            return None
+        names = ", ".join(repr(r) for r in self.missing[:3]) + (", ..." if len(self.missing) > 3 else "")
+        return (f"--on-missing skip: {len(self.missing)} records are not in every cache and were left out ({names}); "
+                f"training on the {self.num_examples} records all caches hold.")
 
     def skipped_summary(self) -> str | None:
         """One line on the shards ``skip_bad_shards`` dropped; None when none was."""
@@ -390,7 +471,11 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
                 f"{self.cache.shard_path(shard)}: cannot read row group {group} ({e}); "
                 f"run `logitcache verify {self.cache.path}`."
             ) from e
-        table = table.slice(piece[1], piece[2] - piece[1])
+        keep = self._keep.get(piece[0])
+        if keep is None:
+            table = table.slice(piece[1], piece[2] - piece[1])
+        else:  # only the records every cache holds (on_missing="skip")
+            table = table.take(pa.array(keep[piece[1]:piece[2]]))
         problems = value_problems(table, compact=self._compact, max_id=self._max_id)
         if not problems:
             return table
@@ -409,13 +494,38 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         """The rows of a checked slice, in the manifest's codec; a slice that does not decode (ids
         out of the id table, a missing footer table) is refused in one line, as verify does."""
         try:
-            return list(decode_rows(table, self._open_ids, compact=self._compact))
+            rows: list[Row | None] = list(decode_rows(table, self._open_ids, compact=self._compact))
         except (ValueError, IndexError, KeyError, TypeError, pa.ArrowException) as e:
             shard, group, _ = self._units[unit]
             raise LogitCacheError(
                 f"{self.cache.shard_path(shard)} row group {group}: rows cannot be decoded ({e}); "
                 f"run `logitcache verify {self.cache.path}`."
             ) from e
+        if self.companions:
+            theirs = [c._rows_by_id([r["id"] for r in rows], where) for c, where in zip(self.companions, self._where)]
+            for i, row in enumerate(rows):
+                mates = [t[i] for t in theirs]
+                # a companion's row in a row group skipped for bad values: the record is passed over
+                rows[i] = None if any(m is None for m in mates) else {**row, "_teachers": mates}
+        return rows
+
+    def _rows_by_id(self, ids: Sequence[str], where: Mapping[str, tuple[int, int]]) -> list[Row | None]:
+        """This (companion) cache's rows of ``ids``, reading each row group they lie in once
+        (the rows of one driving row group often come from one of ours)."""
+        wanted: dict[int, list[tuple[int, int]]] = {}
+        for i, rid in enumerate(ids):
+            unit, row = where[rid]
+            wanted.setdefault(unit, []).append((row, i))
+        out: list[Row | None] = [None] * len(ids)
+        for unit, rows in sorted(wanted.items()):
+            lo, hi = min(r for r, _ in rows), max(r for r, _ in rows) + 1
+            table = self._read_piece((unit, lo, hi))
+            if table is None:
+                continue  # bad values, skipped (skip_bad_shards)
+            decoded = self._decode(table.take(pa.array([r - lo for r, _ in rows])), unit)
+            for (_, i), row in zip(rows, decoded):
+                out[i] = _copy_row(row)
+        return out
 
     def _close(self) -> None:
         self._group = None
@@ -439,7 +549,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
                 yield from [None] * (n - skip)
                 continue
             for row in self._decode(table, piece[0]):
-                yield _copy_row(row) if copy else row
+                yield _copy_row(row) if copy and row is not None else row
             del table
 
     def _fetch(self, pieces: Sequence[Piece], starts: Sequence[int], keys: Sequence[int]) -> dict[int, Row]:
@@ -454,7 +564,8 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             table = self._read_piece((unit, a + lo, a + hi))
             rows = self._decode(table, unit) if table is not None else None
             for key in ks:
-                out[key] = None if rows is None else _copy_row(rows[key - starts[p] - lo])
+                row = None if rows is None else rows[key - starts[p] - lo]
+                out[key] = None if row is None else _copy_row(row)
         return out
 
     def _ordered(self, pieces: Sequence[Piece], skip: int) -> Iterator[tuple[int, Row]]:
@@ -513,6 +624,27 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             self._featurizer_pid = os.getpid()
         return self._featurizer
 
+    def _companion_features(self, row: Row, example: dict[str, Any]) -> list[dict[str, Any]]:
+        """The other teachers' targets for ``example``: each cache's row featurized by its own
+        featurizer (its tokenizer, its alignment), the student's side checked to be the same."""
+        if self._companion_featurizers is None or self._featurizer_pid != os.getpid():
+            self._get_featurizer()
+            self._companion_featurizers = [
+                featurizer_for_cache(c.cache, self.student_tokenizer, self.alignment, self.max_length,
+                                     alm_merge_threshold=self.alm_merge_threshold, kd_targets=self.kd_targets)
+                for c in self.companions
+            ]
+        out = []
+        for c, featurize, mate in zip(self.companions, self._companion_featurizers, row["_teachers"]):
+            f = featurize(mate)
+            if not (np.array_equal(f["input_ids"], example["input_ids"]) and np.array_equal(f["labels"], example["labels"])):
+                raise LogitCacheError(
+                    f"{c.cache.path}: record {row['id']!r} gives the student other tokens or targets than in "
+                    f"{self.cache.path}; several teachers' caches must be written over the same texts and spans."
+                )
+            out.append({k: v for k, v in f.items() if k not in ("id", "input_ids", "labels")})
+        return out
+
     def _check_workers(self) -> None:
         info = torch.utils.data.get_worker_info()
         actual = 0 if info is None else info.num_workers
@@ -551,6 +683,8 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
                     before = featurize.stats.counts()
                     example = featurize(row)
                     example["_counts"] = featurize.stats.counts() - before
+                    if self.companions:
+                        example["_more"] = self._companion_features(row, example)
                 example["_worker"] = worker
                 example["_index"] = index
                 yield example
@@ -587,6 +721,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             "shuffle_buffer": self.shuffle_buffer,
             "num_examples": self.num_examples,
             "batch_size": self.batch_size,
+            "num_caches": 1 + len(self.companions),
             "consumed": dict(self._consumed),
         }
 
@@ -596,7 +731,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
                 f"resume state version {state.get('version')!r} is not supported (this logitcache reads {STATE_VERSION})."
             )
         mine = self.state_dict()
-        checks = ["seed", "world_size", "shuffle", "num_examples"] + (["shuffle_buffer"] if self.shuffle else [])
+        checks = ["seed", "world_size", "shuffle", "num_examples", "num_caches"] + (["shuffle_buffer"] if self.shuffle else [])
         checks += ["batch_size"] if (self.num_workers or 0) > 1 else []  # the workers' split follows it
         for key in checks:
             if key in state and state[key] != mine[key]:
@@ -626,6 +761,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         state = self.__dict__.copy()
         state["_open"] = state["_group"] = None
         state["_featurizer"] = state["_featurizer_pid"] = None  # each process makes its own
+        state["_companion_featurizers"] = None
         return state
 
 
@@ -636,7 +772,42 @@ def _flat_ints(x: Any) -> np.ndarray:
 
 
 def _copy_row(row: Row) -> Row:
-    return {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in row.items()}
+    out = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in row.items()}
+    if "_teachers" in out:
+        out["_teachers"] = [_copy_row(r) for r in out["_teachers"]]
+    return out
+
+
+def _record_keys(ds: LogitCacheDataset) -> dict[str, tuple[int, int, bytes]]:
+    """id -> (unit, row in its row group, digest of its text and target spans) over ``ds``'s plan,
+    reading those columns only."""
+    import hashlib
+
+    out: dict[str, tuple[int, int, bytes]] = {}
+    opened: tuple[int, pq.ParquetFile] | None = None
+    try:
+        for u, (shard, group, _) in enumerate(ds._units):
+            if opened is None or opened[0] != shard:
+                if opened is not None:
+                    opened[1].close()
+                opened = (shard, pq.ParquetFile(ds.cache.shard_path(shard)))
+            names = set(opened[1].schema_arrow.names)
+            columns = [c for c in ("id", "text", "prompt_chars", *SPAN_COLUMNS) if c in names]
+            row = 0
+            for batch in opened[1].read_row_group(group, columns=columns).to_batches():
+                texts = batch.column(columns.index("text")).to_pylist()
+                spans = decode_spans(batch, texts) or [np.zeros((0, 2), np.int32)] * len(texts)
+                for rid, text, sp in zip(batch.column(0).to_pylist(), texts, spans):
+                    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16)
+                    digest.update(np.asarray(sp, dtype=np.int64).tobytes())
+                    out[rid] = (u, row, digest.digest())
+                    row += 1
+    except (OSError, pa.ArrowException) as e:
+        raise LogitCacheError(f"{ds.cache.path}: cannot read its ids and texts ({e}); run `logitcache verify {ds.cache.path}`.") from e
+    finally:
+        if opened is not None:
+            opened[1].close()
+    return out
 
 
 # --- a student that aligns nothing with the cache is refused before training ---------------------

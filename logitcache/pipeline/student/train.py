@@ -8,13 +8,14 @@ the dataset's position saved with every checkpoint so a resumed job continues mi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -165,16 +166,71 @@ def batch_loss(
     if fused is not None:
         return losses.ce_kd_loss(logits, labels, teacher_logprobs, teacher_ids, kd_mask, fused, tempered=tempered, alm=alm)
     ce = causal_ce(logits, labels)
-    if cfg.loss == "alm":  # ALM needs only the label log-probs: the standalone path is plain autograd
-        kd = losses.alm_loss(logits.float(), labels, alm.chunk_index, alm.teacher_ll, _extra_loss_configs(cfg, 1.0)["alm"],
-                             reduction=cfg.kd_reduction, end=alm.end, teacher_word_start=alm.teacher_word_start,
-                             word_start_mask=alm.word_start_mask)
-        return ce + cfg.kd_weight * kd, ce, kd
-    if cfg.loss == "sft":
-        kd = ce.new_zeros(())
-    else:
-        kd = kd_term(cfg, logits, teacher_logprobs, teacher_ids, kd_mask, tempered, std_logprobs, matched_fraction)
+    kd = standalone_kd(cfg, logits, labels, TeacherBatch(teacher_logprobs, teacher_ids, kd_mask, tempered, std_logprobs,
+                                                          alm, matched_fraction))
     return ce + cfg.kd_weight * kd, ce, kd
+
+
+@dataclass
+class TeacherBatch:
+    """One teacher's targets for a batch (its own alignment): [B, T, K] top-k, kd_mask [B, T], and
+    the exact targets of :func:`teacher_targets`, ALM's chunks, the hybrid's matched share."""
+
+    logprobs: torch.Tensor
+    ids: torch.Tensor
+    kd_mask: torch.Tensor
+    tempered: dict[float, torch.Tensor] | None = None
+    std_logprobs: torch.Tensor | None = None
+    alm: "losses.ALMTargets | None" = None
+    matched_fraction: float = 1.0
+
+
+def standalone_kd(cfg: TrainConfig, logits: torch.Tensor, labels: torch.Tensor, t: TeacherBatch) -> torch.Tensor:
+    """The KD term of ``cfg.loss`` against one teacher, without CE (plain autograd; 0 for sft)."""
+    if cfg.loss == "alm":  # ALM needs only the label log-probs: the standalone path is plain autograd
+        alm = t.alm
+        return losses.alm_loss(logits.float(), labels, alm.chunk_index, alm.teacher_ll, _extra_loss_configs(cfg, 1.0)["alm"],
+                               reduction=cfg.kd_reduction, end=alm.end, teacher_word_start=alm.teacher_word_start,
+                               word_start_mask=alm.word_start_mask)
+    if cfg.loss == "sft":
+        return logits.new_zeros((), dtype=torch.float32)
+    return kd_term(cfg, logits, t.logprobs, t.ids, t.kd_mask, t.tempered, t.std_logprobs, t.matched_fraction)
+
+
+def teachers_loss(
+    cfg: TrainConfig,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teachers: list[TeacherBatch],
+    weights: list[float],
+    fused: "losses.FusedLoss | None",
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(CE + kd_weight · Σ_j w_j · KD_j, CE, [KD_j]) of a batch with one or several teachers.
+
+    One teacher at weight 1 is :func:`batch_loss` itself. With several, CE and the first
+    teacher's KD share the fused pass (its weight scaled by w_0), and each other teacher's KD is
+    the standalone loss: a second fused pass would add CE (and its gradient) once more.
+    """
+    if len(teachers) == 1 and weights == [1.0]:
+        t = teachers[0]
+        loss, ce, kd = batch_loss(cfg, logits, labels, t.logprobs, t.ids, t.kd_mask, fused, t.tempered, t.std_logprobs,
+                                  alm=t.alm, matched_fraction=t.matched_fraction)
+        return loss, ce, [kd]
+    first = teachers[0]
+    if fused is not None:
+        spec = dataclasses.replace(fused, weight=cfg.kd_weight * weights[0])
+        loss, ce, kd = losses.ce_kd_loss(logits, labels, first.logprobs, first.ids, first.kd_mask, spec,
+                                         tempered=first.tempered, alm=first.alm)
+    else:
+        ce = causal_ce(logits, labels)
+        kd = standalone_kd(cfg, logits, labels, first)
+        loss = ce + cfg.kd_weight * weights[0] * kd
+    kds = [kd]
+    for w, t in zip(weights[1:], teachers[1:]):
+        kd = standalone_kd(cfg, logits, labels, t)
+        loss = loss + cfg.kd_weight * w * kd
+        kds.append(kd)
+    return loss, ce, kds
 
 
 class _EpochDataLoader(DataLoader):
@@ -188,14 +244,21 @@ class KDTrainer(Trainer):
     """Trainer whose loss is CE + kd_weight · KD; logs `ce`, `kd` and `kd_fraction` (aligned targets)."""
 
     def __init__(self, *args, kd_config: TrainConfig, cache_temperatures: list[float] | None = None, vocab_map=None,  # noqa: ANN001
+                 more_teachers: Sequence[tuple[list[float], Any]] = (), teacher_weights: list[float] | None = None,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.kd_config = kd_config
-        self.cache_temperatures = [float(t) for t in cache_temperatures or []]  # the order of teacher_lse_tau
-        # the hybrid's teacher -> student id map (vocab_map.VocabMap), as a tensor.
+        # Per teacher (the --cache order): its cache's extra temperatures (the order of its
+        # teacher_lse_tau) and the hybrid's teacher -> student id map (vocab_map.VocabMap), or None.
+        teachers = [(cache_temperatures or [], vocab_map), *more_teachers]
+        self.cache_temperatures_of = [[float(t) for t in temps] for temps, _ in teachers]
+        self.cache_temperatures = self.cache_temperatures_of[0]
         self.vocab_map = vocab_map
-        self._t2s = torch.from_numpy(vocab_map.teacher_to_student) if vocab_map is not None else None
-        self._matched_fraction = vocab_map.matched_fraction if vocab_map is not None else 1.0
+        self._t2s_of = [torch.from_numpy(vm.teacher_to_student) if vm is not None else None for _, vm in teachers]
+        self._t2s = self._t2s_of[0]
+        self._matched_of = [vm.matched_fraction if vm is not None else 1.0 for _, vm in teachers]
+        self._matched_fraction = self._matched_of[0]
+        self.teacher_weights = list(teacher_weights) if teacher_weights is not None else [1.0 / len(teachers)] * len(teachers)
         self.fused_loss = fused_loss_of(kd_config, self._matched_fraction)
         # Our loss is a per-batch mean: let the Trainer divide it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
@@ -222,35 +285,47 @@ class KDTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
         return self._loader(eval_dataset if eval_dataset is not None else self.eval_dataset)
 
+    def _pop_teacher(self, inputs: dict[str, Any], j: int) -> TeacherBatch:
+        """Teacher ``j``'s columns of the batch (collate.py: suffix ``_j`` for j >= 1), removed from ``inputs``."""
+        sfx = f"_{j}" if j else ""
+        t_lp, t_ids, kd_mask = inputs.pop("teacher_logprobs" + sfx), inputs.pop("teacher_ids" + sfx), inputs.pop("kd_mask" + sfx)
+        extras = {name: inputs.pop(name + sfx) for name in TEACHER_EXTRAS if name + sfx in inputs}
+        alm = None
+        if "alm_chunk" + sfx in inputs:
+            alm = losses.ALMTargets(inputs.pop("alm_chunk" + sfx), inputs.pop("alm_teacher_ll" + sfx))
+            if "alm_end" + sfx in inputs:
+                alm.end, alm.teacher_word_start = inputs.pop("alm_end" + sfx), inputs.pop("alm_teacher_ws" + sfx)
+        # an --eval-cache batch has one teacher: the first cache's settings
+        temps = self.cache_temperatures_of[j] if j < len(self.cache_temperatures_of) else self.cache_temperatures
+        tempered, std_lp = teacher_targets(self.kd_config, t_lp, extras, temps)
+        if j < len(self._t2s_of) and self._t2s_of[j] is not None:  # the hybrid reads the student ids of the teacher entries
+            t_ids = self._map_ids(t_ids, j)
+        matched = self._matched_of[j] if j < len(self._matched_of) else 1.0
+        return TeacherBatch(t_lp, t_ids, kd_mask, tempered, std_lp, alm, matched)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        t_lp, t_ids, kd_mask = inputs.pop("teacher_logprobs"), inputs.pop("teacher_ids"), inputs.pop("kd_mask")
+        n = 1
+        while f"teacher_logprobs_{n}" in inputs:
+            n += 1
+        teachers = [self._pop_teacher(inputs, j) for j in range(n)]
+        weights = self.teacher_weights if n == len(self.teacher_weights) else [1.0]
         workers, indices = inputs.pop("stream_worker", None), inputs.pop("stream_index", None)
         counts = inputs.pop("feature_counts", None)
         if counts is not None and model.training:  # summed here: the featurizers may live in workers
             summed = counts.sum(0).cpu().numpy()
             self.feature_counts = summed if self.feature_counts is None else self.feature_counts + summed
         labels = inputs.pop("labels")
-        extras = {name: inputs.pop(name) for name in TEACHER_EXTRAS if name in inputs}
-        alm = None
-        if "alm_chunk" in inputs:
-            alm = losses.ALMTargets(inputs.pop("alm_chunk"), inputs.pop("alm_teacher_ll"))
-            if "alm_end" in inputs:
-                alm.end, alm.teacher_word_start = inputs.pop("alm_end"), inputs.pop("alm_teacher_ws")
-        if self._t2s is not None:  # the hybrid reads the student ids of the teacher entries
-            t_ids = self._map_ids(t_ids)
         if workers is not None and model.training:
             self.train_dataset.mark_consumed(workers.tolist(), indices.tolist())
         outputs = model(**inputs)
-        if alm is not None and alm.debiased:
-            alm.word_start_mask = self._word_start_mask(outputs.logits.shape[-1], outputs.logits.device)
-        tempered, std_lp = teacher_targets(self.kd_config, t_lp, extras, self.cache_temperatures)
-        if self.kd_config.loss == "alm" and alm is None:
+        for t in teachers:
+            if t.alm is not None and t.alm.debiased:
+                t.alm.word_start_mask = self._word_start_mask(outputs.logits.shape[-1], outputs.logits.device)
+        if self.kd_config.loss == "alm" and any(t.alm is None for t in teachers):
             raise LogitCacheError("--loss alm needs ALM's chunks in the batch (alignment 'chunk').")
-        loss, ce, kd = batch_loss(
-            self.kd_config, outputs.logits, labels, t_lp, t_ids, kd_mask, self.fused_loss, tempered, std_lp,
-            alm=alm, matched_fraction=self._matched_fraction,
-        )
+        loss, ce, kds = teachers_loss(self.kd_config, outputs.logits, labels, teachers, weights, self.fused_loss)
+        kd = sum(w * k.detach() for w, k in zip(weights, kds)) if n > 1 else kds[0]
         if model.training and not bool(torch.isfinite(loss.detach())):
             # The Trainer would go on (NaN weights from here); stop before the optimizer step.
             raise LogitCacheError(
@@ -259,8 +334,12 @@ class KDTrainer(Trainer):
                 "model; lower --learning-rate, or check the student's weights (e.g. with `logitcache eval`)."
             )
         if model.training:
+            kd_mask, t_lp, t_ids = teachers[0].kd_mask, teachers[0].logprobs, teachers[0].ids
             self._sums["ce"] += float(ce.detach())
             self._sums["kd"] += float(kd.detach())
+            if n > 1:  # each teacher's term, unweighted
+                for j, k in enumerate(kds):
+                    self._sums[f"kd_{j}"] = self._sums.get(f"kd_{j}", 0.0) + float(k.detach())
             self._sums["kd_positions"] += int(kd_mask.sum())
             self._sums["targets"] += int((labels[:, 1:] != -100).sum())
             self._sums["batches"] += 1
@@ -279,11 +358,11 @@ class KDTrainer(Trainer):
             mask = self._ws_mask = torch.from_numpy(word_start_mask(self.processing_class, width)).to(device)
         return mask
 
-    def _map_ids(self, teacher_ids: torch.Tensor) -> torch.Tensor:
-        """teacher ids [..., K] -> student ids of the same tokens, -1 where none (ids past the map too)."""
-        if self._t2s.device != teacher_ids.device:
-            self._t2s = self._t2s.to(teacher_ids.device)  # once: the map moves with the batches
-        t2s = self._t2s
+    def _map_ids(self, teacher_ids: torch.Tensor, j: int = 0) -> torch.Tensor:
+        """teacher ``j``'s ids [..., K] -> student ids of the same tokens, -1 where none (ids past the map too)."""
+        if self._t2s_of[j].device != teacher_ids.device:
+            self._t2s_of[j] = self._t2s_of[j].to(teacher_ids.device)  # once: the map moves with the batches
+        t2s = self._t2s_of[j]
         inside = (teacher_ids >= 0) & (teacher_ids < len(t2s))
         return torch.where(inside, t2s[teacher_ids.clamp(0, len(t2s) - 1)], -1)
 
@@ -292,6 +371,8 @@ class KDTrainer(Trainer):
             n = self._sums["batches"]
             logs["ce"] = round(self._sums["ce"] / n, 4)
             logs["kd"] = round(self._sums["kd"] / n, 4)
+            for j in range(len(self.teacher_weights) if len(self.teacher_weights) > 1 else 0):
+                logs[f"kd_{j}"] = round(self._sums.get(f"kd_{j}", 0.0) / n, 4)
             logs["kd_fraction"] = round(self._sums["kd_positions"] / max(self._sums["targets"], 1), 4)
             if self._t2s is not None:
                 logs["hybrid_mapped_mass"] = round(self._sums["mapped_mass"] / max(self._sums["topk_mass"], 1e-12), 4)
@@ -579,7 +660,10 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     from logitcache.storage.parts import merge_command
 
     cfg.validate()
-    cache = open_cache(cfg.cache)  # refuses non-caches, unknown versions and manifests that fail the schema
+    paths = cfg.caches()
+    weights = cfg.resolved_teacher_weights()
+    caches = [open_cache(p) for p in paths]  # refuses non-caches, unknown versions and manifests that fail the schema
+    cache = caches[0]
     out = Path(cfg.out)
     refuse_foreign_out(out)
     newest = get_last_checkpoint(str(out)) if out.is_dir() else None
@@ -597,7 +681,13 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     # kill cut short (weights without optimizer or trainer state: the resume fails or goes wrong).
     last, partial = DataStateCallback.last_complete_checkpoint(out) if cfg.resume else (None, [])
     tokenizer = load_tokenizer(cfg.student, "--student", trust_remote_code=cfg.trust_remote_code)
-    check_compatibility(cfg, tokenizer, cache)
+    for path, c in zip(paths, caches):  # each teacher's cache must suit the loss on its own
+        try:
+            check_compatibility(cfg, tokenizer, c)
+        except LogitCacheError as e:
+            if len(caches) == 1:
+                raise
+            raise LogitCacheError(f"--cache {path}: {e}") from None
     if cfg.eval_cache:  # its batches share the trainer's teacher_targets(): the same columns needed
         check_eval_targets(cfg, cache.manifest, open_cache(cfg.eval_cache).manifest)
 
@@ -644,29 +734,36 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
             "train ...` (or accelerate launch with examples/accelerate/fsdp.yaml)."
         )
 
-    def dataset(path: str, shuffle: bool) -> LogitCacheDataset:
+    def dataset(path: str, shuffle: bool, companions: list[str] = ()) -> LogitCacheDataset:
         return LogitCacheDataset(
             path, tokenizer, alignment=cfg.resolved_alignment(), max_length=cfg.max_length,
             alm_merge_threshold=cfg.alm_merge_threshold if cfg.alm_debiased() else None, kd_targets=cfg.kd_targets,
             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, shuffle=shuffle,
             rank=args.process_index, world_size=args.world_size, num_workers=cfg.num_workers,
             skip_bad_shards=cfg.skip_bad_shards, batch_size=cfg.batch_size,
+            companions=companions, on_missing=cfg.on_missing,
         )
 
     # Every shard is checked here, before the model is loaded: a damaged cache stops the run now.
-    train_ds = dataset(cfg.cache, shuffle=True)
+    # Several caches: the first drives the order, the others are read by id alongside it.
+    train_ds = dataset(paths[0], shuffle=True, companions=paths[1:])
     eval_ds = dataset(cfg.eval_cache, shuffle=False) if cfg.eval_cache else None
     if cfg.loss != "sft" and cfg.kd_weight > 0 and cfg.resolved_alignment() in ("offset", "position"):
         # a student that aligns nothing would train on CE alone, silently: refuse it now.
-        refuse_unaligned(cfg.cache, tokenizer, cfg.resolved_alignment(), skip_bad_shards=cfg.skip_bad_shards)
-    notices = [ds.skipped_summary() for ds in (train_ds, eval_ds) if ds is not None and ds.skipped_shards]
-    part = cache.manifest.worker
-    if part and int(part.get("count", 1)) > 1:
-        n = int(part["count"])
-        notices.append(
-            f"{cfg.cache} is part {int(part['index']) + 1} of {n} of a split teacher run, about 1/{n} of the data; "
-            f"to train on all of it, join the parts first: {merge_command(Path(cfg.cache).resolve().parent)}."
-        )
+        for path, w in zip(paths, weights):
+            if w > 0:
+                refuse_unaligned(path, tokenizer, cfg.resolved_alignment(), skip_bad_shards=cfg.skip_bad_shards)
+    notices = [ds.skipped_summary() for ds in (train_ds, *train_ds.companions, eval_ds) if ds is not None and ds.skipped_shards]
+    if train_ds.missing:
+        notices.append(train_ds.missing_summary())
+    for path, c in zip(paths, caches):
+        part = c.manifest.worker
+        if part and int(part.get("count", 1)) > 1:
+            n = int(part["count"])
+            notices.append(
+                f"{path} is part {int(part['index']) + 1} of {n} of a split teacher run, about 1/{n} of the data; "
+                f"to train on all of it, join the parts first: {merge_command(Path(path).resolve().parent)}."
+            )
     if partial:
         notices.append(
             f"--resume: passed over {', '.join(p.name for p in partial)}, incomplete (the job stopped while saving "
@@ -679,7 +776,8 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         own = last / DATA_STATE.format(rank=args.process_index)
         state_file = own if own.is_file() else last / DATA_STATE.format(rank=0)
         train_ds.load_state_dict(json.loads(state_file.read_text()))
-    vocab_map = hybrid_vocab_map(cfg, tokenizer, cache, out, show=args.process_index == 0) if cfg.loss == "hybrid" else None
+    vocab_maps = [hybrid_vocab_map(cfg, tokenizer, c, out, show=args.process_index == 0) if cfg.loss == "hybrid" else None
+                  for c in caches]
     model = load_causal_lm(cfg.student, "--student", trust_remote_code=cfg.trust_remote_code)
     pad = pad_token_id(tokenizer)
     trainer = KDTrainer(
@@ -693,7 +791,9 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
                    EpochCallback(len(train_ds), cfg.batch_size, cfg.gradient_accumulation_steps)],
         kd_config=cfg,
         cache_temperatures=list(getattr(cache.manifest, "temperatures", []) or []),
-        vocab_map=vocab_map,
+        vocab_map=vocab_maps[0],
+        more_teachers=[(list(getattr(c.manifest, "temperatures", []) or []), vm) for c, vm in zip(caches[1:], vocab_maps[1:])],
+        teacher_weights=weights,
     )
     if progress_callback is None and not bar and trainer.is_world_process_zero():
         # Beside the Trainer's printed metrics, a line that says how far the run is and how long is left.
