@@ -72,8 +72,9 @@ def test_iteration_yields_every_example_once(built_cache):
 
 def test_rows_are_dicts_of_numpy_arrays_with_documented_dtypes_and_shapes(built_cache):
     for row in open_cache(built_cache):
-        assert set(row) == set(SCALARS) | set(ARRAY_LAYOUT) | {"target_spans"}
+        assert set(row) == set(SCALARS) | set(ARRAY_LAYOUT) | {"target_spans", "messages"}
         assert isinstance(row["id"], str) and isinstance(row["text"], str)
+        assert row["messages"] is None  # the records of this cache came from no chat
         assert row["target_spans"].dtype == np.int32 and row["target_spans"].shape[1:] == (2,)
         n = len(row["input_ids"])
         assert n >= 1
@@ -235,6 +236,7 @@ def make_row(rid: str, n: int, seed: int) -> dict:
         "text": text,
         "prompt_chars": n // 2,
         "target_spans": np.array([[n // 2, 2 * n]], np.int32),
+        "messages": None,  # no chat behind this record
         "truncated": bool(n % 2),
         "input_ids": rng.integers(0, 100, size=n).astype(np.int32),
         "char_start": (2 * np.arange(n)).astype(np.int32),

@@ -214,8 +214,14 @@ def _short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _chat(record: dict[str, Any], t: TextTemplate, tokenizer) -> list[dict[str, Any]]:
-    """The record's chat, checked to be a list of messages, for a tokenizer with a chat template."""
+def chat_messages(record: dict[str, Any], t: TextTemplate, tokenizer) -> list[dict[str, Any]]:
+    """The record's chat as templates see it (and the cache keeps it), checked to be a list of
+    messages, for a tokenizer with a chat template.
+
+    Without the null keys `datasets` adds so that every message of a column has the same fields
+    (a tool call's ``tool_calls: null`` on every user message): a template asking whether a key
+    is there would otherwise see keys the data never had.
+    """
     messages = record[t.messages_field]
     if hasattr(messages, "tolist"):  # numpy arrays from some `datasets` formats
         messages = messages.tolist()
@@ -226,14 +232,14 @@ def _chat(record: dict[str, Any], t: TextTemplate, tokenizer) -> list[dict[str, 
             "--messages-field needs a chat template, and the teacher tokenizer has none; "
             "use --prompt-field/--response-field instead."
         )
-    return messages
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
 def _render_messages(record: dict[str, Any], t: TextTemplate, tokenizer) -> tuple[str, TargetSpans]:
     """(text, the assistant turns' spans) of a chat; a chat without messages has neither."""
     from logitcache.pipeline.chat import render_chat
 
-    messages = _chat(record, t, tokenizer)
+    messages = chat_messages(record, t, tokenizer)
     if not messages:
         return "", ()
     try:
@@ -256,7 +262,7 @@ def render_prompt(record: dict[str, Any], t: TextTemplate, tokenizer) -> str:
         return prompt + t.separator if prompt else ""
     from logitcache.pipeline.chat import last_assistant_prefix
 
-    messages = _chat(record, t, tokenizer)
+    messages = chat_messages(record, t, tokenizer)
     if not messages or (len(messages) == 1 and messages[0].get("role") == "assistant"):
         return ""
     try:

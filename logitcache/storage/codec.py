@@ -71,7 +71,7 @@ import pyarrow as pa
 from logitcache.storage.rows import Row, base_columns_prompt, extra_arrays, flat_list_column
 from logitcache.storage.samples import SAMPLE_COUNTS, SAMPLE_IDS, decode_sample_columns, sample_fields
 from logitcache.storage.schema import EXTRA_COLUMNS, extra_fields, span_fields
-from logitcache.storage.spans import decode_spans, spans_arrays
+from logitcache.storage.spans import CHAT_COLUMN, decode_spans, spans_arrays
 
 CODEC_NAME = "compact"
 DEFAULT_STEP = 2.0**-6  # q: a power of two, so q * n is exact in float64
@@ -424,13 +424,15 @@ def decode_compact(
     out["topk_ids"] = [ids[pos_off[i] : pos_off[i + 1]] for i in range(len(pos_off) - 1)]
     out["topk_logprobs"] = [lp[pos_off[i] : pos_off[i + 1]] for i in range(len(pos_off) - 1)]
     out["target_spans"] = decode_spans(batch, out["text"])
+    if CHAT_COLUMN in names:
+        out[CHAT_COLUMN] = col(names.index(CHAT_COLUMN)).to_pylist()
     order = ("id", "text", "prompt_chars", "truncated", "target_spans", "input_ids", "char_start", "char_end",
              "topk_ids", "topk_logprobs", "label_logprob", "logsumexp")
     extras = tuple(name for name in EXTRA_COLUMNS if name in names)
     for name in extras:
         flat, off = flat_list_column(col(names.index(name)))
         out[name] = [flat[off[i] : off[i + 1]] for i in range(len(off) - 1)]
-    order += extras
+    order += extras + ((CHAT_COLUMN,) if CHAT_COLUMN in names else ())
     if SAMPLE_IDS in names:
         out[SAMPLE_IDS], out[SAMPLE_COUNTS] = decode_sample_columns(col(names.index(SAMPLE_IDS)), col(names.index(SAMPLE_COUNTS)))
         order += (SAMPLE_IDS, SAMPLE_COUNTS)

@@ -34,7 +34,7 @@ from logitcache.storage.manifest import Manifest, resolve_inside
 from logitcache.storage.rows import flat_list_column
 from logitcache.storage.samples import SAMPLE_COUNTS, SAMPLE_IDS, sample_problems
 from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN, WORD_START_COLUMN
-from logitcache.storage.spans import span_problems
+from logitcache.storage.spans import CHAT_COLUMN, chat_problems, span_problems
 from logitcache.storage.writer import TOKENIZER_DIR
 
 # A row's text ends where its tokens end (stage 1 cuts a truncated text there). A tokenizer
@@ -112,7 +112,8 @@ def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None
     top-k id (v1; the compact codec's ids come from its footer table, checked where it is read);
     the top-k log-probabilities are finite, at most 0 and sorted descending; the label log-prob
     is finite and at most 0; the log-normaliser and the optional columns (``lse_tau``, logit
-    stats) are finite; format v2's target spans are sorted, apart and inside the text. Each message counts the
+    stats) are finite; format v2's target spans are sorted, apart and inside the text (and its
+    ``messages`` column, null for a record that came from no chat, holds a JSON list). Each message counts the
     positions and names the first example id. ``compact``: the codec the manifest names (None:
     the batch's own metadata says). ``max_id``: ids must stay below it (v1; :func:`id_bound`;
     0: unchecked).
@@ -121,7 +122,8 @@ def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None
     out: list[str] = []
     if batch.num_rows == 0:
         return out
-    nulls = [name for name in names if _has_nulls(batch.column(names.index(name)))]
+    # (the chat a record came from is null for every record that came from no chat)
+    nulls = [name for name in names if name != CHAT_COLUMN and _has_nulls(batch.column(names.index(name)))]
     if nulls:
         return [f"null values in column(s) {', '.join(nulls)}, which the format never writes"]
     row_offsets: np.ndarray | None = None
@@ -191,6 +193,7 @@ def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None
         # Ids in range, counts positive, distinct ascending ids; verify adds the sum to the manifest's N.
         out.extend(sample_problems(batch, 0, max_id)[0])
     out.extend(span_problems(batch))  # format v2: spans sorted, apart, inside the text
+    out.extend(chat_problems(batch))
     return out
 
 

@@ -15,13 +15,13 @@ from logitcache.storage.decode import decode_rows, shard_id_table
 from logitcache.storage.rows import Row, batch_to_rows
 from logitcache.storage.samples import SAMPLE_COLUMNS
 from logitcache.storage.schema import EXTRA_COLUMNS
-from logitcache.storage.spans import SPAN_COLUMNS
+from logitcache.storage.spans import CHAT_COLUMN, SPAN_COLUMNS
 from logitcache.storage.writer import TOKENIZER_DIR
 
 
 # Columns stored as they are in both codecs (reading only these needs no decoding).
 _PLAIN_COLUMNS = {"id", "text", "prompt_chars", "truncated", *SPAN_COLUMNS, "input_ids", "char_start", "char_end",
-                  "label_logprob", "logsumexp", *EXTRA_COLUMNS, *SAMPLE_COLUMNS}
+                  "label_logprob", "logsumexp", *EXTRA_COLUMNS, *SAMPLE_COLUMNS, CHAT_COLUMN}
 
 
 class CacheReader:

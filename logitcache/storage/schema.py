@@ -33,7 +33,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from logitcache.storage.samples import sample_fields
-from logitcache.storage.spans import SPAN_COLUMNS
+from logitcache.storage.spans import CHAT_COLUMN, SPAN_COLUMNS
 
 FORMAT_VERSION = 2
 # Readers accept exactly these; a newer writer bumps FORMAT_VERSION.
@@ -65,8 +65,11 @@ def extra_fields(n_temperatures: int = 0, logit_stats: bool = False, word_start:
 
 
 def span_fields(spans: bool = True) -> list[pa.Field]:
-    """v2's span columns (none for a v1 shard)."""
-    return [pa.field(name, pa.list_(pa.int32()), nullable=False) for name in SPAN_COLUMNS] if spans else []
+    """v2's span columns and the chat a record came from (none for a v1 shard)."""
+    if not spans:
+        return []
+    return [pa.field(name, pa.list_(pa.int32()), nullable=False) for name in SPAN_COLUMNS] + [
+        pa.field(CHAT_COLUMN, pa.string(), nullable=True)]
 
 
 def topk_fields(k: int) -> list[pa.Field]:

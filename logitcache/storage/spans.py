@@ -11,6 +11,10 @@ v1 shards hold ``prompt_chars`` alone: a v1 row reads as the one span
 ``(prompt_chars, len(text))``, or none when ``prompt_chars`` is ``len(text)`` (a response cut
 away by ``--max-length``; stage 1 never stored the -1 of an empty response, it skips those).
 
+A v2 row also holds ``messages``: for a record that came from a chat (``--messages-field``),
+the chat itself as JSON (null for any other record), so that a student with a chat template of
+its own can render the same chat its way (pipeline/student/chat_view.py).
+
 Pure numpy/pyarrow.
 """
 
@@ -23,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 SPAN_COLUMNS = ("target_start", "target_end")
+CHAT_COLUMN = "messages"  # the chat a record was rendered from, as JSON; null for other records
 
 Spans = np.ndarray  # int32 [m, 2]
 
@@ -79,6 +84,7 @@ def spans_arrays(rows: Sequence[dict]) -> dict[str, pa.Array]:
         np.cumsum([len(c) for c in chunks], out=offsets[1:])
         flat = np.concatenate(chunks).astype(np.int32) if chunks else np.zeros(0, np.int32)
         out[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32()))
+    out[CHAT_COLUMN] = pa.array([r.get(CHAT_COLUMN) for r in rows], pa.string())
     return out
 
 
@@ -144,3 +150,25 @@ def span_problems(batch: pa.RecordBatch) -> list[str]:
     if not bad_rows:
         return []
     return [f"{bad_rows} rows with bad target spans: {what} (first: id {first!r})"]
+
+
+def chat_problems(batch: pa.RecordBatch) -> list[str]:
+    """One message for the rows whose ``messages`` is not null and not a JSON list of messages."""
+    import json
+
+    names = batch.schema.names
+    if CHAT_COLUMN not in names:
+        return []
+    bad, first = 0, None
+    for i, value in enumerate(batch.column(names.index(CHAT_COLUMN)).to_pylist()):
+        if value is None:
+            continue
+        try:
+            chat = json.loads(value)
+            ok = isinstance(chat, list) and all(isinstance(m, dict) for m in chat)
+        except ValueError:
+            ok = False
+        if not ok:
+            bad += 1
+            first = first if first is not None else batch.column(names.index("id"))[i].as_py()
+    return [f"{bad} rows whose messages are not a JSON list of messages (first: id {first!r})"] if bad else []

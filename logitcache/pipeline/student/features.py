@@ -350,4 +350,17 @@ def featurizer_for_cache(cache, tokenizer, alignment: str = "offset", max_length
         teacher_eos_id=getattr(manifest, "eos_id", None),
         alm_merge_threshold=alm_merge_threshold,
         kd_targets=kd_targets, sample_width=int(getattr(manifest, "sample", 0) or 0),
+        student_chat=own_chat_template(manifest.template, tokenizer),
+        message_train_field=manifest.template.get("message_train_field") or "train",
     )
+
+
+def own_chat_template(template: dict[str, Any], tokenizer) -> bool:
+    """Whether the student renders a chat cache's chats its own way: it has a chat template, and
+    not the one the teacher's rendering used (the manifest's template records its sha256)."""
+    import hashlib
+
+    mine = getattr(tokenizer, "chat_template", None)
+    if template.get("kind") != "messages" or not isinstance(mine, str):
+        return False
+    return hashlib.sha256(mine.encode()).hexdigest() != template.get("chat_template_sha256")

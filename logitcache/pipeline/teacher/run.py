@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import queue
@@ -23,6 +24,7 @@ from logitcache.pipeline.progress import StepProgress, check_log_every, progress
 from logitcache.pipeline.records import (
     TextTemplate,
     add_special_tokens_for,
+    chat_messages,
     check_records,
     dataset_fingerprint,
     iter_examples,
@@ -239,6 +241,7 @@ class _Pending:
     starts: np.ndarray
     ends: np.ndarray
     truncated: bool
+    messages: str | None = None  # the chat it was rendered from, as JSON (the cache's messages column)
 
 
 @dataclass
@@ -414,7 +417,11 @@ def _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, m
         ids, starts, ends = encode_prefix_with_offsets(tok, text, max_length, add_special_tokens=add_special)
         if not generate:  # a prompt gets its end after the teacher's response (_generate_window)
             ids, starts, ends = with_eos(ids, starts, ends, len(text), eos_id)
-        yield _Pending(rid, text, spans, ids, starts, ends, truncated=False)
+        # The chat as it was rendered, kept for a student with a template of its own (not in
+        # generate mode: the teacher's answer is not a message of it).
+        chat = json.dumps(chat_messages(ds[r], template, tok), ensure_ascii=False) \
+            if template.kind == "messages" and not generate else None
+        yield _Pending(rid, text, spans, ids, starts, ends, truncated=False, messages=chat)
 
 
 NO_TARGET = "no target"
@@ -459,7 +466,7 @@ def _truncate(window: list, max_length: int | None, skip_targetless: bool = Fals
             text = p.text[: int(ends[-1])]
             spans = cut_spans(p.spans, len(text))
             p = _Skip(p.rid, NO_TARGET) if skip_targetless and not spans else \
-                _Pending(p.rid, text, spans, p.ids[:max_length], p.starts[:max_length], ends, True)
+                _Pending(p.rid, text, spans, p.ids[:max_length], p.starts[:max_length], ends, True, p.messages)
         out.append(p)
     return out
 
@@ -621,6 +628,7 @@ def _row(p: _Pending, s) -> Row:
         "text": p.text,
         "prompt_chars": p.spans[0][0] if p.spans else len(p.text),  # v1's column (storage/spans.py)
         "target_spans": np.asarray(p.spans, dtype=np.int32).reshape(-1, 2),
+        "messages": p.messages,
         "truncated": p.truncated,
         "input_ids": np.asarray(p.ids, dtype=np.int32),
         "char_start": p.starts,
