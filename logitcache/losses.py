@@ -15,12 +15,13 @@ from logitcache.pipeline.student.losses import (
     kl_loss,
     mlot_temperatures,
     multilevel_ot_loss,
+    sampled_kl_loss,
     uld_loss,
 )
 from logitcache.pipeline.student.losses import ALMConfig, ALMTargets, HybridConfig, alm_loss, hybrid_loss
 
 __all__ = [
     "REDUCTIONS", "REVERSE_KL_TEACHER_FLOOR", "FusedLoss", "MLOTConfig", "ce_kd_loss", "fused_supports",
-    "kd_weights", "kl_loss", "mlot_temperatures", "multilevel_ot_loss", "uld_loss",
+    "kd_weights", "kl_loss", "mlot_temperatures", "multilevel_ot_loss", "sampled_kl_loss", "uld_loss",
     "ALMConfig", "ALMTargets", "HybridConfig", "alm_loss", "hybrid_loss",
 ]

@@ -109,8 +109,8 @@ def test_each_loss_with_two_teachers_is_the_weighted_sum_of_one_teacher_runs(los
     F.cross_entropy(y[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1)).backward()
     ref = parts[0][0] + 1.5 * (w[0] * parts[0][1] + w[1] * parts[1][1])
     ref_grad = y.grad + 1.5 * (w[0] * (grads[0] - y.grad) + w[1] * (grads[1] - y.grad))
-    assert [float(k) for k in kds] == pytest.approx([float(parts[0][1]), float(parts[1][1])], rel=1e-6, abs=1e-9)
-    assert float(total) == pytest.approx(float(ref), rel=1e-6)
+    assert [float(k.detach()) for k in kds] == pytest.approx([float(parts[0][1]), float(parts[1][1])], rel=1e-6, abs=1e-9)
+    assert float(total.detach()) == pytest.approx(float(ref), rel=1e-6)
     assert float((x.grad - ref_grad).abs().max()) < 1e-6
 
 
