@@ -41,6 +41,12 @@ def _draws(cache) -> dict:
     return {r["id"]: (r["sample_ids"], r["sample_counts"]) for r in open_cache(cache)}
 
 
+def _same_draws(a, b) -> bool:
+    da, db = _draws(a), _draws(b)
+    return da.keys() == db.keys() and all(
+        np.array_equal(da[i][0], db[i][0]) and np.array_equal(da[i][1], db[i][1]) for i in da)
+
+
 # --- stage 1 ----------------------------------------------------------------------------------
 
 
@@ -251,3 +257,35 @@ def test_topk_targets_on_a_sample_only_cache_are_refused(tmp_path, sample_only_c
 
     with pytest.raises(LogitCacheError, match="sampled targets only"):
         run_train(_train_cfg(sample_student, sample_only_cache, tmp_path / "run", kd_targets="topk"))
+
+
+# --- the other commands on a cache of draws -------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["compact", "v1"])
+def test_convert_keeps_the_draws(tmp_path, sample_only_cache, codec):
+    from logitcache.storage.convert import convert_cache
+
+    convert_cache(sample_only_cache, tmp_path / "out", codec)
+    assert _same_draws(tmp_path / "out", sample_only_cache)
+    assert verify_cache(tmp_path / "out").ok
+
+
+def test_merged_parts_hold_the_draws_of_a_single_run(tmp_path, teacher_dir, data_file, sample_only_cache):
+    from logitcache.storage.merge import merge_caches
+
+    for index in range(2):
+        run_teacher(make_config(teacher_dir, data_file, tmp_path / "parts", top_k=0, sample=N, num_workers=2,
+                                worker_index=index), progress=False)
+    merge_caches(tmp_path / "merged", sorted((tmp_path / "parts").glob("part-*")))
+    assert _same_draws(tmp_path / "merged", sample_only_cache)
+
+
+def test_inspect_stats_on_a_cache_of_draws_only(sample_only_cache):
+    from typer.testing import CliRunner
+
+    from logitcache.cli import app
+
+    r = CliRunner().invoke(app, ["inspect", str(sample_only_cache), "--stats"])
+    assert r.exit_code == 0, r.output
+    assert "k = 0" in r.output and "draws per position" in r.output and "top-0" not in r.output

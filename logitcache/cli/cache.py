@@ -67,7 +67,8 @@ def inspect(
         ("status", m.status),
         ("teacher", f"{m.teacher.get('name')} ({m.teacher.get('dtype')}, {m.teacher.get('engine', '?')})"),
         ("tokenizer", f"{m.tokenizer.get('name')} (vocab {m.tokenizer.get('vocab_size')})"),
-        ("mode / k", f"{m.mode} / top-{m.k}"),
+        ("mode / k", f"{m.mode} / " + (f"top-{m.k}" if m.k else "no top-k")
+         + (f", {m.sample} draws per position" if m.sample else "")),
         ("examples", f"{m.num_examples:,}"),
         ("tokens", f"{m.num_tokens:,}"),
         ("bytes", f"{m.num_bytes:,} in {len(m.shards)} shards"),
@@ -134,15 +135,17 @@ def _show_stats(console: Console, c, limit: Optional[int], student_tok, plot: Op
     table.add_column("")
     for name in ("mean", "min", *(f"p{round(100 * q)}" for q in QUANTILES), "max"):
         table.add_column(name, justify="right")
-    for label, dist, fmt in [
-        ("tokens per example", s.lengths, "{:.1f}"),
-        ("teacher top-1 probability", s.top1, "{:.3f}"),
-        (f"entropy of the top-{c.k}, renormalised (nats)", s.entropy, "{:.3f}"),
-        (f"tail mass beyond top-{c.k}", s.tail, "{:.4f}"),
-    ]:
+    rows = [("tokens per example", s.lengths, "{:.1f}")]
+    if c.k:  # a cache of draws alone (k = 0) has no top-k to describe
+        rows += [("teacher top-1 probability", s.top1, "{:.3f}"),
+                 (f"entropy of the top-{c.k}, renormalised (nats)", s.entropy, "{:.3f}"),
+                 (f"tail mass beyond top-{c.k}", s.tail, "{:.4f}")]
+    for label, dist, fmt in rows:
         values = [dist.mean, dist.low, *(dist.quantile(q) for q in QUANTILES), dist.high]
         table.add_row(label, *(fmt.format(v) for v in values))
     console.print(table)
+    if not c.k:
+        console.print(f"no top-k in this cache (k = 0): its teacher targets are {c.manifest.sample} draws per position")
     if s.alignment:
         _show_alignment(console, s.alignment, getattr(student_tok, "name_or_path", "") or "the student")
     if plot is not None:

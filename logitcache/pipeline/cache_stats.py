@@ -139,7 +139,7 @@ class CacheStats:
         self.positions += max(n - 1, 0)
         targets = target_positions(row["char_start"], row["char_end"], row_spans(row))
         self.targets += len(targets)
-        if not len(targets):
+        if not len(targets) or self.k == 0:  # a cache of draws alone has no top-k to describe
             return
         top1, tail, entropy = topk_figures(np.asarray(row["topk_logprobs"])[targets])
         self.top1.add(top1)

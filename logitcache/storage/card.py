@@ -62,6 +62,13 @@ def _extras(m: Manifest) -> str:
             "`word_start_logprob` is, per position, the log of the teacher's probability that the next token\n"
             "starts a word: its mass on tokens beginning with a space, tab or newline byte, and on special tokens."
         )
+    if m.sample:
+        parts.append(
+            f"`sample_ids` and `sample_counts` hold, per position, {m.sample} draws from the teacher's distribution\n"
+            "(temperature 1, with replacement): the distinct ids drawn, ascending, and how often each was drawn.\n"
+            f"count / {m.sample} is an unbiased estimate of the teacher's probabilities, tail included."
+            + ("\nThis cache stores no top-k (k = 0): the draws are its teacher targets." if m.k == 0 else "")
+        )
     return "\n\n".join(parts)
 
 
@@ -72,7 +79,8 @@ def _targets(m: Manifest) -> str:
     return ("`target_start` and `target_end` list the [start, end) character ranges of `text` that students\n"
             "learn from (sorted, not overlapping; the assistant turns of a chat, the response of a prompt);\n"
             "the rest is context only. `prompt_chars` is kept for readers of format v1: the first range's\n"
-            "start (the text's length when there is none).")
+            "start (the text's length when there is none). `messages` holds, for an example rendered from a\n"
+            "chat, the chat itself as JSON (null otherwise).")
 
 
 def render_card(m: Manifest) -> str:
