@@ -35,7 +35,7 @@ Protocol (fixed before any result was looked at; change it only with a reason wr
   real tokenizer is the teacher's (3 student rows) and the cross-tokenizer rows (10 per
   seed) use small vocabularies of two families other than the teacher's; Tekken (131k)
   would not fit the budget.
-* Several teachers (``--multi-teacher``, not in the default run): a second teacher, the same
+* Several teachers (``--multi-teacher``, which `make quality` passes): a second teacher, the same
   architecture and training but a byte-level BPE tokenizer of 4096 pieces (quality_teacher.py,
   ``TeacherSpec(tokenizer="bpe-4096")``), writes a second stage-1 cache over the same
   student-train windows. The Unigram student then trains with ULD from each teacher alone
