@@ -139,7 +139,9 @@ ABLATIONS = {
     "alm-w1": ("alm", {"alm_mode": "plain", "kd_weight": 1.0}),  # ALM as it ran before: plain, weight 1
 }
 # --multi-teacher: (loss, which stage-1 caches: "a" the Mistral teacher's, "b" the BPE teacher's).
-MULTI = {"uld-teacher2": ("uld", "b"), "uld-2teachers": ("uld", "ab")}
+# ULD, the papers' loss; hybrid, the cross-tokenizer loss that beats SFT with this student.
+MULTI = {"uld-teacher2": ("uld", "b"), "uld-2teachers": ("uld", "ab"),
+         "hybrid-teacher2": ("hybrid", "b"), "hybrid-2teachers": ("hybrid", "ab")}
 SECOND_TEACHER_TOKENIZER = "bpe-4096"
 LEGEND = (
     "Rows: `sft` cross-entropy only; `kl` forward KL from the top-64 cache (the teacher's tokenizer); `kl-full` the "
@@ -152,7 +154,8 @@ LEGEND = (
     "averaged over the batch's positions instead of per sequence, §1d), `alm-plain` (ALM without its chunk debiasing, "
     "§3b), `alm-w1` (ALM as it ran before this change: no debiasing, KD weight 1). With --multi-teacher: "
     "`uld-teacher2` (ULD from a second teacher, same training, byte-level BPE tokenizer V=4096) and `uld-2teachers` "
-    "(ULD from both teachers at once, weights 0.5/0.5; `uld` is the Mistral teacher alone)."
+    "(ULD from both teachers at once, weights 0.5/0.5; `uld` is the Mistral teacher alone), and the same for hybrid "
+    "(`hybrid-teacher2`, `hybrid-2teachers`)."
 )
 
 
@@ -503,14 +506,15 @@ def goals(aggs: dict[tuple[str, str], Agg]) -> list[tuple[str, str, str]]:
                     verdict(ok),
                     f"best {method} ({tok}): gain {gain:+.4f} vs 2 std = {noise:.4f}; recovers {recovered:.0%} "
                     f"of the same-tokenizer relative gain ({rel_same:.2%}){pair}"))
-    two = aggs.get(("unigram", "uld-2teachers"))
-    alone = [a for a in (aggs.get(("unigram", "uld")), aggs.get(("unigram", "uld-teacher2"))) if a is not None]
-    if two and alone:
-        best_alone = min(alone, key=lambda a: a.mean)
-        ok, gain, noise = beats(two, best_alone)
-        out.append(("two teachers of different tokenizers beat the better one alone (ULD, Unigram student)", verdict(ok),
-                    f"{best_alone.method} alone {best_alone.mean:.4f}, both {two.mean:.4f}: gain {gain:+.4f} vs 2 std = "
-                    f"{noise:.4f}{paired(two, best_alone)}"))
+    for loss, name in (("uld", "ULD"), ("hybrid", "hybrid")):
+        two = aggs.get(("unigram", f"{loss}-2teachers"))
+        alone = [a for a in (aggs.get(("unigram", loss)), aggs.get(("unigram", f"{loss}-teacher2"))) if a is not None]
+        if two and alone:
+            best_alone = min(alone, key=lambda a: a.mean)
+            ok, gain, noise = beats(two, best_alone)
+            out.append((f"two teachers of different tokenizers beat the better one alone ({name}, Unigram student)",
+                        verdict(ok), f"{best_alone.method} alone {best_alone.mean:.4f}, both {two.mean:.4f}: gain "
+                        f"{gain:+.4f} vs 2 std = {noise:.4f}{paired(two, best_alone)}"))
     if sft and kl and full:
         full_gain, cache_gain = sft.mean - full.mean, sft.mean - kl.mean
         if full_gain > 0:
