@@ -143,6 +143,11 @@ ABLATIONS = {
 MULTI = {"uld-teacher2": ("uld", "b"), "uld-2teachers": ("uld", "ab"),
          "hybrid-teacher2": ("hybrid", "b"), "hybrid-2teachers": ("hybrid", "ab")}
 SECOND_TEACHER_TOKENIZER = "bpe-4096"
+# --sampled: KL from N draws per position (`--top-k 0 --sample N`) vs KL from the top-k whose cache
+# has the closest bytes/token (both without extra columns), same student, steps and seeds as `kl`.
+SAMPLE_N = 12
+SAMPLED_CANDIDATE_K = (8, 16, 24, 32, 48, 64)
+SAMPLED = {"kl-sample": "sample", "kl-topk-same-bytes": "topk"}
 LEGEND = (
     "Rows: `sft` cross-entropy only; `kl` forward KL from the top-64 cache (the teacher's tokenizer); `kl-full` the "
     "same KL against the teacher's full logits computed on the fly (K = V; the reference for the top-k cost); `uld`, "
@@ -155,11 +160,13 @@ LEGEND = (
     "§3b), `alm-w1` (ALM as it ran before this change: no debiasing, KD weight 1). With --multi-teacher: "
     "`uld-teacher2` (ULD from a second teacher, same training, byte-level BPE tokenizer V=4096) and `uld-2teachers` "
     "(ULD from both teachers at once, weights 0.5/0.5; `uld` is the Mistral teacher alone), and the same for hybrid "
-    "(`hybrid-teacher2`, `hybrid-2teachers`)."
+    "(`hybrid-teacher2`, `hybrid-2teachers`). With --sampled: `kl-sample` (forward KL from 12 draws per position of "
+    "the teacher, `--top-k 0 --sample 12`, `--kd-targets sample`) and `kl-topk-same-bytes` (forward KL from the top-k "
+    "whose cache, without extra columns, has the closest bytes/token)."
 )
 
 
-def methods(ablation: bool = False, multi_teacher: bool = False) -> list[tuple[str, str]]:
+def methods(ablation: bool = False, multi_teacher: bool = False, sampled: bool = False) -> list[tuple[str, str]]:
     """(tokenizer, method) of every row, in table order; data-driven on the losses that exist."""
     from logitcache.pipeline.student.train import LOSSES
 
@@ -171,6 +178,8 @@ def methods(ablation: bool = False, multi_teacher: bool = False) -> list[tuple[s
             rows += [(tok, name) for name in ABLATIONS]
     if multi_teacher:  # the student's tokenizer is neither teacher's (Mistral, BPE)
         rows += [("unigram", name) for name in MULTI]
+    if sampled:  # forward KL needs the teacher's vocabulary
+        rows += [("mistral", name) for name in SAMPLED]
     return rows
 
 
@@ -280,11 +289,17 @@ def non_embedding_parameters(model_dir: Path) -> tuple[int, int]:
     return total, body
 
 
-def run_stage1(cache: Path, teacher: Path, data: Path, setup: Setup, code: str, fresh: bool) -> tuple[Path, float]:
+def run_stage1(cache: Path, teacher: Path, data: Path, setup: Setup, code: str, fresh: bool,
+               top_k: int | None = None, sample: int = 0) -> tuple[Path, float]:
+    """The stage-1 cache of ``teacher`` over ``data`` (reused when done). ``top_k``/``sample`` given:
+    a cache for the sampled-targets rows, without the extra columns (lse_tau, word starts), so
+    that its bytes/token are the targets' and the per-token columns every cache has."""
     from logitcache.pipeline.records import TextTemplate
     from logitcache.pipeline.teacher.run import TeacherConfig, run_teacher
 
-    out = cache / f"stage1-{_key([teacher.name, _file_hash(data), setup.top_k, code])}"
+    bare = top_k is not None
+    top_k = setup.top_k if top_k is None else top_k
+    out = cache / f"stage1-{_key([teacher.name, _file_hash(data), top_k, code] + ([sample, 'bare'] if bare else []))}"
     done = out.with_name(out.name + ".done.json")
     if fresh:
         done.unlink(missing_ok=True)
@@ -292,11 +307,19 @@ def run_stage1(cache: Path, teacher: Path, data: Path, setup: Setup, code: str, 
         return out, json.loads(done.read_text())["seconds"]
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    run_teacher(TeacherConfig(model=os.fspath(teacher), data=os.fspath(data), out=os.fspath(out), top_k=setup.top_k,
-                              template=TextTemplate(text_field="text"), batch_size=8), progress=False)
+    extra = {"sample": sample, "temperatures": (), "word_start": False} if bare else {}
+    run_teacher(TeacherConfig(model=os.fspath(teacher), data=os.fspath(data), out=os.fspath(out), top_k=top_k,
+                              template=TextTemplate(text_field="text"), batch_size=8, **extra), progress=False)
     seconds = time.perf_counter() - t0
     done.write_text(json.dumps({"seconds": seconds}))
     return out, seconds
+
+
+def _bytes_per_token(stage1: Path) -> float:
+    from logitcache.storage.manifest import load_manifest
+
+    m = load_manifest(stage1)
+    return m.num_bytes / max(m.num_tokens, 1)
 
 
 def _file_hash(path: Path) -> str:
@@ -376,6 +399,10 @@ def run_row(ctx: dict, tok: str, method: str, seed: int) -> dict:
     row_cfg = {"tokenizer": tok, "tokenizer_files": tokenizer_hash(ctx["tokenizers"][tok]), "method": method, "seed": seed,
                "student": asdict(spec), "cache_manifest": ctx["cache_hash"], "code": ctx["code"],
                "heldout": ctx["heldout_hash"]}
+    if method in SAMPLED:
+        loss, overrides = "kl", {"kd_targets": SAMPLED[method]}
+        stage1 = os.fspath(ctx[f"stage1_{SAMPLED[method]}"])
+        row_cfg["cache_manifest"] = ctx[f"cache_hash_{SAMPLED[method]}"]
     if method in MULTI:
         loss, which = MULTI[method]
         both = {"a": os.fspath(ctx["stage1"]), "b": os.fspath(ctx["stage1_b"])}
@@ -506,6 +533,12 @@ def goals(aggs: dict[tuple[str, str], Agg]) -> list[tuple[str, str, str]]:
                     verdict(ok),
                     f"best {method} ({tok}): gain {gain:+.4f} vs 2 std = {noise:.4f}; recovers {recovered:.0%} "
                     f"of the same-tokenizer relative gain ({rel_same:.2%}){pair}"))
+    drawn, top = aggs.get(("mistral", "kl-sample")), aggs.get(("mistral", "kl-topk-same-bytes"))
+    if drawn and top:
+        ok, gain, noise = beats(drawn, top)
+        out.append(("KL from sampled targets beats KL from the top-k at equal bytes/token", verdict(ok),
+                    f"top-k {top.mean:.4f}, sampled {drawn.mean:.4f}: gain {gain:+.4f} vs 2 std = {noise:.4f}"
+                    f"{paired(drawn, top)}"))
     for loss, name in (("uld", "ULD"), ("hybrid", "hybrid")):
         two = aggs.get(("unigram", f"{loss}-2teachers"))
         alone = [a for a in (aggs.get(("unigram", loss)), aggs.get(("unigram", f"{loss}-teacher2"))) if a is not None]
@@ -593,6 +626,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md and the chart")
     ap.add_argument("--ablation", action="store_true",
                     help="also the cross-tokenizer rows with one issue-12 fix undone by a flag (before/after)")
+    ap.add_argument("--sampled", action="store_true",
+                    help=f"also the rows kl-sample (KL from {SAMPLE_N} draws per position, --top-k 0) and "
+                         "kl-topk-same-bytes (KL from the top-k whose cache has the closest bytes/token)")
     ap.add_argument("--multi-teacher", action="store_true",
                     help="also train a second teacher (byte-level BPE tokenizer) and the rows uld-teacher2 and "
                          "uld-2teachers (the Unigram student from the BPE teacher alone, and from both teachers)")
@@ -684,7 +720,19 @@ def main(argv: list[str] | None = None) -> None:
         stage1_b, stage1_b_s = run_stage1(cache, tdir_b, student_data, setup, code, args.fresh)
         log(f"second teacher: {tdir_b.name} ({SECOND_TEACHER_TOKENIZER}); stage 1: {stage1_b.name}, {stage1_b_s:.0f} s")
         ctx.update(stage1_b=stage1_b, cache_hash_b=_file_hash(stage1_b / "manifest.json"))
-    order = methods(args.ablation, args.multi_teacher)
+    if args.sampled:
+        from logitcache.storage.manifest import load_manifest
+
+        sampled, _ = run_stage1(cache, tdir, student_data, setup, code, args.fresh, top_k=0, sample=SAMPLE_N)
+        target = _bytes_per_token(sampled)
+        arms = [run_stage1(cache, tdir, student_data, setup, code, args.fresh, top_k=k)[0] for k in SAMPLED_CANDIDATE_K]
+        topk = min(arms, key=lambda c: abs(_bytes_per_token(c) - target))
+        log(f"sampled targets: {SAMPLE_N} draws, {target:.1f} bytes/token; top-k at the closest size: "
+            + ", ".join(f"k={load_manifest(c).k} {_bytes_per_token(c):.1f}" for c in arms) + f" -> k={load_manifest(topk).k}")
+        ctx.update(stage1_sample=sampled, stage1_topk=topk, cache_hash_sample=_file_hash(sampled / "manifest.json"),
+                   cache_hash_topk=_file_hash(topk / "manifest.json"),
+                   sampled_sizes={"sample": target, "topk": _bytes_per_token(topk), "k": load_manifest(topk).k})
+    order = methods(args.ablation, args.multi_teacher, args.sampled)
     if args.methods:
         wanted = {m.strip() for m in args.methods.split(",")}
         order = [(tok, m) for tok, m in order if m in wanted]
