@@ -41,6 +41,9 @@ Protocol (fixed before any result was looked at; change it only with a reason wr
   student-train windows. The Unigram student then trains with ULD from each teacher alone
   (``uld``: the Mistral teacher, the row above; ``uld-teacher2``: the BPE teacher) and from both
   (``uld-2teachers``: ``--cache A --cache B``, weights 0.5/0.5), same steps and seeds.
+* Sampled targets (``--sampled``): ``kl-sample`` learns by forward KL from 12 draws per position
+  (``--top-k 0 --sample 12``), ``kl-topk-same-bytes`` from the top-k whose cache is closest in
+  bytes/token (k among 8..64, both caches without extra columns); same student, steps, seeds.
 * Top-k cost: ``kl-full`` is KL against the teacher's full logits computed on the fly
   (quality_fullkd.py), same student, steps and seeds as ``kl`` from the top-64 cache.
 * Metric: held-out bits per character (total NLL of the held-out windows / ln 2 /
