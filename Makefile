@@ -34,7 +34,7 @@ $(VENV)/.quality-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet "matplotlib>=3.7"
 	touch $@
 
-quality: $(VENV)/.quality-installed  ## KD vs SFT on real text, 3 seeds, with the two-teacher and sampled-target rows (about 80 min on 2 cores from an empty cache, the teachers' training included; later runs reuse them), then sampled targets vs top-k; results in benchmarks/RESULTS.md
+quality: $(VENV)/.quality-installed  ## KD vs SFT on real text, 3 seeds, with the two-teacher and sampled-target rows (about 80 min on 2 cores from an empty cache, the teachers' training included; later runs reuse them), then sampled targets vs top-k on the demo's tiny teacher; results in benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/quality.py --multi-teacher --sampled $(QUALITY_ARGS)
 	$(BIN)/python benchmarks/sampled_targets.py --seeds 3
 
