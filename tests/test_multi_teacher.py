@@ -292,3 +292,25 @@ def test_every_loss_trains_with_two_teachers_of_other_tokenizers(loss, extra, tm
     assert all({"kd_0", "kd_1"} <= set(h) for h in logged)
     if loss != "sft":
         assert all(h["kd_0"] != 0 and h["kd_1"] != 0 for h in logged)
+
+
+def test_torchrun_two_ranks_read_two_caches_in_lockstep(tmp_path, built_cache, other_teacher_cache, metaspace_student):
+    """Real DDP (gloo, 2 processes): each rank reads its own half of the driving cache, with the
+    other teacher's rows of the same ids, and both log each teacher's term."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGITCACHE_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           "-m", "logitcache", "train", "--student", str(metaspace_student), "--cache", str(built_cache),
+           "--cache", str(other_teacher_cache), "--out", str(tmp_path / "ddp"), "--loss", "uld", "--max-steps", "3",
+           "--batch-size", "2", "--save-steps", "3", "--logging-steps", "1", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-8000:]
+    ckpt = tmp_path / "ddp" / "checkpoint-3"
+    states = [json.loads((ckpt / f"logitcache_data_state_rank{i}.json").read_text()) for i in (0, 1)]
+    assert [(s["world_size"], s["num_caches"]) for s in states] == [(2, 2), (2, 2)]
+    assert [sum(s["consumed"].values()) for s in states] == [6, 6]  # 3 steps x batch 2 on each rank
+    logged = json.loads((ckpt / "trainer_state.json").read_text())["log_history"]
+    assert all({"kd_0", "kd_1"} <= set(entry) for entry in logged if "loss" in entry)
