@@ -159,6 +159,15 @@ def user_errors(fn: F | None = None, *, interrupted: str = "") -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def shard_bytes(shard_size_mb: float) -> int:
+    """``--shard-size-mb`` in bytes, or one line refusing a size that is none."""
+    import math
+
+    if not (math.isfinite(shard_size_mb) and shard_size_mb > 0):
+        raise LogitCacheError(f"--shard-size-mb must be a positive number of MiB (got {shard_size_mb}); the default is 256.")
+    return max(1, int(shard_size_mb * 2**20))
+
+
 def show_defaults(command: Callable, config: type) -> None:
     """Let ``--help`` show, for each option of ``command`` that defaults to None, the default of
     the ``config`` dataclass field of the same name (where it has one that is not None)."""

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import typer
 
-from logitcache.cli.common import RESUME_CONVERT, Stages, user_errors
+from logitcache.cli.common import RESUME_CONVERT, Stages, shard_bytes, user_errors
 
 # What each stage of storage.convert counts.
 _UNITS = {"checking": "shards", "converting": "examples", "verifying": "shards", "comparing": "examples"}
@@ -41,16 +40,14 @@ def convert(
         logitcache convert cache/ cache-v1/ --codec v1
     """
     import logitcache
-    from logitcache.errors import LogitCacheError
     from logitcache.pipeline.progress import check_log_every
     from logitcache.storage.convert import convert_cache
 
     check_log_every(log_every)
-    if not (math.isfinite(shard_size_mb) and shard_size_mb > 0):
-        raise LogitCacheError(f"--shard-size-mb must be a positive number of MiB (got {shard_size_mb}); the default is 256.")
+    size = shard_bytes(shard_size_mb)
     with Stages("convert", log_every) as stages:
         report = convert_cache(
-            cache, out, codec, shard_bytes=max(1, int(shard_size_mb * 2**20)), tool_version=logitcache.__version__,
+            cache, out, codec, shard_bytes=size, tool_version=logitcache.__version__,
             on_progress=lambda stage, done, total: stages.update(stage, done, total, unit=_UNITS.get(stage, "steps")),
         )
     typer.echo(report.summary())

@@ -8,7 +8,14 @@ from typing import Optional
 
 import typer
 
-from logitcache.cli.common import RESUME_TEACHER, command_line, options_with_config, quiet_libraries, user_errors
+from logitcache.cli.common import (
+    RESUME_TEACHER,
+    command_line,
+    options_with_config,
+    quiet_libraries,
+    shard_bytes,
+    user_errors,
+)
 from logitcache.errors import LogitCacheError
 from logitcache.storage.manifest import load_manifest
 
@@ -72,12 +79,12 @@ def teacher(
         --response-field response --out cache/ --top-k 64
     """
     if config is not None:  # fill in what the command line left out, then run as if it had all been typed
-        return teacher(**options_with_config(ctx, config), ctx=ctx)
+        # (the undecorated function: this call already runs inside user_errors)
+        return teacher.__wrapped__(**options_with_config(ctx, config), ctx=ctx)
     missing = [flag for flag, value in (("--model", model), ("--data", data), ("--out", out)) if value is None]
     if missing:
         raise LogitCacheError(f"missing {', '.join(missing)} (on the command line or in --config).")
-    if not (math.isfinite(shard_size_mb) and shard_size_mb > 0):
-        raise LogitCacheError(f"--shard-size-mb must be a positive number of MiB (got {shard_size_mb}); the default is 256.")
+    size = shard_bytes(shard_size_mb)
     num_parts = _renamed(num_workers, "--num-workers", num_parts, "--num-parts")
     part_index = _renamed(worker_index, "--worker-index", part_index, "--part-index")
     quiet_libraries()
@@ -95,7 +102,7 @@ def teacher(
         ),
         split=split, batch_size=batch_size, max_length=max_length, max_chars=max_chars, dtype=dtype, device=device,
         limit=limit, revision=revision, trust_remote_code=trust_remote_code,
-        shard_bytes=max(1, int(shard_size_mb * 2**20)), codec=codec,
+        shard_bytes=size, codec=codec,
         generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
         truncate_prompts=truncate_prompts, num_workers=num_parts, worker_index=part_index,
         tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,

@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from itertools import islice
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from logitcache.errors import LogitCacheError
 from logitcache.storage.integrity import MAX_ID_BYTES
@@ -57,6 +57,11 @@ class TextTemplate:
     target_field: str | None = None
     # The per-message key that excludes an assistant turn from the targets (None: "train").
     message_train_field: str | None = None
+
+    @property
+    def train_key(self) -> str:
+        """The per-message key that excludes an assistant turn from the targets."""
+        return self.message_train_field or "train"
 
     @property
     def kind(self) -> str:
@@ -132,7 +137,7 @@ class TextTemplate:
             # Every assistant turn a target (format 2); caches written before took the last
             # message alone as the response: a resume of one is refused, not mixed.
             d["chat_targets"] = "assistant_turns"
-            d["message_train_field"] = self.message_train_field or "train"
+            d["message_train_field"] = self.train_key
         return d
 
 
@@ -144,19 +149,32 @@ def add_special_tokens_for(template: TextTemplate) -> bool:
 TargetSpans = tuple[tuple[int, int], ...]
 
 
-def render(record: dict[str, Any], t: TextTemplate, tokenizer) -> tuple[str, TargetSpans]:
-    """(text, target_spans) for one record (see the module)."""
+class Example(NamedTuple):
+    """One record as both stages read it (``iter_examples``)."""
+
+    index: int  # in the dataset
+    id: str
+    text: str
+    spans: TargetSpans
+    # A chat record's messages as its template saw them (``chat_messages``), kept in the cache for
+    # a student with a template of its own; None for other records and in generate mode.
+    messages: list[dict[str, Any]] | None = None
+
+
+def render(record: dict[str, Any], t: TextTemplate, tokenizer) -> tuple[str, TargetSpans, list[dict[str, Any]] | None]:
+    """(text, target_spans, the chat or None) for one record (see the module)."""
     if t.kind == "text":
         text = _as_str(record[t.text_field], t.text_field)
         if t.target_field:
-            return text, spans_from_field(record.get(t.target_field), t.target_field, len(text))
-        return text, ((0, len(text)),) if text else ()
+            return text, spans_from_field(record.get(t.target_field), t.target_field, len(text)), None
+        return text, ((0, len(text)),) if text else (), None
     if t.kind == "prompt_response":
         prompt = _as_str(record[t.prompt_field], t.prompt_field) + t.separator
         response = _as_str(record[t.response_field], t.response_field)
         text = prompt + response
-        return text, ((len(prompt), len(text)),) if response else ()
-    return _render_messages(record, t, tokenizer)
+        return text, ((len(prompt), len(text)),) if response else (), None
+    messages = chat_messages(record, t, tokenizer)
+    return (*_render_messages(messages, t, tokenizer), messages)
 
 
 def spans_from_field(value: Any, field: str, n_chars: int) -> TargetSpans:
@@ -235,15 +253,14 @@ def chat_messages(record: dict[str, Any], t: TextTemplate, tokenizer) -> list[di
     return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
-def _render_messages(record: dict[str, Any], t: TextTemplate, tokenizer) -> tuple[str, TargetSpans]:
+def _render_messages(messages: list[dict[str, Any]], t: TextTemplate, tokenizer) -> tuple[str, TargetSpans]:
     """(text, the assistant turns' spans) of a chat; a chat without messages has neither."""
     from logitcache.pipeline.chat import render_chat
 
-    messages = chat_messages(record, t, tokenizer)
     if not messages:
         return "", ()
     try:
-        return render_chat(messages, tokenizer, train_key=t.message_train_field or "train")
+        return render_chat(messages, tokenizer, train_key=t.train_key)
     except LogitCacheError as e:  # about this record's chat: the caller names the record
         raise _RecordError(str(e)) from None
 
@@ -266,7 +283,7 @@ def render_prompt(record: dict[str, Any], t: TextTemplate, tokenizer) -> str:
     if not messages or (len(messages) == 1 and messages[0].get("role") == "assistant"):
         return ""
     try:
-        return last_assistant_prefix(messages, tokenizer, train_key=t.message_train_field or "train")
+        return last_assistant_prefix(messages, tokenizer, train_key=t.train_key)
     except LogitCacheError as e:
         raise _RecordError(str(e)) from None
 
@@ -515,8 +532,8 @@ def dataset_fingerprint(data: str, ds) -> str:
 
 def iter_examples(
     ds, t: TextTemplate, tokenizer, limit: int | None = None, *, generate: bool = False
-) -> Iterator[tuple[int, str, str, TargetSpans]]:
-    """Yield (record index, id, text, target_spans) per record, in dataset order; ids are unique.
+) -> Iterator[Example]:
+    """Yield each record as an :class:`Example`, in dataset order; ids are unique.
 
     ``target_spans`` is ``()`` for a record with no target (an empty response). In generate
     mode ``text`` is the prompt alone and ``target_spans`` ``((len(text), len(text)),)``: the
@@ -535,10 +552,10 @@ def iter_examples(
             record = {**record, **{f: "" for f in text_fields if record.get(f, "") is None}}
         try:
             if generate:
-                text = render_prompt(record, t, tokenizer)
+                text, messages = render_prompt(record, t, tokenizer), None
                 spans: TargetSpans = ((len(text), len(text)),)
             else:
-                text, spans = render(record, t, tokenizer)
+                text, spans, messages = render(record, t, tokenizer)
         except _RecordError as e:
             raise LogitCacheError(f"record {i + 1}: {e}") from e
         if t.id_field:
@@ -556,4 +573,4 @@ def iter_examples(
             count = seen.get(base, 0) + 1
             seen[base] = count
             rid = base if count == 1 else f"{base}-{count}"
-        yield i, rid, text, spans
+        yield Example(i, rid, text, spans, messages)

@@ -98,7 +98,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     tok = load_tokenizer(cfg.model, "--model", trust_remote_code=cfg.trust_remote_code)
     model = load_causal_lm(cfg.model, "--model", trust_remote_code=cfg.trust_remote_code).to(device).eval()
     add_special = add_special_tokens_for(template)
-    records = [(text, spans) for _, _, text, spans in iter_examples(ds, template, tok, cfg.limit) if text.strip() and spans]
+    records = [(ex.text, ex.spans) for ex in iter_examples(ds, template, tok, cfg.limit) if ex.text.strip() and ex.spans]
     if not records:
         raise LogitCacheError(f"--data {cfg.data}: no record with text to evaluate.")
     result = EvalResult(examples=len(records), chars=0, nll_nats=0.0, answered=0, correct=0)

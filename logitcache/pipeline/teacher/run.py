@@ -24,19 +24,18 @@ from logitcache.pipeline.progress import StepProgress, check_log_every, progress
 from logitcache.pipeline.records import (
     TextTemplate,
     add_special_tokens_for,
-    chat_messages,
     check_records,
     dataset_fingerprint,
     iter_examples,
     load_records,
 )
+from logitcache.pipeline.teacher.draws import sequence_key
 from logitcache.pipeline.teacher.engine import ENGINES, GenerationConfig, TeacherEngine, first_bad_value
 from logitcache.storage.fsutil import crash_point, hash_files
 from logitcache.storage.lock import CacheLock
 from logitcache.storage.manifest import Manifest
 from logitcache.storage.parts import part_name
 from logitcache.storage.rows import Row
-from logitcache.pipeline.teacher.draws import sequence_key
 from logitcache.storage.samples import MAX_SAMPLE, PROPOSAL, SAMPLE_COLUMNS
 from logitcache.storage.schema import EXTRA_COLUMNS
 from logitcache.storage.writer import DEFAULT_SHARD_BYTES, CacheWriter
@@ -401,7 +400,7 @@ def _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, m
     by _truncate): a 100 MB record costs what its first tokens cost. A text over ``max_chars``
     is skipped untokenized.
     """
-    for r, rid, text, spans in iter_examples(ds, template, tok, cfg.limit, generate=generate):
+    for r, rid, text, spans, chat in iter_examples(ds, template, tok, cfg.limit, generate=generate):
         if r % count != index or rid in done:
             continue
         if generate:
@@ -417,11 +416,10 @@ def _assigned(ds, template, tok, add_special, cfg, index, count, done, eos_id, m
         ids, starts, ends = encode_prefix_with_offsets(tok, text, max_length, add_special_tokens=add_special)
         if not generate:  # a prompt gets its end after the teacher's response (_generate_window)
             ids, starts, ends = with_eos(ids, starts, ends, len(text), eos_id)
-        # The chat as it was rendered, kept for a student with a template of its own (not in
+        # The chat as it was rendered, kept for a student with a template of its own (none in
         # generate mode: the teacher's answer is not a message of it).
-        chat = json.dumps(chat_messages(ds[r], template, tok), ensure_ascii=False) \
-            if template.kind == "messages" and not generate else None
-        yield _Pending(rid, text, spans, ids, starts, ends, truncated=False, messages=chat)
+        messages = json.dumps(chat, ensure_ascii=False) if chat is not None else None
+        yield _Pending(rid, text, spans, ids, starts, ends, truncated=False, messages=messages)
 
 
 NO_TARGET = "no target"
