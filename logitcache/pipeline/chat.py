@@ -67,6 +67,14 @@ def render_chat(
     Raises ``LogitCacheError`` (one line, without the record id: the caller adds it) when
     the chat is malformed or the template's turns cannot be located.
     """
+    text, turns = render_chat_turns(messages, tokenizer, train_key=train_key)
+    return text, tuple(span for _, span in turns)
+
+
+def render_chat_turns(
+    messages: Sequence[dict[str, Any]], tokenizer, *, train_key: str = "train"
+) -> tuple[str, list[tuple[dict[str, Any], Span]]]:
+    """:func:`render_chat`, each span with the message it is the turn of."""
     chat = _plain_chat(messages, train_key)
     full = _render(tokenizer, chat)
     assistants = [i for i, m in enumerate(chat) if m["role"] == "assistant"]
@@ -76,12 +84,12 @@ def render_chat(
             turns = [_turn_by_prefix(full, chat, i, tokenizer) for i in assistants]
         except _Unlocatable as why:
             raise LogitCacheError(f"the chat template's assistant turns cannot be located ({why}); {_FIX}.") from None
-    spans = [
-        span
+    targets = [
+        (messages[i], span)
         for i, span in zip(assistants, turns)
         if _is_target(messages[i], train_key) and not _is_empty_turn(chat[i]) and span[1] > span[0]
     ]
-    return full, tuple(spans)
+    return full, targets
 
 
 def last_assistant_prefix(messages: Sequence[dict[str, Any]], tokenizer, *, train_key: str = "train") -> str:
@@ -101,19 +109,6 @@ def last_assistant_prefix(messages: Sequence[dict[str, Any]], tokenizer, *, trai
     if last == 0:
         raise LogitCacheError("a chat whose first message is the assistant's has no prompt to answer.")
     return _render(tokenizer, chat[:last], add_generation_prompt=True)
-
-
-def target_turns(messages: Sequence[dict[str, Any]], train_key: str = "train") -> list[dict[str, Any]]:
-    """The assistant messages that give a target span, in the order of render_chat's spans
-    (trained and not empty; a template that renders a turn as nothing gives it no span)."""
-    return [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"
-            and _is_target(m, train_key) and not _is_empty_turn(m)]
-
-
-def content_pieces(message: dict[str, Any]) -> list[str]:
-    """The text of a message that every template copies verbatim (a string, or the text blocks of
-    a multimodal content list)."""
-    return _content_pieces(message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,10 +135,10 @@ def _is_target(message: dict[str, Any], train_key: str) -> bool:
 
 
 def _is_empty_turn(message: dict[str, Any]) -> bool:
-    return not any(_content_pieces(message)) and not message.get("tool_calls")
+    return not any(content_pieces(message)) and not message.get("tool_calls")
 
 
-def _content_pieces(message: dict[str, Any]) -> list[str]:
+def content_pieces(message: dict[str, Any]) -> list[str]:
     """The text the template is expected to copy verbatim: a string, or the text blocks of a
     multimodal content list."""
     content = message.get("content")
@@ -220,7 +215,7 @@ def _turn_header_end(full: str, chat: list[dict[str, Any]], i: int, tokenizer, e
             header_end = probe.index(_SENTINEL)
             if full[len(before):header_end] == probe[len(before):header_end]:
                 return header_end
-    has_content = any(p.strip() for p in _content_pieces(chat[i]))
+    has_content = any(p.strip() for p in content_pieces(chat[i]))
     prompt = _render_part(tokenizer, chat[:i], add_generation_prompt=True) if i else None
     # A generation prompt that adds nothing says nothing about the header; with no content to
     # search for (a tool call only, which some templates refuse to render with content), it is
@@ -235,7 +230,7 @@ def _turn_header_end(full: str, chat: list[dict[str, Any]], i: int, tokenizer, e
 def _content_start(full: str, start: int, end_of_turn: int, message: dict[str, Any]) -> int:
     """The first character of the content at or after ``start``; with no content (a
     tool call only), the first non-space character: leading glue is not generated."""
-    pieces = [p for p in _content_pieces(message) if p.strip()]
+    pieces = [p for p in content_pieces(message) if p.strip()]
     if pieces:
         found = _find(full, pieces[0], start, end_of_turn)
         if found is None:
@@ -248,7 +243,7 @@ def _content_start(full: str, start: int, end_of_turn: int, message: dict[str, A
 def _content_end(full: str, start: int, end_of_turn: int, message: dict[str, Any]) -> int:
     """Just past the last content piece, each found in order from ``start``."""
     cursor = start
-    for piece in _content_pieces(message):
+    for piece in content_pieces(message):
         if not piece.strip():
             continue
         found = _find(full, piece, cursor, end_of_turn)
@@ -300,7 +295,7 @@ def _turns_from_mask(full: str, chat: list[dict[str, Any]], assistants: list[int
     else:
         return None
     for i, (s, e) in zip(assistants, turns):
-        if any(full.find(p, s, e) < 0 and full.find(p.strip(), s, e) < 0 for p in _content_pieces(chat[i])):
+        if any(full.find(p, s, e) < 0 and full.find(p.strip(), s, e) < 0 for p in content_pieces(chat[i])):
             return None
     return turns
 

@@ -28,6 +28,14 @@ def check_log_every(seconds: float | None) -> None:
         raise LogitCacheError(f"--log-every must be 0 or more seconds (got {seconds}); 0 logs at every step.")
 
 
+def is_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal (a closed or file-less stream is not)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def progress_enabled(requested: bool = True) -> bool:
     """Whether progress is shown: asked for, and not switched off by LOGITCACHE_NO_PROGRESS."""
     return requested and not os.environ.get("LOGITCACHE_NO_PROGRESS")
@@ -66,7 +74,7 @@ class StepProgress:
         self.t0 = self.last_print = time.perf_counter()
         if not self.enabled:
             return self
-        if self.bar and self._isatty():
+        if self.bar and is_terminal(self.stream):
             from rich.console import Console
             from rich.markup import escape
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -82,11 +90,6 @@ class StepProgress:
             self._print(self.line())
         return self
 
-    def _isatty(self) -> bool:
-        try:
-            return bool(self.stream.isatty())
-        except (AttributeError, ValueError):
-            return False
 
     def update(self, done: int, loss: float | None = None, note: str = "", total: int | None = None) -> None:
         """``done`` of ``total`` (which a stage that learns its size late may give here)."""

@@ -133,12 +133,17 @@ class TextTemplate:
         d["kind"] = self.kind
         d["add_special_tokens"] = add_special_tokens
         if self.kind == "messages":
-            d["chat_template_sha256"] = hashlib.sha256((chat_template or "").encode()).hexdigest()
+            d["chat_template_sha256"] = chat_template_sha256(chat_template)
             # Every assistant turn a target (format 2); caches written before took the last
             # message alone as the response: a resume of one is refused, not mixed.
             d["chat_targets"] = "assistant_turns"
             d["message_train_field"] = self.train_key
         return d
+
+
+def chat_template_sha256(chat_template: str | None) -> str:
+    """The digest a chat cache's manifest records of the template that rendered it."""
+    return hashlib.sha256((chat_template or "").encode()).hexdigest()
 
 
 def add_special_tokens_for(template: TextTemplate) -> bool:

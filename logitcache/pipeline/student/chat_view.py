@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from logitcache.pipeline.chat import content_pieces, render_chat, target_turns
+from logitcache.pipeline.chat import content_pieces, render_chat_turns
 
 Span = tuple[int, int]
 
@@ -68,10 +68,9 @@ def student_chat_view(
     (both are the trained, non-empty assistant turns); a teacher text cut by --max-length holds
     fewer or shorter spans, and only what it still holds is paired.
     """
-    text, spans = render_chat(messages, tokenizer, train_key=train_key)
-    turns = target_turns(messages, train_key)
+    text, turns = render_chat_turns(messages, tokenizer, train_key=train_key)
     segments = []
-    for (s_a, s_b), (t_a, t_b), message in zip(spans, np.asarray(teacher_spans).reshape(-1, 2).tolist(), turns):
+    for (message, (s_a, s_b)), (t_a, t_b) in zip(turns, np.asarray(teacher_spans).reshape(-1, 2).tolist()):
         pieces = content_pieces(message)
         content = pieces[0].strip() if pieces else ""
         s_at, t_at = _content_at(text, s_a, s_b, pieces), _content_at(teacher_text, t_a, t_b, pieces)
@@ -80,6 +79,7 @@ def student_chat_view(
         length = min(len(content), t_b - t_at)  # the teacher's text may be cut short (--max-length)
         if length > 0 and teacher_text[t_at : t_at + length] == content[:length]:
             segments.append((s_at, t_at, length))
+    spans = tuple(span for _, span in turns)
     return ChatView(text, spans, np.asarray(segments, dtype=np.int64).reshape(-1, 3))
 
 

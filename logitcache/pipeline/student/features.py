@@ -358,9 +358,9 @@ def featurizer_for_cache(cache, tokenizer, alignment: str = "offset", max_length
 def own_chat_template(template: dict[str, Any], tokenizer) -> bool:
     """Whether the student renders a chat cache's chats its own way: it has a chat template, and
     not the one the teacher's rendering used (the manifest's template records its sha256)."""
-    import hashlib
+    from logitcache.pipeline.records import chat_template_sha256
 
     mine = getattr(tokenizer, "chat_template", None)
     if template.get("kind") != "messages" or not isinstance(mine, str):
         return False
-    return hashlib.sha256(mine.encode()).hexdigest() != template.get("chat_template_sha256")
+    return chat_template_sha256(mine) != template.get("chat_template_sha256")

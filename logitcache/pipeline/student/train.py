@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from logitcache.errors import LogitCacheError
-from logitcache.pipeline.progress import StepProgress, trainer_progress
+from logitcache.pipeline.progress import StepProgress, is_terminal, trainer_progress
 from logitcache.pipeline.student import losses
 from logitcache.pipeline.student.config import (  # noqa: F401  (re-exported: the public names stay here)
     DEFAULT_ALIGNMENT, LOSSES, TRACKERS, TrainConfig, check_trackers, coerce_config_value, load_config_file,
@@ -692,7 +692,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         check_eval_targets(cfg, cache.manifest, open_cache(cfg.eval_cache).manifest)
 
     # transformers' tqdm bar only on a terminal: redrawn into a job's log file it is one endless line.
-    bar = cfg.progress and progress_callback is None and _is_terminal(sys.stderr)
+    bar = cfg.progress and progress_callback is None and is_terminal(sys.stderr)
     # Built before the model is loaded: under `accelerate launch` (or --deepspeed) it reads the
     # FSDP / DeepSpeed settings, so from_pretrained can load for them (ZeRO-3 init, rank-0 loading).
     args = _training_arguments(
@@ -861,13 +861,6 @@ def _sharding_notices(trainer: Trainer) -> list[str]:
 # What a training run leaves in --out besides the saved model: checkpoints, our JSON files and
 # the hybrid loss's vocabulary map. A folder holding any of them is a run to resume or refuse.
 _RUN_PREFIXES = ("checkpoint-", "logitcache_", "vocab-map-")
-
-
-def _is_terminal(stream) -> bool:  # noqa: ANN001
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
 
 
 def refuse_foreign_out(out: Path) -> None:
