@@ -68,7 +68,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from logitcache.storage.rows import Row, base_columns_prompt, extra_arrays, flat_list_column
+from logitcache.storage.lists import flat_list_column
+from logitcache.storage.rows import Row, base_columns_prompt, extra_arrays
 from logitcache.storage.samples import SAMPLE_COUNTS, SAMPLE_IDS, decode_sample_columns, sample_fields
 from logitcache.storage.schema import EXTRA_COLUMNS, extra_fields, span_fields
 from logitcache.storage.spans import CHAT_COLUMN, decode_spans, spans_arrays

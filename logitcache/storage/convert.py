@@ -54,7 +54,7 @@ from logitcache.storage.integrity import id_bound, value_problems
 from logitcache.storage.lock import LOCK_NAME, CacheLock
 from logitcache.storage.manifest import CODECS, MANIFEST_NAME, Manifest, load_manifest, resolve_inside
 from logitcache.storage.reader import CacheReader
-from logitcache.storage.rows import FP16_LOWEST, Row
+from logitcache.storage.rows import Row, stored_float16
 from logitcache.storage.spans import CHAT_COLUMN
 from logitcache.storage.verify import verify_cache
 from logitcache.storage.writer import (
@@ -338,8 +338,8 @@ def _mismatch(out: Path, what: str) -> LogitCacheError:
 
 
 def expected_v1_logprobs(x: np.ndarray) -> np.ndarray:
-    """What a v1 cache stores for the decoded log-probs ``x``: float16, finite (rows.py)."""
-    return np.maximum(np.asarray(x, dtype=np.float32), FP16_LOWEST).astype(np.float16)
+    """What a v1 cache stores for the decoded log-probs ``x``: the v1 writer's own float16."""
+    return stored_float16(x)
 
 
 def row_difference(a: Row, b: Row, codec: str) -> tuple[str | None, float]:

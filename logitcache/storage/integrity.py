@@ -31,7 +31,7 @@ from logitcache.errors import LogitCacheError
 from logitcache.storage.codec import CODEC_NAME, META_CODEC
 from logitcache.storage.fsutil import sha256_file
 from logitcache.storage.manifest import Manifest, resolve_inside
-from logitcache.storage.rows import flat_list_column
+from logitcache.storage.lists import flat_list_column
 from logitcache.storage.samples import SAMPLE_COUNTS, SAMPLE_IDS, sample_problems
 from logitcache.storage.schema import STATS_COLUMNS, TAU_COLUMN, WORD_START_COLUMN
 from logitcache.storage.spans import CHAT_COLUMN, chat_problems, span_problems
@@ -136,8 +136,7 @@ def value_problems(batch: pa.RecordBatch | pa.Table, compact: bool | None = None
             out.append(f"{int(bad_positions.sum())} positions {what} (first: id {rid!r})")
 
     def column(name: str) -> tuple[np.ndarray, np.ndarray]:
-        return flat_list_column(batch.column(names.index(name)).combine_chunks()
-                                if isinstance(batch, pa.Table) else batch.column(names.index(name)))
+        return flat_list_column(batch.column(names.index(name)))  # a Table's columns are chunked
 
     ends, end_offsets = column("char_end")
     has_tokens = np.diff(end_offsets) > 0

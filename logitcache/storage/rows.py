@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
+from logitcache.storage.lists import flat_list_column
 from logitcache.storage.samples import SAMPLE_COLUMNS, SAMPLE_COUNTS, SAMPLE_IDS, decode_sample_columns, sample_arrays
 from logitcache.storage.schema import FLAT_EXTRA_COLUMNS, STATS_COLUMNS, TAU_COLUMN, WORD_START_COLUMN, shard_schema
 from logitcache.storage.spans import SPAN_COLUMNS, decode_spans, prompt_chars_column, row_spans, single_span, spans_arrays
@@ -60,6 +61,11 @@ def _list_array(chunks: Sequence[np.ndarray], values: pa.Array) -> pa.ListArray:
 # float16's lowest finite value: a log-prob below it (a probability under e^-65504, 0 in any
 # float) is stored as it rather than as -inf, so a finite teacher never writes a non-finite value.
 FP16_LOWEST = float(np.finfo(np.float16).min)
+
+
+def stored_float16(values) -> np.ndarray:  # noqa: ANN001
+    """What a v1 shard stores for log-probs ``values``: float16, clipped at FP16_LOWEST."""
+    return _as(values, np.float16)
 
 
 def _as(values, dtype: type) -> np.ndarray:
@@ -132,22 +138,6 @@ def extra_arrays(rows: Sequence[Row], n_temperatures: int, logit_stats: bool, wo
         chunks = [np.asarray(r[name]) for r in rows]
         columns[name] = _list_array(chunks, pa.array(_flat(chunks, np.float32), type=pa.float32()))
     return columns
-
-
-def flat_list_column(col: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
-    """The values of a list column as one numpy array, and offsets into it (starting at 0).
-
-    A list of fixed-size lists comes back as a [total, k] matrix. Slices are honoured:
-    ``offsets`` of a sliced array index into the whole child, ``flatten()`` of a
-    fixed-size list honours the child's own offset.
-    """
-    offsets = col.offsets.to_numpy()
-    child = col.values
-    if pa.types.is_fixed_size_list(child.type):
-        values = child.flatten().to_numpy(zero_copy_only=False).reshape(-1, child.type.list_size)
-    else:
-        values = child.to_numpy(zero_copy_only=False)
-    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
 def _split(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:

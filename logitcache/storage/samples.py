@@ -28,6 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
+from logitcache.storage.lists import nested_parts
+
 SAMPLE_IDS = "sample_ids"
 SAMPLE_COUNTS = "sample_counts"
 SAMPLE_COLUMNS = (SAMPLE_IDS, SAMPLE_COUNTS)
@@ -86,18 +88,6 @@ def sample_arrays(rows: Sequence[dict[str, Any]]) -> dict[str, pa.Array]:
     counts = [np.asarray(r[SAMPLE_COUNTS]).reshape(len(r[SAMPLE_COUNTS]), -1) for r in rows]
     keep = [c > 0 for c in counts]
     return {SAMPLE_IDS: _nested(ids, keep, pa.int32()), SAMPLE_COUNTS: _nested(counts, keep, pa.uint8())}
-
-
-def nested_parts(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(values, per-position offsets into them, per-row offsets into the positions), from 0;
-    slices honoured."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    outer = col.offsets.to_numpy().astype(np.int64)
-    positions = col.values
-    inner = positions.offsets.to_numpy().astype(np.int64)[outer[0] : outer[-1] + 1]
-    values = positions.values.to_numpy(zero_copy_only=False)[inner[0] : inner[-1]]
-    return values, inner - inner[0], outer - outer[0]
 
 
 def decode_sample_columns(ids_col: pa.Array, counts_col: pa.Array) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from logitcache.storage.lists import flat_list_column
+
 SPAN_COLUMNS = ("target_start", "target_end")
 CHAT_COLUMN = "messages"  # the chat a record was rendered from, as JSON; null for other records
 
@@ -105,7 +107,7 @@ def decode_spans(batch: pa.RecordBatch, texts: list[str] | None) -> list[Spans] 
     """Per row of ``batch`` its spans: from v2's columns, or v1's ``prompt_chars`` (None: neither read)."""
     names = batch.schema.names
     if all(n in names for n in SPAN_COLUMNS):
-        (s_off, starts), (e_off, ends) = (_list_values(batch.column(names.index(n))) for n in SPAN_COLUMNS)
+        (starts, s_off), (ends, e_off) = (flat_list_column(batch.column(names.index(n))) for n in SPAN_COLUMNS)
         out = []
         for i in range(batch.num_rows):
             s, e = starts[s_off[i]:s_off[i + 1]], ends[e_off[i]:e_off[i + 1]]
@@ -118,13 +120,6 @@ def decode_spans(batch: pa.RecordBatch, texts: list[str] | None) -> list[Spans] 
     return None
 
 
-def _list_values(col: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    offsets = col.offsets.to_numpy()
-    return offsets - offsets[0], col.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
-
-
 def span_problems(batch: pa.RecordBatch) -> list[str]:
     """One message for the rows of a v2 batch whose spans are malformed (naming the first); empty for v1."""
     names = batch.schema.names
@@ -133,7 +128,7 @@ def span_problems(batch: pa.RecordBatch) -> list[str]:
     texts = batch.column(names.index("text"))
     n_chars = pc.utf8_length(texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts).to_numpy()
     prompt = batch.column(names.index("prompt_chars")).to_numpy() if "prompt_chars" in names else None
-    (s_off, _), (e_off, _) = (_list_values(batch.column(names.index(n))) for n in SPAN_COLUMNS)
+    (_, s_off), (_, e_off) = (flat_list_column(batch.column(names.index(n))) for n in SPAN_COLUMNS)
     bad_rows, first, what = 0, None, ""
     for i, spans in enumerate(decode_spans(batch, None)):
         n = int(n_chars[i])

@@ -42,7 +42,8 @@ from logitcache.storage.integrity import (
     tokenizer_problems,
     value_problems,
 )
-from logitcache.storage.rows import flat_list_column, rows_to_table
+from logitcache.storage.lists import flat_list_column
+from logitcache.storage.rows import rows_to_table
 from logitcache.storage.samples import sample_problems
 from logitcache.storage.schema import EXTRA_COLUMNS, STATS_COLUMNS, TAU_COLUMN
 from logitcache.storage.writer import DATA_DIR, SHARD_NAME, TMP_PREFIX
