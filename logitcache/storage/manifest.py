@@ -148,15 +148,19 @@ class Manifest:
 
         return self.compact_encodings * ERROR_BOUND_NATS
 
+    def column_options(self) -> dict[str, Any]:
+        """Which optional columns this cache's shards hold, as the keyword arguments that the
+        schema and table builders of either codec take (shard_schema, rows_to_table, ...)."""
+        return {"n_temperatures": len(self.temperatures), "logit_stats": self.logit_stats,
+                "word_start": self.word_start, "spans": self.has_spans, "sample": self.sample}
+
     def arrow_schema(self):
         """The Arrow schema of this cache's shards (codec, k and optional columns)."""
         if self.codec == "compact":
             from logitcache.storage.codec import compact_schema
 
-            return compact_schema(len(self.temperatures), self.logit_stats, self.word_start, self.has_spans,
-                                  self.sample, topk=self.k > 0)
-        return shard_schema(self.k, len(self.temperatures), self.logit_stats, self.word_start, self.has_spans,
-                            self.sample)
+            return compact_schema(**self.column_options(), topk=self.k > 0)
+        return shard_schema(self.k, **self.column_options())
 
     @property
     def has_spans(self) -> bool:

@@ -185,8 +185,7 @@ def _check_shard(
                     problems.extend(f"{where}: {msg}" for msg in raw)
                     continue
                 rows_ = list(decode_rows(batch, id_table, compact=True))
-                batch = rows_to_table(rows_, k, len(m.temperatures), m.logit_stats, m.word_start,
-                                      m.has_spans, m.sample).to_batches()[0]
+                batch = rows_to_table(rows_, k, **m.column_options()).to_batches()[0]
             for msg in _check_values(batch, k, vocab, has_logsumexp, extra_tol, m):
                 problems.append(f"{where}: {msg}")
     return rows, tokens

@@ -200,18 +200,13 @@ class CacheWriter:
         if self.manifest.codec == "compact":
             from logitcache.storage import codec
 
-            table = codec.encode_compact(
-                rows, self.manifest.k, id_table=self._id_table,
-                n_temperatures=len(self.manifest.temperatures), logit_stats=self.manifest.logit_stats,
-                word_start=self.manifest.word_start, spans=self.manifest.has_spans, sample=self.manifest.sample,
-            )
+            table = codec.encode_compact(rows, self.manifest.k, id_table=self._id_table,
+                                         **self.manifest.column_options())
             self._id_table = codec.id_table_of(table.schema)
             # The id table grows with each row group; the shard's final one goes into its footer.
             meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != codec.META_IDS}
             return table.replace_schema_metadata(meta), codec.PARQUET_OPTIONS
-        m = self.manifest
-        return (rows_to_table(rows, m.k, len(m.temperatures), m.logit_stats, m.word_start, m.has_spans, m.sample),
-                V1_PARQUET_OPTIONS)
+        return rows_to_table(rows, self.manifest.k, **self.manifest.column_options()), V1_PARQUET_OPTIONS
 
     def _flush_row_group(self) -> None:
         if not self._buffer:
