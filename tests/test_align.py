@@ -13,9 +13,9 @@ S_START, S_END = np.array([0, 0, 1, 2, 3]), np.array([0, 1, 2, 3, 5])
 
 def test_targets_are_positions_whose_next_token_ends_in_the_response():
     # teacher position 1 predicts " c" (ends at 4), position 2 predicts "d"
-    assert target_positions(T_START, T_END, prompt_chars=2).tolist() == [1, 2]
+    assert target_positions(T_START, T_END, 2).tolist() == [1, 2]
     # student position 2 predicts " ", position 3 predicts "cd"
-    assert target_positions(S_START, S_END, prompt_chars=2).tolist() == [2, 3]
+    assert target_positions(S_START, S_END, 2).tolist() == [2, 3]
     # a limit cuts targets that end past it
     assert target_positions(T_START, T_END, 2, limit_chars=4).tolist() == [1]
 
@@ -23,11 +23,11 @@ def test_targets_are_positions_whose_next_token_ends_in_the_response():
 def test_a_token_straddling_the_boundary_is_a_target():
     # prompt "a:" + response "\nb": the token ":\n" (1,3) covers the response's first character
     starts, ends = np.array([0, 0, 1, 3]), np.array([0, 1, 3, 4])  # <s> | a | ":\n" | b
-    assert target_positions(starts, ends, prompt_chars=2).tolist() == [1, 2]
+    assert target_positions(starts, ends, 2).tolist() == [1, 2]
     # an empty span (a later byte piece) counts by where it sits
     starts, ends = np.array([0, 0, 2, 2]), np.array([0, 2, 2, 3])  # <s> | a: | (piece at 2) | b
-    assert target_positions(starts, ends, prompt_chars=2).tolist() == [2]
-    assert target_positions(starts, ends, prompt_chars=1).tolist() == [0, 1, 2]
+    assert target_positions(starts, ends, 2).tolist() == [2]
+    assert target_positions(starts, ends, 1).tolist() == [0, 1, 2]
 
 
 def test_position_alignment_pairs_responses_index_by_index():

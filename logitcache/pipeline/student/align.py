@@ -79,8 +79,7 @@ def _as_span_array(spans: SpanLike) -> np.ndarray:
     return a.reshape(-1, 2) if a.size else np.zeros((0, 2), np.int64)
 
 
-def target_positions(starts: np.ndarray, ends: np.ndarray, spans: SpanLike | None = None, limit_chars: int | None = None,
-                     *, prompt_chars: int | None = None) -> np.ndarray:
+def target_positions(starts: np.ndarray, ends: np.ndarray, spans: SpanLike, limit_chars: int | None = None) -> np.ndarray:
     """Positions p (predicting token p+1) whose predicted token is a target (see the module) and,
     with ``limit_chars``, ends within the first ``limit_chars`` characters.
 
@@ -88,14 +87,10 @@ def target_positions(starts: np.ndarray, ends: np.ndarray, spans: SpanLike | Non
         starts, ends: [n] character spans of the tokens (normalised, see offsets.py), without
             an end-of-sequence token (the featurizer handles the ends).
         spans: the row's target spans ([m, 2] [start, end) pairs, sorted and apart), or v1's
-            ``prompt_chars`` (an int: one span from it to the end; also accepted by that name).
+            ``prompt_chars`` (an int: one span from it to the end).
     Returns:
         int64 ascending array of positions in 0..n-2.
     """
-    if spans is None:
-        if prompt_chars is None:
-            raise TypeError("target_positions needs the target spans (or prompt_chars)")
-        spans = prompt_chars
     return np.flatnonzero(_target_span_of(np.asarray(starts[1:]), np.asarray(ends[1:]), spans, limit_chars) >= 0)
 
 
