@@ -59,9 +59,28 @@ def inspect(
         return
     row = c[example] if example is not None else None  # an unknown id is refused before anything is printed
     student_tok = _load_student(student) if student is not None else None
-    m = c.manifest
     console = Console()
-    summary = Table(title=f"cache {cache}", show_header=False)
+    show_summary(c, cache, console)
+    if stats:
+        _show_stats(console, c, limit, student_tok, plot)
+        if example is None:
+            return
+    show_example(c, row, tokens, alternatives, console)
+
+
+def show_example(c, row: dict | None = None, tokens: int = 32, alternatives: int = 3,  # noqa: ANN001
+                 console: Console | None = None) -> None:
+    """Print one example of the open cache ``c`` (``row``; None: the first) token by token, with
+    the teacher's top alternatives; nothing for an empty cache."""
+    if c.manifest.num_examples == 0:
+        return
+    _show_example(console or Console(), c, row if row is not None else next(iter(c)), tokens, alternatives)
+
+
+def show_summary(c, path: Path, console: Console | None = None) -> None:  # noqa: ANN001
+    """Print the summary table of the open cache ``c`` (what `inspect` prints first)."""
+    m = c.manifest
+    summary = Table(title=f"cache {path}", show_header=False)
     bpt = m.num_bytes / m.num_tokens if m.num_tokens else 0.0
     for key, value in [
         ("status", m.status),
@@ -79,16 +98,7 @@ def inspect(
         ("created", m.created_at),
     ]:
         summary.add_row(key, str(value))
-    console.print(summary)
-    if stats:
-        _show_stats(console, c, limit, student_tok, plot)
-        if example is None:
-            return
-    if m.num_examples == 0:
-        return
-    if row is None:
-        row = next(iter(c))
-    _show_example(console, c, row, tokens, alternatives)
+    (console or Console()).print(summary)
 
 
 def _check_ids_alone(ids: bool, **others) -> None:

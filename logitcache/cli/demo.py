@@ -49,7 +49,8 @@ def demo(
         student_steps=student_steps, top_k=top_k,
     )
     _check_options(cfg, threads=threads, teacher_only=teacher_only)
-    from logitcache.cli.cache import inspect, verify
+    from logitcache.cli.cache import show_example, show_summary, verify
+    from logitcache.storage import open_cache
     from logitcache.pipeline.demo import configure_threads, evaluate_all, format_table, run_teacher_part, train_students
     from logitcache.pipeline.progress import clock
 
@@ -58,7 +59,9 @@ def demo(
     typer.echo(f"  {configure_threads(threads)}")
     paths, r = run_teacher_part(cfg, progress=progress)
     typer.echo(f"[2/5] teacher stage: {r.written} examples written, {r.tokens_per_second:,.0f} tokens/s -> {paths.cache}")
-    inspect(paths.cache, example=None, tokens=12, alternatives=3, stats=False, student=None, limit=None, plot=None, ids=False)
+    cache = open_cache(paths.cache)  # what `logitcache inspect` shows of it
+    show_summary(cache, paths.cache)
+    show_example(cache, tokens=12)
     verify(paths.cache, fast=False, log_every=30.0)
     if teacher_only:
         return
