@@ -108,3 +108,48 @@ def other_teacher_cache(tmp_path_factory, data_file) -> Path:
     out = tmp_path_factory.mktemp("cache") / "other-teacher"
     run_teacher(make_config(teacher, data_file, out), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A real S3 API on loopback (moto's standalone server), for the whole session.
+
+    The environment points every s3fs client (ours, and the console script's in a subprocess)
+    at it through fsspec's FSSPEC_S3_ENDPOINT_URL, with throwaway credentials.
+    """
+    import logging
+
+    pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "FSSPEC_S3_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec.config
+
+    fsspec.config.set_conf_env(fsspec.config.conf)  # fsspec read its environment at import
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request) -> str:
+    """A fresh, empty bucket on the loopback S3 server: ``s3://<name>``."""
+    import re
+    import uuid
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}"
