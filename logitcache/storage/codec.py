@@ -62,12 +62,14 @@ from __future__ import annotations
 import base64
 import math
 import zlib
+from fractions import Fraction
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from logitcache.storage import codec_refs
 from logitcache.storage.lists import flat_list_column
 from logitcache.storage.rows import Row, base_columns_prompt, extra_arrays
 from logitcache.storage.samples import SAMPLE_COUNTS, SAMPLE_IDS, decode_sample_columns, sample_fields
@@ -75,12 +77,17 @@ from logitcache.storage.schema import EXTRA_COLUMNS, extra_fields, span_fields
 from logitcache.storage.spans import CHAT_COLUMN, decode_spans, spans_arrays
 
 CODEC_NAME = "compact"
-DEFAULT_STEP = 2.0**-6  # q: a power of two, so q * n is exact in float64
+# q: 5 * 2**-8, so q * n is exact in float32 for n < 2**24 / 5, and q / 2 = 0.00977 nats keeps
+# every probability within 0.99 % (ln 1.01 = 0.00995 nats); version 1 tables were written at 2**-6.
+DEFAULT_STEP = 5 * 2.0**-8
+CODEC_VERSION = 2  # 1: ranks only (tables without META_VERSION); 2: ids by reference (codec_refs.py)
+CODEC_VERSIONS = (1, 2)
 _F32_SLACK = 2.0**-17  # float32 rounding: half an ulp of any |lp| < 256 is at most 2**-17
 META_CODEC = b"logitcache.codec"
 META_K = b"logitcache.k"
 META_STEP = b"logitcache.step"
 META_IDS = b"logitcache.id_table"
+META_VERSION = b"logitcache.codec_version"
 
 # Parquet settings chosen by measurement (benchmarks/storage.py, tiny-teacher and Zipf rows):
 # byte planes as PLAIN binary + zstd beat BYTE_STREAM_SPLIT / DELTA_BINARY_PACKED / dictionary
@@ -264,13 +271,16 @@ def _cat(chunks: list[np.ndarray], dtype: Any, width: int | None = None) -> np.n
 def encode_compact(
     rows: Sequence[Row], k: int, *, step: float = DEFAULT_STEP, id_table: np.ndarray | None = None,
     n_temperatures: int = 0, logit_stats: bool = False, word_start: bool = False, spans: bool = True,
-    sample: int = 0,
+    sample: int = 0, version: int = CODEC_VERSION,
 ) -> pa.Table:
-    """Rows (v1 layout) -> a compact Arrow table; its schema metadata holds k, step, id table.
-    ``spans``: format v2's span columns (False: a format v1 table); ``sample``: the cache's draws
-    per position (0: none), stored as in v1."""
+    """Rows (v1 layout) -> a compact Arrow table; its schema metadata holds k, step, id table
+    and the codec version. ``spans``: format v2's span columns (False: a format v1 table);
+    ``sample``: the cache's draws per position (0: none), stored as in v1; ``version``: 1
+    writes the ids as ranks only, as logitcache did before version 2 (for tests and benchmarks)."""
     if k < 0:
         raise ValueError("k must be >= 0")
+    if version not in CODEC_VERSIONS:
+        raise ValueError(f"compact codec version {version}: use one of {CODEC_VERSIONS}")
     if k == 0:
         return _encode_k0(rows, step, id_table, n_temperatures, logit_stats, word_start, spans, sample)
     n_pos = [max(len(r["input_ids"]) - 1, 0) for r in rows]
@@ -316,13 +326,21 @@ def encode_compact(
         "top1_logprob": _list_of(top1, n_pos, pa.float32()),
     }
     columns["topk_steps_lo"], columns["topk_steps_hi"] = _planes(steps.reshape(-1).astype(np.int64), [m * (k - 1) for m in n_pos])
-    columns["topk_ranks_lo"], columns["topk_ranks_hi"] = _planes(ranks.reshape(-1), [m * k for m in n_pos])
+    if version == 1:
+        values, counts = ranks.reshape(-1), [m * k for m in n_pos]
+    else:
+        row_of = np.repeat(np.arange(len(rows)), n_pos)
+        tokens = _cat([ids_[: m] for ids_, m in zip(input_ids, n_pos)], np.int64)
+        prev, _ = codec_refs.previous_same_token(tokens, row_of)
+        values, counts = codec_refs.encode_id_values(ids, ranks, prev, row_of, len(rows))
+    columns["topk_ranks_lo"], columns["topk_ranks_hi"] = _planes(values, counts)
     columns.update(extra_arrays(rows, n_temperatures, logit_stats, word_start, sample))
     metadata = {
         META_CODEC: CODEC_NAME.encode(),
         META_K: str(k).encode(),
         META_STEP: repr(float(step)).encode(),
         META_IDS: _encode_ids(table_ids),
+        **({META_VERSION: str(version).encode()} if version > 1 else {}),
     }
     schema = compact_schema(n_temperatures, logit_stats, word_start, spans, sample).with_metadata(metadata)
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
@@ -391,6 +409,10 @@ def decode_compact(
         raise ValueError("not a compact-codec batch (no logitcache.codec=compact in its schema metadata)")
     k = int(meta[META_K])
     step = float(meta[META_STEP])
+    version = int(meta.get(META_VERSION, b"1"))
+    if version not in CODEC_VERSIONS:
+        raise ValueError(f"compact codec version {version}: this logitcache reads versions {CODEC_VERSIONS}; "
+                         "upgrade logitcache to read this shard")
     if id_table is None and META_IDS not in meta:
         raise ValueError("this batch carries no id table; pass id_table=read_id_table(parquet_file)")
     table_ids = _decode_ids(meta[META_IDS]) if id_table is None else np.asarray(id_table, dtype=np.int32)
@@ -404,17 +426,24 @@ def decode_compact(
     m = len(top1)
     n_pos = np.diff(pos_off)
     steps = _unplanes(col(names.index("topk_steps_lo")), col(names.index("topk_steps_hi")), n_pos * (k - 1))
-    ranks = _unplanes(col(names.index("topk_ranks_lo")), col(names.index("topk_ranks_hi")), n_pos * k)
+    lo_ranks, hi_ranks = col(names.index("topk_ranks_lo")), col(names.index("topk_ranks_hi"))
     n = np.zeros((m, k), dtype=steps.dtype)
     if k > 1:
         np.cumsum(steps.reshape(m, k - 1), axis=1, out=n[:, 1:])
-    if math.frexp(step)[0] == 0.5 and (not n.size or n.max() < 1 << 24):
-        # q a power of two and n < 2**24: n * q is exact in float32, so one float32
-        # subtraction rounds the exact lp_0 - n*q once, as float64 then float32 would.
+    q = Fraction(step)  # exact: a float is a dyadic fraction
+    if q.denominator & (q.denominator - 1) == 0 and (not n.size or int(n.max()) * q.numerator < 1 << 24):
+        # n * q = (n * numerator) / 2**e with n * numerator < 2**24: exact in float32, so one
+        # float32 subtraction rounds the exact lp_0 - n*q once, as float64 then float32 would.
         lp = top1.astype(np.float32)[:, None] - n.astype(np.float32) * np.float32(step)
     else:
         lp = (top1.astype(np.float64)[:, None] - n * step).astype(np.float32)
-    ids = table_ids[ranks.reshape(m, k)] if m else np.zeros((0, k), np.int32)
+    if version == 1:
+        ranks = _unplanes(lo_ranks, hi_ranks, n_pos * k)
+        if len(ranks) and ranks.max() >= len(table_ids):
+            raise ValueError("corrupt top-k id column: an id rank beyond the id table")
+        ids = table_ids[ranks.reshape(m, k)] if m else np.zeros((0, k), np.int32)
+    else:
+        ids = _decode_referenced_ids(batch, lo_ranks, hi_ranks, n_pos, table_ids, k)
 
     out: dict[str, list[Any]] = {}
     for name in ("id", "text", "prompt_chars", "truncated"):
@@ -439,6 +468,23 @@ def decode_compact(
         order += (SAMPLE_IDS, SAMPLE_COUNTS)
     for i in range(batch.num_rows):
         yield {name: out[name][i] for name in order}
+
+
+def _decode_referenced_ids(batch: pa.RecordBatch, lo: pa.Array, hi: pa.Array, n_pos: np.ndarray,
+                           table_ids: np.ndarray, k: int) -> np.ndarray:
+    """A version 2 batch's [m, k] top-k ids (codec_refs.py), from its input tokens and rank planes."""
+    tokens, tok_off = flat_list_column(batch.column(batch.schema.names.index("input_ids")))
+    n_tok = np.diff(tok_off)
+    if not np.array_equal(np.maximum(n_tok - 1, 0), n_pos):
+        raise ValueError("corrupt compact batch: top-1 log-probs do not match the input tokens")
+    keep = np.ones(len(tokens), dtype=bool)
+    keep[tok_off[1:][n_tok > 0] - 1] = False  # a row's last token predicts nothing
+    row_of = np.repeat(np.arange(len(n_pos)), n_pos)
+    prev, level = codec_refs.previous_same_token(tokens[keep], row_of)
+    lo_off, _ = _binary_parts(lo)
+    counts = np.diff(lo_off)
+    values = _unplanes(lo, hi, counts)
+    return codec_refs.decode_id_values(values, counts, prev, level, row_of, table_ids, k)
 
 
 def _decode_k0(batch: pa.RecordBatch) -> Iterator[Row]:
