@@ -1,6 +1,4 @@
-"""The compact codec: top-k logprobs quantised, top-k ids remapped by frequency rank.
-
-Not yet wired into the writer/reader (issue 6); v1 (``rows.py``) stays the default.
+"""The compact codec: top-k logprobs quantised, top-k ids by reference or by frequency rank.
 
 What one compact table holds, per row (one example), compared with v1 (DESIGN.md §2):
 
@@ -18,36 +16,45 @@ What one compact table holds, per row (one example), compared with v1 (DESIGN.md
   largest step; ``_lo`` holds the low byte of every step, ``_hi`` the ``w - 1`` higher
   byte planes one after the other (empty when ``w = 1``), so ``w`` follows from the
   lengths. Splitting bytes into planes lets zstd's entropy stage see homogeneous bytes.
-* ``topk_ranks_lo`` / ``topk_ranks_hi`` (binary, the same plane layout), ``k`` per
-  position: each top-k id's index in the *id table*, which lists ids by decreasing
-  frequency among the top-k ids of the rows encoded (ties by id), so frequent ids become
-  small numbers (mostly one byte plus a low-entropy high byte).
+* ``topk_ranks_lo`` / ``topk_ranks_hi`` (binary, the same plane layout): the top-k ids.
+  An id's *rank* is its index in the *id table*, which lists ids by decreasing frequency
+  among the top-k ids of the rows encoded (ties by id), so frequent ids become small
+  numbers. Version 1 (tables without ``logitcache.codec_version``) stores the rank of
+  every id, ``k`` per position. Version 2 (the default) first stores, for the positions
+  whose input token occurred earlier in the row, a small reference symbol per id into the
+  top-k at that earlier position, then the ranks of the ids not found there
+  (``codec_refs.py``): 9 % fewer bytes for the whole cache at k=64 on the quality
+  benchmark's teacher (benchmarks/codec_real.py).
 
-The schema is fixed (no per-table integer types), so a writer can stream row groups of
-any content into one Parquet file.
+The schema is fixed (no per-table integer types, the same columns in both versions), so a
+writer can stream row groups of any content into one Parquet file, and a cache's shards
+may mix versions (``logitcache merge`` of parts written before and after version 2).
 
-The schema's key-value metadata holds the codec name, ``k``, ``q`` and the id table
-(int32 deltas, zlib, base64). ``encode_compact(rows, k, id_table=prev)`` keeps ``prev`` as a
+The schema's key-value metadata holds the codec name, ``k``, ``q``, the version (from 2 on)
+and the id table (int32 deltas, zlib, base64). ``encode_compact(rows, k, id_table=prev)`` keeps ``prev`` as a
 prefix and appends the ids it has not seen (most frequent first), so a writer that
 streams row groups into one shard can pass each table's id table to the next and store
 the last one (a superset valid for every row group) in the file footer.
 
 Error bound (per stored logprob, against the float16/float32 values given to the encoder):
-decoding computes ``lp̂_i = lp_0 - q * n_i`` in float64 and rounds once to float32, so
+decoding computes ``lp̂_i = lp_0 - q * n_i`` (``q * n_i`` exact in float32, as ``q`` is a small
+odd number times a power of two) and rounds once to float32, so
 
     |lp_i - lp̂_i| <= q / 2 + ulp_f32(|lp̂_i|) / 2   (the top-1 itself is exact)
 
-With the default ``q = 2**-6``: ``q/2 = 0.0078125`` nats, and the float32 term is at most
-``2**-17`` (7.6e-6) for ``|lp| < 256`` (the logprobs that matter, p >= 1e-4, have
-``|lp| < 9.3``, where it is at most ``2**-20``). So every stored logprob above -256 is
-within ``ERROR_BOUND_NATS = q/2 + 2**-17 < 0.0079 < 0.01`` nats (below -256, i.e.
-p < 1e-111, the float32 term is ``|lp| * 2**-24``: still < 0.01 down to lp = -37000).
+With the default ``q = 5 * 2**-8`` (version 1 tables were written at ``q = 2**-6``, and
+decode with the ``q`` their metadata records): ``q/2 = 0.009765625`` nats, and the float32
+term is at most ``2**-17`` (7.6e-6) for ``|lp| < 256`` (the logprobs that matter, p >= 1e-4,
+have ``|lp| < 9.3``, where it is at most ``2**-20``). So every stored logprob above -256 is
+within ``ERROR_BOUND_NATS = q/2 + 2**-17 < 0.00978 < ln(1.01) = 0.00995`` nats (below -256,
+i.e. p < 1e-111, the float32 term is ``|lp| * 2**-24``: still < 0.01 down to lp = -3700).
 
 For probabilities, ``p̂ = p * exp(lp̂ - lp)`` so ``|p - p̂| <= p * (exp(e) - 1)`` with
-``e = ERROR_BOUND_NATS``: a relative error of at most 0.79 %, hence for ``p >= 1e-4`` the
-absolute error is at most ``p * 0.0079`` (``<= 0.0079`` at p = 1, ``<= 7.9e-7`` at
-p = 1e-4). See :func:`prob_error_bound`. Relative to the teacher's float32 logprobs,
-add the float16 rounding v1 already makes (``<= |lp| * 2**-11``).
+``e = ERROR_BOUND_NATS``: a relative error of at most 0.983 %, for every probability, not
+only those >= 1e-4 (the absolute error is at most ``p * 0.00983``: <= 9.9e-7 at p = 1e-4).
+See :func:`prob_error_bound`. Relative to the teacher's float32 logprobs, add the float16
+rounding v1 already makes (``<= |lp| * 2**-11``) when the rows came from a v1 cache
+(``logitcache convert``); the teacher stage encodes its float32 values directly.
 
 Decoded rows have the v1 layout with ``topk_logprobs`` as float32 and ``topk_ids`` int32.
 Pure numpy/pyarrow.
@@ -78,7 +85,7 @@ from logitcache.storage.spans import CHAT_COLUMN, decode_spans, spans_arrays
 
 CODEC_NAME = "compact"
 # q: 5 * 2**-8, so q * n is exact in float32 for n < 2**24 / 5, and q / 2 = 0.00977 nats keeps
-# every probability within 0.99 % (ln 1.01 = 0.00995 nats); version 1 tables were written at 2**-6.
+# every probability within 0.983 % (< 1 %: ln 1.01 = 0.00995 nats); version 1 tables were written at 2**-6.
 DEFAULT_STEP = 5 * 2.0**-8
 CODEC_VERSION = 2  # 1: ranks only (tables without META_VERSION); 2: ids by reference (codec_refs.py)
 CODEC_VERSIONS = (1, 2)

@@ -25,7 +25,7 @@ the source. Then the result is checked, and only then marked complete:
     already float16, so the values are identical; from a compact source, ``x`` is float32
     (``lp_0 - n * q``) and the float16 rounding moves it by at most half a float16 ulp,
     ``|x| * 2**-11``.
-  - to ``compact``: within ``codec.ERROR_BOUND_NATS`` (q/2 + 2**-17 < 0.0079 nats) of ``x``.
+  - to ``compact``: within ``codec.ERROR_BOUND_NATS`` (q/2 + 2**-17 < 0.0098 nats) of ``x``.
 
 Interrupted (Ctrl-C, SIGTERM, a kill): OUT is a partial cache whose manifest names the source;
 rerunning the same command resumes it, keeping the finished shards. Any other non-empty OUT is
