@@ -127,13 +127,11 @@ def decode_id_values(values: np.ndarray, counts: np.ndarray, prev: np.ndarray, l
     idx = np.int32 if m * k < 1 << 31 else np.int64
     ar = np.arange(k, dtype=idx)[None, :]
     j = ar + _unzigzag(sym.astype(idx, copy=False))
+    if (hit & ((j < 0) | (j >= k))).any():
+        raise ValueError("corrupt top-k id column: a reference outside the top-k")
     by_level = np.argsort(level[t], kind="stable")  # positions, not entries: m log m
     t, hit, j = t[by_level].astype(idx), hit[by_level], j[by_level]
     src = np.where(hit, prev[t].astype(idx)[:, None] * k + j, t[:, None] * k + ar)
-    # A hit's source must lie in its reference's row (an escape's is its own entry).
-    lo = np.where(hit, prev[t].astype(idx)[:, None] * k, t[:, None] * k)
-    if ((src - lo) < 0).any() or ((src - lo) >= k).any():
-        raise ValueError("corrupt top-k id column: a reference outside the top-k")
     lev = level[t]
     ends = np.flatnonzero(np.diff(lev)).tolist()
     flat = ids.reshape(-1)
