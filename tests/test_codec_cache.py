@@ -80,3 +80,37 @@ def test_cli_writes_inspects_and_verifies_a_compact_cache(tmp_path, teacher_dir,
     assert runner.invoke(app, ["inspect", str(out)]).exit_code == 0
     r = runner.invoke(app, ["verify", str(out)])
     assert r.exit_code == 0 and r.output.startswith("OK"), r.output
+
+
+def test_a_shard_from_a_newer_codec_version_is_refused_in_one_line(compact_cache, tmp_path):
+    """A shard whose sha256 is right but whose codec version this logitcache does not know (a
+    newer writer): the reader and verify name the version and the fix, no traceback."""
+    import hashlib
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from logitcache.pipeline.student.dataset import LogitCacheDataset
+    from logitcache.storage.codec import META_IDS, META_VERSION, PARQUET_OPTIONS
+
+    cache = tmp_path / "cache"
+    shutil.copytree(compact_cache, cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    shard = manifest["shards"][0]
+    path = cache / shard["path"]
+    f = pq.ParquetFile(path)
+    schema = f.schema_arrow.with_metadata({**f.schema_arrow.metadata, META_VERSION: b"9"})
+    ids = f.metadata.metadata[META_IDS]
+    table = f.read().replace_schema_metadata(schema.metadata)
+    with pq.ParquetWriter(path, schema, **PARQUET_OPTIONS) as w:
+        w.write_table(table)
+        w.add_key_value_metadata({META_IDS: ids})
+    shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    shard["bytes"] = path.stat().st_size
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(LogitCacheError, match="version 9.*upgrade logitcache"):
+        list(LogitCacheDataset(cache, None, shuffle=False))
+    report = verify_cache(cache)
+    assert not report.ok and any("version 9" in p for p in report.problems), report.problems
