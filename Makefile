@@ -34,9 +34,11 @@ $(VENV)/.quality-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet "matplotlib>=3.7"
 	touch $@
 
-quality: $(VENV)/.quality-installed  ## KD vs SFT on real text, 3 seeds, with the two-teacher and sampled-target rows (about 80 min on 2 cores from an empty cache, the teachers' training included; later runs reuse them), then sampled targets vs top-k on the demo's tiny teacher; results in benchmarks/RESULTS.md
+quality: $(VENV)/.quality-installed  ## KD vs SFT on real text, 3 seeds, with the two-teacher and sampled-target rows (about 80 min on 2 cores from an empty cache, the teachers' training included; later runs reuse them), then sampled targets vs top-k on the demo's tiny teacher, the codec and the reader on its teacher; results in benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/quality.py --multi-teacher --sampled $(QUALITY_ARGS)
 	$(BIN)/python benchmarks/sampled_targets.py --seeds 3
+	$(BIN)/python benchmarks/codec_real.py  # the codec on the quality teacher (issue 17 §3)
+	$(BIN)/python benchmarks/reader_vs_datasets.py  # the stage-2 reader vs datasets streaming
 
 quality-quick: $(VENV)/.quality-installed  ## the same pipeline on small data, 1 seed (a few minutes)
 	$(BIN)/python benchmarks/quality.py --quick
