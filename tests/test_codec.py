@@ -238,7 +238,7 @@ def real_like_rows(n_rows: int, k: int, V: int = 5000, seed: int = 0, n_tokens: 
         ids = np.empty((n - 1, k), np.int32)
         for t in range(n - 1):
             row = base[int(tokens[t])].copy()
-            for a in rng.integers(0, k - 1, size=k // 8):  # neighbours swapped
+            for a in rng.integers(0, max(k - 1, 1), size=k // 8):  # neighbours swapped
                 row[a], row[a + 1] = row[a + 1], row[a]
             fresh = rng.choice(V, size=k // 8, replace=False)
             fresh = fresh[~np.isin(fresh, row)]
@@ -289,6 +289,13 @@ def test_ids_are_stored_by_reference_to_the_same_token_earlier(tmp_path):
         compact_schema().names.index("topk_ranks_lo")).total_compressed_size
     assert size("new") < 0.85 * size("old")
     assert [r["topk_ids"].tolist() for r in roundtrip(rows, 32)] == [r["topk_ids"].tolist() for r in rows]
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 129])
+def test_references_round_trip_at_any_k(k, tmp_path):
+    """k = 1 (one symbol besides the escape), k = 129 (symbols past one byte)."""
+    rows = real_like_rows(5, k, seed=k, n_tokens=90)
+    check(rows, roundtrip(rows, k, tmp_path), k)
 
 
 def test_references_resolve_in_any_slice_of_rows():
