@@ -283,7 +283,7 @@ def main() -> None:
     report = (
         f"## Codec on the quality teacher ({time.strftime('%Y-%m-%d')}, {time.perf_counter() - t_start:.0f} s)\n\n"
         f"Machine: {machine()}\n\n"
-        f"Command: `python benchmarks/codec_real.py`. Teacher: the quality benchmark's ({teacher.name}, "
+        f"Command: `python benchmarks/codec_real.py --repeats {args.repeats}`. Teacher: the quality benchmark's ({teacher.name}, "
         f"V={vocab}, trained on Python standard-library text), scored by the real stage 1 over the quality "
         f"benchmark's held-out windows ({len(all_rows)} windows, {tokens:,} tokens, text it never trained on); "
         f"the truth is its float32 top-128.\n\n"

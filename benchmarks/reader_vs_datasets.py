@@ -155,7 +155,7 @@ def main() -> None:
     report = (
         f"## Stage-2 reader vs `datasets` streaming ({time.strftime('%Y-%m-%d')}, {time.perf_counter() - t_start:.0f} s)\n\n"
         f"Machine: {machine()}\n\n"
-        f"Command: `python benchmarks/reader_vs_datasets.py`. Cache: the quality teacher over the held-out "
+        f"Command: `python benchmarks/reader_vs_datasets.py --repeats {args.repeats}`. Cache: the quality teacher over the held-out "
         f"windows, k={K}, v1 ({reader.manifest.num_examples} rows, {tokens:,} tokens) and its compact copy; "
         f"student with the teacher's tokenizer, batches of {BATCH}; one core, no workers, {args.repeats} "
         "repeats with the arms interleaved.\n\n"
