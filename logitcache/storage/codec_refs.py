@@ -122,21 +122,24 @@ def decode_id_values(values: np.ndarray, counts: np.ndarray, prev: np.ndarray, l
     if not len(t):
         return ids
     # References: entry (t, i) copies entry (prev[t], i + d); an escaped entry copies itself
-    # (already filled). A position's reference is one level below it, so resolving the levels
-    # in order finds every reference decoded.
+    # (already filled): d by table lookup, 0 for the escape.
     idx = np.int32 if m * k < 1 << 31 else np.int64
-    ar = np.arange(k, dtype=idx)[None, :]
-    j = ar + _unzigzag(sym.astype(idx, copy=False))
-    if (hit & ((j < 0) | (j >= k))).any():
+    shift = _unzigzag(np.arange(esc + 1, dtype=idx))
+    shift[esc] = 0
+    j = np.arange(k, dtype=idx)[None, :] + shift[sym]
+    if j.min() < 0 or j.max() >= k:
         raise ValueError("corrupt top-k id column: a reference outside the top-k")
-    by_level = np.argsort(level[t], kind="stable")  # positions, not entries: m log m
-    t, hit, j = t[by_level].astype(idx), hit[by_level], j[by_level]
-    src = np.where(hit, prev[t].astype(idx)[:, None] * k + j, t[:, None] * k + ar)
+    src = np.where(hit, prev[t].astype(idx)[:, None] * k, t.astype(idx)[:, None] * k)
+    src += j
+    # A position's reference is one level below it: resolving the levels in order finds every
+    # reference decoded. by_level holds indices into t (and src), grouped by level.
     lev = level[t]
-    ends = np.flatnonzero(np.diff(lev)).tolist()
+    by_level = np.argsort(lev, kind="stable")  # positions, not entries: m log m
+    ends = (np.flatnonzero(np.diff(lev[by_level])) + 1).tolist() + [len(t)]
     flat = ids.reshape(-1)
     a = 0
-    for b in [e + 1 for e in ends] + [len(t)]:
-        ids[t[a:b]] = flat[src[a:b]]
+    for b in ends:
+        rows = by_level[a:b]
+        ids[t[rows]] = flat[src[rows]]
         a = b
     return ids
