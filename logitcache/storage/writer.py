@@ -39,6 +39,7 @@ from logitcache.storage.marker import clear_marked, write_marker
 from logitcache.storage.manifest import CODECS, MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 from logitcache.storage.rows import V1_PARQUET_OPTIONS, Row, row_nbytes, rows_to_table
 from logitcache.storage.samples import SAMPLE_COLUMNS, SAMPLE_COUNTS
+from logitcache.storage.segments import shard_segments
 from logitcache.storage.schema import POSITION_COLUMNS, STATS_COLUMNS, TAU_COLUMN, TOKEN_COLUMNS, WORD_START_COLUMN
 
 DATA_DIR = "data"
@@ -245,6 +246,7 @@ class CacheWriter:
         self._pq = self._tmp_path = self._id_table = None
         try:
             with self._disk_errors(f"writing shard {rel}"):
+                groups, footer = shard_segments(final)  # what a remote reader checks range by range
                 info = ShardInfo(
                     path=rel,
                     rows=self._shard_rows,
@@ -252,6 +254,8 @@ class CacheWriter:
                     bytes=final.stat().st_size,
                     sha256=sha256_file(final),
                     truncated=self._shard_truncated,
+                    row_groups=[list(g) for g in groups],
+                    footer=list(footer),
                 )
             self.manifest.shards.append(info)
             self._save_manifest()

@@ -29,7 +29,6 @@ import random
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -44,7 +43,8 @@ from logitcache.storage.reader import CacheReader
 from logitcache.storage.decode import decode_rows, shard_id_table
 from logitcache.storage.rows import Row
 from logitcache.storage.spans import SPAN_COLUMNS, decode_spans
-from logitcache.storage.integrity import footer_problem, id_bound_for, shard_file_problem, tokenizer_check, value_problems
+from logitcache.storage.integrity import id_bound_for, value_problems
+from logitcache.storage.segments import SegmentMismatch
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())  # the caller decides where warnings go (run_train: stderr)
@@ -169,9 +169,10 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         kd_targets: str = "topk",
         companions: Sequence[str | os.PathLike] = (),
         on_missing: str = "refuse",
+        local_cache: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        self.cache = CacheReader(cache_dir)
+        self.cache = CacheReader(cache_dir, local_cache=local_cache)
         self.manifest = self.cache.manifest
         if self.manifest.status != "complete":
             warnings.warn(
@@ -212,8 +213,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         self._compact = self.manifest.codec == "compact"  # the manifest decides, not a shard's metadata
         # ids beyond the teacher's vocabulary would index past a student's logits (same vocabulary)
         # or make MultiLevelOT allocate batch x max id: bounded by the hashed tokenizer files.
-        root = Path(self.cache.path)
-        self._max_id = id_bound_for(self.manifest, tokenizer_check(root, self.manifest).size)
+        self._max_id = id_bound_for(self.manifest, self.cache.tokenizer_check().size)
         self._group: tuple[int, int, pa.Table] | None = None  # the last row group read (shard, group, table)
         self.skipped_shards: list[BadShard] = []
         self.bad_row_groups: set[tuple[int, int]] = set()  # (shard, row group) skipped for bad values
@@ -222,7 +222,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         # along (row["_teachers"]), each featurized by its own cache's featurizer.
         self.companions: list[LogitCacheDataset] = [
             LogitCacheDataset(p, None, shuffle=False, rank=0, world_size=1, verify_shards=verify_shards,
-                              skip_bad_shards=skip_bad_shards) for p in companions
+                              skip_bad_shards=skip_bad_shards, local_cache=local_cache) for p in companions
         ]
         self._keep: dict[int, np.ndarray] = {}  # unit -> the rows of its row group read (ids in every cache)
         self._where: list[dict[str, tuple[int, int]]] = []  # per companion: id -> (its unit, row)
@@ -241,16 +241,17 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
     # --- planning -------------------------------------------------------------------
     def _plan_units(self) -> list[Unit]:
         """Every row group of every sound shard, in cache order, from the footers alone."""
-        paths = [self.cache.shard_path(i) for i in range(len(self.manifest.shards))]  # refuses path escapes
+        for i in range(len(self.manifest.shards)):
+            self.cache.shard_path(i)  # refuses path escapes
         with ThreadPoolExecutor(_HASH_THREADS) as pool:
-            byte_problems = list(pool.map(self._bytes_problem, range(len(paths))))
+            byte_problems = list(pool.map(self._bytes_problem, range(len(self.manifest.shards))))
         units: list[Unit] = []
         bad: list[BadShard] = []
-        for i, (shard, path) in enumerate(zip(self.manifest.shards, paths)):
+        for i, shard in enumerate(self.manifest.shards):
             problem = byte_problems[i]
             rows: list[int] = []
             if problem is None:
-                rows, problem = self._footer(path, shard.rows)
+                rows, problem = self.cache.footer_problem(i)
             if problem is not None:
                 bad.append(BadShard(shard.path, shard.rows, problem))
                 continue
@@ -347,13 +348,8 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
 
     def _bytes_problem(self, i: int) -> str | None:
         """What is wrong with shard ``i``'s file (storage.integrity: missing, size, sha256 if verifying)."""
-        shard = self.manifest.shards[i]
-        problem = shard_file_problem(self.cache.shard_path(i), shard.bytes, shard.sha256, hash_bytes=self.verify_shards)
+        problem = self.cache.shard_problem(i, hash_bytes=self.verify_shards)
         return None if problem is None else f"shard {problem}"
-
-    def _footer(self, path: Path, manifest_rows: int) -> tuple[list[int], str | None]:
-        """Row counts of the shard's row groups from its footer, or what is wrong with it."""
-        return footer_problem(path, manifest_rows, self.manifest)
 
     @property
     def num_examples(self) -> int:
@@ -446,11 +442,41 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         None for rows whose values are bad when ``skip_bad_shards`` passes over them.
         """
         shard, group, _ = self._units[piece[0]]
+        try:
+            table = self._row_group(shard, group)
+        except SegmentMismatch as e:  # a remote object replaced after the manifest: its bytes fail their sha256
+            return self._bad_row_group(shard, group, [e.reason], e.where)
+        keep = self._keep.get(piece[0])
+        if keep is None:
+            table = table.slice(piece[1], piece[2] - piece[1])
+        else:  # only the records every cache holds (on_missing="skip")
+            table = table.take(pa.array(keep[piece[1]:piece[2]]))
+        problems = value_problems(table, compact=self._compact, max_id=self._max_id)
+        if not problems:
+            return table
+        return self._bad_row_group(shard, group, problems)
+
+    def _bad_row_group(self, shard: int, group: int, problems: list[str], where: str | None = None) -> None:
+        """Refuse a row group (bad values, or bytes that fail their sha256), or with
+        ``skip_bad_shards`` pass over it, warned once."""
+        where = where or f"{self.cache.shard_path(shard)} row group {group}"
+        if not self.skip_bad_shards:
+            raise LogitCacheError(
+                f"{where}: {problems[0]}; refusing to train on it. Run `logitcache verify {self.cache.path}` to see "
+                "every problem, or pass --skip-bad-shards to train without the bad rows."
+            )
+        if (shard, group) not in self.bad_row_groups:
+            self.bad_row_groups.add((shard, group))
+            logger.warning("%s: skipped (%s)", where, "; ".join(problems))
+        return None
+
+    def _row_group(self, shard: int, group: int) -> pa.Table:
+        """Row group ``group`` of shard ``shard``, whole (the last one read is kept)."""
         if self._open is None or self._open[0] != shard:
             self._close()
             if self.verify_shards:
                 self._verify(shard)
-            self._open = (shard, pq.ParquetFile(self.cache.shard_path(shard)))
+            self._open = (shard, self.cache.open_shard(shard))
             try:
                 ids = shard_id_table(self._open[1]) if self._compact else None
                 if ids is not None and len(ids) and self._max_id and int(ids.max()) >= self._max_id:
@@ -471,24 +497,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
                 f"{self.cache.shard_path(shard)}: cannot read row group {group} ({e}); "
                 f"run `logitcache verify {self.cache.path}`."
             ) from e
-        keep = self._keep.get(piece[0])
-        if keep is None:
-            table = table.slice(piece[1], piece[2] - piece[1])
-        else:  # only the records every cache holds (on_missing="skip")
-            table = table.take(pa.array(keep[piece[1]:piece[2]]))
-        problems = value_problems(table, compact=self._compact, max_id=self._max_id)
-        if not problems:
-            return table
-        where = f"{self.cache.shard_path(shard)} row group {group}"
-        if not self.skip_bad_shards:
-            raise LogitCacheError(
-                f"{where}: {problems[0]}; refusing to train on it. Run `logitcache verify {self.cache.path}` to see "
-                "every problem, or pass --skip-bad-shards to train without the bad rows."
-            )
-        if (shard, group) not in self.bad_row_groups:
-            self.bad_row_groups.add((shard, group))
-            logger.warning("%s: skipped (%s)", where, "; ".join(problems))
-        return None
+        return table
 
     def _decode(self, table: pa.Table, unit: int) -> list[Row]:
         """The rows of a checked slice, in the manifest's codec; a slice that does not decode (ids
@@ -790,7 +799,7 @@ def _record_keys(ds: LogitCacheDataset) -> dict[str, tuple[int, int, bytes]]:
             if opened is None or opened[0] != shard:
                 if opened is not None:
                     opened[1].close()
-                opened = (shard, pq.ParquetFile(ds.cache.shard_path(shard)))
+                opened = (shard, ds.cache.open_shard(shard))
             names = set(opened[1].schema_arrow.names)
             columns = [c for c in ("id", "text", "prompt_chars", *SPAN_COLUMNS) if c in names]
             row = 0
@@ -813,12 +822,14 @@ def _record_keys(ds: LogitCacheDataset) -> dict[str, tuple[int, int, bytes]]:
 # --- a student that aligns nothing with the cache is refused before training ---------------------
 
 
-def aligned_fraction(cache_dir, tokenizer, alignment: str = "offset", rows: int = 48, *, skip_bad_shards: bool = False) -> float:
+def aligned_fraction(cache_dir, tokenizer, alignment: str = "offset", rows: int = 48, *, skip_bad_shards: bool = False,
+                     local_cache: str | os.PathLike | None = None) -> float:
     """The fraction of the student's text targets (ends left out: they always pair) that align
     with a teacher position, over the first ``rows`` examples of the cache; 1.0 for a cache
     without response text. Rows are read as training reads them (shards checked, bad ones
     refused or, with ``skip_bad_shards``, passed over)."""
-    raw = LogitCacheDataset(cache_dir, None, shuffle=False, rank=0, world_size=1, skip_bad_shards=skip_bad_shards)
+    raw = LogitCacheDataset(cache_dir, None, shuffle=False, rank=0, world_size=1, skip_bad_shards=skip_bad_shards,
+                            local_cache=local_cache)
     featurizer = featurizer_for_cache(raw.cache, tokenizer, alignment)
     for row in itertools.islice(iter(raw), rows):
         featurizer(row)
@@ -826,9 +837,11 @@ def aligned_fraction(cache_dir, tokenizer, alignment: str = "offset", rows: int 
     return stats.fraction_text_matched if stats.targets > stats.end_targets else 1.0
 
 
-def refuse_unaligned(cache_dir, tokenizer, alignment: str = "offset", rows: int = 48, *, skip_bad_shards: bool = False) -> None:
+def refuse_unaligned(cache_dir, tokenizer, alignment: str = "offset", rows: int = 48, *, skip_bad_shards: bool = False,
+                     local_cache: str | os.PathLike | None = None) -> None:
     """Refuse, before training, a student tokenizer that aligns nothing with the cache."""
-    fraction = aligned_fraction(cache_dir, tokenizer, alignment, rows, skip_bad_shards=skip_bad_shards)
+    fraction = aligned_fraction(cache_dir, tokenizer, alignment, rows, skip_bad_shards=skip_bad_shards,
+                                local_cache=local_cache)
     if fraction == 0.0:
         name = getattr(tokenizer, "name_or_path", "") or "the student"
         raise LogitCacheError(
