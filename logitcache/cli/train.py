@@ -14,7 +14,7 @@ from logitcache.pipeline.student.config import TrainConfig
 @user_errors(interrupted=RESUME_TRAIN)
 def train(
     student: Optional[str] = typer.Option(None, "--student", "-s", help="Student to train: a model directory or hub name (any AutoModelForCausalLM with a fast tokenizer).", rich_help_panel="Data"),
-    cache: Optional[list[Path]] = typer.Option(None, "--cache", "-c", help="Teacher cache written by `logitcache teacher`; give it once per teacher to learn from several at once (caches of the same records, by teachers of any tokenizers): CE + λ·Σ w_j·KD_j.", rich_help_panel="Data"),
+    cache: Optional[list[str]] = typer.Option(None, "--cache", "-c", help="Teacher cache written by `logitcache teacher` (a directory or an fsspec URL: s3://bucket/cache, gs://, az://, hf://datasets/me/cache); give it once per teacher to learn from several at once (caches of the same records, by teachers of any tokenizers): CE + λ·Σ w_j·KD_j.", rich_help_panel="Data"),
     teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help="With several --cache: each teacher's weight w_j, comma-separated in --cache order (e.g. 0.7,0.3). Default: equal, summing to 1.", rich_help_panel="Loss"),
     on_missing: Optional[str] = typer.Option(None, "--on-missing", help="With several --cache: refuse records that are not in every cache, or skip them (train on the records all caches hold, naming how many were left out).", rich_help_panel="Data"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory: checkpoints and the final model.", rich_help_panel="Data"),
@@ -37,7 +37,8 @@ def train(
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Student tokens per example; longer ones are cut on both sides.", rich_help_panel="Data"),
     logging_steps: Optional[int] = typer.Option(None, "--logging-steps", help="Log CE, KD and aligned fraction every N steps.", rich_help_panel="Logging"),
     save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps.", rich_help_panel="Checkpointing"),
-    eval_cache: Optional[Path] = typer.Option(None, "--eval-cache", help="A second cache to evaluate CE + KD on.", rich_help_panel="Data"),
+    eval_cache: Optional[str] = typer.Option(None, "--eval-cache", help="A second cache to evaluate CE + KD on (a directory or an fsspec URL).", rich_help_panel="Data"),
+    local_cache: Optional[Path] = typer.Option(None, "--local-cache", help="With URL caches: keep verified local copies of whole shards in this directory (sha256 checked on download, reused by later epochs and runs, fetched again if damaged) instead of streaming row groups.", rich_help_panel="Data"),
     eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Evaluate every N steps (with --eval-cache).", rich_help_panel="Logging"),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 mixed precision.", rich_help_panel="Optimisation"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for initialisation and shuffling.", rich_help_panel="Optimisation"),
@@ -98,7 +99,7 @@ def train(
         "weight_decay": weight_decay, "warmup_steps": warmup_steps, "lr_scheduler": lr_scheduler,
         "save_total_limit": save_total_limit, "shuffle_buffer": shuffle_buffer, "report_to": report_to,
         "run_name": run_name, "log_every": log_every, "fsdp": fsdp, "fsdp_config": str(fsdp_config) if fsdp_config else None,
-        "deepspeed": str(deepspeed) if deepspeed else None,
+        "deepspeed": str(deepspeed) if deepspeed else None, "local_cache": str(local_cache) if local_cache else None,
     }
     values.update({k: v for k, v in given.items() if v is not None})
     switches = (("resume", resume), ("skip_bad_shards", skip_bad_shards), ("trust_remote_code", trust_remote_code),

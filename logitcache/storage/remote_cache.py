@@ -35,7 +35,6 @@ from logitcache.storage.segments import SegmentFile, SegmentMismatch, covers
 
 TOKENIZER_DIR = "tokenizer"  # (storage/writer.py's name; not imported: the writer imports this layer's peers)
 DATA_DIR = "data"
-WHOLE_SHARD = "(read whole: this cache records no per-row-group sha256)"
 
 
 class UrlPath(str):
@@ -151,7 +150,7 @@ class RemoteCache:
         if info.row_groups and covers(segments, info.bytes):
             names = [f"row group {g}" for g in range(len(info.row_groups))] + ["footer"]
         else:
-            segments, names = [(0, info.bytes, info.sha256)], [WHOLE_SHARD]
+            segments, names = [(0, info.bytes, info.sha256)], [""]  # read whole, against the shard's sha256
         return SegmentFile(self.url / info.path, info.bytes, segments, names,
                            lambda offset, length: self.fetch(info.path, offset, offset + length))
 

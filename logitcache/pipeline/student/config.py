@@ -56,6 +56,8 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int | None = 2
     eval_cache: str | None = None
+    # URL caches: verified local copies of whole shards here (storage/remote_cache.py); None: streamed.
+    local_cache: str | None = None
     eval_steps: int | None = None
     bf16: bool = False
     seed: int = 0

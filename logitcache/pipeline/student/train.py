@@ -662,7 +662,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     cfg.validate()
     paths = cfg.caches()
     weights = cfg.resolved_teacher_weights()
-    caches = [open_cache(p) for p in paths]  # refuses non-caches, unknown versions and manifests that fail the schema
+    caches = [open_cache(p, local_cache=cfg.local_cache) for p in paths]  # refuses non-caches, unknown versions and manifests that fail the schema
     cache = caches[0]
     out = Path(cfg.out)
     refuse_foreign_out(out)
@@ -689,7 +689,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
                 raise
             raise LogitCacheError(f"--cache {path}: {e}") from None
     if cfg.eval_cache:  # its batches share the trainer's teacher_targets(): the same columns needed
-        check_eval_targets(cfg, cache.manifest, open_cache(cfg.eval_cache).manifest)
+        check_eval_targets(cfg, cache.manifest, open_cache(cfg.eval_cache, local_cache=cfg.local_cache).manifest)
 
     # transformers' tqdm bar only on a terminal: redrawn into a job's log file it is one endless line.
     bar = cfg.progress and progress_callback is None and is_terminal(sys.stderr)
@@ -741,7 +741,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, shuffle=shuffle,
             rank=args.process_index, world_size=args.world_size, num_workers=cfg.num_workers,
             skip_bad_shards=cfg.skip_bad_shards, batch_size=cfg.batch_size,
-            companions=companions, on_missing=cfg.on_missing,
+            companions=companions, on_missing=cfg.on_missing, local_cache=cfg.local_cache,
         )
 
     # Every shard is checked here, before the model is loaded: a damaged cache stops the run now.
@@ -752,7 +752,8 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         # a student that aligns nothing would train on CE alone, silently: refuse it now.
         for path, w in zip(paths, weights):
             if w > 0:
-                refuse_unaligned(path, tokenizer, cfg.resolved_alignment(), skip_bad_shards=cfg.skip_bad_shards)
+                refuse_unaligned(path, tokenizer, cfg.resolved_alignment(), skip_bad_shards=cfg.skip_bad_shards,
+                                 local_cache=cfg.local_cache)
     notices = [ds.skipped_summary() for ds in (train_ds, *train_ds.companions, eval_ds) if ds is not None and ds.skipped_shards]
     if train_ds.missing:
         notices.append(train_ds.missing_summary())
