@@ -207,7 +207,9 @@ CASES = [
     pytest.param(lambda i, o: ["inspect", i.cache, "--plot", i.bad / "nowhere" / "stats.png"], ["--plot", "nowhere"], id="inspect-plot-into-a-missing-dir"),
     pytest.param(lambda i, o: ["inspect", i.cache, "--ids", "--stats"], ["--ids", "--stats"], id="inspect-ids-with-stats"),
     pytest.param(lambda i, o: ["inspect", i.cache, "--student", i.bad / "no-student"], ["no-student"], id="inspect-student-missing"),
+    pytest.param(lambda i, o: ["inspect", "foo://bucket/cache"], ["foo://bucket/cache", "unknown protocol foo://"], id="inspect-unknown-protocol"),
     # verify
+    pytest.param(lambda i, o: ["verify", "foo://bucket/cache"], ["foo://bucket/cache", "unknown protocol foo://"], id="verify-unknown-protocol"),
     pytest.param(lambda i, o: ["verify", i.bad / "nowhere"], ["nowhere"], id="verify-missing-dir"),
     pytest.param(lambda i, o: ["verify", i.bad / "a-file"], ["a-file"], id="verify-a-file"),
     pytest.param(lambda i, o: ["verify", i.bad / "empty-dir"], ["empty-dir", "not a logitcache cache"], id="verify-empty-dir"),
@@ -235,6 +237,7 @@ CASES = [
     pytest.param(lambda i, o: train(i, o / "run", student=i.bad / "not-a-model"), ["not-a-model", "could not load"], id="train-student-not-a-model"),
     pytest.param(lambda i, o: train(i, o / "run", "--loss", "kl", student=i.other_student), ["--loss kl", "vocabulary"], id="train-kl-student-of-another-vocabulary"),
     pytest.param(lambda i, o: train(i, o / "run", "--loss", "mse"), ["--loss", "'mse'"], id="train-unknown-loss"),
+    pytest.param(lambda i, o: train(i, o / "run", cache="foo://bucket/cache"), ["foo://bucket/cache", "unknown protocol foo://"], id="train-cache-unknown-protocol"),
     pytest.param(lambda i, o: train(i, o / "run", "--alignment", "diagonal"), ["--alignment", "'diagonal'"], id="train-unknown-alignment"),
     pytest.param(lambda i, o: train(i, i.bad / "a-file" / "run"), ["a-file", "not a directory"], id="train-out-under-a-file"),
     pytest.param(lambda i, o: train(i, o / "run", "--lr", -0.1), ["--learning-rate", "positive"], id="train-lr-negative"),

@@ -225,3 +225,33 @@ def test_torchrun_two_ranks_train_from_the_s3_cache(s3_cache, student, tmp_path)
     states = [json.loads((tmp_path / "ddp" / "checkpoint-6" / f"logitcache_data_state_rank{i}.json").read_text())
               for i in (0, 1)]
     assert [sum(s["consumed"].values()) for s in states] == [12, 12]  # one epoch: 24 examples, 12 per rank
+
+
+def flaky_fetches(monkeypatch, cache, errors: list[BaseException]) -> None:
+    """The storage drops the next ``len(errors)`` GETs (a reset connection), then answers."""
+    fs = cache.remote.fs
+    real, left = fs.cat_file, list(errors)
+
+    def cat_file(*args, **kwargs):
+        if left:
+            raise left.pop(0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fs, "cat_file", cat_file)
+
+
+def test_a_network_error_mid_read_is_retried(s3_cache, monkeypatch):
+    cache = open_cache(s3_cache)
+    flaky_fetches(monkeypatch, cache, [ConnectionError("connection reset by peer")] * 2)
+
+    assert len(list(cache)) == 24
+
+
+def test_a_network_error_that_lasts_is_one_line_naming_the_shard(s3_cache, monkeypatch):
+    monkeypatch.setenv("LOGITCACHE_REMOTE_RETRIES", "2")
+    cache = open_cache(s3_cache)
+    flaky_fetches(monkeypatch, cache, [ConnectionError("connection reset by peer")] * 100)
+
+    with pytest.raises(LogitCacheError, match=rf"^{s3_cache}/data/shard-00000.parquet: the storage did not answer "
+                                              r"after 2 tries \(connection reset by peer\)"):
+        list(cache)
