@@ -116,12 +116,26 @@ def test_two_ranks_read_every_example_exactly_once_from_s3(s3_cache, built_cache
     assert sorted(ids) == sorted(open_cache(built_cache).ids())  # 24 examples: no padding
 
 
-def test_verify_and_inspect_a_url_through_the_console_script(s3_cache):
-    verified = cli("verify", s3_cache)
-    shown = cli("inspect", s3_cache, "--tokens", "4")
+def test_dataloader_workers_read_every_example_once_from_s3(s3_cache):
+    from torch.utils.data import DataLoader
 
-    assert verified.returncode == 0 and verified.stdout.startswith(f"OK {s3_cache}: "), verified.stderr
-    assert shown.returncode == 0 and f"cache {s3_cache}" in shown.stdout, shown.stderr
+    ds = LogitCacheDataset(s3_cache, None, rank=0, world_size=1, num_workers=2, batch_size=4)
+
+    ids = [row["id"] for row in DataLoader(ds, batch_size=None, num_workers=2)]  # forked: each its own client
+
+    assert len(ids) == 24 and len(set(ids)) == 24
+
+
+def test_verify_a_url_through_the_console_script(s3_cache):
+    r = cli("verify", s3_cache)
+
+    assert r.returncode == 0 and r.stdout.startswith(f"OK {s3_cache}: 4 shards, 24 examples"), r.stdout + r.stderr
+
+
+def test_inspect_a_url_through_the_console_script(s3_cache):
+    r = cli("inspect", s3_cache, "--tokens", "4")
+
+    assert r.returncode == 0 and f"cache {s3_cache}" in r.stdout, r.stderr
 
 
 def test_an_object_replaced_after_the_manifest_is_named_by_verify(s3_cache):
@@ -194,12 +208,16 @@ def test_local_cache_keeps_verified_copies_reused_and_refetched_when_damaged(s3_
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["train", "--cache", "s3://no-such-bucket-here/cache"], "s3://no-such-bucket-here/cache"),
+    (["train", "--cache", "s3://no-such-bucket-here/cache"], "the bucket 'no-such-bucket-here' does not exist"),
     (["train", "--cache", "foo://bucket/cache"], "unknown protocol foo://"),
-    (["inspect", "s3://no-such-bucket-here/cache"], "s3://no-such-bucket-here/cache"),
+    (["inspect", "s3://no-such-bucket-here/cache"], "the bucket 'no-such-bucket-here' does not exist"),
+    (["inspect", "s3://test-bucket-that-is-empty/cache"], "no manifest.json there"),
     (["inspect", "foo://bucket/cache"], "unknown protocol foo://"),
 ])
 def test_a_missing_bucket_or_unknown_protocol_is_one_line(args, needle, s3_endpoint, student, tmp_path):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="test-bucket-that-is-empty")
     if args[0] == "train":
         args = [*args, "--student", str(student), "--out", str(tmp_path / "o"), "--no-progress"]
 
@@ -255,3 +273,14 @@ def test_a_network_error_that_lasts_is_one_line_naming_the_shard(s3_cache, monke
     with pytest.raises(LogitCacheError, match=rf"^{s3_cache}/data/shard-00000.parquet: the storage did not answer "
                                               r"after 2 tries \(connection reset by peer\)"):
         list(cache)
+
+
+def test_hub_urls_name_their_files_as_the_hub_does():
+    """hf:// cannot be reached from here: the path handling, without the network."""
+    pytest.importorskip("huggingface_hub")
+    from logitcache.storage.remote_cache import RemoteCache
+
+    cache = RemoteCache("hf://datasets/me/cache/")
+
+    assert cache.root == "datasets/me/cache"
+    assert cache.url / "data/shard-00000.parquet" == "hf://datasets/me/cache/data/shard-00000.parquet"

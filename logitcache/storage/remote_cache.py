@@ -35,6 +35,8 @@ from logitcache.storage.segments import SegmentFile, SegmentMismatch, covers
 
 TOKENIZER_DIR = "tokenizer"  # (storage/writer.py's name; not imported: the writer imports this layer's peers)
 DATA_DIR = "data"
+# protocols whose first path component is a bucket (or container)
+BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
 
 class UrlPath(str):
@@ -49,13 +51,22 @@ class RemoteCache:
 
     def __init__(self, url: str, local_cache: str | os.PathLike | None = None) -> None:
         self.url = UrlPath(url.rstrip("/"))
-        self.fs, self.root = url_fs(self.url)
+        self._fs, self.root = url_fs(self.url)
+        self._pid = os.getpid()
         self.local_cache = Path(local_cache) if local_cache is not None else None
         self._tokenizer_root: Path | None = None
 
+    @property
+    def fs(self):  # -> fsspec.AbstractFileSystem
+        """This process's filesystem: an async one (s3fs, gcsfs) is not fork-safe, so a dataloader
+        worker makes its own instead of using its parent's."""
+        if self._fs is None or self._pid != os.getpid():
+            self._fs, _ = url_fs(self.url)
+            self._pid = os.getpid()
+        return self._fs
+
     def __getstate__(self) -> dict:
-        # fsspec filesystems pickle (dataloader workers, DDP spawn); the instance cache is per process
-        return {**self.__dict__}
+        return {**self.__dict__, "_fs": None}  # made again where it is unpickled
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -78,6 +89,9 @@ class RemoteCache:
     def read_manifest(self) -> Manifest:
         info = self._info(MANIFEST_NAME)
         if info is None:
+            bucket = self.root.split("/")[0]
+            if self.url.split("://")[0] in BUCKET_PROTOCOLS and not with_retries(self.url, lambda: self.fs.exists(bucket)):
+                raise LogitCacheError(f"{self.url}: the bucket {bucket!r} does not exist; check the URL (and the endpoint).")
             raise LogitCacheError(
                 f"{self.url}: no {MANIFEST_NAME} there, so this is not a logitcache cache; "
                 "check the URL (it names the directory written by `logitcache teacher --out`)."
