@@ -284,3 +284,17 @@ def test_hub_urls_name_their_files_as_the_hub_does():
 
     assert cache.root == "datasets/me/cache"
     assert cache.url / "data/shard-00000.parquet" == "hf://datasets/me/cache/data/shard-00000.parquet"
+
+
+def test_a_compact_cache_reads_from_s3_as_from_disk(built_cache, s3_bucket, tmp_path):
+    from logitcache.storage.convert import convert_cache
+
+    compact = tmp_path / "compact"
+    convert_cache(built_cache, compact, "compact", shard_bytes=6_000, row_group_bytes=2_000)  # its id table: in the footer
+    url = upload(compact, f"{s3_bucket}/compact")
+
+    local, remote = open_cache(compact), open_cache(url)
+
+    assert any(len(s.row_groups) > 1 for s in remote.manifest.shards)
+    assert all(rows_equal(a, b) for a, b in zip(local, remote, strict=True))
+    assert verify_cache(url).ok

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import pyarrow as pa
@@ -101,9 +102,10 @@ class RemoteCache:
 
     # --- the tokenizer --------------------------------------------------------------
     def tokenizer_root(self, m: Manifest, *, fresh: bool = False) -> Path:
-        """A local directory whose ``tokenizer/`` holds the remote ``tokenizer/`` files as they are
-        now (``fresh``: fetched again; else reused while they still match the manifest). The
-        caller checks them (integrity.tokenizer_check) before loading anything."""
+        """A local directory whose ``tokenizer/`` holds the remote ``tokenizer/`` files: a shared copy,
+        reused while it still matches the manifest, or with ``fresh`` (verify) the files as they
+        are now, in a directory of this reader's own. The caller checks them
+        (integrity.tokenizer_check) before loading anything."""
         from logitcache.storage.integrity import tokenizer_check
 
         if self._tokenizer_root is not None and not fresh:
@@ -111,28 +113,36 @@ class RemoteCache:
         files = json.dumps(m.tokenizer.get("files"), sort_keys=True)
         key = hashlib.sha256(f"{self.url}\n{files}".encode()).hexdigest()[:24]
         root = _private_dir(self.local_cache) / "tokenizers" / key
-        if fresh or not (root / TOKENIZER_DIR).is_dir() or tokenizer_check(root, m).problems:
-            self._download_tokenizer(root)
+        if fresh:
+            staged = self._download_tokenizer(root.parent)
+            weakref.finalize(self, shutil.rmtree, staged, True)
+            return staged
+        if not (root / TOKENIZER_DIR).is_dir() or tokenizer_check(root, m).problems:
+            staged = self._download_tokenizer(root.parent)
+            if (root / TOKENIZER_DIR).is_dir():  # damaged (a sound one is never replaced: a DDP rank may be loading it)
+                shutil.rmtree(root, ignore_errors=True)
+            try:
+                os.rename(staged, root)
+            except OSError:  # another process (a DDP rank) put its copy there first: checked all the same
+                shutil.rmtree(staged, ignore_errors=True)
         self._tokenizer_root = root
         return root
 
-    def _download_tokenizer(self, root: Path) -> None:
+    def _download_tokenizer(self, parent: Path) -> Path:
+        """A new directory under ``parent`` holding ``tokenizer/`` as fetched now."""
         prefix = self._path(TOKENIZER_DIR)
         names = with_retries(f"{self.url / TOKENIZER_DIR}", lambda: self.fs.find(prefix)) if self._info(TOKENIZER_DIR) else []
-        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=_mkdirs(root.parent)))
+        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=_mkdirs(parent)))
         try:
             for full in names:
                 rel = full[len(prefix):].lstrip("/")
                 dest = staging / TOKENIZER_DIR / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(self.fetch(f"{TOKENIZER_DIR}/{rel}"))
-            shutil.rmtree(root, ignore_errors=True)
-            try:
-                os.rename(staging, root)
-            except OSError:  # another process (a DDP rank) put its copy there first: checked all the same
-                pass
-        finally:
+        except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return staging
 
     # --- shards ---------------------------------------------------------------------
     def data_files(self) -> list[str]:
