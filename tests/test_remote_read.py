@@ -213,6 +213,7 @@ def test_local_cache_keeps_verified_copies_reused_and_refetched_when_damaged(s3_
     (["inspect", "s3://no-such-bucket-here/cache"], "the bucket 'no-such-bucket-here' does not exist"),
     (["inspect", "s3://test-bucket-that-is-empty/cache"], "no manifest.json there"),
     (["inspect", "foo://bucket/cache"], "unknown protocol foo://"),
+    (["verify", "s3://no-such-bucket-here/cache", "--local-cache", __file__], "--local-cache"),
 ])
 def test_a_missing_bucket_or_unknown_protocol_is_one_line(args, needle, s3_endpoint, student, tmp_path):
     import boto3

@@ -51,11 +51,14 @@ class RemoteCache:
     """The remote side of a :class:`~logitcache.storage.reader.CacheReader` opened on a URL."""
 
     def __init__(self, url: str, local_cache: str | os.PathLike | None = None) -> None:
+        if local_cache is not None and Path(local_cache).exists() and not Path(local_cache).is_dir():
+            raise LogitCacheError(f"--local-cache {local_cache}: not a directory; give a directory for the shard copies.")
         self.url = UrlPath(url.rstrip("/"))
         self._fs, self.root = url_fs(self.url)
         self._pid = os.getpid()
         self.local_cache = Path(local_cache) if local_cache is not None else None
         self._tokenizer_root: Path | None = None
+        self._footers: dict[tuple[str, str], pq.FileMetaData] = {}  # (path, sha256) -> footer, checked once
 
     @property
     def fs(self):  # -> fsspec.AbstractFileSystem
@@ -67,7 +70,7 @@ class RemoteCache:
         return self._fs
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fs": None}  # made again where it is unpickled
+        return {**self.__dict__, "_fs": None, "_footers": {}}  # made again where it is unpickled
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -182,10 +185,11 @@ class RemoteCache:
         """The shard's footer, from checked bytes only (raises SegmentMismatch)."""
         if self.local_cache is not None:
             return pq.read_metadata(self.local_copy(info))
-        f = self._segment_file(info)
-        if len(f.segments) > 1:
-            return f.metadata()
-        return pq.read_metadata(pa.BufferReader(f.segment(0)))
+        key = (info.path, info.sha256)
+        if key not in self._footers:
+            f = self._segment_file(info)
+            self._footers[key] = f.metadata() if len(f.segments) > 1 else pq.read_metadata(pa.BufferReader(f.segment(0)))
+        return self._footers[key]
 
     def open_shard(self, info: ShardInfo) -> pq.ParquetFile:
         """The shard for reading: every byte pyarrow reads is checked first (raises SegmentMismatch)."""
@@ -193,7 +197,7 @@ class RemoteCache:
             return pq.ParquetFile(self.local_copy(info))
         f = self._segment_file(info)
         if len(f.segments) > 1:
-            return pq.ParquetFile(f, metadata=f.metadata())
+            return pq.ParquetFile(f, metadata=self.metadata(info))
         return pq.ParquetFile(pa.BufferReader(f.segment(0)))
 
     def local_copy(self, info: ShardInfo, *, remember: bool = True) -> Path:
