@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from logitcache.errors import LogitCacheError
 from logitcache.storage.fsutil import atomic_write_bytes, crash_point, sha256_file
+from logitcache.storage.lease import Lease
 from logitcache.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, load_manifest
 from logitcache.storage.marker import write_marker
 from logitcache.storage.remote import is_url, local_path, protocol_of, url_fs, with_retries
@@ -155,7 +156,7 @@ class SyncReport:
 
     def summary(self) -> str:
         return (f"copied {self.source} to {self.dest}: {self.shards} shard{'s' if self.shards != 1 else ''}, "
-                f"{self.copied} object{'s' if self.copied != 1 else ''} sent ({self.bytes / 2**20:.1f} MiB), "
+                f"{self.copied} file{'s' if self.copied != 1 else ''} copied ({self.bytes / 2**20:.1f} MiB), "
                 f"{self.skipped} already there; every shard and tokenizer file matched the manifest's sha256")
 
 
@@ -395,12 +396,13 @@ def copy_cache(src: str, dst: str, *, staging: str | os.PathLike | None = None,
         (local / COPY_MARKER).unlink(missing_ok=True)
         return report
     dest = remote_place(dst)
-    _check_remote_dest(dest, got[0], src)
-    if source.local:
-        return push(Path(source.root), dest, on_file=on_file, report=report)
-    stage = staging_dir(src, staging)
-    pull(source, stage, on_file=on_file, manifest=got)
-    return push(stage, dest, on_file=on_file, report=report)
+    with Lease(dst, purpose="copying into"):
+        _check_remote_dest(dest, got[0], src)
+        if source.local:
+            return push(Path(source.root), dest, on_file=on_file, report=report)
+        stage = staging_dir(src, staging)
+        pull(source, stage, on_file=on_file, manifest=got)
+        return push(stage, dest, on_file=on_file, report=report)
 
 
 def _check_local_dest(local: Path, m: Manifest, src: str) -> None:
