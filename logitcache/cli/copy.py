@@ -9,6 +9,7 @@ import typer
 
 from logitcache.cli.common import Stages, user_errors
 from logitcache.errors import LogitCacheError
+from logitcache.storage.remote import is_url
 
 _LOCAL_CACHE_HELP = ("Remote to remote: the local directory the cache passes through (it holds a full local copy). "
                      "Default: $LOGITCACHE_STAGING/<slug of SRC>, else ~/.cache/logitcache/staging/<slug of SRC>.")
@@ -52,7 +53,7 @@ def copy(
 
 @user_errors
 def push(
-    cache: Path = typer.Argument(..., help="The local cache to upload."),
+    cache: str = typer.Argument(..., help="The local cache to upload."),
     repo: str = typer.Argument(..., help="Where to: hf://datasets/ORG/NAME (an existing dataset repository), or any URL copy takes."),
     log_every: float = typer.Option(30.0, "--log-every", help=_LOG_EVERY_HELP),
 ) -> None:
@@ -64,9 +65,9 @@ def push(
 
         logitcache push cache/ hf://datasets/me/my-logits
     """
-    if "://" in str(cache):
+    if is_url(cache):
         raise LogitCacheError(f"{cache}: push uploads a local cache; for a remote source use `logitcache copy SRC DST`.")
-    _copy(str(cache), repo, None, log_every)
+    _copy(cache, repo, None, log_every)
 
 
 @user_errors
