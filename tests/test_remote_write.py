@@ -252,3 +252,82 @@ def test_the_lease_holder_is_this_host_when_it_is_ours(s3_bucket):
         fs, root = url_fs(url)
         content = json.loads(fs.cat_file(f"{root}/{LEASE_NAME}"))
     assert content["host"] == socket.gethostname() and content["pid"] == os.getpid()
+
+
+# --- killed at any upload point, the rerun completes the same remote cache ----------------------
+# Uploads of the tiny cache of test_kill_anywhere.py (4 shards): the first push after the cache is
+# created (tokenizer files, card, manifest #1), one per shard (#2-#5), the complete manifest (#6)
+# and the final push with the card the writer rewrote (#7).
+REMOTE_KILLS = [
+    # (point, n, rerun with an empty staging: the machine was lost too)
+    pytest.param("upload.shard", 1, False, id="first-shard-uploaded-not-listed"),
+    pytest.param("upload.manifest", 3, True, id="second-shard-uploaded-new-staging"),
+    pytest.param("upload.tokenizer", 1, False, id="tokenizer-half-uploaded-no-manifest", marks=pytest.mark.slow),
+    pytest.param("upload.manifest", 1, False, id="before-the-first-manifest", marks=pytest.mark.slow),
+    pytest.param("shard.published", 2, False, id="staging-ahead-of-the-remote", marks=pytest.mark.slow),
+    pytest.param("upload.shard", 4, True, id="last-shard-uploaded-new-staging", marks=pytest.mark.slow),
+    pytest.param("upload.manifest", 6, False, id="before-the-complete-manifest", marks=pytest.mark.slow),
+    pytest.param("upload.manifest", 7, True, id="complete-remote-lease-left", marks=pytest.mark.slow),
+]
+
+
+def _remote_cli(argv: list[str], crash_at: str | None, log: str, env: dict) -> None:
+    """Child process: the forkserver may predate the S3 server, so its address comes along."""
+    os.environ.update(env)
+    import fsspec.config
+
+    fsspec.config.set_conf_env(fsspec.config.conf)
+    from test_kill_anywhere import _cli
+
+    _cli(argv, crash_at, log)
+
+
+@pytest.fixture(scope="module")
+def remote_launcher(s3_endpoint, teacher_dir, data_file, tmp_path_factory):
+    from test_kill_anywhere import Launcher
+
+    launcher = Launcher(teacher_dir, data_file, tmp_path_factory.mktemp("remote-logs"))
+    launcher.env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                                  "FSSPEC_S3_ENDPOINT_URL")}
+    return launcher
+
+
+def _launch(launcher, out: str, staging: Path, crash_at: str | None = None) -> tuple[int | None, str]:
+    log = launcher.logs / f"run-{len(list(launcher.logs.iterdir()))}.log"
+    argv = launcher.args(out) + ["--local-cache", str(staging)]
+    p = launcher.ctx.Process(target=_remote_cli, args=(argv, crash_at, str(log), launcher.env))
+    p.start()
+    p.join(180)
+    if p.exitcode is None:
+        p.kill()
+        p.join()
+    return p.exitcode, log.read_text() if log.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def remote_reference(remote_launcher, tmp_path_factory):
+    """The rows of an uninterrupted local run with the same flags."""
+    from test_kill_anywhere import _rows
+
+    out = tmp_path_factory.mktemp("remote-reference") / "cache"
+    code, log = _launch(remote_launcher, str(out), out.parent / "unused")
+    assert code == 0, log
+    assert len(load_manifest(out).shards) == 4, "REMOTE_KILLS count on 4 shards"
+    return _rows(out)
+
+
+@pytest.mark.parametrize("point, n, new_staging", REMOTE_KILLS)
+def test_killed_while_uploading_the_rerun_completes_the_same_remote_cache(
+        remote_launcher, remote_reference, s3_bucket, tmp_path, point, n, new_staging):
+    from test_kill_anywhere import _assert_same_as_reference
+
+    url = f"{s3_bucket}/cache"
+    code, log = _launch(remote_launcher, url, tmp_path / "staging", crash_at=f"{point}:{n}")
+    assert code == -9, f"never reached {point} #{n} (exit {code}):\n{log}"
+
+    code, log = _launch(remote_launcher, url, tmp_path / ("staging2" if new_staging else "staging"))
+
+    assert code == 0, log
+    assert "taking over the lease" in log and "no longer running" in log  # the killed run's, at once
+    assert LEASE_NAME not in _objects(url)
+    _assert_same_as_reference(_pulled(url, tmp_path / "pulled"), remote_reference)
