@@ -126,3 +126,38 @@ def test_push_refuses_a_remote_source(s3_bucket):
     r = runner.invoke(app, ["push", f"{s3_bucket}/cache", "hf://datasets/me/cache"])
 
     assert r.exit_code != 0 and "logitcache copy SRC DST" in r.output
+
+
+def test_convert_reads_and_writes_urls(built_cache, s3_bucket, tmp_path):
+    source, out = f"{s3_bucket}/v1", f"{s3_bucket}/compact"
+    copy_cache(str(built_cache), source)
+
+    r = runner.invoke(app, ["convert", source, out, "--codec", "compact", "--local-cache", str(tmp_path / "staging")])
+
+    assert r.exit_code == 0, r.output
+    assert f"into {out} (compact)" in r.output
+    back = tmp_path / "back"
+    copy_cache(out, str(back))
+    assert load_manifest(back).codec == "compact" and verify_cache(back).ok
+
+
+def test_merge_joins_parts_written_to_s3(teacher_dir, data_file, built_cache, s3_bucket, tmp_path):
+    from conftest import make_config
+
+    from logitcache import open_cache
+    from logitcache.pipeline.teacher.run import run_teacher
+
+    run = f"{s3_bucket}/run"
+    for i in range(2):
+        run_teacher(make_config(teacher_dir, data_file, run, num_workers=2, worker_index=i,
+                                local_cache=str(tmp_path / "teacher-staging")), progress=False)
+    assert _objects(run)[0].startswith("part-00000-of-00002/")
+
+    r = runner.invoke(app, ["merge", f"{s3_bucket}/merged", run, "--local-cache", str(tmp_path / "staging")])
+
+    assert r.exit_code == 0, r.output
+    merged = tmp_path / "merged"
+    copy_cache(f"{s3_bucket}/merged", str(merged))
+    assert verify_cache(merged).ok
+    ids = lambda cache: sorted(row["id"] for row in open_cache(cache))  # noqa: E731
+    assert ids(merged) == ids(built_cache)

@@ -19,19 +19,21 @@ manifest, ``download.shard`` after each shard downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from logitcache.errors import LogitCacheError
 from logitcache.storage.fsutil import atomic_write_bytes, crash_point, sha256_file
 from logitcache.storage.lease import Lease
 from logitcache.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, load_manifest
 from logitcache.storage.marker import write_marker
+from logitcache.storage.parts import PART_GLOB, part_name_ok
 from logitcache.storage.remote import is_url, local_path, protocol_of, url_fs, with_retries
 from logitcache.storage.writer import CARD_NAME, DATA_DIR, TMP_PREFIX, TOKENIZER_DIR, layout_names
 
@@ -427,3 +429,62 @@ def _check_remote_dest(dest: Place, m: Manifest, src: str) -> None:
     if got is not None and got[0].settings_differences(m):
         raise LogitCacheError(f"{dest.url} holds another cache than {src}; give a new or empty location for the copy.")
 
+
+
+# --- merge and convert with URLs: inputs pulled into the staging, the output pushed ---------------
+
+
+def staged_inputs(paths: list[str], staging: Path) -> list[str]:
+    """``paths`` with every URL replaced by a verified local copy under ``staging/inputs``.
+
+    A URL holding a cache is pulled whole; one holding the ``part-*`` caches of a split teacher
+    run (its ``--out``) has each part pulled, and gives their parent directory (what merge takes).
+    """
+    out = []
+    for i, text in enumerate(paths):
+        if not is_url(text):
+            out.append(local_path(text))
+            continue
+        place = remote_place(text)
+        local = staging / "inputs" / f"{i}-{Path(place.root).name}"
+        got = read_manifest(place)
+        if got is not None:
+            pull(place, local, manifest=got)
+        else:
+            names = _part_names(place)
+            if not names:
+                raise LogitCacheError(f"{text}: no {MANIFEST_NAME} and no {PART_GLOB} caches there; point to a cache or to a split run's --out.")
+            for name in names:
+                pull(Place(place.name(name), place.fs, place.path(name), False), local / name)
+        out.append(str(local))
+    return out
+
+
+def _part_names(place: Place) -> list[str]:
+    place.fs.invalidate_cache()
+    try:
+        entries = with_retries(f"listing {place.url}", lambda: place.fs.ls(place.root, detail=False))
+    except LogitCacheError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return []
+        raise
+    return sorted(name for name in (e.rstrip("/").rsplit("/", 1)[-1] for e in entries) if part_name_ok(name))
+
+
+@contextlib.contextmanager
+def written_through(out: str, staging: Path, *, purpose: str) -> Iterator[Path]:
+    """The local directory a command writes for the output ``out``: ``out`` itself when local.
+
+    For a URL: ``staging/out``, first made to agree with the remote (a partial convert resumes
+    from it), then pushed when the command succeeds, manifest last; all under the remote's lease.
+    """
+    if not is_url(out):
+        yield Path(local_path(out))
+        return
+    place = remote_place(out)
+    with Lease(out, purpose=purpose) as lease:
+        local = staging / "out"
+        sync_down(place, local)
+        yield local
+        lease.check()
+        push(local, place)
