@@ -59,7 +59,7 @@ def push(
 ) -> None:
     """Upload a local cache to the Hub: `logitcache copy CACHE hf://datasets/ORG/NAME`, checked and resumable.
 
-    Needs pip install 'logitcache\\[hub]' and a token (`huggingface-cli login` or HF_TOKEN).
+    Needs pip install 'logitcache\\[hub]' and a token (`hf auth login` or HF_TOKEN); the dataset repository must exist (`hf repos create ORG/NAME --type dataset`).
 
     Example:
 
