@@ -161,3 +161,11 @@ def test_merge_joins_parts_written_to_s3(teacher_dir, data_file, built_cache, s3
     assert verify_cache(merged).ok
     ids = lambda cache: sorted(row["id"] for row in open_cache(cache))  # noqa: E731
     assert ids(merged) == ids(built_cache)
+
+
+def test_merge_refuses_a_url_that_already_holds_a_cache(built_cache, s3_bucket, tmp_path):
+    copy_cache(str(built_cache), f"{s3_bucket}/merged")
+
+    r = runner.invoke(app, ["merge", f"{s3_bucket}/merged", str(built_cache), "--local-cache", str(tmp_path / "s")])
+
+    assert r.exit_code != 0 and "already holds a cache" in r.output

@@ -328,3 +328,11 @@ def test_killed_while_uploading_the_rerun_completes_the_same_remote_cache(
     assert "taking over the lease" in log and "no longer running" in log  # the killed run's, at once
     assert LEASE_NAME not in _objects(url)
     _assert_same_as_reference(_pulled(url, tmp_path / "pulled"), remote_reference)
+
+
+def test_a_rerun_with_other_settings_names_the_url(s3_bucket, teacher_dir, data_file, tmp_path):
+    url = f"{s3_bucket}/cache"
+    run_teacher(make_config(teacher_dir, data_file, url, limit=4, local_cache=str(tmp_path / "a")), progress=False)
+
+    with pytest.raises(LogitCacheError, match=rf"^{url} already holds a cache made with other settings \(k: cache has 8, this run has 4\)"):
+        run_teacher(make_config(teacher_dir, data_file, url, top_k=4, local_cache=str(tmp_path / "b")), progress=False)

@@ -42,9 +42,9 @@ def merge(
     with warnings.catch_warnings(), Stages("merge", log_every) as stages:
         warnings.simplefilter("ignore")  # the report carries them; printed below as one line each
         local_parts = staged_inputs(parts, staging)
-        with written_through(out, staging, purpose="merging into") as local_out:
+        with written_through(out, staging, purpose="merging into", new_only=True) as local_out:
             if is_url(out) and (local_out / "manifest.json").is_file() and load_manifest(local_out).status == "complete":
-                # Merged before (the upload then stopped, or it is done): upload what is staged.
+                # Merged here before and the upload stopped (the remote has no manifest): upload it.
                 typer.echo(f"the merged cache staged in {local_out} is complete; uploading it to {out}")
                 return
             report = merge_caches(local_out, expand_parts([Path(p) for p in local_parts]), link=not copy,

@@ -173,12 +173,15 @@ def _listed_files(m: Manifest) -> list[tuple[str, str | None]]:
 
 
 def pull(src: Place, local_dir: Path, *, on_file: OnFile = _nothing, report: SyncReport | None = None,
-         manifest: tuple[Manifest, bytes] | None = None) -> SyncReport:
+         manifest: tuple[Manifest, bytes] | None = None, trusted: dict[str, tuple[str, int]] | None = None) -> SyncReport:
     """Make ``local_dir`` hold exactly the cache at ``src`` (which must have a manifest).
 
     A local file already there with the listed sha256 is kept; every other is downloaded under a
     temp name, checked and renamed. Local shards the source does not list are dropped. The
-    manifest comes last, so a local directory with a manifest is always whole.
+    manifest comes last, so a local directory with a manifest is always whole. ``trusted``:
+    {path: (sha256, size)} that the local directory's own writer recorded (its manifest); a file
+    of that size listed with that sha256 is kept without hashing it again (a resume of a big
+    staging would otherwise read all of it).
     """
     report = report or SyncReport(src.url, str(local_dir))
     got = manifest or read_manifest(src)
@@ -189,7 +192,7 @@ def pull(src: Place, local_dir: Path, *, on_file: OnFile = _nothing, report: Syn
     files = _listed_files(m)
     for i, (rel, digest) in enumerate(files):
         target = local_dir / rel
-        if target.is_file() and digest is not None and sha256_file(target) == digest:
+        if target.is_file() and digest is not None and _same_local(target, rel, digest, trusted or {}):
             report.skipped += 1
         else:
             _download(src, rel, target, digest)
@@ -206,6 +209,12 @@ def pull(src: Place, local_dir: Path, *, on_file: OnFile = _nothing, report: Syn
     atomic_write_bytes(local_dir / MANIFEST_NAME, data)
     report.shards = len(m.shards)
     return report
+
+
+def _same_local(target: Path, rel: str, digest: str, trusted: dict[str, tuple[str, int]]) -> bool:
+    if trusted.get(rel) == (digest, target.stat().st_size):
+        return True
+    return sha256_file(target) == digest
 
 
 def _download(src: Place, rel: str, target: Path, digest: str | None) -> None:
@@ -245,6 +254,7 @@ def sync_down(place: Place, local_dir: Path) -> Manifest | None:
     if got is None:
         return None
     remote_m = got[0]
+    trusted: dict[str, tuple[str, int]] = {}
     if (local_dir / MANIFEST_NAME).is_file():
         try:
             local_m = load_manifest(local_dir)
@@ -255,7 +265,9 @@ def sync_down(place: Place, local_dir: Path) -> Manifest | None:
                 f"--local-cache {local_dir} holds another cache than {place.url} (made with other settings); "
                 "give an empty directory (or none, for the default) to stage this one."
             )
-    pull(place, local_dir, manifest=got)
+        if local_m is not None:
+            trusted = {s.path: (s.sha256, s.bytes) for s in local_m.shards}
+    pull(place, local_dir, manifest=got, trusted=trusted)
     return remote_m
 
 
@@ -472,11 +484,12 @@ def _part_names(place: Place) -> list[str]:
 
 
 @contextlib.contextmanager
-def written_through(out: str, staging: Path, *, purpose: str) -> Iterator[Path]:
+def written_through(out: str, staging: Path, *, purpose: str, new_only: bool = False) -> Iterator[Path]:
     """The local directory a command writes for the output ``out``: ``out`` itself when local.
 
     For a URL: ``staging/out``, first made to agree with the remote (a partial convert resumes
     from it), then pushed when the command succeeds, manifest last; all under the remote's lease.
+    ``new_only``: a remote that already holds a cache is refused (merge never adds to one).
     """
     if not is_url(out):
         yield Path(local_path(out))
@@ -484,6 +497,8 @@ def written_through(out: str, staging: Path, *, purpose: str) -> Iterator[Path]:
     place = remote_place(out)
     with Lease(out, purpose=purpose) as lease:
         local = staging / "out"
+        if new_only and read_manifest(place) is not None:
+            raise LogitCacheError(f"{out} already holds a cache; give a new or empty location (nothing there was changed).")
         sync_down(place, local)
         yield local
         lease.check()

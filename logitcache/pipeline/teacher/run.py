@@ -312,7 +312,14 @@ def _run_remote(cfg: TeacherConfig, progress: bool) -> TeacherResult:
         with CacheLock(local.out_dir()) as lock:
             sync_down(place, local.out_dir())
             pusher = Pusher(local.out_dir(), place, before_manifest=lease.check)
-            result = _run_locked(local, lock, progress, on_commit=pusher.push)
+            try:
+                result = _run_locked(local, lock, progress, on_commit=pusher.push)
+            except LogitCacheError as e:
+                # The staging holds the remote's cache: its settings are the remote's, said of the URL.
+                staged = f"{local.out_dir()} already holds a cache"
+                if str(e).startswith(staged):
+                    raise LogitCacheError(url + str(e)[len(str(local.out_dir())):]) from None
+                raise
             pusher.push(final=True)  # the card the writer rewrote when it closed
     result.out = url
     return result
