@@ -336,3 +336,18 @@ def test_a_rerun_with_other_settings_names_the_url(s3_bucket, teacher_dir, data_
 
     with pytest.raises(LogitCacheError, match=rf"^{url} already holds a cache made with other settings \(k: cache has 8, this run has 4\)"):
         run_teacher(make_config(teacher_dir, data_file, url, top_k=4, local_cache=str(tmp_path / "b")), progress=False)
+
+
+def test_a_lease_not_renewed_within_its_time_to_live_stops_the_writer(s3_bucket, monkeypatch):
+    monkeypatch.setenv("LOGITCACHE_LEASE_SECONDS", "0.2")
+    lease = Lease(f"{s3_bucket}/cache").acquire()
+    lease._stop.set()  # as if the process stalled: no renewal happens
+    lease._thread.join()
+    try:
+        import time
+
+        time.sleep(0.3)
+        with pytest.raises(LogitCacheError, match="not renewed for .* past its 0.2 s time to live"):
+            lease.check()
+    finally:
+        lease._thread = None

@@ -30,6 +30,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -67,6 +68,7 @@ class Lease:
         self.lost: str | None = None  # why the lease is no longer ours
         self._etag: str | None = None
         self._acquired: str | None = None
+        self._renewed = 0.0  # time.monotonic() of the last write of our lease
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -111,9 +113,11 @@ class Lease:
                 self.fs.pipe_file(self.path, body)
             return True
 
+        sent = time.monotonic()
         made = with_retries(f"creating the lease {self.url}/{LEASE_NAME}", create)
         if made:
             self._etag = self._read()[1]
+            self._renewed = sent
         return made
 
     def _replace(self, etag: str | None) -> bool:
@@ -135,7 +139,11 @@ class Lease:
             content, self._etag = self._read()
             return bool(content) and content.get("owner") == self.owner
 
-        return with_retries(f"writing the lease {self.url}/{LEASE_NAME}", put)
+        sent = time.monotonic()
+        ok = with_retries(f"writing the lease {self.url}/{LEASE_NAME}", put)
+        if ok:
+            self._renewed = sent
+        return ok
 
     # --- acquire, renew, release ---------------------------------------------------------
     def acquire(self) -> "Lease":
@@ -174,7 +182,10 @@ class Lease:
                 print(f"logitcache: could not renew the lease on {self.url}: {e}", file=sys.stderr)
 
     def check(self) -> None:
-        """Raise if the lease is no longer ours (call before publishing anything)."""
+        """Raise if the lease is no longer surely ours (call before publishing anything): taken
+        over, or not renewed within its time to live (then another writer may hold it by now)."""
+        if self.lost is None and self._renewed and time.monotonic() - self._renewed > self.ttl:
+            self.lost = f"not renewed for {time.monotonic() - self._renewed:.0f} s, past its {self.ttl:g} s time to live"
         if self.lost is not None:
             raise LogitCacheError(
                 f"the lease on {self.url} was {self.lost} (this run stalled past its expiry); "

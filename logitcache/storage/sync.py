@@ -279,14 +279,14 @@ class Pusher:
 
     Shards already uploaded (listed with the same sha256 in the manifest this pusher last saw
     at ``dest``) are not sent again; anything else is, even over an object of the same name (a
-    killed run may have left a shard there that no manifest lists). ``before_manifest`` runs just
-    before the manifest goes up (the lease check: a writer that lost its lease must not publish).
+    killed run may have left a shard there that no manifest lists). ``check`` runs before every
+    object goes up (the lease's: a writer that lost its lease must not overwrite anything).
     """
 
-    def __init__(self, local_dir: Path, dest: Place, *, before_manifest: Callable[[], None] | None = None) -> None:
+    def __init__(self, local_dir: Path, dest: Place, *, check: Callable[[], None] | None = None) -> None:
         self.local_dir = local_dir
         self.dest = dest
-        self.before_manifest = before_manifest
+        self.check = check or (lambda: None)
         got = read_manifest(dest)
         self._sent: dict[str, str] = {rel: d for rel, d in _listed_files(got[0]) if d} if got else {}
         self._card_sent = False
@@ -298,15 +298,16 @@ class Pusher:
             if digest is not None and self._sent.get(rel) == digest:
                 report.skipped += 1
                 continue
+            self.check()
             _upload(self.local_dir, rel, self.dest, report)
             self._sent[rel] = digest or ""
             crash_point("upload.shard" if rel.startswith(DATA_DIR + "/") else "upload.tokenizer")
         if final or not self._card_sent:
             if (self.local_dir / CARD_NAME).is_file():
+                self.check()
                 _upload(self.local_dir, CARD_NAME, self.dest, report)
             self._card_sent = True
-        if self.before_manifest is not None:
-            self.before_manifest()
+        self.check()
         crash_point("upload.manifest")
         _upload(self.local_dir, MANIFEST_NAME, self.dest, report)
         return report

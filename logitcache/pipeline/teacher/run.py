@@ -311,7 +311,7 @@ def _run_remote(cfg: TeacherConfig, progress: bool) -> TeacherResult:
         local = replace(cfg, out=str(staging_dir(cfg.out, cfg.local_cache)))
         with CacheLock(local.out_dir()) as lock:
             sync_down(place, local.out_dir())
-            pusher = Pusher(local.out_dir(), place, before_manifest=lease.check)
+            pusher = Pusher(local.out_dir(), place, check=lease.check)
             try:
                 result = _run_locked(local, lock, progress, on_commit=pusher.push)
             except LogitCacheError as e:
