@@ -13,8 +13,10 @@ fsspec's ``mode="create"``), so of two writers starting together exactly one get
 already there is refused in one line naming its holder and expiry, unless it has expired, or
 its holder ran on this host and is gone (a killed run: the rerun need not wait for the expiry);
 then it is taken over with a notice. Taking over and renewing replace the object only if it is
-unchanged since read (S3's ``If-Match`` on its ETag); a writer whose lease was taken (it stalled
-past the expiry) finds out at its next renewal or upload and stops before publishing anything.
+unchanged since read (S3's ``If-Match`` on its ETag). :meth:`Lease.check`, called before every
+upload, refuses once the lease was taken over (seen at a renewal) or has gone unrenewed for its
+whole time to live (the process stalled: another writer may hold it by now), so a stalled writer
+stops before it overwrites anything.
 
 Race window: on filesystems without conditional writes (anything but s3fs here; fsspec's
 ``mode="create"`` is checked where the filesystem offers it), two writers taking over the same
