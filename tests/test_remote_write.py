@@ -194,18 +194,33 @@ def test_a_missing_extra_is_one_line_and_creates_nothing(teacher_dir, data_file,
     _nothing_local(tmp_path)
 
 
-def test_a_missing_bucket_is_one_line_and_creates_nothing(s3_endpoint, teacher_dir, data_file, tmp_path):
-    r = _teacher(teacher_dir, data_file, "s3://no-such-bucket-here/cache", tmp_path)
+def _teacher_here(teacher_dir, data_file, out: str, cwd: Path):
+    """The same command in this process (the S3 server's address is in its environment)."""
+    from typer.testing import CliRunner
+
+    from logitcache.cli import app
+
+    args = ["teacher", "--model", str(teacher_dir), "--data", str(data_file), "--out", out, "--prompt-field", "prompt",
+            "--response-field", "response", "--top-k", "8", "--local-cache", str(cwd / "staging")]
+    r = CliRunner().invoke(app, args)
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
+
+
+def test_a_missing_bucket_is_one_line_and_creates_nothing(s3_endpoint, teacher_dir, data_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    r = _teacher_here(teacher_dir, data_file, "s3://no-such-bucket-here/cache", tmp_path)
 
     _assert_one_line(r, "bucket no-such-bucket-here does not exist")
     _nothing_local(tmp_path)
 
 
-def test_a_live_lease_is_one_line_and_creates_nothing(s3_bucket, teacher_dir, data_file, tmp_path):
+def test_a_live_lease_is_one_line_and_creates_nothing(s3_bucket, teacher_dir, data_file, tmp_path, monkeypatch):
     url = f"{s3_bucket}/cache"
     _foreign_lease(url, expires_in=600)
+    monkeypatch.chdir(tmp_path)
 
-    r = _teacher(teacher_dir, data_file, url, tmp_path)
+    r = _teacher_here(teacher_dir, data_file, url, tmp_path)
 
     _assert_one_line(r, "gpu-node-7", "lease expires at")
     _nothing_local(tmp_path)
