@@ -173,6 +173,17 @@ def test_train_through_the_cli_refuses_a_replaced_object(s3_cache, student, tmp_
     assert r.exit_code != 0 and f"{path} row group 1: sha256 differs" in r.output and "Traceback" not in r.output
 
 
+def test_train_with_local_cache_reads_through_verified_copies(s3_cache, student, tmp_path):
+    copies = tmp_path / "copies"
+
+    r = CliRunner().invoke(app, ["train", "--student", str(student), "--cache", s3_cache, "--out", str(tmp_path / "o"),
+                                 "--loss", "kl", "--max-steps", "2", "--batch-size", "2", "--no-progress",
+                                 "--local-cache", str(copies)])
+
+    assert r.exit_code == 0, r.output
+    assert len(list((copies / "shards").glob("*.parquet"))) == len(open_cache(s3_cache).manifest.shards)
+
+
 def test_a_cache_without_row_group_digests_is_read_whole_and_checked(built_cache, s3_bucket, tmp_path):
     old = tmp_path / "old"
     import shutil

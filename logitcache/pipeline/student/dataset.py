@@ -72,7 +72,9 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
     """A torch ``IterableDataset`` over a logit cache (DESIGN.md §4).
 
     Args:
-        cache_dir: a cache written by ``logitcache teacher``.
+        cache_dir: a cache written by ``logitcache teacher``: a directory or an fsspec URL
+            (``s3://bucket/cache``, ...; row groups streamed by ranged GETs, each checked
+            against its sha256 as it is read: storage/remote_cache.py).
         student_tokenizer: a fast tokenizer. Given, every row goes through a
             :class:`StudentFeaturizer` (made once per process, i.e. per dataloader worker)
             and comes out as ``id, input_ids, labels, teacher_logprobs, teacher_ids,
@@ -100,6 +102,8 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             by id through an index of their id columns, built once); featurized, each example
             carries ``_more``, each companion's teacher columns by its own featurizer. A record
             with another text or other target spans is refused (naming the id and cache).
+        local_cache: for a URL, a directory of verified whole-shard copies to read instead of
+            streaming (downloaded once, reused by later runs, fetched again if damaged).
         on_missing: with companions, a record not in every cache is refused ("refuse") or
             left out of the plan ("skip": ``missing`` lists them; ``len`` counts the rest).
 
