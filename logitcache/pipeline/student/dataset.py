@@ -42,6 +42,7 @@ import torch.utils.data
 
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.student.features import FeatureStats, StudentFeaturizer, featurizer_for_cache
+from logitcache.pipeline.student.follow import Follow, records_cached
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.decode import decode_rows, shard_id_table
 from logitcache.storage.rows import Row
@@ -60,28 +61,6 @@ Unit = tuple[int, int, int]
 Piece = tuple[int, int, int]
 
 _HASH_THREADS = 4  # hashlib releases the GIL: a few threads keep a fast disk busy
-
-
-@dataclass(frozen=True)
-class Follow:
-    """How a dataset follows a cache that the teacher is still writing (``train --follow``).
-
-    poll: seconds between re-reads of manifest.json once everything it lists is consumed.
-    timeout: stop (one line naming the teacher's resume command) after this many seconds
-        without a new shard; None waits as long as it takes, saying so at every check.
-    announce: print the waiting line on stderr (only rank 0's first reader prints it).
-    """
-
-    poll: float = 30.0
-    timeout: float | None = None
-    announce: bool = True
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.poll, (int, float)) and math.isfinite(self.poll) and self.poll > 0):
-            raise LogitCacheError(f"--follow-poll must be a positive number of seconds (got {self.poll}).")
-        if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
-            raise LogitCacheError(f"--follow-timeout must be a positive number of seconds (got {self.timeout}); "
-                                  "leave it out to wait as long as the teacher takes.")
 
 
 @dataclass(frozen=True)
@@ -481,7 +460,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             if follow.timeout is not None and waited >= follow.timeout:
                 raise LogitCacheError(self._stopped_growing(manifest, waited))
             pause = follow.poll if follow.timeout is None else min(follow.poll, follow.timeout - waited)
-            line = f"waiting for the teacher: {_records_cached(manifest)}, next check in {pause:.3g} s"
+            line = f"waiting for the teacher: {records_cached(manifest)}, next check in {pause:.3g} s"
             logger.info("%s: %s", self.cache.path, line)
             if announce:
                 print(line, file=sys.stderr, flush=True)
@@ -490,7 +469,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
     def _stopped_growing(self, manifest: Manifest, waited: float) -> str:
         source = manifest.dataset.get("source", "DATA")
         return (
-            f"{self.cache.path}: no new shard for {waited:.0f} s (--follow-timeout), {_records_cached(manifest)}, last "
+            f"{self.cache.path}: no new shard for {waited:.0f} s (--follow-timeout), {records_cached(manifest)}, last "
             f"written {manifest.updated_at}; if its teacher stopped, resume it with its own command and the same --out "
             f"(`logitcache teacher --model {manifest.teacher.get('name', 'TEACHER')} --data {source} --out "
             f"{self.cache.path} ...`), then rerun this training with --resume."
@@ -947,13 +926,6 @@ def _pieces_between(order: Sequence[int], starts: Sequence[int], pos: int, end: 
             j += 1
         pos += b - (pos % n)
     return pieces
-
-
-def _records_cached(manifest: Manifest) -> str:
-    """"N of M records cached" (M: the dataset's records, when the manifest knows them)."""
-    total = manifest.dataset.get("num_records")
-    skipped = f" ({len(manifest.skipped)} skipped)" if manifest.skipped else ""
-    return f"{manifest.num_examples} of {total if total is not None else '?'} records cached{skipped}"
 
 
 def _flat_ints(x: Any) -> np.ndarray:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -656,6 +657,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     from logitcache.pipeline.padding import pad_token_id
     from logitcache.pipeline.student.collate import KDCollator
     from logitcache.pipeline.student.dataset import LogitCacheDataset, refuse_unaligned
+    from logitcache.pipeline.student.follow import Follow, records_cached
     from logitcache.storage import open_cache
     from logitcache.storage.parts import merge_command
 
@@ -688,6 +690,13 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
             if len(caches) == 1:
                 raise
             raise LogitCacheError(f"--cache {path}: {e}") from None
+    following = cfg.follow and cache.manifest.status != "complete"
+    if following and cfg.max_steps <= 0:
+        raise LogitCacheError(
+            f"--follow on {paths[0]}, still being written ({records_cached(cache.manifest)}), needs --max-steps: how "
+            "many examples the teacher will keep is unknown until it ends, and the learning-rate schedule needs its "
+            "length now (or wait for the teacher and train without --follow)."
+        )
     if cfg.eval_cache:  # its batches share the trainer's teacher_targets(): the same columns needed
         check_eval_targets(cfg, cache.manifest, open_cache(cfg.eval_cache).manifest)
 
@@ -734,26 +743,32 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
             "train ...` (or accelerate launch with examples/accelerate/fsdp.yaml)."
         )
 
-    def dataset(path: str, shuffle: bool, companions: list[str] = ()) -> LogitCacheDataset:
+    def dataset(path: str, shuffle: bool, companions: list[str] = (), follow: Follow | None = None) -> LogitCacheDataset:
         return LogitCacheDataset(
             path, tokenizer, alignment=cfg.resolved_alignment(), max_length=cfg.max_length,
             alm_merge_threshold=cfg.alm_merge_threshold if cfg.alm_debiased() else None, kd_targets=cfg.kd_targets,
             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, shuffle=shuffle,
             rank=args.process_index, world_size=args.world_size, num_workers=cfg.num_workers,
             skip_bad_shards=cfg.skip_bad_shards, batch_size=cfg.batch_size,
-            companions=companions, on_missing=cfg.on_missing,
+            companions=companions, on_missing=cfg.on_missing, follow=follow,
         )
 
     # Every shard is checked here, before the model is loaded: a damaged cache stops the run now.
     # Several caches: the first drives the order, the others are read by id alongside it.
-    train_ds = dataset(paths[0], shuffle=True, companions=paths[1:])
+    follow = dataclasses.replace(cfg.follow_settings(), announce=args.process_index == 0) if cfg.follow else None
+    train_ds = dataset(paths[0], shuffle=True, companions=paths[1:], follow=follow)
     eval_ds = dataset(cfg.eval_cache, shuffle=False) if cfg.eval_cache else None
     if cfg.loss != "sft" and cfg.kd_weight > 0 and cfg.resolved_alignment() in ("offset", "position"):
         # a student that aligns nothing would train on CE alone, silently: refuse it now.
-        for path, w in zip(paths, weights):
-            if w > 0:
-                refuse_unaligned(path, tokenizer, cfg.resolved_alignment(), skip_bad_shards=cfg.skip_bad_shards)
-    notices = [ds.skipped_summary() for ds in (train_ds, *train_ds.companions, eval_ds) if ds is not None and ds.skipped_shards]
+        with warnings.catch_warnings():
+            if following:  # its "cache not complete" warning: the notice below says what --follow does instead
+                warnings.simplefilter("ignore")
+            for path, w in zip(paths, weights):
+                if w > 0:
+                    refuse_unaligned(path, tokenizer, cfg.resolved_alignment(), skip_bad_shards=cfg.skip_bad_shards)
+    notices = [f"--follow: {paths[0]} is still being written ({records_cached(cache.manifest)}); training starts on "
+               "what is there and takes new shards as they come, until the teacher finishes."] if following else []
+    notices += [ds.skipped_summary() for ds in (train_ds, *train_ds.companions, eval_ds) if ds is not None and ds.skipped_shards]
     if train_ds.missing:
         notices.append(train_ds.missing_summary())
     for path, c in zip(paths, caches):
@@ -788,7 +803,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         data_collator=KDCollator(pad_token_id=pad),
         processing_class=tokenizer,
         callbacks=[DataStateCallback(train_ds, args.process_index), FiniteGradientsCallback(), SharedModesCallback(),
-                   EpochCallback(len(train_ds), cfg.batch_size, cfg.gradient_accumulation_steps)],
+                   *([] if following else [EpochCallback(len(train_ds), cfg.batch_size, cfg.gradient_accumulation_steps)])],
         kd_config=cfg,
         cache_temperatures=list(getattr(cache.manifest, "temperatures", []) or []),
         vocab_map=vocab_maps[0],
@@ -893,7 +908,7 @@ def _disk_full_message(e: BaseException, out: Path, step: int) -> str | None:
 
 FINISHED = "logitcache_train_result.json"
 # Options that do not change what a finished run trained: a --resume with only these changed is a no-op.
-_NOT_DEFINING = ("resume", "progress", "log_every", "num_workers")
+_NOT_DEFINING = ("resume", "progress", "log_every", "num_workers", "follow_poll", "follow_timeout")
 
 
 def _run_defining(cfg: TrainConfig) -> dict[str, Any]:
