@@ -1,0 +1,280 @@
+"""`train --follow` (issue 16 §3): a student trains while the teacher writes the cache.
+
+Epoch 1 holds every example of the complete cache once, whenever its shards arrived; ranks and
+workers agree on it without talking to each other; a resume mid-follow continues exactly; a cache
+that stops growing is named, not waited on silently.
+
+The unit tests grow a cache the way the writer does: the shard files are there, and the
+manifest, rewritten atomically, lists one more shard each time (the last one says complete).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from logitcache.errors import LogitCacheError
+from logitcache.pipeline.student.dataset import LogitCacheDataset
+from logitcache.pipeline.student.follow import Follow
+from logitcache.pipeline.student.train import TrainConfig, run_train
+from logitcache.storage.manifest import load_manifest
+from logitcache.storage.reader import CacheReader
+
+QUICK = Follow(poll=0.01, announce=False)
+
+
+class GrowingCache:
+    """A copy of a finished cache whose manifest lists its shards one more at a time."""
+
+    def __init__(self, finished: Path, where: Path, listed: int = 1) -> None:
+        self.path = where
+        shutil.copytree(finished, where)
+        self.full = load_manifest(finished)
+        self.list(listed)
+
+    def list(self, n: int) -> None:
+        done = n >= len(self.full.shards)
+        dataclasses.replace(self.full, shards=self.full.shards[:n], status="complete" if done else "partial").save(self.path)
+
+    def grow_in_background(self, every: float = 0.05) -> threading.Thread:
+        def grow() -> None:
+            for n in range(len(load_manifest(self.path).shards) + 1, len(self.full.shards) + 1):
+                time.sleep(every)
+                self.list(n)
+
+        thread = threading.Thread(target=grow, daemon=True)
+        thread.start()
+        return thread
+
+
+def _ids(ds: LogitCacheDataset) -> list[str]:
+    return [row["id"] for row in ds]
+
+
+def _followed(cache: GrowingCache, **kw) -> list[str]:
+    ds = LogitCacheDataset(cache.path, follow=QUICK, shuffle_buffer=4, seed=3, **kw)
+    grower = cache.grow_in_background()
+    ids = _ids(ds)
+    grower.join()
+    return ids
+
+
+def test_a_followed_epoch_holds_every_example_once_whenever_its_shards_arrive(built_cache, tmp_path):
+    all_ids = sorted(CacheReader(built_cache).ids())
+
+    slowly = _followed(GrowingCache(built_cache, tmp_path / "slow"))
+    at_once = GrowingCache(built_cache, tmp_path / "fast")
+    ds = LogitCacheDataset(at_once.path, follow=QUICK, shuffle_buffer=4, seed=3)
+    at_once.list(4)  # complete before the first example is read
+    quickly = _ids(ds)
+
+    assert sorted(slowly) == all_ids
+    assert slowly == quickly  # the order is the shard list's, not the clock's
+
+
+def test_unshuffled_a_followed_epoch_is_the_cache_order(built_cache, tmp_path):
+    followed = _followed(GrowingCache(built_cache, tmp_path / "c"), shuffle=False)
+
+    assert followed == list(CacheReader(built_cache).ids())
+
+
+def test_the_reader_says_when_it_waits_for_the_teacher(built_cache, tmp_path, capsys):
+    cache = GrowingCache(built_cache, tmp_path / "c")
+    ds = LogitCacheDataset(cache.path, follow=Follow(poll=0.02), shuffle=False)
+    grower = cache.grow_in_background(every=0.1)
+
+    assert len(_ids(ds)) == 24
+    grower.join()
+    err = capsys.readouterr().err
+    assert "waiting for the teacher: 8 of 24 records cached, next check in 0.02 s" in err
+
+
+@pytest.mark.parametrize("world, batch", [(2, 3), (5, 2)])
+def test_ranks_split_a_followed_epoch_evenly_with_at_most_world_minus_one_repeats(built_cache, tmp_path, world, batch):
+    per_rank = []
+    for rank in range(world):  # rank 0 follows the writer; the others read the finished cache
+        cache = GrowingCache(built_cache, tmp_path / f"rank{rank}")
+        per_rank.append(_followed(cache, rank=rank, world_size=world, batch_size=batch))
+
+    per = -(-24 // world)
+    assert [len(ids) for ids in per_rank] == [per] * world
+    seen = Counter(i for ids in per_rank for i in ids)
+    assert sorted(seen) == sorted(CacheReader(built_cache).ids())
+    assert sum(seen.values()) - len(seen) == world * per - 24  # the padding: 0 for 2 ranks, 1 for 5
+
+
+def test_dataloader_workers_of_two_ranks_read_a_followed_epoch_once(built_cache, tmp_path):
+    ids = []
+    for rank in (0, 1):
+        cache = GrowingCache(built_cache, tmp_path / f"rank{rank}")
+        ds = LogitCacheDataset(cache.path, follow=QUICK, shuffle_buffer=4, rank=rank, world_size=2, num_workers=2, batch_size=3)
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=lambda rows: [r["id"] for r in rows])
+        grower = cache.grow_in_background()
+        batches = list(loader)
+        grower.join()
+        assert [len(b) for b in batches] == [3, 3, 3, 3]  # full batches, 12 per rank
+        ids += [i for b in batches for i in b]
+
+    assert sorted(ids) == sorted(CacheReader(built_cache).ids())
+
+
+def test_a_resume_mid_follow_continues_the_same_epoch(built_cache, tmp_path):
+    straight = _followed(GrowingCache(built_cache, tmp_path / "straight"))
+    cache = GrowingCache(built_cache, tmp_path / "c", listed=2)  # 14 examples so far
+    first = LogitCacheDataset(cache.path, follow=QUICK, shuffle_buffer=4, seed=3)
+    taken = []
+    for row in first:
+        taken.append(row["id"])
+        first.mark_consumed(row["_worker"], row["_index"])
+        if len(taken) == 10:
+            break
+    state = first.state_dict()
+
+    again = LogitCacheDataset(cache.path, follow=QUICK, shuffle_buffer=4, seed=3)
+    again.load_state_dict(state)
+    grower = cache.grow_in_background()
+    rest = _ids(again)
+    grower.join()
+
+    assert state["followed"] and taken + rest == straight
+
+
+def test_a_resume_of_a_followed_epoch_needs_follow(built_cache, tmp_path):
+    cache = GrowingCache(built_cache, tmp_path / "c", listed=2)
+    state = LogitCacheDataset(cache.path, follow=QUICK).state_dict()
+
+    with pytest.warns(UserWarning, match="not complete"):
+        plain = LogitCacheDataset(cache.path)
+    with pytest.raises(LogitCacheError, match="resume with --follow"):
+        plain.load_state_dict(state)
+
+
+def test_epochs_after_the_followed_one_are_those_of_the_complete_cache(built_cache, tmp_path):
+    cache = GrowingCache(built_cache, tmp_path / "c")
+    ds = LogitCacheDataset(cache.path, follow=QUICK, shuffle_buffer=4, seed=3)
+    with pytest.raises(TypeError, match="still being written"):
+        len(ds)
+    grower = cache.grow_in_background()
+    _ids(ds)
+    grower.join()
+
+    ds.set_epoch(1)
+    complete = LogitCacheDataset(built_cache, shuffle_buffer=4, seed=3)
+    complete.set_epoch(1)
+
+    assert len(ds) == len(complete) == 24
+    assert _ids(ds) == _ids(complete)
+
+
+def test_on_a_complete_cache_follow_changes_nothing(built_cache):
+    followed = LogitCacheDataset(built_cache, follow=QUICK, shuffle_buffer=4, seed=3)
+
+    assert len(followed) == 24 and not followed.followed
+    assert _ids(followed) == _ids(LogitCacheDataset(built_cache, shuffle_buffer=4, seed=3))
+
+
+def test_a_cache_that_stops_growing_is_named_with_the_teachers_resume_command(built_cache, tmp_path):
+    cache = GrowingCache(built_cache, tmp_path / "c")
+    ds = LogitCacheDataset(cache.path, follow=Follow(poll=0.01, timeout=0.1, announce=False))
+
+    with pytest.raises(LogitCacheError, match=r"no new shard for 0 s \(--follow-timeout\), 8 of 24 records cached") as e:
+        _ids(ds)
+    assert f"`logitcache teacher --model {cache.full.teacher['name']} --data" in str(e.value)
+    assert f"--out {cache.path} ...`" in str(e.value) and "--resume" in str(e.value)
+
+
+def test_a_cache_rewritten_while_followed_is_refused(built_cache, tmp_path):
+    cache = GrowingCache(built_cache, tmp_path / "c")
+    ds = LogitCacheDataset(cache.path, follow=QUICK)
+    other = [dataclasses.replace(cache.full.shards[0], sha256="0" * 64), cache.full.shards[1]]
+    dataclasses.replace(cache.full, shards=other, status="partial").save(cache.path)
+
+    with pytest.raises(LogitCacheError, match="rewritten while training followed it"):
+        _ids(ds)
+
+
+# --- train --follow ------------------------------------------------------------------------------
+
+
+def _cfg(student: Path, cache: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(student=str(student), cache=str(cache), out=str(out), loss="kl", batch_size=4, learning_rate=1e-3,
+                save_steps=100, logging_steps=1, progress=False, shuffle_buffer=8, follow=True, follow_poll=0.05)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_train_follow_on_a_complete_cache_just_trains(tmp_path, built_cache, student):
+    r = run_train(_cfg(student, built_cache, tmp_path / "run"))  # one epoch: no --max-steps needed
+
+    assert r.global_step == 6 and r.feature_stats["examples"] == 24
+
+
+def test_train_follow_on_a_cache_being_written_needs_max_steps(tmp_path, built_cache, student):
+    cache = GrowingCache(built_cache, tmp_path / "c")
+
+    with pytest.raises(LogitCacheError, match=r"still being written \(8 of 24 records cached\), needs --max-steps"):
+        run_train(_cfg(student, cache.path, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+class _Resume(logging.Handler):
+    """Lets the stopped teacher go on once the student says it waits for it."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__()
+        self.pid, self.waits = pid, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "waiting for the teacher" in record.getMessage():
+            self.waits += 1
+            os.kill(self.pid, signal.SIGCONT)
+
+
+def test_a_student_trains_while_a_real_teacher_writes_every_example_once(tmp_path, teacher_dir, data_file, student,
+                                                                       monkeypatch):
+    cache = tmp_path / "cache"
+    teacher = subprocess.Popen(
+        [sys.executable, "-m", "logitcache", "teacher", "--model", str(teacher_dir), "--data", str(data_file),
+         "--out", str(cache), "--top-k", "8", "--batch-size", "1", "--shard-size-mb", "0.003",
+         "--prompt-field", "prompt", "--response-field", "response", "--no-progress"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        while not (cache / "manifest.json").is_file() or not load_manifest(cache).shards:
+            assert teacher.poll() is None, teacher.stderr.read().decode()
+            time.sleep(0.05)
+        teacher.send_signal(signal.SIGSTOP)  # the student starts on a cache surely partial
+        resume = _Resume(teacher.pid)
+        logging.getLogger("logitcache.pipeline.student.dataset").addHandler(resume)
+        logging.getLogger("logitcache.pipeline.student.dataset").setLevel(logging.INFO)
+        trained: list[str] = []
+        from logitcache.pipeline.student import collate
+
+        batch_of = collate.KDCollator.__call__
+        monkeypatch.setattr(collate.KDCollator, "__call__", lambda self, rows: trained.extend(r["id"] for r in rows)
+                            or batch_of(self, rows))
+        listed_at_start = len(load_manifest(cache).shards)
+
+        r = run_train(_cfg(student, cache, tmp_path / "run", max_steps=6, follow_poll=0.2))
+    finally:
+        logging.getLogger("logitcache.pipeline.student.dataset").removeHandler(resume)
+        os.kill(teacher.pid, signal.SIGCONT)
+        assert teacher.wait(timeout=120) == 0, teacher.stderr.read().decode()
+
+    manifest = load_manifest(cache)
+    assert manifest.status == "complete" and listed_at_start < len(manifest.shards)
+    assert resume.waits >= 1  # it had trained on all that was there and waited for more
+    assert r.global_step == 6  # 24 examples, 4 a batch: epoch 1 exactly
+    assert sorted(trained) == sorted(CacheReader(cache).ids())  # every example once, none twice
