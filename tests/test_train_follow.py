@@ -230,18 +230,22 @@ def test_train_follow_on_a_cache_being_written_needs_max_steps(tmp_path, built_c
 
 
 class _Resume(logging.Handler):
-    """Lets the stopped teacher go on once the student says it waits for it."""
+    """Lets the stopped teacher go on once the student says it waits for it, noting how many
+    examples the student had taken into batches by then."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, trained: list[str]) -> None:
         super().__init__()
-        self.pid, self.waits = pid, 0
+        self.pid, self.trained, self.waits, self.batched_before = pid, trained, 0, None
 
     def emit(self, record: logging.LogRecord) -> None:
         if "waiting for the teacher" in record.getMessage():
             self.waits += 1
+            if self.batched_before is None:
+                self.batched_before = len(self.trained)
             os.kill(self.pid, signal.SIGCONT)
 
 
+@pytest.mark.slow  # about 30 s on 2 shared cores: a teacher process starting takes most of it
 def test_a_student_trains_while_a_real_teacher_writes_every_example_once(tmp_path, teacher_dir, data_file, student,
                                                                        monkeypatch):
     cache = tmp_path / "cache"
@@ -252,14 +256,14 @@ def test_a_student_trains_while_a_real_teacher_writes_every_example_once(tmp_pat
         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
-        while not (cache / "manifest.json").is_file() or not load_manifest(cache).shards:
+        while not (cache / "manifest.json").is_file() or len(load_manifest(cache).shards) < 2:
             assert teacher.poll() is None, teacher.stderr.read().decode()
-            time.sleep(0.05)
+            time.sleep(0.02)
         teacher.send_signal(signal.SIGSTOP)  # the student starts on a cache surely partial
-        resume = _Resume(teacher.pid)
+        trained: list[str] = []
+        resume = _Resume(teacher.pid, trained)
         logging.getLogger("logitcache.pipeline.student.dataset").addHandler(resume)
         logging.getLogger("logitcache.pipeline.student.dataset").setLevel(logging.INFO)
-        trained: list[str] = []
         from logitcache.pipeline.student import collate
 
         batch_of = collate.KDCollator.__call__
@@ -267,7 +271,7 @@ def test_a_student_trains_while_a_real_teacher_writes_every_example_once(tmp_pat
                             or batch_of(self, rows))
         listed_at_start = len(load_manifest(cache).shards)
 
-        r = run_train(_cfg(student, cache, tmp_path / "run", max_steps=6, follow_poll=0.2))
+        r = run_train(_cfg(student, cache, tmp_path / "run", max_steps=6, follow_poll=0.2, shuffle_buffer=2))
     finally:
         logging.getLogger("logitcache.pipeline.student.dataset").removeHandler(resume)
         os.kill(teacher.pid, signal.SIGCONT)
@@ -275,6 +279,6 @@ def test_a_student_trains_while_a_real_teacher_writes_every_example_once(tmp_pat
 
     manifest = load_manifest(cache)
     assert manifest.status == "complete" and listed_at_start < len(manifest.shards)
-    assert resume.waits >= 1  # it had trained on all that was there and waited for more
+    assert resume.waits >= 1 and resume.batched_before >= 4  # it trained on what was there, then waited for more
     assert r.global_step == 6  # 24 examples, 4 a batch: epoch 1 exactly
     assert sorted(trained) == sorted(CacheReader(cache).ids())  # every example once, none twice
