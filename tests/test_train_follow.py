@@ -27,7 +27,7 @@ import torch
 
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.student.dataset import LogitCacheDataset
-from logitcache.pipeline.student.follow import Follow
+from logitcache.pipeline.student.follow import Follow, wait_for_manifest
 from logitcache.pipeline.student.train import TrainConfig, run_train
 from logitcache.storage.manifest import load_manifest
 from logitcache.storage.reader import CacheReader
@@ -189,7 +189,7 @@ def test_a_cache_that_stops_growing_is_named_with_the_teachers_resume_command(bu
     cache = GrowingCache(built_cache, tmp_path / "c")
     ds = LogitCacheDataset(cache.path, follow=Follow(poll=0.01, timeout=0.1, announce=False))
 
-    with pytest.raises(LogitCacheError, match=r"no new shard for 0 s \(--follow-timeout\), 8 of 24 records cached") as e:
+    with pytest.raises(LogitCacheError, match=r"no new shard after waiting 0 s \(--follow-timeout\), 8 of 24 records cached") as e:
         _ids(ds)
     assert f"`logitcache teacher --model {cache.full.teacher['name']} --data" in str(e.value)
     assert f"--out {cache.path} ...`" in str(e.value) and "--resume" in str(e.value)
@@ -262,8 +262,8 @@ def test_a_student_trains_while_a_real_teacher_writes_every_example_once(tmp_pat
         teacher.send_signal(signal.SIGSTOP)  # the student starts on a cache surely partial
         trained: list[str] = []
         resume = _Resume(teacher.pid, trained)
-        logging.getLogger("logitcache.pipeline.student.dataset").addHandler(resume)
-        logging.getLogger("logitcache.pipeline.student.dataset").setLevel(logging.INFO)
+        logging.getLogger("logitcache.pipeline.student.follow").addHandler(resume)
+        logging.getLogger("logitcache.pipeline.student.follow").setLevel(logging.INFO)
         from logitcache.pipeline.student import collate
 
         batch_of = collate.KDCollator.__call__
@@ -273,7 +273,7 @@ def test_a_student_trains_while_a_real_teacher_writes_every_example_once(tmp_pat
 
         r = run_train(_cfg(student, cache, tmp_path / "run", max_steps=6, follow_poll=0.2, shuffle_buffer=2))
     finally:
-        logging.getLogger("logitcache.pipeline.student.dataset").removeHandler(resume)
+        logging.getLogger("logitcache.pipeline.student.follow").removeHandler(resume)
         os.kill(teacher.pid, signal.SIGCONT)
         assert teacher.wait(timeout=120) == 0, teacher.stderr.read().decode()
 
@@ -282,3 +282,19 @@ def test_a_student_trains_while_a_real_teacher_writes_every_example_once(tmp_pat
     assert resume.waits >= 1 and resume.batched_before >= 4  # it trained on what was there, then waited for more
     assert r.global_step == 6  # 24 examples, 4 a batch: epoch 1 exactly
     assert sorted(trained) == sorted(CacheReader(cache).ids())  # every example once, none twice
+
+
+def test_a_student_started_before_the_teacher_wrote_its_manifest_waits_for_it(built_cache, tmp_path, capsys):
+    later = tmp_path / "cache"
+    writer = threading.Timer(0.1, shutil.copytree, (built_cache, later))
+    writer.start()
+
+    wait_for_manifest(later, Follow(poll=0.02), announce=True)
+
+    writer.join()
+    assert f"waiting for the teacher to start {later} (no manifest.json yet), next check in 0.02 s" in capsys.readouterr().err
+
+
+def test_a_teacher_that_never_starts_is_named_after_the_timeout(tmp_path):
+    with pytest.raises(LogitCacheError, match=r"nowhere: no manifest.json after waiting 0 s \(--follow-timeout\); check the path"):
+        wait_for_manifest(tmp_path / "nowhere", Follow(poll=0.01, timeout=0.05), announce=False)

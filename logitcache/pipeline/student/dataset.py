@@ -26,8 +26,6 @@ import logging
 import math
 import os
 import random
-import sys
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,7 +40,7 @@ import torch.utils.data
 
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.student.features import FeatureStats, StudentFeaturizer, featurizer_for_cache
-from logitcache.pipeline.student.follow import Follow, records_cached
+from logitcache.pipeline.student.follow import Follow, records_cached, teacher_resume_hint
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.decode import decode_rows, shard_id_table
 from logitcache.storage.rows import Row
@@ -450,30 +448,17 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
     def _wait_for_the_teacher(self, announce: bool) -> Manifest:
         """The manifest once it lists more shards than planned or says complete, re-read every
         ``follow.poll`` seconds; one line per wait, and a stop after ``follow.timeout``."""
-        follow = self.follow
-        began = time.monotonic()
-        while True:
-            manifest = self._reload_manifest()
-            if len(manifest.shards) > self._planned_shards or manifest.status == "complete":
-                return manifest
-            waited = time.monotonic() - began
-            if follow.timeout is not None and waited >= follow.timeout:
-                raise LogitCacheError(self._stopped_growing(manifest, waited))
-            pause = follow.poll if follow.timeout is None else min(follow.poll, follow.timeout - waited)
-            line = f"waiting for the teacher: {records_cached(manifest)}, next check in {pause:.3g} s"
-            logger.info("%s: %s", self.cache.path, line)
-            if announce:
-                print(line, file=sys.stderr, flush=True)
-            time.sleep(pause)
 
-    def _stopped_growing(self, manifest: Manifest, waited: float) -> str:
-        source = manifest.dataset.get("source", "DATA")
-        return (
-            f"{self.cache.path}: no new shard for {waited:.0f} s (--follow-timeout), {records_cached(manifest)}, last "
-            f"written {manifest.updated_at}; if its teacher stopped, resume it with its own command and the same --out "
-            f"(`logitcache teacher --model {manifest.teacher.get('name', 'TEACHER')} --data {source} --out "
-            f"{self.cache.path} ...`), then rerun this training with --resume."
-        )
+        def look() -> tuple[Manifest, bool]:
+            manifest = self._reload_manifest()
+            return manifest, len(manifest.shards) > self._planned_shards or manifest.status == "complete"
+
+        def stopped(manifest: Manifest, waited: float) -> str:
+            return (f"{self.cache.path}: no new shard after waiting {waited:.0f} s (--follow-timeout), "
+                    f"{records_cached(manifest)}, last written {manifest.updated_at}; "
+                    f"{teacher_resume_hint(self.cache.path, manifest)}.")
+
+        return self.follow.wait(look, lambda m: f"waiting for the teacher: {records_cached(m)}", stopped, announce)
 
     def _followed_pieces(self, rank: int, world: int, announce: bool) -> Iterator[Piece]:
         """Rank ``rank``'s pieces of a followed epoch (class docstring), yielded as shards arrive."""
@@ -875,7 +860,8 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         counted = not (followed and int(state.get("epoch", 0)) == 0)
         checks = ["seed", "world_size", "shuffle", "num_caches"] + (["num_examples"] if counted else [])
         checks += ["shuffle_buffer"] if self.shuffle else []
-        checks += ["batch_size"] if (self.num_workers or 0) > 1 else []  # the workers' split follows it
+        # the workers' split follows it, and a followed epoch's rank split
+        checks += ["batch_size"] if (self.num_workers or 0) > 1 or followed else []
         for key in checks:
             if key in state and state[key] != mine[key]:
                 raise LogitCacheError(

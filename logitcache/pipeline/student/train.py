@@ -657,13 +657,15 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     from logitcache.pipeline.padding import pad_token_id
     from logitcache.pipeline.student.collate import KDCollator
     from logitcache.pipeline.student.dataset import LogitCacheDataset, refuse_unaligned
-    from logitcache.pipeline.student.follow import Follow, records_cached
+    from logitcache.pipeline.student.follow import Follow, records_cached, wait_for_manifest
     from logitcache.storage import open_cache
     from logitcache.storage.parts import merge_command
 
     cfg.validate()
     paths = cfg.caches()
     weights = cfg.resolved_teacher_weights()
+    if cfg.follow:  # a teacher writes its manifest once its model is loaded: a student started with it waits
+        wait_for_manifest(paths[0], cfg.follow_settings(), announce=os.environ.get("RANK", "0") == "0")
     caches = [open_cache(p) for p in paths]  # refuses non-caches, unknown versions and manifests that fail the schema
     cache = caches[0]
     out = Path(cfg.out)
