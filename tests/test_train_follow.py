@@ -229,6 +229,31 @@ def test_train_follow_on_a_cache_being_written_needs_max_steps(tmp_path, built_c
     assert not (tmp_path / "run").exists()
 
 
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_a_run_resumed_from_a_checkpoint_taken_mid_follow_equals_an_uninterrupted_one(tmp_path, built_cache, student):
+    steady = dict(max_steps=6, lr_scheduler="constant", save_steps=6)
+    straight_cache = GrowingCache(built_cache, tmp_path / "c1")
+    grower = straight_cache.grow_in_background()
+    straight = run_train(_cfg(student, straight_cache.path, tmp_path / "straight", **steady))
+    grower.join()
+    cache = GrowingCache(built_cache, tmp_path / "c2", listed=3)  # 22 of 24 examples: partial throughout
+    run_train(_cfg(student, cache.path, tmp_path / "resumed", **{**steady, "max_steps": 2, "save_steps": 2}))
+
+    grower = cache.grow_in_background()
+    resumed = run_train(_cfg(student, cache.path, tmp_path / "resumed", **steady, resume=True))
+    grower.join()
+
+    assert resumed.global_step == straight.global_step == 6
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 class _Resume(logging.Handler):
     """Lets the stopped teacher go on once the student says it waits for it, noting how many
     examples the student had taken into batches by then."""
