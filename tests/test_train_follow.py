@@ -11,6 +11,7 @@ manifest, rewritten atomically, lists one more shard each time (the last one say
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -252,6 +253,20 @@ def test_a_run_resumed_from_a_checkpoint_taken_mid_follow_equals_an_uninterrupte
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_logged_epoch_counts_epochs_of_the_complete_cache_while_following(tmp_path, built_cache, student):
+    cache = GrowingCache(built_cache, tmp_path / "c")
+    grower = cache.grow_in_background()
+    run_train(_cfg(student, cache.path, tmp_path / "run", max_steps=12, save_steps=12))  # two epochs of 6 steps
+    grower.join()
+
+    history = json.loads((tmp_path / "run" / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
+    logged = [(h["step"], round(h["epoch"], 4)) for h in history if "loss" in h]
+    assert len(logged) == 12 and [e for _, e in logged] == sorted(e for _, e in logged)  # never backwards
+    # the followed epoch: whole (0) until its length is known (the cache complete), then exact
+    assert all(e in (0.0, round(s / 6, 4)) for s, e in logged[:6])
+    assert [e for _, e in logged[6:]] == [round(s / 6, 4) for s, _ in logged[6:]]
 
 
 class _Resume(logging.Handler):

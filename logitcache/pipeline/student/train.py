@@ -450,14 +450,24 @@ class EpochCallback(TrainerCallback):
     The dataset resumes mid-epoch itself (ignore_data_skip), so the Trainer counts the resumed
     epoch's steps from 0 and the logged epoch went backwards (0.39, then 0.13). The epoch is the
     optimizer steps done over the steps of a whole epoch, which the dataset's length gives.
+    While the dataset follows a cache being written (--follow), that length is unknown and the
+    Trainer's own fraction counts --max-steps: the epoch is then logged whole (0 until the
+    followed one ends; every epoch has the same length, known from then on).
     """
 
-    def __init__(self, examples_per_epoch: int, batch_size: int, accumulation: int) -> None:
-        batches = max(1, math.ceil(examples_per_epoch / batch_size))
-        self.updates_per_epoch = max(1, math.ceil(batches / accumulation))
+    def __init__(self, dataset, batch_size: int, accumulation: int) -> None:  # noqa: ANN001
+        self.dataset, self.batch_size, self.accumulation = dataset, batch_size, accumulation
+
+    def updates_per_epoch(self) -> int | None:
+        try:
+            examples = len(self.dataset)
+        except TypeError:  # following a cache being written
+            return None
+        return max(1, math.ceil(max(1, math.ceil(examples / self.batch_size)) / self.accumulation))
 
     def on_step_end(self, args, state, control, **kwargs):
-        state.epoch = state.global_step / self.updates_per_epoch
+        per = self.updates_per_epoch()
+        state.epoch = float(math.floor(state.epoch)) if per is None else state.global_step / per
         return control
 
 
@@ -805,7 +815,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         data_collator=KDCollator(pad_token_id=pad),
         processing_class=tokenizer,
         callbacks=[DataStateCallback(train_ds, args.process_index), FiniteGradientsCallback(), SharedModesCallback(),
-                   *([] if following else [EpochCallback(len(train_ds), cfg.batch_size, cfg.gradient_accumulation_steps)])],
+                   EpochCallback(train_ds, cfg.batch_size, cfg.gradient_accumulation_steps)],
         kd_config=cfg,
         cache_temperatures=list(getattr(cache.manifest, "temperatures", []) or []),
         vocab_map=vocab_maps[0],
