@@ -338,3 +338,28 @@ def test_a_student_started_before_the_teacher_wrote_its_manifest_waits_for_it(bu
 def test_a_teacher_that_never_starts_is_named_after_the_timeout(tmp_path):
     with pytest.raises(LogitCacheError, match=r"nowhere: no manifest.json after waiting 0 s \(--follow-timeout\); check the path"):
         wait_for_manifest(tmp_path / "nowhere", Follow(poll=0.01, timeout=0.05), announce=False)
+
+
+@pytest.mark.slow  # two torchrun processes on 2 shared cores: about 30 s
+def test_two_ddp_ranks_follow_a_growing_cache_in_step(tmp_path, built_cache, student):
+    cache = GrowingCache(built_cache, tmp_path / "c")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           "-m", "logitcache", "train", "--student", str(student), "--cache", str(cache.path), "--out",
+           str(tmp_path / "ddp"), "--loss", "kl", "--max-steps", "3", "--batch-size", "4", "--save-steps", "3",
+           "--follow", "--follow-poll", "0.2", "--no-progress"]
+    run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines, grower = [], None
+    for line in run.stderr:  # the cache grows once the ranks are up, slower than they step: they wait, together
+        lines.append(line)
+        if grower is None and "still being written" in line:
+            grower = cache.grow_in_background(every=2.0)
+    err = "".join(lines)
+    assert run.wait(timeout=600) == 0, err[-8000:]
+    grower.join()
+
+    states = [json.loads((tmp_path / "ddp" / "checkpoint-3" / f"logitcache_data_state_rank{r}.json").read_text())
+              for r in (0, 1)]
+    assert [sum(s["consumed"].values()) for s in states] == [12, 12]  # one epoch: 24 examples, half each
+    assert all(s["followed"] for s in states)
+    assert "waiting for the teacher: 8 of 24 records cached" in err  # rank 0 says it; rank 1 waits quietly
