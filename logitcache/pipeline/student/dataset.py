@@ -16,6 +16,9 @@ Memory holds the row group being read plus the shuffle buffer, whatever the cach
 Before the first example, the dataset checks every shard it lists (size, sha256, footer,
 row count, schema): a damaged cache is refused at construction, not in the middle of an
 epoch, unless ``skip_bad_shards`` drops the bad shards from the plan (and says so).
+
+With ``follow=Follow(...)`` it reads a cache that its teacher is still writing, taking new
+shards as the manifest lists them (``train --follow``; see the class docstring).
 """
 
 from __future__ import annotations
