@@ -62,6 +62,10 @@ class CacheReader:
     def k(self) -> int:
         return self.manifest.k
 
+    def reload_manifest(self) -> Manifest:
+        """manifest.json as it is now (from disk, or fetched again from the URL); ``self.manifest`` is unchanged."""
+        return load_manifest(self.path) if self.remote is None else self.remote.read_manifest()
+
     def tokenizer_root(self, *, fresh: bool = False) -> Path:
         """A local directory holding the cache's ``tokenizer/``: the cache itself, or for a URL a
         private copy of the remote files (``fresh``: fetched again), checked before any load."""

@@ -85,6 +85,10 @@ class RemoteCache:
 
         return with_retries(f"{self.url / rel}", info)
 
+    def has(self, rel: str) -> bool:
+        """Whether the object ``rel`` exists (network errors retried)."""
+        return self._info(rel) is not None
+
     def fetch(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
         """The object's bytes [start, end) (all of it by default): one GET, retried."""
         return with_retries(f"{self.url / rel}", lambda: self.fs.cat_file(self._path(rel), start=start, end=end))
