@@ -310,3 +310,29 @@ def test_a_compact_cache_reads_from_s3_as_from_disk(built_cache, s3_bucket, tmp_
     assert any(len(s.row_groups) > 1 for s in remote.manifest.shards)
     assert all(rows_equal(a, b) for a, b in zip(local, remote, strict=True))
     assert verify_cache(url).ok
+
+
+def test_a_cache_being_written_to_s3_can_be_followed(built_cache, s3_bucket):
+    """The teacher uploads each shard, then the manifest listing it: a followed epoch re-reads the
+    manifest object and takes every example once, whenever its shard arrived."""
+    import dataclasses
+    import threading
+    import time
+
+    from logitcache.pipeline.student.follow import Follow
+
+    url = upload(built_cache, f"{s3_bucket}/growing")
+    fs, full = fsspec.filesystem("s3"), load_manifest(built_cache)
+
+    def list_shards(n: int) -> None:
+        m = dataclasses.replace(full, shards=full.shards[:n], status="complete" if n == len(full.shards) else "partial")
+        fs.pipe_file(f"{url.removeprefix('s3://')}/manifest.json", json.dumps(m.to_dict()).encode())
+
+    list_shards(1)
+    ds = LogitCacheDataset(url, follow=Follow(poll=0.01, announce=False), shuffle_buffer=4, seed=3)
+    grower = threading.Thread(target=lambda: [(time.sleep(0.05), list_shards(n)) for n in range(2, len(full.shards) + 1)])
+    grower.start()
+    ids = [row["id"] for row in ds]
+    grower.join()
+
+    assert sorted(ids) == sorted(open_cache(built_cache).ids())
