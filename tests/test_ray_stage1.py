@@ -1,0 +1,96 @@
+"""`logitcache teacher --ray` (= `python -m logitcache.ray`): stage 1 as Ray tasks, one per part.
+
+The runs start a local Ray instance of their own (``--ray-address local``) in a subprocess, as a
+user's command would, so no Ray process outlives a test and no other test starts one. A part's
+worker is SIGKILLed mid-run through ``LOGITCACHE_RAY_CRASH`` (pipeline/teacher/ray_parts.py):
+Ray reports the dead worker, the part is submitted again and resumes its part directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import assert_same_rows
+
+from logitcache import open_cache, verify_cache
+
+
+def _ray_teacher(teacher_dir, data_file, out, *flags, env=None, timeout=300):
+    """`python -m logitcache.ray ...` on a fresh local Ray instance, with make_config's settings."""
+    args = ["--model", teacher_dir, "--data", data_file, "--out", out, "--top-k", 8, "--batch-size", 4,
+            "--prompt-field", "prompt", "--response-field", "response", "--ray-address", "local", "--no-progress",
+            *flags]
+    return subprocess.run([sys.executable, "-m", "logitcache.ray", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, check=False, env={**os.environ, **(env or {})})
+
+
+def _finished(stderr: str, part: str) -> tuple[int, int, int]:
+    """(written, already there, attempt) from the driver's line for ``part`` ("2 of 3")."""
+    m = re.search(rf"part {part}: finished on \S+: (\d+) examples written, (\d+) already there, .* \(attempt (\d+)\)", stderr)
+    assert m, stderr
+    return int(m[1]), int(m[2]), int(m[3])
+
+
+def _killed_part_is_retried_and_resumes(tmp_path, teacher_dir, data_file, built_cache, n: int, shard_mb: float):
+    pytest.importorskip("ray")
+    out = tmp_path / "cache"
+
+    # Part 2's first worker dies (SIGKILL) right after its first shard is listed in its manifest.
+    r = _ray_teacher(teacher_dir, data_file, out, "--num-parts", n, "--shard-size-mb", shard_mb,
+                     env={"LOGITCACHE_RAY_CRASH": "1:shard.listed:1"})
+
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"part 2 of {n}: attempt 1 failed (WorkerCrashedError" in r.stderr
+    written, already, attempt = _finished(r.stderr, f"2 of {n}")
+    assert attempt == 2 and already > 0 and written > 0  # resumed: the first shard was kept, not redone
+    assert f"ran {n} parts on Ray" in r.stdout and "1 retry (part 2 (1x))" in r.stdout
+    assert verify_cache(out).ok
+    assert_same_rows(out, built_cache)  # every example once, as one process writes it
+    assert open_cache(out).manifest.status == "complete"
+    assert sorted(p.name for p in (tmp_path / "cache-parts").iterdir()) == [f"part-{i:05d}-of-{n:05d}" for i in range(n)]
+
+
+def test_a_killed_part_is_retried_resumes_and_the_merge_equals_one_run(tmp_path, teacher_dir, data_file, built_cache):
+    # make_config's 6000-byte shards: each of the two parts writes two
+    _killed_part_is_retried_and_resumes(tmp_path, teacher_dir, data_file, built_cache, n=2, shard_mb=6000 / 2**20)
+
+
+@pytest.mark.slow
+def test_three_parts_one_killed_as_the_issue_asks(tmp_path, teacher_dir, data_file, built_cache):
+    _killed_part_is_retried_and_resumes(tmp_path, teacher_dir, data_file, built_cache, n=3, shard_mb=3000 / 2**20)
+
+
+def test_without_ray_installed_it_is_one_line_naming_the_extra(tmp_path, teacher_dir, data_file):
+    # A fresh interpreter in which `import ray` fails, as where the extra is not installed.
+    code = ("import sys; sys.modules['ray'] = None; sys.argv[0] = 'logitcache'; "
+            "from logitcache.cli import main; main()")
+    args = ["teacher", "--ray", "--num-parts", "2", "--model", teacher_dir, "--data", data_file,
+            "--out", tmp_path / "cache", "--prompt-field", "prompt", "--response-field", "response"]
+
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=120, check=False)
+
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --ray needs the ray package; pip install 'logitcache[ray]'."
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "cache-parts").exists()
+
+
+@pytest.mark.slow
+def test_a_part_that_keeps_failing_stops_the_run_in_one_line_and_keeps_the_other_parts(tmp_path, teacher_dir,
+                                                                                          data_file):
+    """--part-retries 0: the killed part is not retried; the error names it and how to resume."""
+    pytest.importorskip("ray")
+    out = tmp_path / "cache"
+
+    r = _ray_teacher(teacher_dir, data_file, out, "--num-parts", 2, "--part-retries", 0,
+                     env={"LOGITCACHE_RAY_CRASH": "1:shard.listed:1"})
+
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "part 2 of 2 failed once" in errors[0] and "rerun the same command" in errors[0]
+    assert "Traceback" not in r.stderr
+    assert not out.exists()  # nothing merged
+    assert (tmp_path / "cache-parts" / "part-00001-of-00002" / "manifest.json").exists()  # its first shard is kept
