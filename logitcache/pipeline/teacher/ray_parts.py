@@ -220,8 +220,9 @@ def _init(ray, address: str | None) -> None:
     try:
         ray.init(address=address, **kwargs)
     except ConnectionError as e:
+        said = " ".join(str(e).split()).split(". ")[0][:200]  # Ray's advice goes on to name its own flags
         raise LogitCacheError(
-            f"--ray-address {address}: no Ray cluster to connect to ({' '.join(str(e).split())[:200]}); "
+            f"--ray-address {address}: no Ray cluster to connect to ({said}); "
             "start one (`ray start --head`), give its address, or leave --ray-address out to start one here."
         ) from None
 
