@@ -96,15 +96,18 @@ def test_a_part_that_keeps_failing_stops_the_run_in_one_line_and_keeps_the_other
     assert (tmp_path / "cache-parts" / "part-00001-of-00002" / "manifest.json").exists()  # its first shard is kept
 
 
-def test_ray_address_auto_without_a_cluster_is_one_line(tmp_path, teacher_dir, data_file):
+def test_ray_address_auto_without_a_cluster_is_one_line(tmp_path, teacher_dir, data_file, monkeypatch):
     pytest.importorskip("ray")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    from typer.testing import CliRunner
+
+    from logitcache.cli import app
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     args = ["teacher", "--ray", "--ray-address", "auto", "--num-parts", "2", "--model", teacher_dir, "--data", data_file,
             "--out", tmp_path / "cache", "--prompt-field", "prompt", "--response-field", "response"]
 
-    r = subprocess.run([sys.executable, "-m", "logitcache", *map(str, args)], capture_output=True, text=True, timeout=120,
-                       check=False, env=env)
+    r = CliRunner().invoke(app, [str(a) for a in args])
 
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
     assert r.stderr.startswith("error: --ray-address auto: no Ray cluster to connect to") and "ray start --head" in r.stderr
     assert not (tmp_path / "cache").exists() and not (tmp_path / "cache-parts").exists()

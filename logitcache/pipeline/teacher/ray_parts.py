@@ -135,9 +135,9 @@ def run_on_ray(cfg: TeacherConfig, opts: RayOptions, *, log: Callable[[str], Non
     """Write the cache ``cfg.out`` with ``opts.num_parts`` Ray tasks, then merge their parts.
 
     ``cfg.num_workers`` and ``cfg.worker_index`` are set per task. ``log`` gets a line per part
-    started, finished and retried (default: stderr); ``on_merge`` is merge_caches' ``on_shard``. Raises LogitCacheError
-    in one line when a part fails for good or the merge refuses; finished shards are kept, and
-    the same call resumes every part.
+    submitted, finished, failed and retried (default: stderr); ``on_merge`` is merge_caches'
+    ``on_shard``. Raises LogitCacheError in one line when a part fails for good or the merge
+    refuses; finished shards are kept, and the same call resumes every part.
     """
     log = log or _stderr
     opts.validate(cfg)
@@ -249,8 +249,8 @@ def _run_parts(ray, cfg: TeacherConfig, opts: RayOptions, parts_dir: str | None,
 
     for i in range(n):
         submit(i)
-    log(f"[{clock(time.perf_counter() - start)}] submitted {n} parts to Ray, each with {opts.cpus_per_part:g} CPUs "
-        f"and {gpus:g} GPUs, {opts.part_retries} retries each; parts in {parts_dir or cfg.out}")
+    log(f"[{clock(time.perf_counter() - start)}] submitted {n} parts to Ray (each: CPUs {opts.cpus_per_part:g}, "
+        f"GPUs {gpus:g}, retries {opts.part_retries}); parts in {parts_dir or cfg.out}")
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
