@@ -111,3 +111,21 @@ def test_ray_address_auto_without_a_cluster_is_one_line(tmp_path, teacher_dir, d
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
     assert r.stderr.startswith("error: --ray-address auto: no Ray cluster to connect to") and "ray start --head" in r.stderr
     assert not (tmp_path / "cache").exists() and not (tmp_path / "cache-parts").exists()
+
+
+def test_the_parts_go_beside_the_out_even_for_a_url():
+    from logitcache.pipeline.teacher.ray_parts import parts_dir_for
+
+    assert parts_dir_for("/shared/cache/") == "/shared/cache-parts"
+    assert parts_dir_for("s3://bucket/team/cache") == "s3://bucket/team/cache-parts"
+
+
+@pytest.mark.slow
+def test_bad_input_found_in_a_task_stops_every_part_at_once_without_retries(tmp_path, teacher_dir):
+    pytest.importorskip("ray")
+
+    r = _ray_teacher(teacher_dir, tmp_path / "nope.jsonl", tmp_path / "cache", "--num-parts", 2)
+
+    assert r.returncode == 2 and "retrying" not in r.stderr and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "of 2: --data" in errors[0] and "nope.jsonl" in errors[0], r.stderr

@@ -196,7 +196,7 @@ def _teacher_on_ray(cfg, opts, log_every: float) -> None:
         raise
     retried = [f"part {p.index + 1} ({p.attempts - 1}x)" for p in r.parts if p.attempts > 1]
     typer.echo(
-        f"ran {len(r.parts)} parts on Ray in {r.seconds:.1f}s: {sum(p.written for p in r.parts)} examples "
+        f"ran {len(r.parts)} part{'s' if len(r.parts) != 1 else ''} on Ray in {r.seconds:.1f}s: {sum(p.written for p in r.parts)} examples "
         f"({sum(p.tokens for p in r.parts)} tokens) written, {sum(p.already_done for p in r.parts)} already there; "
         f"{r.retries} {'retry' if r.retries == 1 else 'retries'}" + (f" ({', '.join(retried)})" if retried else "")
     )
