@@ -44,7 +44,11 @@ def _killed_part_is_retried_and_resumes(tmp_path, teacher_dir, data_file, built_
                      env={"LOGITCACHE_RAY_CRASH": "1:shard.listed:1"})
 
     assert r.returncode == 0, r.stderr[-3000:]
+    for i in range(1, n + 1):  # the driver's own lines, whatever Ray forwards from the workers
+        assert re.search(rf"^\[\d+:\d\d\] part {i} of {n}: started on \S+ \(pid \d+, GPUs none, attempt 1\)$", r.stderr, re.M)
     assert f"part 2 of {n}: attempt 1 failed (WorkerCrashedError" in r.stderr
+    assert f"part 2 of {n}: started on" in r.stderr.split("attempt 1 failed")[1]  # the retry
+    assert "\x1b[" not in r.stderr  # no colour codes in a log file
     written, already, attempt = _finished(r.stderr, f"2 of {n}")
     assert attempt == 2 and already > 0 and written > 0  # resumed: the first shard was kept, not redone
     assert f"ran {n} parts on Ray" in r.stdout and "1 retry (part 2 (1x))" in r.stdout

@@ -28,10 +28,10 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from logitcache.errors import LogitCacheError
-from logitcache.pipeline.progress import clock
+from logitcache.pipeline.progress import clock, is_terminal
 from logitcache.pipeline.teacher.run import TeacherConfig, _resolved_if_local, run_teacher
 from logitcache.storage.fsutil import CRASH_ENV
 from logitcache.storage.manifest import MANIFEST_NAME
@@ -123,6 +123,12 @@ def parts_dir_for(out: str) -> str:
 
 def import_ray():
     """The ray module, or one line naming the extra that installs it."""
+    # Read by Ray when imported, for the tasks' lines it forwards to the driver. Ray would merge
+    # lines of one pattern from several workers ("[repeated 3x across cluster]"), but each part's
+    # progress line is news of its own; and colour codes only clutter a log file.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not is_terminal(sys.stderr):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     try:
         import ray
     except ImportError:
@@ -235,14 +241,15 @@ def _run_parts(ray, cfg: TeacherConfig, opts: RayOptions, parts_dir: str | None,
         cfg = replace(cfg, device="cpu")
     task = ray.remote(_run_part)
     runs = [PartRun(i) for i in range(n)]
-    pending: dict[Any, int] = {}
+    pending: dict[Any, int] = {}  # the task of each running part: a generator of its events
 
     def submit(i: int) -> None:
         runs[i].attempts += 1
         spec = crash[1] if crash is not None and crash[0] == i and runs[i].attempts == 1 else None
-        ref = task.options(name=part_name(i, n), num_cpus=opts.cpus_per_part, num_gpus=gpus, max_retries=0).remote(
-            _part_config(cfg, i, n, parts_dir), i, n, runs[i].attempts, spec)
-        pending[ref] = i
+        # Streaming: the task reports its start (node, GPUs) before its result, so the driver can say it.
+        events = task.options(name=part_name(i, n), num_cpus=opts.cpus_per_part, num_gpus=gpus, max_retries=0,
+                              num_returns="streaming").remote(_part_config(cfg, i, n, parts_dir), spec)
+        pending[events] = i
 
     def say(i: int, what: str) -> None:
         log(f"[{clock(time.perf_counter() - start)}] part {i + 1} of {n}: {what}")
@@ -254,9 +261,10 @@ def _run_parts(ray, cfg: TeacherConfig, opts: RayOptions, parts_dir: str | None,
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ready[0])
+            i = pending[ready[0]]
+            run = runs[i]
             try:
-                done = ray.get(ready[0])
+                event = ray.get(next(ready[0]))
             except ray.exceptions.RayTaskError as e:
                 if isinstance(e.cause, LogitCacheError):  # every part would fail the same way
                     raise LogitCacheError(f"part {i + 1} of {n}: {e.cause}") from None
@@ -264,35 +272,38 @@ def _run_parts(ray, cfg: TeacherConfig, opts: RayOptions, parts_dir: str | None,
             except ray.exceptions.RayError as e:  # the worker or its node died, or Ray lost the task
                 why = _short(e)
             else:
-                run = runs[i]
-                run.written, run.already_done, run.tokens, run.seconds, run.node = done
-                say(i, f"finished on {run.node}: {run.written} examples written, {run.already_done} already there, "
-                       f"{run.tokens:,} tokens in {run.seconds:.1f}s (attempt {run.attempts})")
+                if event[0] == "started":
+                    run.node, pid, on = event[1:]
+                    say(i, f"started on {run.node} (pid {pid}, GPUs {on}, attempt {run.attempts})")
+                else:
+                    del pending[ready[0]]
+                    run.written, run.already_done, run.tokens, run.seconds = event[1:]
+                    say(i, f"finished on {run.node}: {run.written} examples written, {run.already_done} already "
+                           f"there, {run.tokens:,} tokens in {run.seconds:.1f}s (attempt {run.attempts})")
                 continue
-            runs[i].failures.append(why)
-            if runs[i].attempts > opts.part_retries:
+            del pending[ready[0]]
+            run.failures.append(why)
+            if run.attempts > opts.part_retries:
                 raise LogitCacheError(
-                    f"part {i + 1} of {n} failed {_times(runs[i].attempts)} (last: {why}); finished shards are kept in "
+                    f"part {i + 1} of {n} failed {_times(run.attempts)} (last: {why}); finished shards are kept in "
                     f"{parts_dir or cfg.out}: rerun the same command to resume (or raise --part-retries)."
                 )
-            say(i, f"attempt {runs[i].attempts} failed ({why}); retrying, it resumes its part "
-                   f"(attempt {runs[i].attempts + 1} of {opts.part_retries + 1})")
+            say(i, f"attempt {run.attempts} failed ({why}); retrying, it resumes its part "
+                   f"(attempt {run.attempts + 1} of {opts.part_retries + 1})")
             submit(i)
     except BaseException:
-        for ref in pending:  # as Ctrl-C in each: the parts keep what they finished
-            ray.cancel(ref)
+        for events in pending:  # as Ctrl-C in each: the parts keep what they finished
+            ray.cancel(events)
         raise
     return runs
 
 
-def _run_part(cfg: TeacherConfig, index: int, count: int, attempt: int, crash: str | None) -> tuple:
-    """One Ray task: part ``index`` of ``count``, as a Slurm array task runs it (on a worker)."""
+def _run_part(cfg: TeacherConfig, crash: str | None) -> Iterator[tuple]:
+    """One Ray task, on a worker: its part, as a Slurm array task runs it. Yields ("started",
+    node, pid, GPUs) and then ("finished", examples written, already there, tokens, seconds)."""
     import ray
 
-    node = socket.gethostname()
-    gpus = ",".join(str(g) for g in ray.get_gpu_ids()) or "none"
-    print(f"part {index + 1} of {count}: started on {node} (pid {os.getpid()}, GPUs {gpus}, attempt {attempt})",
-          file=sys.stderr, flush=True)
+    yield "started", socket.gethostname(), os.getpid(), ",".join(str(g) for g in ray.get_gpu_ids()) or "none"
     if crash is not None:
         os.environ[CRASH_ENV] = crash
     try:
@@ -300,7 +311,7 @@ def _run_part(cfg: TeacherConfig, index: int, count: int, attempt: int, crash: s
     finally:  # Ray reuses the worker for other tasks
         if crash is not None:
             os.environ.pop(CRASH_ENV, None)
-    return r.written, r.already_done, r.tokens, r.seconds, node
+    yield "finished", r.written, r.already_done, r.tokens, r.seconds
 
 
 def _times(n: int) -> str:
