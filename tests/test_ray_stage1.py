@@ -133,3 +133,31 @@ def test_bad_input_found_in_a_task_stops_every_part_at_once_without_retries(tmp_
     assert r.returncode == 2 and "retrying" not in r.stderr and "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "of 2: --data" in errors[0] and "nope.jsonl" in errors[0], r.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_part_and_the_same_command_resumes(tmp_path, teacher_dir, data_file, built_cache):
+    """`ray job stop` sends the driver SIGTERM: it stops as Ctrl-C does (exit 143), and says how to resume."""
+    import signal
+
+    pytest.importorskip("ray")
+    args = ["--model", teacher_dir, "--data", data_file, "--out", tmp_path / "cache", "--top-k", 8, "--batch-size", 4,
+            "--prompt-field", "prompt", "--response-field", "response", "--ray-address", "local", "--no-progress",
+            "--num-parts", 2]
+    driver = subprocess.Popen([sys.executable, "-m", "logitcache.ray", *map(str, args)], stderr=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, text=True)
+    seen = []
+    for line in driver.stderr:  # the parts are loading their model
+        seen.append(line)
+        if "started on" in line:
+            break
+    driver.send_signal(signal.SIGTERM)
+    rest = driver.stderr.read()
+    assert driver.wait(timeout=120) == 143, "".join(seen) + rest
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM: the shards every part finished are kept in ") and "to resume, run: logitcache teacher --ray" in last
+
+    again = _ray_teacher(teacher_dir, data_file, tmp_path / "cache", "--num-parts", 2)
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_rows(tmp_path / "cache", built_cache)

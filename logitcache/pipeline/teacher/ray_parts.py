@@ -23,9 +23,12 @@ worker of part 1 when it has published its first shard; the retry runs without i
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -156,14 +159,11 @@ def run_on_ray(cfg: TeacherConfig, opts: RayOptions, *, log: Callable[[str], Non
     ray = import_ray()
     crash = _crash_spec(n)
     start = time.perf_counter()
-    started_here = not ray.is_initialized()
-    if started_here:
-        _init(ray, opts.address)
-    try:
+    if ray.is_initialized():  # called from a Ray program: its session, its signal handlers
         runs = _run_parts(ray, cfg, opts, parts_dir, crash, log, start)
-    finally:
-        if started_here:
-            ray.shutdown()
+    else:
+        with _ray_session(ray, opts.address):
+            runs = _run_parts(ray, cfg, opts, parts_dir, crash, log, start)
     result = RayRunResult(out=cfg.out, parts_dir=parts_dir, parts=runs)
     if parts_dir is not None:
         log(f"[{clock(time.perf_counter() - start)}] merging {n} parts from {parts_dir} into {cfg.out}")
@@ -217,6 +217,38 @@ def _crash_spec(n: int) -> tuple[int, str] | None:
     if not part.isdigit() or not crash or int(part) >= n:
         raise LogitCacheError(f"{RAY_CRASH_ENV}={spec!r}: give PART:POINT:N with PART below {n}, e.g. 1:shard.published:1.")
     return int(part), crash
+
+
+@contextmanager
+def _ray_session(ray, address: str | None) -> Iterator[None]:
+    """Ray started (or joined) for the run, and shut down after it, SIGTERM kept as it was.
+
+    ray.init takes SIGTERM over (in Python, and in its C++ core, which aborts the process), and
+    an exception a handler raises inside a Ray call comes out as KeyboardInterrupt: the handler in
+    force before (the CLI's: stop as Ctrl-C does, exit 143) is put back, and what it raises is raised.
+    """
+    before = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    seen: list[int] = []
+
+    def on_sigterm(signum, frame) -> None:
+        seen.append(signum)
+        before(signum, frame)
+
+    try:
+        _init(ray, address)
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, on_sigterm if callable(before) else before)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if seen:
+            before(signal.SIGTERM, None)  # raises the handler's own exception
+        raise
+    finally:
+        ray.shutdown()
+        if before is not None and not seen:
+            signal.signal(signal.SIGTERM, before)
 
 
 def _init(ray, address: str | None) -> None:
