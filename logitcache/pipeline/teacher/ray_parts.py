@@ -16,8 +16,8 @@ each, and tell an error worth retrying from one that is not.
 
 Fault injection for tests: with ``LOGITCACHE_RAY_CRASH=<part>:<spec>`` in the driver's
 environment, the first attempt of part ``<part>`` (0-based) runs with
-``LOGITCACHE_CRASH_AT=<spec>`` (storage/fsutil.py), e.g. ``1:shard.published:1`` SIGKILLs the
-worker of part 1 when it has published its first shard; the retry runs without it.
+``LOGITCACHE_CRASH_AT=<spec>`` (storage/fsutil.py): ``1:shard.listed:1`` SIGKILLs the worker of
+part index 1 (part 2 of n) once its manifest lists its first shard; the retry runs without it.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from logitcache.pipeline.progress import clock, is_terminal
 from logitcache.pipeline.teacher.run import TeacherConfig, _resolved_if_local, run_teacher
 from logitcache.storage.fsutil import CRASH_ENV
 from logitcache.storage.manifest import MANIFEST_NAME
+from logitcache.storage.merge import MergeReport, merge_caches
 from logitcache.storage.parts import part_name
 from logitcache.storage.remote import is_url, local_path, url_fs
 
@@ -112,7 +113,7 @@ class RayRunResult:
     parts_dir: str | None  # None: one part, written to out itself
     parts: list[PartRun]
     seconds: float = 0.0
-    merge: Any = None  # storage.merge.MergeReport; None for one part
+    merge: MergeReport | None = None  # None for one part
 
     @property
     def retries(self) -> int:
@@ -167,8 +168,6 @@ def run_on_ray(cfg: TeacherConfig, opts: RayOptions, *, log: Callable[[str], Non
     result = RayRunResult(out=cfg.out, parts_dir=parts_dir, parts=runs)
     if parts_dir is not None:
         log(f"[{clock(time.perf_counter() - start)}] merging {n} parts from {parts_dir} into {cfg.out}")
-        from logitcache.storage.merge import merge_caches
-
         # The n parts of this run by name: a part-* left in PARTS by a run with another N is no part of it.
         result.merge = merge_caches(cfg.out, [f"{parts_dir}/{part_name(i, n)}" for i in range(n)], on_shard=on_merge)
     result.seconds = time.perf_counter() - start
@@ -215,7 +214,7 @@ def _crash_spec(n: int) -> tuple[int, str] | None:
         return None
     part, _, crash = spec.partition(":")
     if not part.isdigit() or not crash or int(part) >= n:
-        raise LogitCacheError(f"{RAY_CRASH_ENV}={spec!r}: give PART:POINT:N with PART below {n}, e.g. 1:shard.published:1.")
+        raise LogitCacheError(f"{RAY_CRASH_ENV}={spec!r}: give PART:POINT:N with PART below {n}, e.g. 1:shard.listed:1.")
     return int(part), crash
 
 
