@@ -262,6 +262,16 @@ CASES = [
     pytest.param(lambda i, o: train(i, o / "run", "--report-to", "nope"), ["--report-to", "'nope'", "tensorboard"], id="train-unknown-tracker"),
     pytest.param(lambda i, o: train(i, o / "run", "--deepspeed", i.bad / "unknown-key.yaml"), ["--deepspeed", "pip install deepspeed"], id="train-deepspeed-missing"),
     pytest.param(lambda i, o: train(i, o / "run", "--fsdp-config", i.bad / "unknown-key.yaml"), ["--fsdp-config", "--fsdp"], id="train-fsdp-config-without-fsdp"),
+    # caches on URLs: copy, push, pull, and the commands that write
+    pytest.param(lambda i, o: teacher(i, "foo://bucket/cache"), ["foo://bucket/cache", "unknown protocol foo://"], id="teacher-out-unknown-protocol"),
+    pytest.param(lambda i, o: ["copy", i.bad / "not-a-cache", o / "c"], ["not-a-cache", "not a logitcache cache"], id="copy-not-a-cache"),
+    pytest.param(lambda i, o: ["copy", i.cache, "foo://bucket/cache"], ["unknown protocol foo://"], id="copy-unknown-protocol"),
+    pytest.param(lambda i, o: ["copy", i.cache, i.bad / "not-a-cache"], ["not-a-cache", "not empty and holds no cache"], id="copy-into-other-files"),
+    pytest.param(lambda i, o: ["push", i.cache, "gs://bucket/cache"], ["gcsfs", "pip install 'logitcache[gcs]'"], id="push-missing-extra"),
+    pytest.param(lambda i, o: ["push", "foo://bucket/cache", "hf://datasets/me/cache"], ["push uploads a local cache", "logitcache copy"], id="push-remote-source"),
+    pytest.param(lambda i, o: ["pull", "foo://bucket/cache", o / "c"], ["unknown protocol foo://"], id="pull-unknown-protocol"),
+    pytest.param(lambda i, o: ["merge", "foo://bucket/merged", i.parts], ["unknown protocol foo://"], id="merge-out-unknown-protocol"),
+    pytest.param(lambda i, o: ["convert", i.cache, "foo://bucket/c", "--codec", "compact"], ["unknown protocol foo://"], id="convert-out-unknown-protocol"),
     # eval
     pytest.param(lambda i, o: eval_(i, model=i.bad / "no-model"), ["no-model", "no such directory"], id="eval-model-missing"),
     pytest.param(lambda i, o: eval_(i, data=i.bad / "nope.jsonl"), ["nope.jsonl", "no such file"], id="eval-data-missing"),

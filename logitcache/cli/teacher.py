@@ -19,6 +19,7 @@ from logitcache.cli.common import (
 )
 from logitcache.errors import LogitCacheError
 from logitcache.storage.manifest import load_manifest
+from logitcache.storage.remote import is_url, local_path
 
 
 @user_errors(interrupted=RESUME_TEACHER)
@@ -26,7 +27,8 @@ def teacher(
     ctx: typer.Context,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Teacher: a model directory or a hub name (any AutoModelForCausalLM with a fast tokenizer)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Input: a .jsonl/.json/.parquet/.csv/.arrow/.txt file, a directory of them, or a hub dataset name."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory to write. An existing cache with the same settings is resumed (also after a crash or a full disk). One run at a time: a second run on the same directory refuses."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Cache directory to write, or a URL (s3://bucket/cache, gs://, az://, hf://datasets/ORG/NAME; pip install 'logitcache\\[s3]' etc.): then it is written in --local-cache and each shard uploaded, manifest last. An existing cache with the same settings is resumed (also after a crash or a full disk). One run at a time: a second run on the same directory refuses (on a URL, while its lease object is live)."),
+    local_cache: Optional[Path] = typer.Option(None, "--local-cache", help="With a URL as --out: the local directory where the cache is written before upload; it holds a full local copy of the cache. Default: $LOGITCACHE_STAGING/<slug of the URL>, else ~/.cache/logitcache/staging/<slug of the URL>."),
     top_k: int = typer.Option(64, "--top-k", "-k", help="Log-probabilities kept per position (sorted, over the full vocabulary)."),
     # \\[: rich markup would take [vllm] for a style tag and print only 'logitcache'.
     engine: str = typer.Option("hf", "--engine", help="hf (transformers, CPU or GPU) or vllm (GPU; pip install 'logitcache\\[vllm]')."),
@@ -102,7 +104,7 @@ def teacher(
     from logitcache.storage.parts import merge_command
 
     cfg = TeacherConfig(
-        model=model, data=data, out=str(out), top_k=top_k, engine=engine, mode=mode,
+        model=model, data=data, out=_out_text(out), top_k=top_k, engine=engine, mode=mode,
         template=TextTemplate(
             text_field=text_field, prompt_field=prompt_field, response_field=response_field,
             messages_field=messages_field, separator=separator, id_field=id_field, target_field=target_field,
@@ -118,6 +120,7 @@ def teacher(
         tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len, eos=eos, temperatures=parse_temperatures(temperatures), logit_stats=logit_stats,
         word_start=word_start, log_every=log_every, sample=sample,
+        local_cache=None if local_cache is None else str(local_cache),
     )
     if on_ray is not None:
         return _teacher_on_ray(cfg, on_ray, log_every)
@@ -147,7 +150,12 @@ def teacher(
         state = f"part {index + 1} of {count} (about 1/{count} of the data), {state}"
     typer.echo(f"cache {r.out}: {m.num_examples} examples, {m.num_tokens} tokens, {bpt:.1f} bytes/token, {state}")
     if m.worker:
-        typer.echo(f"once all {count} parts are complete, join them into one cache with {merge_command(Path(r.out).parent)}")
+        typer.echo(f"once all {count} parts are complete, join them into one cache with {merge_command(cfg.out)}")
+
+
+def _out_text(out: str) -> str:
+    """--out as the run records it: a URL as given, a path as ``str(Path(...))`` always gave it."""
+    return out if is_url(out) else str(Path(local_path(out)))
 
 
 def _renamed(old: Optional[int], old_flag: str, new: Optional[int], new_flag: str) -> Optional[int]:
@@ -208,13 +216,10 @@ def _teacher_on_ray(cfg, opts, log_every: float) -> None:
 
 def _kept(cfg) -> str:
     """What a stopped run leaves, and the command that resumes it (``cfg``: its TeacherConfig)."""
-    out = cfg.out_dir()
-    try:
-        m = load_manifest(out)
-    except (LogitCacheError, OSError):  # stopped before the cache was created
-        kept = f"nothing is written to {out} yet"
+    if is_url(cfg.out):  # what the remote manifest lists is whole there; the staging may be ahead
+        kept = f"what {cfg.out_target()}/manifest.json lists is kept there"
     else:
-        kept = f"{m.num_examples:,} examples ({m.num_tokens:,} tokens) are kept in {out}, {m.status}"
+        kept = _kept_locally(cfg.out_dir())
     # A Slurm array task takes its worker from the environment: spelled out, the command
     # resumes this part from anywhere, not only from within the same array.
     index, count = cfg.worker()
@@ -224,6 +229,14 @@ def _kept(cfg) -> str:
     if count > 1 and cfg.worker_index is None:
         spelled += ["--part-index", str(index)]
     return f"{kept}; to resume, run: {command_line(spelled)}"
+
+
+def _kept_locally(out: Path) -> str:
+    try:
+        m = load_manifest(out)
+    except (LogitCacheError, OSError):  # stopped before the cache was created
+        return f"nothing is written to {out} yet"
+    return f"{m.num_examples:,} examples ({m.num_tokens:,} tokens) are kept in {out}, {m.status}"
 
 
 def parse_temperatures(value: Optional[str]) -> Optional[tuple[float, ...]]:
