@@ -3,7 +3,8 @@
 The runs start a local Ray instance of their own (``--ray-address local``) in a subprocess, as a
 user's command would, so no Ray process outlives a test and no other test starts one. A part's
 worker is SIGKILLed mid-run through ``LOGITCACHE_RAY_CRASH`` (pipeline/teacher/ray_parts.py):
-Ray reports the dead worker, the part is submitted again and resumes its part directory.
+Ray reports the dead worker, the part is submitted again and resumes its part directory. The
+default test writes to a loopback S3 server (the `s3_bucket` fixture); the slow ones to a local disk.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ def _finished(stderr: str, part: str) -> tuple[int, int, int]:
     return int(m[1]), int(m[2]), int(m[3])
 
 
-def _killed_part_is_retried_and_resumes(tmp_path, teacher_dir, data_file, built_cache, n: int, shard_mb: float):
+def _run_with_part_2_killed(teacher_dir, data_file, out, n: int, shard_mb: float, *flags):
+    """A Ray run of ``n`` parts in which part 2's first worker dies (SIGKILL) right after its
+    manifest lists its first shard: the run still succeeds, part 2 retried once and resumed."""
     pytest.importorskip("ray")
-    out = tmp_path / "cache"
 
-    # Part 2's first worker dies (SIGKILL) right after its first shard is listed in its manifest.
-    r = _ray_teacher(teacher_dir, data_file, out, "--num-parts", n, "--shard-size-mb", shard_mb,
+    r = _ray_teacher(teacher_dir, data_file, out, "--num-parts", n, "--shard-size-mb", shard_mb, *flags,
                      env={"LOGITCACHE_RAY_CRASH": "1:shard.listed:1"})
 
     assert r.returncode == 0, r.stderr[-3000:]
@@ -52,20 +53,33 @@ def _killed_part_is_retried_and_resumes(tmp_path, teacher_dir, data_file, built_
     written, already, attempt = _finished(r.stderr, f"2 of {n}")
     assert attempt == 2 and already > 0 and written > 0  # resumed: the first shard was kept, not redone
     assert f"ran {n} parts on Ray" in r.stdout and "1 retry (part 2 (1x))" in r.stdout
-    assert verify_cache(out).ok
-    assert_same_rows(out, built_cache)  # every example once, as one process writes it
-    assert open_cache(out).manifest.status == "complete"
-    assert sorted(p.name for p in (tmp_path / "cache-parts").iterdir()) == [f"part-{i:05d}-of-{n:05d}" for i in range(n)]
+    assert f"merged {n} parts into {out}" in r.stdout
 
 
-def test_a_killed_part_is_retried_resumes_and_the_merge_equals_one_run(tmp_path, teacher_dir, data_file, built_cache):
+def test_a_killed_part_resumes_and_the_merged_cache_at_a_url_equals_one_run(tmp_path, teacher_dir, data_file,
+                                                                           built_cache, s3_bucket):
+    """--out s3://...: each task writes its part to BUCKET/cache-parts/ through its own staging
+    (a killed one resumes from the remote), and the driver merges them into BUCKET/cache."""
+    url = f"{s3_bucket}/cache"
+
     # make_config's 6000-byte shards: each of the two parts writes two
-    _killed_part_is_retried_and_resumes(tmp_path, teacher_dir, data_file, built_cache, n=2, shard_mb=6000 / 2**20)
+    _run_with_part_2_killed(teacher_dir, data_file, url, 2, 6000 / 2**20, "--local-cache", tmp_path / "staging")
+
+    copied = subprocess.run([sys.executable, "-m", "logitcache", "copy", url, tmp_path / "copy"], capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert copied.returncode == 0, copied.stderr
+    assert_same_rows(tmp_path / "copy", built_cache)  # every example once, as one process writes it
 
 
 @pytest.mark.slow
 def test_three_parts_one_killed_as_the_issue_asks(tmp_path, teacher_dir, data_file, built_cache):
-    _killed_part_is_retried_and_resumes(tmp_path, teacher_dir, data_file, built_cache, n=3, shard_mb=3000 / 2**20)
+    out = tmp_path / "cache"
+
+    _run_with_part_2_killed(teacher_dir, data_file, out, 3, 3000 / 2**20)
+
+    assert verify_cache(out).ok and open_cache(out).manifest.status == "complete"
+    assert_same_rows(out, built_cache)
+    assert sorted(p.name for p in (tmp_path / "cache-parts").iterdir()) == [f"part-{i:05d}-of-00003" for i in range(3)]
 
 
 def test_without_ray_installed_it_is_one_line_naming_the_extra(tmp_path, teacher_dir, data_file):

@@ -208,10 +208,12 @@ def _teacher_on_ray(cfg, opts, log_every: float) -> None:
         f"({sum(p.tokens for p in r.parts)} tokens) written, {sum(p.already_done for p in r.parts)} already there; "
         f"{r.retries} {'retry' if r.retries == 1 else 'retries'}" + (f" ({', '.join(retried)})" if retried else "")
     )
-    if r.merge is not None:
-        typer.echo(r.merge.summary() + f"; the parts stay in {r.parts_dir} (remove them when done)")
-    else:
+    if r.parts_dir is None:
         typer.echo(f"cache {r.out}: one part, written in place, complete")
+    elif r.merge is None:
+        typer.echo(f"the merged cache staged before was complete; uploaded it to {r.out}")
+    else:
+        typer.echo(r.merge.summary() + f"; the parts stay in {r.parts_dir} (remove them when done)")
 
 
 def _kept(cfg) -> str:

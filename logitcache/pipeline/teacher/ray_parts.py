@@ -38,9 +38,10 @@ from logitcache.pipeline.progress import clock, is_terminal
 from logitcache.pipeline.teacher.run import TeacherConfig, _resolved_if_local, run_teacher
 from logitcache.storage.fsutil import CRASH_ENV
 from logitcache.storage.manifest import MANIFEST_NAME
-from logitcache.storage.merge import MergeReport, merge_caches
+from logitcache.storage.merge import MergeReport
 from logitcache.storage.parts import part_name
 from logitcache.storage.remote import is_url, local_path, url_fs
+from logitcache.storage.sync import merge_through
 
 RAY_CRASH_ENV = "LOGITCACHE_RAY_CRASH"
 INSTALL_RAY = "pip install 'logitcache[ray]'"
@@ -169,7 +170,8 @@ def run_on_ray(cfg: TeacherConfig, opts: RayOptions, *, log: Callable[[str], Non
     if parts_dir is not None:
         log(f"[{clock(time.perf_counter() - start)}] merging {n} parts from {parts_dir} into {cfg.out}")
         # The n parts of this run by name: a part-* left in PARTS by a run with another N is no part of it.
-        result.merge = merge_caches(cfg.out, [f"{parts_dir}/{part_name(i, n)}" for i in range(n)], on_shard=on_merge)
+        parts = [f"{parts_dir}/{part_name(i, n)}" for i in range(n)]
+        result.merge = merge_through(cfg.out, parts, cfg.local_cache, on_shard=on_merge)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -181,8 +183,14 @@ def _stderr(line: str) -> None:
 def _for_every_node(cfg: TeacherConfig) -> TeacherConfig:
     # Workers may start in another directory than the driver (a job's working dir): local
     # paths are made absolute here. They must still be on storage every node reaches.
-    out = cfg.out if is_url(cfg.out) else str(Path(local_path(cfg.out)).expanduser().absolute())
-    return replace(cfg, model=_resolved_if_local(cfg.model), data=_resolved_if_local(cfg.data), out=out)
+    out = cfg.out if is_url(cfg.out) else _absolute(cfg.out)
+    staging = None if cfg.local_cache is None else _absolute(cfg.local_cache)
+    return replace(cfg, model=_resolved_if_local(cfg.model), data=_resolved_if_local(cfg.data), out=out,
+                   local_cache=staging)
+
+
+def _absolute(path: str) -> str:
+    return str(Path(local_path(path)).expanduser().absolute())
 
 
 def _part_config(cfg: TeacherConfig, index: int, count: int, parts_dir: str | None) -> TeacherConfig:
