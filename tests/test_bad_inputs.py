@@ -264,6 +264,7 @@ CASES = [
     pytest.param(lambda i, o: train(i, o / "run", "--fsdp-config", i.bad / "unknown-key.yaml"), ["--fsdp-config", "--fsdp"], id="train-fsdp-config-without-fsdp"),
     # caches on URLs: copy, push, pull, and the commands that write
     pytest.param(lambda i, o: teacher(i, "foo://bucket/cache"), ["foo://bucket/cache", "unknown protocol foo://"], id="teacher-out-unknown-protocol"),
+    pytest.param(lambda i, o: teacher(i, "foo://bucket/cache", "--ray", "--num-parts", 2), ["foo://bucket/cache", "unknown protocol foo://"], id="teacher-ray-out-unknown-protocol"),
     pytest.param(lambda i, o: ["copy", i.bad / "not-a-cache", o / "c"], ["not-a-cache", "not a logitcache cache"], id="copy-not-a-cache"),
     pytest.param(lambda i, o: ["copy", i.cache, "foo://bucket/cache"], ["unknown protocol foo://"], id="copy-unknown-protocol"),
     pytest.param(lambda i, o: ["copy", i.cache, i.bad / "not-a-cache"], ["not-a-cache", "not empty and holds no cache"], id="copy-into-other-files"),

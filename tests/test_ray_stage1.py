@@ -175,3 +175,18 @@ def test_sigterm_stops_every_part_and_the_same_command_resumes(tmp_path, teacher
 
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_rows(tmp_path / "cache", built_cache)
+
+
+def test_a_missing_bucket_is_one_line_before_ray_starts(tmp_path, teacher_dir, data_file, s3_endpoint):
+    from typer.testing import CliRunner
+
+    from logitcache.cli import app
+
+    args = ["teacher", "--ray", "--num-parts", "2", "--model", teacher_dir, "--data", data_file,
+            "--out", "s3://no-such-bucket/cache", "--prompt-field", "prompt", "--response-field", "response"]
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "the bucket no-such-bucket does not exist" in r.stderr
+    assert "submitted" not in r.output  # nothing was sent to Ray

@@ -37,11 +37,10 @@ from logitcache.errors import LogitCacheError
 from logitcache.pipeline.progress import clock, is_terminal
 from logitcache.pipeline.teacher.run import TeacherConfig, _resolved_if_local, run_teacher
 from logitcache.storage.fsutil import CRASH_ENV
-from logitcache.storage.manifest import MANIFEST_NAME
 from logitcache.storage.merge import MergeReport
 from logitcache.storage.parts import part_name
-from logitcache.storage.remote import is_url, local_path, url_fs
-from logitcache.storage.sync import merge_through
+from logitcache.storage.remote import is_url, local_path
+from logitcache.storage.sync import merge_through, read_manifest, remote_place
 
 RAY_CRASH_ENV = "LOGITCACHE_RAY_CRASH"
 INSTALL_RAY = "pip install 'logitcache[ray]'"
@@ -203,9 +202,8 @@ def _check_out(out: str, merged: bool) -> None:
     """Refuse, before any work, an --out that the merge would refuse at the end."""
     if not merged:
         return  # one part writes out itself: run_teacher resumes or refuses it as a plain run does
-    if is_url(out):
-        fs, root = url_fs(out)
-        taken = fs.exists(f"{root}/{MANIFEST_NAME}")
+    if is_url(out):  # the protocol, bucket and credentials checked too: one line, before Ray starts
+        taken = read_manifest(remote_place(out)) is not None
     else:
         path = Path(out)
         taken = path.is_file() or (path.is_dir() and any(path.iterdir()))
