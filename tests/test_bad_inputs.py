@@ -262,6 +262,9 @@ CASES = [
     pytest.param(lambda i, o: train(i, o / "run", "--report-to", "nope"), ["--report-to", "'nope'", "tensorboard"], id="train-unknown-tracker"),
     pytest.param(lambda i, o: train(i, o / "run", "--deepspeed", i.bad / "unknown-key.yaml"), ["--deepspeed", "pip install deepspeed"], id="train-deepspeed-missing"),
     pytest.param(lambda i, o: train(i, o / "run", "--fsdp-config", i.bad / "unknown-key.yaml"), ["--fsdp-config", "--fsdp"], id="train-fsdp-config-without-fsdp"),
+    pytest.param(lambda i, o: train(i, o / "run", "--follow", "--follow-poll", 0), ["--follow-poll", "positive"], id="train-follow-poll-zero"),
+    pytest.param(lambda i, o: train(i, o / "run", "--follow", "--follow-timeout", -1), ["--follow-timeout", "positive"], id="train-follow-timeout-negative"),
+    pytest.param(lambda i, o: train(i, o / "run", "--follow", "--cache", i.cache), ["--follow", "several --cache"], id="train-follow-several-caches"),
     # caches on URLs: copy, push, pull, and the commands that write
     pytest.param(lambda i, o: teacher(i, "foo://bucket/cache"), ["foo://bucket/cache", "unknown protocol foo://"], id="teacher-out-unknown-protocol"),
     pytest.param(lambda i, o: teacher(i, "foo://bucket/cache", "--ray", "--num-parts", 2), ["foo://bucket/cache", "unknown protocol foo://"], id="teacher-ray-out-unknown-protocol"),
