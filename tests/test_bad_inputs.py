@@ -186,6 +186,15 @@ CASES = [
     pytest.param(lambda i, o: teacher(i, o / "c", "--num-parts", 0), ["--num-parts", "at least 1"], id="teacher-num-parts-zero"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--num-parts", 2, "--part-index", 2), ["--part-index 2", "outside 0..1"], id="teacher-part-index-out-of-range"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--num-parts", 2, "--num-workers", 2), ["--num-workers", "old name", "--num-parts only"], id="teacher-old-and-new-split-flags"),
+    # teacher --ray: refused before Ray starts
+    pytest.param(lambda i, o: teacher(i, o / "c", "--ray", "--num-parts", 0), ["--num-parts", "at least 1"], id="teacher-ray-num-parts-zero"),
+    pytest.param(lambda i, o: teacher(i, o / "c", "--ray"), ["--ray needs --num-parts"], id="teacher-ray-without-num-parts"),
+    pytest.param(lambda i, o: teacher(i, o / "c", "--ray", "--num-parts", 2, "--part-index", 1), ["--ray", "--part-index", "drop it"], id="teacher-ray-with-part-index"),
+    pytest.param(lambda i, o: teacher(i, o / "c", "--num-parts", 2, "--part-index", 1, "--gpus-per-part", 1), ["--gpus-per-part", "add --ray"], id="teacher-ray-flag-without-ray"),
+    pytest.param(lambda i, o: teacher(i, o / "c", "--ray", "--num-parts", 2, "--gpus-per-part", 2), ["--gpus-per-part 2", "one GPU per part"], id="teacher-ray-hf-two-gpus"),
+    pytest.param(lambda i, o: teacher(i, o / "c", "--ray", "--num-parts", 2, "--part-retries", -1), ["--part-retries", "0 or more"], id="teacher-ray-negative-retries"),
+    pytest.param(lambda i, o: teacher(i, o / "c", "--ray", "--num-parts", 2, "--limit", 4), ["--limit", "partial", "--num-parts 1"], id="teacher-ray-limit"),
+    pytest.param(lambda i, o: teacher(i, i.bad / "not-a-cache", "--ray", "--num-parts", 2), ["not-a-cache", "not empty", "new or empty --out"], id="teacher-ray-out-not-empty"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--engine", "tensorrt"), ["--engine", "'tensorrt'", "hf"], id="teacher-unknown-engine"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--codec", "zip"), ["codec", "'zip'", "v1"], id="teacher-unknown-codec"),
     pytest.param(lambda i, o: teacher(i, o / "c", "--mode", "chat"), ["--mode", "'chat'"], id="teacher-unknown-mode"),
@@ -261,6 +270,7 @@ CASES = [
     pytest.param(lambda i, o: train(i, o / "run", "--follow", "--cache", i.cache), ["--follow", "several --cache"], id="train-follow-several-caches"),
     # caches on URLs: copy, push, pull, and the commands that write
     pytest.param(lambda i, o: teacher(i, "foo://bucket/cache"), ["foo://bucket/cache", "unknown protocol foo://"], id="teacher-out-unknown-protocol"),
+    pytest.param(lambda i, o: teacher(i, "foo://bucket/cache", "--ray", "--num-parts", 2), ["foo://bucket/cache", "unknown protocol foo://"], id="teacher-ray-out-unknown-protocol"),
     pytest.param(lambda i, o: ["copy", i.bad / "not-a-cache", o / "c"], ["not-a-cache", "not a logitcache cache"], id="copy-not-a-cache"),
     pytest.param(lambda i, o: ["copy", i.cache, "foo://bucket/cache"], ["unknown protocol foo://"], id="copy-unknown-protocol"),
     pytest.param(lambda i, o: ["copy", i.cache, i.bad / "not-a-cache"], ["not-a-cache", "not empty and holds no cache"], id="copy-into-other-files"),

@@ -31,25 +31,15 @@ def merge(
         logitcache merge cache/ cache-parts/
     """
     from logitcache.pipeline.progress import check_log_every
-    from logitcache.storage.manifest import load_manifest
-    from logitcache.storage.merge import expand_parts, merge_caches
-    from logitcache.storage.remote import is_url
-    from logitcache.storage.sync import staged_inputs, staging_dir, written_through
+    from logitcache.storage.sync import merge_through
 
     check_log_every(log_every)
-    urls = [p for p in [out, *parts] if is_url(p)]
-    staging = staging_dir(urls[0], local_cache) if urls else Path()
     with warnings.catch_warnings(), Stages("merge", log_every) as stages:
         warnings.simplefilter("ignore")  # the report carries them; printed below as one line each
-        local_parts = staged_inputs(parts, staging)
-        with written_through(out, staging, purpose="merging into", new_only=True) as local_out:
-            if is_url(out) and (local_out / "manifest.json").is_file() and load_manifest(local_out).status == "complete":
-                # Merged here before and the upload stopped (the remote has no manifest): upload it.
-                typer.echo(f"the merged cache staged in {local_out} is complete; uploading it to {out}")
-                return
-            report = merge_caches(local_out, expand_parts([Path(p) for p in local_parts]), link=not copy,
-                                  verify=verify, on_shard=stages.update)
-        report.out = out  # as typed: a URL, not its staging copy
+        report = merge_through(out, parts, local_cache, link=not copy, verify=verify, on_shard=stages.update)
+    if report is None:
+        typer.echo(f"the merged cache staged before was complete; uploaded it to {out}")
+        return
     for message in report.warnings:
         typer.echo(f"warning: {message}", err=True)
     typer.echo(report.summary())

@@ -26,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from logitcache.errors import LogitCacheError
 from logitcache.storage.fsutil import atomic_write_bytes, crash_point, sha256_file
@@ -36,6 +36,9 @@ from logitcache.storage.marker import write_marker
 from logitcache.storage.parts import PART_GLOB, part_name_ok
 from logitcache.storage.remote import is_url, local_path, protocol_of, url_fs, with_retries
 from logitcache.storage.writer import CARD_NAME, DATA_DIR, TMP_PREFIX, TOKENIZER_DIR, layout_names
+
+if TYPE_CHECKING:
+    from logitcache.storage.merge import MergeReport
 
 STAGING_ENV = "LOGITCACHE_STAGING"
 COPY_MARKER = ".copying"  # in a local DST while `logitcache copy` fills it (storage/marker.py)
@@ -504,3 +507,25 @@ def written_through(out: str, staging: Path, *, purpose: str, new_only: bool = F
         yield local
         lease.check()
         push(local, place)
+
+
+def merge_through(out: str, parts: list[str], local_cache: str | os.PathLike | None = None, *, link: bool = True,
+                  verify: bool = True, on_shard: Callable[[str, int, int], None] | None = None) -> MergeReport | None:
+    """``merge_caches`` where ``out`` and ``parts`` may be URLs (`logitcache merge`, `teacher --ray`).
+
+    Remote parts are pulled into the staging and checked; a remote ``out`` is written there and
+    pushed, manifest last, under its lease. Returns the MergeReport (``out`` as given), or None
+    where a merge staged before was complete and only its upload had stopped: it is uploaded now.
+    """
+    from logitcache.storage.merge import expand_parts, merge_caches
+
+    urls = [p for p in [out, *parts] if is_url(p)]
+    staging = staging_dir(urls[0], local_cache) if urls else Path()
+    local_parts = staged_inputs(parts, staging)
+    with written_through(out, staging, purpose="merging into", new_only=True) as local_out:
+        if is_url(out) and (local_out / MANIFEST_NAME).is_file() and load_manifest(local_out).status == "complete":
+            return None
+        report = merge_caches(local_out, expand_parts([Path(p) for p in local_parts]), link=link, verify=verify,
+                              on_shard=on_shard)
+    report.out = out  # as given: a URL, not its staging copy
+    return report
