@@ -131,7 +131,7 @@ def test_id_table_larger_than_uint16(tmp_path):
     # Some row needs ranks of three bytes: two high planes.
     n_values = [(len(r["input_ids"]) - 1) * k for r in rows]
     hi = [len(b) for b in table.column("topk_ranks_hi").to_pylist()]
-    assert any(h == 2 * n and n for h, n in zip(hi, n_values))
+    assert any(h == 2 * (n + 1) and n for h, n in zip(hi, n_values))  # + 1: the row's reference flag
     check(rows, roundtrip(rows, k, tmp_path), k)
     ids = read_id_table(tmp_path / "shard.parquet")
     assert len(ids) > 2**16
@@ -298,6 +298,22 @@ def test_references_round_trip_at_any_k(k, tmp_path):
     check(rows, roundtrip(rows, k, tmp_path), k)
 
 
+def test_rows_whose_top_k_does_not_recur_store_no_references(tmp_path):
+    """Repeated input tokens but independent top-k ids (the synthetic Zipf teacher's case):
+    references would mostly escape, so version 2 stores such rows as version 1 does."""
+    rows = synthetic_rows(8, 32, V=20_000, seed=12, max_len=120)
+    for r in rows:
+        r["input_ids"] = r["input_ids"] % 7
+    new, old = encode_compact(rows, 32), encode_compact(rows, 32, version=1)
+    assert all(b[0] == 0 for b in new.column("topk_ranks_lo").to_pylist())  # no row uses references
+    for name, table in (("new", new), ("old", old)):
+        write_compact_parquet(table, tmp_path / name)
+    col = compact_schema().names.index("topk_ranks_lo")
+    size = {n: pq.ParquetFile(tmp_path / n).metadata.row_group(0).column(col).total_compressed_size for n in ("new", "old")}
+    assert size["new"] <= size["old"] + 16  # one flag byte per row
+    check(rows, roundtrip(rows, 32, tmp_path), 32)
+
+
 def test_references_resolve_in_any_slice_of_rows():
     rows = real_like_rows(9, 16, seed=5, n_tokens=120)
     table = encode_compact(rows, 16)
@@ -331,9 +347,11 @@ def test_a_damaged_reference_is_a_value_error_not_a_crash():
     rows = [r for r in real_like_rows(6, 16, seed=7) if len(r["input_ids"]) > 41][:2]  # 40 tokens: one repeats
     table = encode_compact(rows, 16)
     i = table.schema.names.index("topk_ranks_lo")
-    for symbol, what in ((1, "outside the top-k"), (40, "symbol out of range"), (31, "escapes do not match")):
+    assert table.column(i).to_pylist()[0][0] == 1  # the row's flag: it uses references
+    for at, symbol, what in ((1, 1, "outside the top-k"), (1, 40, "symbol out of range"), (1, 31, "escapes do not match"),
+                             (0, 2, "flag other than 0 or 1")):
         lo = table.column(i).to_pylist()
-        lo[0] = bytes([symbol]) + lo[0][1:]  # the row's first reference symbol
+        lo[0] = lo[0][:at] + bytes([symbol]) + lo[0][at + 1:]  # the flag, then the first reference symbol
         bad = table.set_column(i, table.schema.field(i), pa.array(lo, pa.binary()))
         with pytest.raises(ValueError, match=what):
             list(decode_compact(bad))

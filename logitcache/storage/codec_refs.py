@@ -11,6 +11,8 @@ stored as before, as their rank in the shard's id table.
 
 Per row (one example), the ``topk_ranks_*`` planes of a version 2 table hold, in this order:
 
+* a flag: 1 if the row uses references, 0 if not (when fewer than ``MIN_FOUND`` of the ids
+  would be found, as with a teacher whose top-k does not recur: then the row is version 1's);
 * the reference symbols of the positions that have an earlier same token, k each, in
   position order;
 * the id-table ranks of the ids not found, in position order, then slot order.
@@ -24,6 +26,11 @@ token's occurrences in one row.
 from __future__ import annotations
 
 import numpy as np
+
+
+# A row stores references when at least this fraction of its referenced ids are found (a
+# reference symbol is cheap, but an escape costs a symbol on top of the id's rank).
+MIN_FOUND = 0.5
 
 
 def escape(k: int) -> int:
@@ -82,14 +89,21 @@ def encode_id_values(ids: np.ndarray, ranks: np.ndarray, prev: np.ndarray, row_o
     k = ids.shape[1]
     has = prev >= 0
     sym = reference_symbols(ids, prev)
+    # A row uses references only where they pay: when most referenced ids are found.
+    refs = np.bincount(row_of[has], minlength=n_rows) * k
+    found = np.bincount(row_of[has], weights=(sym != escape(k)).sum(axis=1), minlength=n_rows)
+    use = (refs > 0) & (found >= MIN_FOUND * refs)
+    kept = use[row_of[has]]
+    has[has] = kept
+    sym = sym[kept]
     miss = np.ones(ids.shape, dtype=bool)
     miss[has] = sym == escape(k)
     ref_rows = np.repeat(row_of[has], k)
     miss_rows = np.broadcast_to(row_of[:, None], ids.shape)[miss]
-    # Per row: its references first, then its misses; a stable sort keeps each part's order.
-    part = np.concatenate([2 * ref_rows, 2 * miss_rows + 1])
-    values = np.concatenate([sym.reshape(-1), ranks[miss]])[np.argsort(part, kind="stable")]
-    counts = np.bincount(ref_rows, minlength=n_rows) + np.bincount(miss_rows, minlength=n_rows)
+    # Per row: its flag, its references, then its misses; a stable sort keeps each part's order.
+    part = np.concatenate([3 * np.arange(n_rows), 3 * ref_rows + 1, 3 * miss_rows + 2])
+    values = np.concatenate([use.astype(np.int64), sym.reshape(-1), ranks[miss]])[np.argsort(part, kind="stable")]
+    counts = 1 + np.bincount(ref_rows, minlength=n_rows) + np.bincount(miss_rows, minlength=n_rows)
     return values, counts
 
 
@@ -98,6 +112,16 @@ def decode_id_values(values: np.ndarray, counts: np.ndarray, prev: np.ndarray, l
     """Inverse of :func:`encode_id_values`: the [m, k] top-k ids. Raises ValueError on values
     that cannot come from the encoder (a damaged shard)."""
     m, n_rows = len(prev), len(counts)
+    if (counts < 1).any():
+        raise ValueError("corrupt top-k id column: a row without its reference flag")
+    first = np.cumsum(counts) - counts
+    flags = values[first]
+    if flags.size and flags.max() > 1:
+        raise ValueError("corrupt top-k id column: a reference flag other than 0 or 1")
+    keep = np.ones(len(values), dtype=bool)
+    keep[first] = False
+    values, counts = values[keep], counts - 1
+    prev = np.where(flags[row_of] == 1, prev, -1)
     t = np.flatnonzero(prev >= 0)  # positions with a reference
     n_ref = np.bincount(row_of[t], minlength=n_rows) * k  # reference symbols per row
     if (counts < n_ref).any():
