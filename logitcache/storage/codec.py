@@ -22,8 +22,8 @@ What one compact table holds, per row (one example), compared with v1 (DESIGN.md
   numbers. Version 1 (tables without ``logitcache.codec_version``) stores the rank of
   every id, ``k`` per position. Version 2 (the default) first stores, for the positions
   whose input token occurred earlier in the row, a small reference symbol per id into the
-  top-k at that earlier position, then the ranks of the ids not found there
-  (``codec_refs.py``). On the quality benchmark's teacher at k=64 this takes the ids from
+  top-k at that earlier position, then the ranks of the ids not found there, after a flag
+  per row (a row whose top-k does not recur stores no references, ``codec_refs.py``). On the quality benchmark's teacher at k=64 this takes the ids from
   63 to 55 bytes/token, and the whole cache, with version 2's coarser ``q``, from 106 to 96
   (benchmarks/codec_real.py).
 
