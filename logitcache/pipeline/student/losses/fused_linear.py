@@ -10,8 +10,8 @@ losses do: the head's matmuls run three times, as in the plain path, not four (a
 backward would add one); backward only scales them by the upstream gradient.
 
 Peak memory beyond the inputs and the gradients every path holds (dh [N, d], dW [V, d]):
-one block of logits plus one temporary of its size (``fused.CHUNK_ELEMENTS`` logits each,
-16 MiB in fp32), their fp32 copies for half-precision inputs, and [N, K]-sized tensors.
+one block of logits plus one temporary of its size (``BLOCK_ELEMENTS`` logits each, 8 MiB in
+fp32; at least ``MIN_ROWS`` rows), their fp32 copies for half-precision inputs, and [N, K]-sized tensors.
 
 Losses (:func:`supports`): CE alone ("sft"), the KL family (forward, reverse, JSD, with the
 exact tail mass), ULD (its student top-K is per row) and the hybrid, at any temperature
@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 from logitcache.pipeline.student.losses.chunking import kd_weights
 from logitcache.pipeline.student.losses.fused import (
-    CHUNK_ELEMENTS,
     FusedLoss,
     _Problem,
     _work_dtype,
@@ -46,6 +45,12 @@ from logitcache.pipeline.student.losses.fused import supports as fused_supports
 
 # Losses whose rows are independent given the batch's weights (see the module docstring).
 ROW_LOSSES = ("sft", "kl", "uld", "hybrid")
+# Logits per block: 2M (8 MiB in fp32). A block costs about 3 of its size in resident memory (the
+# logits, the exp of the log-partition pass, BLAS buffers: measured), so this keeps the loss under
+# 0.1x the logits from N = 2048 positions at any vocabulary. But never fewer rows than MIN_ROWS:
+# each block reads and writes the whole dW [V, d], and thinner blocks make that bandwidth-bound.
+BLOCK_ELEMENTS = 1 << 21
+MIN_ROWS = 32
 
 
 def supports(spec: FusedLoss) -> bool:
@@ -73,7 +78,7 @@ def fused_linear_ce_kd_loss(
         weight: [V, d] the LM head's weight (the embedding itself when tied: its gradient adds up).
         bias: [V] the head's bias, or None.
         labels, teacher_logprobs, teacher_ids, kd_mask, spec, tempered: as :func:`.fused.ce_kd_loss`.
-        block_rows: positions per block (default: ``CHUNK_ELEMENTS // V``, at least 1).
+        block_rows: positions per block (default: ``BLOCK_ELEMENTS // V``, at least ``MIN_ROWS``).
 
     Returns:
         (total, ce, kd) as :func:`.fused.ce_kd_loss`; total's gradient goes to hidden, weight
@@ -88,7 +93,7 @@ def fused_linear_ce_kd_loss(
     check_inputs(spec, tempered, None)
     b, t, d = hidden.shape
     targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)  # [B, T]: row q's label
-    rows = max(1, block_rows or CHUNK_ELEMENTS // max(weight.shape[0], 1))
+    rows = max(1, block_rows or max(MIN_ROWS, BLOCK_ELEMENTS // max(weight.shape[0], 1)))
     teacher = (teacher_logprobs, dict(tempered or {}))
     return _LinearCEKD.apply(hidden.reshape(b * t, d), weight, bias, spec, (b, t), targets, teacher, teacher_ids,
                              kd_mask, rows)
