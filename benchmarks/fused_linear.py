@@ -31,25 +31,45 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table, update_results  # noqa: E402
 
-CHILD = r"""
-import json, statistics, sys, time
+# The head of every child: its arguments and torch's settings.
+PRELUDE = r"""
+import json, sys, time
 import torch
 import torch.nn.functional as F
-from logitcache.losses import FusedLoss, ce_kd_loss, fused_linear_ce_kd_loss
 
 name = sys.argv[1]
 N, V, D, K, repeats, threads = map(int, sys.argv[2:8])
-B = 4
 torch.manual_seed(0)
 torch.set_num_threads(threads)
+"""
 
-
+# The tail of every child: step(t) runs forward + backward on t positions per sequence and
+# returns the loss; warm up on 8, then time ``repeats`` steps, the peak read after the first.
+MEASURE = r"""
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1])  # KiB
 
 
+step(8)  # warm-up on 8 positions per sequence: one-time allocations (thread pools, BLAS buffers) are not the loss's
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS:")
+seconds = []
+for r in range(repeats):
+    t0 = time.perf_counter()
+    value = float(step())
+    seconds.append(time.perf_counter() - t0)
+    if r == 0:
+        peak = status("VmHWM:")
+print(json.dumps({"peak_extra_mib": (peak - before) / 1024, "seconds": seconds, "value": value}))
+"""
+
+CHILD = PRELUDE + r"""
+from logitcache.losses import FusedLoss, ce_kd_loss, fused_linear_ce_kd_loss
+
+B = 4
 h = (torch.randn(B, N // B, D) / D**0.5).requires_grad_()
 w = (torch.randn(V, D) * 0.5).requires_grad_()
 labels = torch.randint(0, V, (B, N // B))
@@ -70,22 +90,9 @@ def step(t=N // B):
         spec = FusedLoss("sft" if name == "linear-sft" else "kl")
         loss, _, _ = fused_linear_ce_kd_loss(x, w, None, y, lp, i, m, spec)
     loss.backward()
-
-
-step(8)  # warm-up on 8 positions per sequence: one-time allocations (thread pools, BLAS buffers) are not the loss's
-h.grad = w.grad = None
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-before = status("VmRSS:")
-seconds = []
-for r in range(repeats):
-    t0 = time.perf_counter()
-    step()
-    seconds.append(time.perf_counter() - t0)
-    if r == 0:
-        peak = status("VmHWM:")
-print(json.dumps({"peak_extra_mib": (peak - before) / 1024, "seconds": seconds}))
-"""
+    h.grad = w.grad = None
+    return loss.detach()
+""" + MEASURE
 
 CASES = [
     ("ce", "logits + F.cross_entropy (SFT)"),
@@ -95,9 +102,10 @@ CASES = [
 ]
 
 
-def measure(name: str, n: int, v: int, d: int, k: int, repeats: int, threads: int) -> dict:
+def measure(name: str, n: int, v: int, d: int, k: int, repeats: int, threads: int, child: str = CHILD) -> dict:
+    """Run case ``name`` of ``child`` in a fresh process: its peak extra MiB, step seconds and loss value."""
     r = subprocess.run(
-        [sys.executable, "-c", CHILD, name, str(n), str(v), str(d), str(k), str(repeats), str(threads)],
+        [sys.executable, "-c", child, name, str(n), str(v), str(d), str(k), str(repeats), str(threads)],
         capture_output=True, text=True, check=False,  # a failure is reported with its stderr below
         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
     )
