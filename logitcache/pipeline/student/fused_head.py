@@ -56,11 +56,16 @@ def model_problem(model: torch.nn.Module) -> str | None:
     return None
 
 
-def wanted(cfg, spec, model: torch.nn.Module) -> bool:  # noqa: ANN001
-    """Whether to train with the hidden-state loss: ``--fused-linear on`` refuses what cannot, in one line."""
+def wanted(cfg, spec, model: torch.nn.Module | None, sharded: bool = False) -> bool:  # noqa: ANN001
+    """Whether to train with the hidden-state loss: ``--fused-linear on`` refuses what cannot, in one line.
+
+    ``model`` None: the options alone (before the model is loaded). ``sharded``: the Trainer
+    shards the model (FSDP or DeepSpeed, also from an accelerate config).
+    """
     if cfg.fused_linear == "off":
         return False
-    problem = config_problem(cfg, spec) or model_problem(model)
+    problem = config_problem(cfg, spec) or ("FSDP / DeepSpeed shard the head's weight" if sharded else None)
+    problem = problem or (model_problem(model) if model is not None else None)
     if problem and cfg.fused_linear == "on":
         raise LogitCacheError(f"--fused-linear on: {problem}; use --fused-linear auto (or off) to train from the logits.")
     return problem is None

@@ -261,7 +261,8 @@ class KDTrainer(Trainer):
         self.teacher_weights = list(teacher_weights) if teacher_weights is not None else [1.0 / len(teachers)] * len(teachers)
         self.fused_loss = fused_loss_of(kd_config, self._matched_fraction)
         # From the last hidden states and the head, no logits (fused_head.py); checked on the first step.
-        self.fused_linear = fused_head.wanted(kd_config, self.fused_loss, self.model)
+        sharded = bool(getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False))
+        self.fused_linear = fused_head.wanted(kd_config, self.fused_loss, self.model, sharded)
         self._fused_linear_checked = False
         # Our loss is a per-batch mean: let the Trainer divide it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
@@ -707,6 +708,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     from logitcache.storage.parts import merge_command
 
     cfg.validate()
+    fused_head.wanted(cfg, fused_loss_of(cfg), None)  # --fused-linear on: refuse a loss it cannot compute, before any write
     paths = cfg.caches()
     weights = cfg.resolved_teacher_weights()
     caches = [open_cache(p) for p in paths]  # refuses non-caches, unknown versions and manifests that fail the schema
