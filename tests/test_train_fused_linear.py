@@ -56,6 +56,11 @@ def test_auto_uses_it_for_a_plain_linear_head(tmp_path, built_cache, student) ->
     assert _logged(tmp_path / "run")[0]["fused_linear"] == 1
 
 
+def test_bf16_autocast_passes_the_first_step_check(tmp_path, built_cache, student) -> None:
+    run_train(_cfg(student, built_cache, tmp_path / "run", loss="kl", max_steps=1, bf16=True, fused_linear="on"))
+    assert _logged(tmp_path / "run")[0]["fused_linear"] == 1
+
+
 def test_auto_takes_the_logits_for_a_soft_capped_head_and_on_refuses_it(tmp_path, built_cache, student) -> None:
     capped = _softcapped_student(student, tmp_path / "capped")
     run_train(_cfg(capped, built_cache, tmp_path / "auto", loss="kl", max_steps=1))

@@ -95,14 +95,20 @@ def fused_linear_ce_kd_loss(
     targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)  # [B, T]: row q's label
     rows = max(1, block_rows or max(MIN_ROWS, BLOCK_ELEMENTS // max(weight.shape[0], 1)))
     teacher = (teacher_logprobs, dict(tempered or {}))
-    return _LinearCEKD.apply(hidden.reshape(b * t, d), weight, bias, spec, (b, t), targets, teacher, teacher_ids,
-                             kd_mask, rows)
+    # Under autocast (the Trainer's --bf16) the blocks run in the inputs' own dtypes: the in-place
+    # gradient accumulation needs one dtype, and the loss is computed in fp32 either way.
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return _LinearCEKD.apply(hidden.reshape(b * t, d), weight, bias, spec, (b, t), targets, teacher,
+                                 teacher_ids, kd_mask, rows)
 
 
 class _LinearCEKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, bias, spec, bt, targets, teacher, t_ids, kd_mask, rows):  # noqa: ANN001, ANN205
         n, v = h.shape[0], w.shape[0]
+        # Autocast's bf16 hidden states against fp32 weights: one dtype for the blocks, the weight's.
+        h_dtype, h = h.dtype, h.to(w.dtype)
+        bias = bias.to(w.dtype) if bias is not None else None
         dtype = _work_dtype(h)
         t_lp, tempered = teacher
         flat = {"targets": targets.reshape(n), "lp": t_lp.reshape(n, -1), "ids": t_ids.reshape(n, -1),
@@ -134,7 +140,7 @@ class _LinearCEKD(torch.autograd.Function):
             dw.addmm_(g.T, hb)
             if db is not None:
                 db += g.sum(0)
-        ctx.grads = (dh, dw, db)
+        ctx.grads = (dh.to(h_dtype), dw, db)
         total, ce, kd = sums.unbind()
         ctx.mark_non_differentiable(ce, kd)
         return total, ce, kd
