@@ -153,3 +153,20 @@ def s3_bucket(s3_endpoint, request) -> str:
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+def assert_same_rows(cache: Path, single: Path) -> None:
+    """``cache`` holds exactly the examples of ``single`` (one uninterrupted run), row for row, in
+    any order: what a split, merged or resumed run must give."""
+    import numpy as np
+
+    from logitcache import open_cache
+
+    want = {row["id"]: row for row in open_cache(single)}
+    got = {row["id"]: row for row in open_cache(cache)}
+    assert got.keys() == want.keys()
+    for rid, row in got.items():
+        np.testing.assert_array_equal(row["input_ids"], want[rid]["input_ids"])
+        np.testing.assert_array_equal(row["topk_ids"], want[rid]["topk_ids"])
+        # batches are made up differently in the two runs: fp32 results move by an ulp
+        np.testing.assert_allclose(row["label_logprob"], want[rid]["label_logprob"], rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ PACKAGE = Path(logitcache.__file__).parent
 # `--name` as a whole word: not `--hybrid-*` (a family of options), not `--nproc_per_node`.
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9](?![\w*-])")
 # Options of other programs that our messages name on purpose.
-OTHER_TOOLS = {"--array": "sbatch (Slurm job arrays)"}
+OTHER_TOOLS = {"--array": "sbatch (Slurm job arrays)", "--head": "ray start (a Ray cluster's head node)"}
 
 runner = CliRunner()
 

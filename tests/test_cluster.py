@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import make_config
+from conftest import assert_same_rows, make_config
 
 from logitcache import LogitCacheError, open_cache, verify_cache
 from logitcache.pipeline.teacher.run import TeacherConfig, part_name, run_teacher
@@ -68,7 +68,6 @@ def test_a_part_refuses_another_split(tmp_path, teacher_dir, data_file):
 
 def test_cluster_run_then_merge_equals_a_single_run(tmp_path, teacher_dir, data_file, built_cache):
     """Three workers, `logitcache merge`, `logitcache verify`: the same examples and numbers as one run."""
-    import numpy as np
     from typer.testing import CliRunner
 
     from logitcache.cli import app
@@ -81,14 +80,7 @@ def test_cluster_run_then_merge_equals_a_single_run(tmp_path, teacher_dir, data_
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["verify", str(tmp_path / "merged")])
     assert r.exit_code == 0 and r.output.startswith("OK"), r.output
-    single = {row["id"]: row for row in open_cache(built_cache)}
-    merged = {row["id"]: row for row in open_cache(tmp_path / "merged")}
-    assert merged.keys() == single.keys()
-    for rid, row in merged.items():
-        np.testing.assert_array_equal(row["input_ids"], single[rid]["input_ids"])
-        np.testing.assert_array_equal(row["topk_ids"], single[rid]["topk_ids"])
-        # batches are made up differently in the two runs: fp32 results move by an ulp
-        np.testing.assert_allclose(row["label_logprob"], single[rid]["label_logprob"], rtol=1e-5, atol=1e-6)
+    assert_same_rows(tmp_path / "merged", built_cache)
     m = open_cache(tmp_path / "merged").manifest
     assert m.worker is None and m.status == "complete"
 

@@ -7,6 +7,7 @@ from typer.core import TyperGroup
 
 from logitcache.cli import cache as _cache
 from logitcache.cli import convert as _convert
+from logitcache.cli import copy as _copy
 from logitcache.cli import demo as _demo
 from logitcache.cli import evaluate as _evaluate
 from logitcache.cli import merge as _merge
@@ -39,7 +40,8 @@ app = typer.Typer(
         "Offline teacher-logit cache for LLM knowledge distillation.\n\n"
         "Stage 1: `logitcache teacher` runs a teacher once and stores its top-k log-probabilities "
         "with character offsets (split over a cluster with --num-parts, joined by `merge`); `inspect` "
-        "and `verify` look into a cache, `convert` rewrites it with another codec. Stage 2: `logitcache train` "
+        "and `verify` look into a cache, `convert` rewrites it with another codec, `copy` (`push`, `pull`) moves it "
+        "between disks, object storage and the Hub. Stage 2: `logitcache train` "
         "distils the cache into a student with any tokenizer; `eval` compares models per character. "
         "`demo` runs the whole thing on tiny models built on the spot."
     ),
@@ -75,6 +77,9 @@ app.command("inspect")(_cache.inspect)
 app.command("verify")(_cache.verify)
 app.command("merge")(_merge.merge)
 app.command("convert")(_convert.convert)
+app.command("copy")(_copy.copy)
+app.command("push")(_copy.push)
+app.command("pull")(_copy.pull)
 app.command("train")(_train.train)
 app.command("eval")(_evaluate.eval_)
 app.command("demo")(_demo.demo)

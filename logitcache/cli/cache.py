@@ -19,7 +19,7 @@ PARTIAL_EXIT = 3  # `verify`: sound, but the teacher run is unfinished (1: damag
 
 @user_errors
 def inspect(
-    cache: Path = typer.Argument(..., help="Cache directory."),
+    cache: str = typer.Argument(..., help="Cache directory, or an fsspec URL (s3://bucket/cache, gs://, az://, hf://datasets/me/cache; the protocol's extra installed, e.g. pip install 'logitcache[s3]')."),
     example: Optional[str] = typer.Option(None, "--example", "-e", help="Example id to show (default: the first)."),
     tokens: int = typer.Option(32, "--tokens", "-n", help="How many positions of the example to show."),
     alternatives: int = typer.Option(3, "--alternatives", "-a", help="Top alternatives shown per position."),
@@ -28,6 +28,7 @@ def inspect(
     limit: Optional[int] = typer.Option(None, "--limit", help="With --stats, scan only the first N examples (default: all)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Implies --stats: draw the distributions into this .png/.pdf/.svg (needs `pip install 'logitcache[plot]'`)."),
     ids: bool = typer.Option(False, "--ids", help="List the example ids, one per line, and nothing else."),
+    local_cache: Optional[Path] = typer.Option(None, "--local-cache", help="With a URL: keep verified local copies of whole shards in this directory (sha256 checked on download, reused by later runs, fetched again if damaged) instead of streaming row groups."),
 ) -> None:
     """Summarise a cache and show one example token by token with the teacher's top alternatives.
 
@@ -53,7 +54,7 @@ def inspect(
         check_plot_path(plot)
         require_matplotlib()
 
-    c = open_cache(cache)
+    c = open_cache(cache, local_cache=local_cache)
     if ids:
         _print_ids(c)
         return
@@ -77,7 +78,7 @@ def show_example(c, row: dict | None = None, tokens: int = 32, alternatives: int
     _show_example(console or Console(), c, row if row is not None else next(iter(c)), tokens, alternatives)
 
 
-def show_summary(c, path: Path, console: Console | None = None) -> None:  # noqa: ANN001
+def show_summary(c, path: str | Path, console: Console | None = None) -> None:  # noqa: ANN001
     """Print the summary table of the open cache ``c`` (what `inspect` prints first)."""
     m = c.manifest
     summary = Table(title=f"cache {path}", show_header=False)
@@ -233,9 +234,10 @@ def _load_tokenizer(c, console: Console):
 
 @user_errors
 def verify(
-    cache: Path = typer.Argument(..., help="Cache directory."),
+    cache: str = typer.Argument(..., help="Cache directory, or an fsspec URL (s3://bucket/cache, gs://, az://, hf://datasets/me/cache; the protocol's extra installed, e.g. pip install 'logitcache[s3]')."),
     fast: bool = typer.Option(False, "--fast", help="Check hashes and counts only, not every value."),
     log_every: float = typer.Option(30.0, "--log-every", help="On a big cache, a progress line (shards checked, time left) on stderr every this many seconds; a bar on a terminal."),
+    local_cache: Optional[Path] = typer.Option(None, "--local-cache", help="With a URL: keep verified local copies of whole shards in this directory (sha256 checked on download, reused by later runs, fetched again if damaged) instead of streaming row groups."),
 ) -> None:
     """Check a cache: every shard's sha256, row/token counts, sortedness, ranges, offsets, no NaN/inf.
 
@@ -251,7 +253,8 @@ def verify(
     check_log_every(log_every)
     # No opening or closing line: the result is one line, and only a long check logs more.
     with StepProgress("verify", 0, unit="shards", interval=log_every, stream=sys.stderr, ends=False) as bar:
-        report = verify_cache(cache, check_values=not fast, on_shard=lambda done, total: bar.update(done, total=total))
+        report = verify_cache(cache, check_values=not fast, local_cache=local_cache,
+                              on_shard=lambda done, total: bar.update(done, total=total))
     if report.ok:
         typer.echo(report.summary())
         if report.partial is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -14,11 +15,12 @@ _UNITS = {"checking": "shards", "converting": "examples", "verifying": "shards",
 
 @user_errors(interrupted=RESUME_CONVERT)
 def convert(
-    cache: Path = typer.Argument(..., help="The complete cache to convert; it is only read."),
-    out: Path = typer.Argument(..., help="Where to write the converted cache: a new or empty directory (or an interrupted convert of CACHE to --codec, which is resumed)."),
+    cache: str = typer.Argument(..., help="The complete cache to convert, a directory or a URL (downloaded and checked first); it is only read."),
+    out: str = typer.Argument(..., help="Where to write the converted cache: a new or empty directory (or an interrupted convert of CACHE to --codec, which is resumed), or a URL (written in --local-cache, then uploaded, manifest last)."),
     codec: str = typer.Option(..., "--codec", help="v1: plain Parquet for datasets/pandas/DuckDB; compact: about half the disk, read by logitcache only."),
     shard_size_mb: float = typer.Option(256.0, "--shard-size-mb", help="Target size of one Parquet shard of OUT."),
     log_every: float = typer.Option(30.0, "--log-every", help="On a big cache, a progress line per stage (done, time left) on stderr every this many seconds; a bar on a terminal."),
+    local_cache: Optional[Path] = typer.Option(None, "--local-cache", help="With URLs: the local directory where a remote CACHE is downloaded and OUT is written before upload (it holds full local copies). Default: $LOGITCACHE_STAGING/<slug of the URL>, else ~/.cache/logitcache/staging/<slug of the URL>."),
 ) -> None:
     """Rewrite a complete cache into OUT with another codec, carrying over every column and the manifest.
 
@@ -42,12 +44,19 @@ def convert(
     import logitcache
     from logitcache.pipeline.progress import check_log_every
     from logitcache.storage.convert import convert_cache
+    from logitcache.storage.remote import is_url
+    from logitcache.storage.sync import staged_inputs, staging_dir, written_through
 
     check_log_every(log_every)
     size = shard_bytes(shard_size_mb)
+    urls = [p for p in (out, cache) if is_url(p)]
+    staging = staging_dir(urls[0], local_cache) if urls else Path()
     with Stages("convert", log_every) as stages:
-        report = convert_cache(
-            cache, out, codec, shard_bytes=size, tool_version=logitcache.__version__,
-            on_progress=lambda stage, done, total: stages.update(stage, done, total, unit=_UNITS.get(stage, "steps")),
-        )
+        source = staged_inputs([cache], staging)[0]
+        with written_through(out, staging, purpose="converting into") as local_out:
+            report = convert_cache(
+                source, local_out, codec, shard_bytes=size, tool_version=logitcache.__version__,
+                on_progress=lambda stage, done, total: stages.update(stage, done, total, unit=_UNITS.get(stage, "steps")),
+            )
+        report.source, report.out = cache, out  # as typed: a URL, not its staging copy
     typer.echo(report.summary())

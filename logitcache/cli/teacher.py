@@ -10,6 +10,7 @@ import typer
 
 from logitcache.cli.common import (
     RESUME_TEACHER,
+    Stages,
     command_line,
     options_with_config,
     quiet_libraries,
@@ -18,6 +19,7 @@ from logitcache.cli.common import (
 )
 from logitcache.errors import LogitCacheError
 from logitcache.storage.manifest import load_manifest
+from logitcache.storage.remote import is_url, local_path
 
 
 @user_errors(interrupted=RESUME_TEACHER)
@@ -25,7 +27,8 @@ def teacher(
     ctx: typer.Context,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Teacher: a model directory or a hub name (any AutoModelForCausalLM with a fast tokenizer)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Input: a .jsonl/.json/.parquet/.csv/.arrow/.txt file, a directory of them, or a hub dataset name."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory to write. An existing cache with the same settings is resumed (also after a crash or a full disk). One run at a time: a second run on the same directory refuses."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Cache directory to write, or a URL (s3://bucket/cache, gs://, az://, hf://datasets/ORG/NAME; pip install 'logitcache\\[s3]' etc.): then it is written in --local-cache and each shard uploaded, manifest last. An existing cache with the same settings is resumed (also after a crash or a full disk). One run at a time: a second run on the same directory refuses (on a URL, while its lease object is live)."),
+    local_cache: Optional[Path] = typer.Option(None, "--local-cache", help="With a URL as --out: the local directory where the cache is written before upload; it holds a full local copy of the cache. Default: $LOGITCACHE_STAGING/<slug of the URL>, else ~/.cache/logitcache/staging/<slug of the URL>."),
     top_k: int = typer.Option(64, "--top-k", "-k", help="Log-probabilities kept per position (sorted, over the full vocabulary)."),
     # \\[: rich markup would take [vllm] for a style tag and print only 'logitcache'.
     engine: str = typer.Option("hf", "--engine", help="hf (transformers, CPU or GPU) or vllm (GPU; pip install 'logitcache\\[vllm]')."),
@@ -59,6 +62,11 @@ def teacher(
     # The old names read as dataloader workers (issue 14 §4); still accepted for existing scripts.
     num_workers: Optional[int] = typer.Option(None, "--num-workers", hidden=True),
     worker_index: Optional[int] = typer.Option(None, "--worker-index", hidden=True),
+    ray: bool = typer.Option(False, "--ray", help="Run the N parts of --num-parts as Ray tasks (pip install 'logitcache\\[ray]'), each exactly as one Slurm array task, retried when it fails (a retried part resumes its part), then merged into --out. The parts are written to OUT-parts and kept. --out must be storage that every node reaches (a shared filesystem or a URL)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --ray: the cluster to run on. auto: the running cluster (under `ray job submit`, or after `ray start`); local: a new Ray instance on this machine; or HEAD:6379 / ray://HEAD:10001. Default: RAY_ADDRESS, else a Ray instance running here, else a new one."),
+    gpus_per_part: Optional[float] = typer.Option(None, "--gpus-per-part", help="With --ray: GPUs Ray reserves for each part; it sets the task's CUDA_VISIBLE_DEVICES to them. Default: --tensor-parallel-size with --engine vllm, 0 (CPU) with hf; a fraction shares a GPU between parts (hf)."),
+    cpus_per_part: float = typer.Option(1.0, "--cpus-per-part", help="With --ray: CPUs Ray reserves for each part (tokenizing, writing; torch uses as many threads)."),
+    part_retries: int = typer.Option(3, "--part-retries", help="With --ray: further attempts of a part whose task fails (a killed worker, a lost node, out of memory); each resumes the part. Bad input is not retried."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model."),
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="vllm: share of GPU memory to use."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="vllm: context length (default --max-length or the model's)."),
@@ -87,6 +95,8 @@ def teacher(
     size = shard_bytes(shard_size_mb)
     num_parts = _renamed(num_workers, "--num-workers", num_parts, "--num-parts")
     part_index = _renamed(worker_index, "--worker-index", part_index, "--part-index")
+    on_ray = _ray_options(ray, num_parts, part_index, ray_address=ray_address, gpus_per_part=gpus_per_part,
+                          cpus_per_part=cpus_per_part, part_retries=part_retries)
     quiet_libraries()
     from logitcache.pipeline.records import TextTemplate
     from logitcache.pipeline.teacher.engine import GenerationConfig
@@ -94,7 +104,7 @@ def teacher(
     from logitcache.storage.parts import merge_command
 
     cfg = TeacherConfig(
-        model=model, data=data, out=str(out), top_k=top_k, engine=engine, mode=mode,
+        model=model, data=data, out=_out_text(out), top_k=top_k, engine=engine, mode=mode,
         template=TextTemplate(
             text_field=text_field, prompt_field=prompt_field, response_field=response_field,
             messages_field=messages_field, separator=separator, id_field=id_field, target_field=target_field,
@@ -104,11 +114,16 @@ def teacher(
         limit=limit, revision=revision, trust_remote_code=trust_remote_code,
         shard_bytes=size, codec=codec,
         generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
-        truncate_prompts=truncate_prompts, num_workers=num_parts, worker_index=part_index,
+        truncate_prompts=truncate_prompts,
+        # On Ray, each task gets its part (pipeline/teacher/ray_parts.py).
+        num_workers=None if on_ray else num_parts, worker_index=None if on_ray else part_index,
         tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len, eos=eos, temperatures=parse_temperatures(temperatures), logit_stats=logit_stats,
         word_start=word_start, log_every=log_every, sample=sample,
+        local_cache=None if local_cache is None else str(local_cache),
     )
+    if on_ray is not None:
+        return _teacher_on_ray(cfg, on_ray, log_every)
     try:
         r = run_teacher(cfg, progress=progress)
     except KeyboardInterrupt as e:
@@ -135,7 +150,12 @@ def teacher(
         state = f"part {index + 1} of {count} (about 1/{count} of the data), {state}"
     typer.echo(f"cache {r.out}: {m.num_examples} examples, {m.num_tokens} tokens, {bpt:.1f} bytes/token, {state}")
     if m.worker:
-        typer.echo(f"once all {count} parts are complete, join them into one cache with {merge_command(Path(r.out).parent)}")
+        typer.echo(f"once all {count} parts are complete, join them into one cache with {merge_command(cfg.out)}")
+
+
+def _out_text(out: str) -> str:
+    """--out as the run records it: a URL as given, a path as ``str(Path(...))`` always gave it."""
+    return out if is_url(out) else str(Path(local_path(out)))
 
 
 def _renamed(old: Optional[int], old_flag: str, new: Optional[int], new_flag: str) -> Optional[int]:
@@ -148,15 +168,60 @@ def _renamed(old: Optional[int], old_flag: str, new: Optional[int], new_flag: st
     return old
 
 
+# The options that mean something only with --ray, by flag: left at their defaults without it.
+_RAY_ONLY = {"--ray-address": None, "--gpus-per-part": None, "--cpus-per-part": 1.0, "--part-retries": 3}
+
+
+def _ray_options(ray: bool, num_parts: Optional[int], part_index: Optional[int], **given):
+    """The RayOptions of a `--ray` run (None without --ray), or one line naming the conflict."""
+    from logitcache.pipeline.teacher.ray_parts import RayOptions
+
+    if not ray:
+        stray = [flag for flag, default in _RAY_ONLY.items() if given[flag[2:].replace("-", "_")] != default]
+        if stray:
+            raise LogitCacheError(f"{', '.join(stray)} {'is' if len(stray) == 1 else 'are'} for Ray runs; add --ray.")
+        return None
+    if part_index is not None:
+        raise LogitCacheError(
+            "--ray runs every part as a task of its own; --part-index is for one job per part (Slurm): drop it."
+        )
+    if num_parts is None:
+        raise LogitCacheError("--ray needs --num-parts N: the data is split into N parts, one Ray task each.")
+    return RayOptions(num_parts=num_parts, address=given["ray_address"], gpus_per_part=given["gpus_per_part"],
+                      cpus_per_part=given["cpus_per_part"], part_retries=given["part_retries"])
+
+
+def _teacher_on_ray(cfg, opts, log_every: float) -> None:
+    """`teacher --ray`: every part as a Ray task, then the merge (``cfg``: the TeacherConfig)."""
+    from logitcache.pipeline.teacher.ray_parts import parts_dir_for, run_on_ray
+
+    try:
+        with Stages("merge", log_every) as stages:
+            r = run_on_ray(cfg, opts, on_merge=stages.update)
+    except KeyboardInterrupt as e:
+        where = parts_dir_for(cfg.out) if opts.num_parts > 1 else cfg.out
+        e.args = (f"the shards every part finished are kept in {where}; to resume, run: {command_line()}",)
+        raise
+    retried = [f"part {p.index + 1} ({p.attempts - 1}x)" for p in r.parts if p.attempts > 1]
+    typer.echo(
+        f"ran {len(r.parts)} part{'s' if len(r.parts) != 1 else ''} on Ray in {r.seconds:.1f}s: {sum(p.written for p in r.parts)} examples "
+        f"({sum(p.tokens for p in r.parts)} tokens) written, {sum(p.already_done for p in r.parts)} already there; "
+        f"{r.retries} {'retry' if r.retries == 1 else 'retries'}" + (f" ({', '.join(retried)})" if retried else "")
+    )
+    if r.parts_dir is None:
+        typer.echo(f"cache {r.out}: one part, written in place, complete")
+    elif r.merge is None:
+        typer.echo(f"the merged cache staged before was complete; uploaded it to {r.out}")
+    else:
+        typer.echo(r.merge.summary() + f"; the parts stay in {r.parts_dir} (remove them when done)")
+
+
 def _kept(cfg) -> str:
     """What a stopped run leaves, and the command that resumes it (``cfg``: its TeacherConfig)."""
-    out = cfg.out_dir()
-    try:
-        m = load_manifest(out)
-    except (LogitCacheError, OSError):  # stopped before the cache was created
-        kept = f"nothing is written to {out} yet"
+    if is_url(cfg.out):  # what the remote manifest lists is whole there; the staging may be ahead
+        kept = f"what {cfg.out_target()}/manifest.json lists is kept there"
     else:
-        kept = f"{m.num_examples:,} examples ({m.num_tokens:,} tokens) are kept in {out}, {m.status}"
+        kept = _kept_locally(cfg.out_dir())
     # A Slurm array task takes its worker from the environment: spelled out, the command
     # resumes this part from anywhere, not only from within the same array.
     index, count = cfg.worker()
@@ -166,6 +231,14 @@ def _kept(cfg) -> str:
     if count > 1 and cfg.worker_index is None:
         spelled += ["--part-index", str(index)]
     return f"{kept}; to resume, run: {command_line(spelled)}"
+
+
+def _kept_locally(out: Path) -> str:
+    try:
+        m = load_manifest(out)
+    except (LogitCacheError, OSError):  # stopped before the cache was created
+        return f"nothing is written to {out} yet"
+    return f"{m.num_examples:,} examples ({m.num_tokens:,} tokens) are kept in {out}, {m.status}"
 
 
 def parse_temperatures(value: Optional[str]) -> Optional[tuple[float, ...]]:

@@ -14,7 +14,7 @@ from logitcache.pipeline.student.config import TrainConfig
 @user_errors(interrupted=RESUME_TRAIN)
 def train(
     student: Optional[str] = typer.Option(None, "--student", "-s", help="Student to train: a model directory or hub name (any AutoModelForCausalLM with a fast tokenizer).", rich_help_panel="Data"),
-    cache: Optional[list[Path]] = typer.Option(None, "--cache", "-c", help="Teacher cache written by `logitcache teacher`; give it once per teacher to learn from several at once (caches of the same records, by teachers of any tokenizers): CE + λ·Σ w_j·KD_j.", rich_help_panel="Data"),
+    cache: Optional[list[str]] = typer.Option(None, "--cache", "-c", help="Teacher cache written by `logitcache teacher` (a directory or an fsspec URL: s3://bucket/cache, gs://, az://, hf://datasets/me/cache); give it once per teacher to learn from several at once (caches of the same records, by teachers of any tokenizers): CE + λ·Σ w_j·KD_j.", rich_help_panel="Data"),
     teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help="With several --cache: each teacher's weight w_j, comma-separated in --cache order (e.g. 0.7,0.3). Default: equal, summing to 1.", rich_help_panel="Loss"),
     on_missing: Optional[str] = typer.Option(None, "--on-missing", help="With several --cache: refuse records that are not in every cache, or skip them (train on the records all caches hold, naming how many were left out).", rich_help_panel="Data"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory: checkpoints and the final model.", rich_help_panel="Data"),
@@ -37,7 +37,8 @@ def train(
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Student tokens per example; longer ones are cut on both sides.", rich_help_panel="Data"),
     logging_steps: Optional[int] = typer.Option(None, "--logging-steps", help="Log CE, KD and aligned fraction every N steps.", rich_help_panel="Logging"),
     save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps.", rich_help_panel="Checkpointing"),
-    eval_cache: Optional[Path] = typer.Option(None, "--eval-cache", help="A second cache to evaluate CE + KD on.", rich_help_panel="Data"),
+    eval_cache: Optional[str] = typer.Option(None, "--eval-cache", help="A second cache to evaluate CE + KD on (a directory or an fsspec URL).", rich_help_panel="Data"),
+    local_cache: Optional[Path] = typer.Option(None, "--local-cache", help="With URL caches: keep verified local copies of whole shards in this directory (sha256 checked on download, reused by later epochs and runs, fetched again if damaged) instead of streaming row groups.", rich_help_panel="Data"),
     eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Evaluate every N steps (with --eval-cache).", rich_help_panel="Logging"),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 mixed precision.", rich_help_panel="Optimisation"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for initialisation and shuffling.", rich_help_panel="Optimisation"),
@@ -59,6 +60,9 @@ def train(
     kd_chunk_size: Optional[int] = typer.Option(None, "--kd-chunk-size", help="0: CE and KD in one fused, memory-bounded pass over the logits. N > 0: CE, then the standalone ULD/KL loss over chunks of N positions (slower; for comparison).", rich_help_panel="Loss"),
     fused_linear: Optional[str] = typer.Option(None, "--fused-linear", help="auto: compute CE + KD from the student's last hidden states and LM head block by block, never holding the [tokens, vocabulary] logits, where the head is a plain Linear (no soft-capping or logit scaling) and the loss allows it (CE, --loss kl, uld, hybrid; one --cache; no --fsdp/--deepspeed), checked against the logits on the first step (a mismatch falls back with a warning). on: the same, refusing what cannot. off: always from the logits.", rich_help_panel="Loss"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in --out (mid-epoch); one cut short by a kill is passed over.", rich_help_panel="Checkpointing"),
+    follow: bool = typer.Option(False, "--follow", help="Train while the teacher writes the cache: start on the shards listed so far and pick up new ones as its manifest grows, until it says complete. The first epoch holds every example of the complete cache once, in the order the shards arrive (row groups and a shuffle buffer shuffled within that); later epochs are as on a complete cache; --resume stays exact. On a cache still being written it needs --max-steps: how many examples the teacher will keep (some records are skipped) is unknown until it ends, and the learning-rate schedule needs its length at the start. On a complete cache it changes nothing.", rich_help_panel="Data"),
+    follow_poll: Optional[float] = typer.Option(None, "--follow-poll", help="With --follow: seconds between re-reads of the manifest once everything listed is used; each wait prints one line (records cached so far).", rich_help_panel="Data"),
+    follow_timeout: Optional[float] = typer.Option(None, "--follow-timeout", help="With --follow: stop after this many seconds without a new shard, naming the teacher's resume command (default: wait as long as it takes).", rich_help_panel="Data"),
     skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards", help="Train without the cache's damaged shards (missing, resized, altered) and row groups with bad values (NaN, inf, log-probs above 0, unsorted top-k), naming them and the examples lost, instead of refusing the cache.", rich_help_panel="Data"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the student's own Python code to run (off by default: it is code from the model's author). The cache's tokenizer never runs code.", rich_help_panel="Data"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show transformers' progress bar on a terminal. Off a terminal (a log file under Slurm or nohup), or with --no-progress, a plain line every --log-every seconds instead (steps done, loss, time left), beside the Trainer's logged metrics.", rich_help_panel="Logging"),
@@ -99,11 +103,11 @@ def train(
         "alm_divergence": alm_divergence, "alm_mode": alm_mode, "alm_merge_threshold": alm_merge_threshold,
         "weight_decay": weight_decay, "warmup_steps": warmup_steps, "lr_scheduler": lr_scheduler,
         "save_total_limit": save_total_limit, "shuffle_buffer": shuffle_buffer, "report_to": report_to,
-        "run_name": run_name, "log_every": log_every, "fsdp": fsdp, "fsdp_config": str(fsdp_config) if fsdp_config else None,
-        "deepspeed": str(deepspeed) if deepspeed else None,
+        "run_name": run_name, "log_every": log_every, "follow_poll": follow_poll, "follow_timeout": follow_timeout, "fsdp": fsdp, "fsdp_config": str(fsdp_config) if fsdp_config else None,
+        "deepspeed": str(deepspeed) if deepspeed else None, "local_cache": str(local_cache) if local_cache else None,
     }
     values.update({k: v for k, v in given.items() if v is not None})
-    switches = (("resume", resume), ("skip_bad_shards", skip_bad_shards), ("trust_remote_code", trust_remote_code),
+    switches = (("resume", resume), ("follow", follow), ("skip_bad_shards", skip_bad_shards), ("trust_remote_code", trust_remote_code),
                 ("approximate_temperature", approximate_temperature))
     for name, flag in switches:
         if flag:  # a switch left off keeps what --config says

@@ -361,15 +361,16 @@ def shard_file_problem(path: Path, size: int, sha256: str, *, hash_bytes: bool =
     return None
 
 
-def footer_problem(path: Path, rows: int, m: Manifest) -> tuple[list[int], str | None]:
+def footer_problem(path, rows: int, m: Manifest) -> tuple[list[int], str | None]:
     """The row counts of a shard's row groups from its footer, or what is wrong with it: an
     unreadable footer, another number of rows than the manifest's, columns other than the
     manifest's codec and k (for the compact codec, whose columns are the same for every k, the
-    k its footer records)."""
+    k its footer records). ``path``: the shard's file, or its footer already read
+    (``pyarrow.parquet.FileMetaData``, from a remote cache's checked bytes)."""
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.read_metadata(path)
+        meta = path if isinstance(path, pq.FileMetaData) else pq.read_metadata(path)
         schema = meta.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as e:
         return [], f"cannot read the shard's Parquet footer ({e})"

@@ -53,6 +53,10 @@ class ShardInfo:
     bytes: int
     sha256: str
     truncated: int = 0
+    # Each row group's and the footer's bytes as [offset, length, sha256] (storage/segments.py):
+    # a remote reader checks every range it fetches. None in caches written before them.
+    row_groups: list[list] | None = None
+    footer: list | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ShardInfo":
@@ -218,19 +222,31 @@ def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
             f"{cache_dir}: no {MANIFEST_NAME} here, so this is not a logitcache cache; "
             "point to the directory written by `logitcache teacher --out`."
         )
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
+    check_manifest_size(path, path.stat().st_size)
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def check_manifest_size(where: str | os.PathLike, size: int) -> None:
+    """Refuse a manifest.json too big to be one, before reading it (local or remote)."""
+    if size > MAX_MANIFEST_BYTES:
         raise LogitCacheError(
-            f"{path}: {path.stat().st_size:,} bytes, more than any manifest ({MAX_MANIFEST_BYTES:,}); the manifest is damaged."
+            f"{where}: {size:,} bytes, more than any manifest ({MAX_MANIFEST_BYTES:,}); the manifest is damaged."
         )
+
+
+def parse_manifest(raw: bytes, where: str) -> Manifest:
+    """A Manifest from manifest.json's bytes (read from disk or fetched), refused in one line naming
+    ``where`` unless it is JSON that passes the schema."""
+    path = where
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LogitCacheError(f"{path}: not valid JSON ({e}); the manifest is damaged.") from e
     except RecursionError as e:  # JSON nested thousands deep: never a manifest
         raise LogitCacheError(f"{path}: JSON nested too deeply to be a manifest; the manifest is damaged.") from e
     if not isinstance(data, dict):
         raise LogitCacheError(f"{path}: expected a JSON object; the manifest is damaged.")
-    return Manifest.from_dict(data, where=str(path))
+    return Manifest.from_dict(data, where=where)
 
 
 # --- the schema of manifest.json ------------------------------------------------------------
@@ -277,8 +293,9 @@ MANIFEST_FIELD_TYPES: dict[str, tuple] = {
 }
 _SHARD_FIELDS: dict[str, tuple] = {
     "path": (str,), "rows": (int,), "tokens": (int,), "bytes": (int,), "sha256": (str,), "truncated": (int,),
+    "row_groups": (list, None), "footer": (list, None),
 }
-_SHARD_OPTIONAL = ("truncated",)
+_SHARD_OPTIONAL = ("truncated", "row_groups", "footer")
 
 
 def _type_ok(value: Any, allowed: tuple) -> bool:
@@ -429,6 +446,12 @@ def _check_shards(shards: list[Any], where: str) -> None:
         seen.add(path)
         if not _SHA256.fullmatch(entry["sha256"]):
             raise _bad(where, f"{name}.sha256", f"must be a sha256 hex digest (got {_short(entry['sha256'])})")
+        if entry.get("row_groups") is not None:
+            from logitcache.storage.segments import segments_problem
+
+            problem = segments_problem(entry["row_groups"], entry.get("footer"))
+            if problem:
+                raise _bad(where, f"{name}.row_groups", problem)
 
 
 def _is_plain_relative(name: Any) -> bool:

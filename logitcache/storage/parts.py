@@ -18,6 +18,11 @@ def part_name(index: int, count: int) -> str:
     return f"part-{index:05d}-of-{count:05d}"
 
 
+def part_name_ok(name: str) -> bool:
+    """Whether ``name`` is a part directory's name (``part-00001-of-00004``)."""
+    return _PART_NAME.fullmatch(name) is not None
+
+
 def part_dirs(run_dir: Path) -> list[Path]:
     """The part directories directly inside ``run_dir``, sorted; [] where it is no directory."""
     if not run_dir.is_dir():

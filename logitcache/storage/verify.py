@@ -31,20 +31,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from logitcache.errors import LogitCacheError
-from logitcache.storage.manifest import Manifest, load_manifest
+from logitcache.storage.manifest import Manifest
 from logitcache.storage.decode import decode_rows, shard_id_table
 from logitcache.storage.integrity import (
-    footer_problem,
     id_bound,
     inside_or_noted,
-    shard_file_problem,
     tokenizer_problems,
     value_problems,
 )
 from logitcache.storage.lists import flat_list_column
 from logitcache.storage.rows import rows_to_table
 from logitcache.storage.samples import sample_problems
+from logitcache.storage.segments import SegmentMismatch
 from logitcache.storage.schema import EXTRA_COLUMNS, STATS_COLUMNS, TAU_COLUMN
 from logitcache.storage.writer import DATA_DIR, SHARD_NAME, TMP_PREFIX
 
@@ -98,27 +96,31 @@ def _progress(m: Manifest) -> tuple[int, int | None] | None:
 
 
 def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True,
-                 on_shard: Callable[[int, int], None] | None = None) -> VerifyReport:
-    """Check a cache end to end. Never raises for a damaged shard: it reports it.
+                 on_shard: Callable[[int, int], None] | None = None,
+                 local_cache: str | os.PathLike | None = None) -> VerifyReport:
+    """Check a cache end to end, on disk or at an fsspec URL. Never raises for a damaged shard: it reports it.
 
     ``on_shard(done, total)`` is called before each shard is checked (progress of a long run).
+    A URL's shards are read as training reads them: each row group and footer against its
+    sha256 (segments together cover every byte of the shard), or an older cache's shard whole
+    against the shard's sha256; ``local_cache``: through verified local copies.
     """
-    root = Path(cache_dir)
-    if not root.is_dir():
-        raise LogitCacheError(f"{root}: no such cache directory; check the path.")
-    m = load_manifest(root)
+    from logitcache.storage.reader import CacheReader
+
+    c = CacheReader(cache_dir, local_cache=local_cache)
+    root, m = c.path, c.manifest
     report = VerifyReport(path=root, partial=_progress(m))
-    report.problems.extend(tokenizer_problems(root, m))
-    vocab = id_bound(root, m, trust_files=not report.problems)
+    tok_root = c.tokenizer_root(fresh=True)  # a URL's tokenizer files as they are now
+    report.problems.extend(tokenizer_problems(tok_root, m))
+    vocab = id_bound(tok_root, m, trust_files=not report.problems)
 
     listed = {s.path for s in m.shards}
     # A cache being written: its writer renames the next shard into place just before it lists
     # it in the manifest, so a verify between the two sees it unlisted. It is not a problem of
     # this manifest (the snapshot verify reads); a writer killed there removes it on resume.
     being_written = f"{DATA_DIR}/{SHARD_NAME.format(index=len(m.shards))}" if m.status != "complete" else None
-    for p in sorted((root / DATA_DIR).glob("*")):
-        rel = p.relative_to(root).as_posix()
-        if rel not in listed and not p.name.startswith(TMP_PREFIX) and rel != being_written:
+    for rel in c.data_files():
+        if rel not in listed and not rel.split("/")[-1].startswith(TMP_PREFIX) and rel != being_written:
             report.problems.append(f"{rel}: not listed in the manifest (unknown shard)")
 
     seen_ids: set[str] = set()
@@ -126,19 +128,21 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True,
         if on_shard is not None:
             on_shard(done, len(m.shards))
         where = info.path
-        path = inside_or_noted(root, where, report.problems)
-        if path is None:
+        if c.remote is None and inside_or_noted(root, where, report.problems) is None:
             continue
         # The file and its footer: the same checks (and words) as the training reader's.
-        problem = shard_file_problem(path, info.bytes, info.sha256, remember=False)
+        problem = c.shard_problem(done, remember=False)
         if problem is None:
-            problem = footer_problem(path, info.rows, m)[1]
+            problem = c.footer_problem(done)[1]
         if problem is not None:
             report.problems.append(f"{where}: {problem}")
             continue
         size = info.bytes
         try:
-            counts = _check_shard(path, m, vocab, seen_ids, check_values, report.problems, where)
+            counts = _check_shard(c.open_shard(done), m, vocab, seen_ids, check_values, report.problems, where)
+        except SegmentMismatch as e:  # a remote object replaced after the manifest was written
+            report.problems.append(f"{where}{' ' + e.segment if e.segment else ''}: {e.reason}")
+            continue
         except (pa.ArrowException, OSError) as e:
             report.problems.append(f"{where}: unreadable Parquet ({e})")
             continue
@@ -160,9 +164,8 @@ def verify_cache(cache_dir: str | os.PathLike, *, check_values: bool = True,
 
 
 def _check_shard(
-    path: Path, m: Manifest, vocab: int, seen_ids: set[str], check_values: bool, problems: list[str], where: str,
+    f: pq.ParquetFile, m: Manifest, vocab: int, seen_ids: set[str], check_values: bool, problems: list[str], where: str,
 ) -> tuple[int, int] | None:
-    f = pq.ParquetFile(path)
     k, compact = m.k, m.codec == "compact"
     has_logsumexp = m.has_logsumexp
     # The columns and k were checked by footer_problem.

@@ -26,7 +26,7 @@ import contextlib
 import errno
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -39,6 +39,7 @@ from logitcache.storage.marker import clear_marked, write_marker
 from logitcache.storage.manifest import CODECS, MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 from logitcache.storage.rows import V1_PARQUET_OPTIONS, Row, row_nbytes, rows_to_table
 from logitcache.storage.samples import SAMPLE_COLUMNS, SAMPLE_COUNTS
+from logitcache.storage.segments import shard_segments
 from logitcache.storage.schema import POSITION_COLUMNS, STATS_COLUMNS, TAU_COLUMN, TOKEN_COLUMNS, WORD_START_COLUMN
 
 DATA_DIR = "data"
@@ -64,7 +65,9 @@ class CacheWriter:
     """Writes (or resumes) a cache at ``cache_dir``. Use as a context manager.
 
     ``lock``: a ``CacheLock`` on ``cache_dir`` that the caller already holds; without one the
-    writer takes its own and releases it when closed.
+    writer takes its own and releases it when closed. ``on_commit``: called after each save of
+    the manifest (a shard listed, the end), when everything it lists is durable: the upload of
+    a remote cache (storage/sync.py) hangs here.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class CacheWriter:
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
         lock: CacheLock | None = None,
+        on_commit: Callable[[], None] | None = None,
     ) -> None:
         if shard_bytes <= 0 or row_group_bytes <= 0:
             raise LogitCacheError("shard and row-group sizes must be positive.")
@@ -84,6 +88,7 @@ class CacheWriter:
         self.cache_dir = Path(cache_dir)
         self.shard_bytes = shard_bytes
         self.row_group_bytes = min(row_group_bytes, shard_bytes)
+        self.on_commit = on_commit
         self._own_lock = None if lock is not None else CacheLock(self.cache_dir).acquire()
         self._broken = False  # a write failed: the open shard may be torn and must not be finished
         try:
@@ -245,6 +250,7 @@ class CacheWriter:
         self._pq = self._tmp_path = self._id_table = None
         try:
             with self._disk_errors(f"writing shard {rel}"):
+                groups, footer = shard_segments(final)  # what a remote reader checks range by range
                 info = ShardInfo(
                     path=rel,
                     rows=self._shard_rows,
@@ -252,6 +258,8 @@ class CacheWriter:
                     bytes=final.stat().st_size,
                     sha256=sha256_file(final),
                     truncated=self._shard_truncated,
+                    row_groups=[list(g) for g in groups],
+                    footer=list(footer),
                 )
             self.manifest.shards.append(info)
             self._save_manifest()
@@ -275,6 +283,8 @@ class CacheWriter:
     def _save_manifest(self) -> None:
         with self._disk_errors(f"updating {MANIFEST_NAME}"):
             self.manifest.save(self.cache_dir)
+        if self.on_commit is not None:
+            self.on_commit()
 
     @contextlib.contextmanager
     def _disk_errors(self, what: str) -> Iterator[None]:

@@ -16,6 +16,7 @@ from logitcache.errors import LogitCacheError
 
 if TYPE_CHECKING:
     from logitcache.pipeline.student import losses
+    from logitcache.pipeline.student.follow import Follow
 
 LOSSES = ("uld", "mlot", "kl", "sft", "hybrid", "alm")
 # The papers' alignment for the cross-tokenizer losses; exact spans for a shared vocabulary.
@@ -56,6 +57,8 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int | None = 2
     eval_cache: str | None = None
+    # URL caches: verified local copies of whole shards here (storage/remote_cache.py); None: streamed.
+    local_cache: str | None = None
     eval_steps: int | None = None
     bf16: bool = False
     seed: int = 0
@@ -65,6 +68,12 @@ class TrainConfig:
     # Train without shards that are missing, resized or altered (they are named on stderr)
     # instead of refusing the cache.
     skip_bad_shards: bool = False
+    # Train while the teacher writes: start on the shards listed so far, pick up new ones as the
+    # manifest grows (re-read every follow_poll seconds once all listed is used), until it says
+    # complete; follow_timeout: stop after that many seconds without a new shard (None: never).
+    follow: bool = False
+    follow_poll: float = 30.0
+    follow_timeout: float | None = None
     kl_kind: str = "forward"  # forward | reverse | jsd
     # The teacher targets of the KD term: "topk" (top-k + tail) or "sample" (the cache's --sample
     # draws, losses/sampled_kl.py: forward KL only, standalone after CE, not fused).
@@ -178,6 +187,7 @@ class TrainConfig:
         if self.on_missing not in ("refuse", "skip"):
             raise LogitCacheError(f"--on-missing {self.on_missing!r}: use refuse or skip.")
         self.resolved_teacher_weights()
+        self._validate_follow()
         if not (isinstance(self.log_every, (int, float)) and math.isfinite(self.log_every) and self.log_every >= 0):
             raise LogitCacheError(f"--log-every must be 0 or more seconds (got {self.log_every}); 0 logs at every step.")
         if self.kd_chunk_size < 0:
@@ -210,6 +220,20 @@ class TrainConfig:
                 "only); drop --kd-temperature or use --mlot-variant paper."
             )
         self._validate_hybrid_alm()
+
+    def _validate_follow(self) -> None:
+        """--follow's options, before any work."""
+        self.follow_settings()
+        if self.follow and len(self.caches()) > 1:
+            raise LogitCacheError("--follow reads one cache as its teacher writes it, and several --cache are matched by "
+                                  "id over complete caches: follow one teacher's cache, or train on all of them once "
+                                  "their teachers have finished.")
+
+    def follow_settings(self) -> "Follow":
+        """--follow-poll and --follow-timeout as the dataset takes them (refused in one line if bad)."""
+        from logitcache.pipeline.student.follow import Follow
+
+        return Follow(poll=self.follow_poll, timeout=self.follow_timeout)
 
     def _validate_sharding(self) -> None:
         """--fsdp / --fsdp-config / --deepspeed, before any work (else: a traceback once the model is loaded)."""

@@ -16,6 +16,9 @@ Memory holds the row group being read plus the shuffle buffer, whatever the cach
 Before the first example, the dataset checks every shard it lists (size, sha256, footer,
 row count, schema): a damaged cache is refused at construction, not in the middle of an
 epoch, unless ``skip_bad_shards`` drops the bad shards from the plan (and says so).
+
+With ``follow=Follow(...)`` it reads a cache that its teacher is still writing, taking new
+shards as the manifest lists them (``train --follow``; see the class docstring).
 """
 
 from __future__ import annotations
@@ -29,8 +32,7 @@ import random
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -40,11 +42,14 @@ import torch.utils.data
 
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.student.features import FeatureStats, StudentFeaturizer, featurizer_for_cache
+from logitcache.pipeline.student.follow import Follow, records_cached, teacher_resume_hint
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.decode import decode_rows, shard_id_table
 from logitcache.storage.rows import Row
 from logitcache.storage.spans import SPAN_COLUMNS, decode_spans
-from logitcache.storage.integrity import footer_problem, id_bound_for, shard_file_problem, tokenizer_check, value_problems
+from logitcache.storage.integrity import id_bound_for, value_problems
+from logitcache.storage.manifest import Manifest
+from logitcache.storage.segments import SegmentMismatch
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())  # the caller decides where warnings go (run_train: stderr)
@@ -72,7 +77,9 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
     """A torch ``IterableDataset`` over a logit cache (DESIGN.md §4).
 
     Args:
-        cache_dir: a cache written by ``logitcache teacher``.
+        cache_dir: a cache written by ``logitcache teacher``: a directory or an fsspec URL
+            (``s3://bucket/cache``, ...; row groups streamed by ranged GETs, each checked
+            against its sha256 as it is read: storage/remote_cache.py).
         student_tokenizer: a fast tokenizer. Given, every row goes through a
             :class:`StudentFeaturizer` (made once per process, i.e. per dataloader worker)
             and comes out as ``id, input_ids, labels, teacher_logprobs, teacher_ids,
@@ -100,8 +107,12 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             by id through an index of their id columns, built once); featurized, each example
             carries ``_more``, each companion's teacher columns by its own featurizer. A record
             with another text or other target spans is refused (naming the id and cache).
+        local_cache: for a URL, a directory of verified whole-shard copies to read instead of
+            streaming (downloaded once, reused by later runs, fetched again if damaged).
         on_missing: with companions, a record not in every cache is refused ("refuse") or
             left out of the plan ("skip": ``missing`` lists them; ``len`` counts the rest).
+        follow: a :class:`Follow` to train while the teacher writes (see "Following" below);
+            None reads the shards listed now, warning when the cache is partial.
 
     Every example also carries ``_worker`` (dataloader worker id, 0 without workers) and
     ``_index`` (its position in that worker's stream this epoch, from 0).
@@ -147,6 +158,20 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
     (Trainer/accelerate do): a new epoch clears the consumed counts; without it, a second
     pass repeats the same epoch and skips what was marked consumed. Workers see the
     dataset as it was when the DataLoader iterator started (``persistent_workers=False``).
+
+    **Following a cache being written.** With ``follow`` and a partial cache, epoch 0 starts on
+    the shards listed so far and re-reads manifest.json (:meth:`_reload_manifest`) whenever it
+    has used up what is listed, waiting ``follow.poll`` seconds between reads, until the
+    manifest says complete. Its order is the shards' order of arrival, each shard's row groups
+    permuted (seed, epoch, shard) and the rows passed through the shuffle buffer: a function of
+    the shard list alone, which the writer only appends to, so every rank and worker computes
+    the same order whenever it reads the manifest, and a resume replays it. The rank split
+    deals blocks of ``batch_size`` rows (1 without it) round-robin to the ranks while whole
+    rounds of ``world_size`` blocks exist; once the cache is complete the last round is cut into
+    ``world_size`` equal parts, wrapping around as above. So epoch 0 holds every example of the
+    complete cache once (repeats as above), ``ceil(N / world_size)`` per rank. Its length is
+    unknown until then (``len`` raises TypeError); epochs after it are planned over the complete
+    cache as without ``follow``. On a cache already complete, ``follow`` changes nothing.
     """
 
     def __init__(
@@ -169,11 +194,21 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         kd_targets: str = "topk",
         companions: Sequence[str | os.PathLike] = (),
         on_missing: str = "refuse",
+        local_cache: str | os.PathLike | None = None,
+        follow: Follow | None = None,
     ) -> None:
         super().__init__()
-        self.cache = CacheReader(cache_dir)
+        self.cache = CacheReader(cache_dir, local_cache=local_cache)
         self.manifest = self.cache.manifest
-        if self.manifest.status != "complete":
+        self.follow = follow
+        # Whether epoch 0 follows the writer: the cache was partial when we started (or a resume
+        # state says so). _final: the plan will not grow (the cache is complete, or not followed).
+        self.followed = follow is not None and self.manifest.status != "complete"
+        self._final = not self.followed
+        if follow is not None and companions:
+            raise LogitCacheError("--follow reads one cache as it grows; several --cache are read by id from complete "
+                                  "caches: train on them once their teachers have finished, or follow one of them.")
+        if self.manifest.status != "complete" and follow is None:
             warnings.warn(
                 f"{self.cache.path}: the cache is not complete (status {self.manifest.status!r}); "
                 f"reading the {self.manifest.num_examples} examples written so far.",
@@ -212,17 +247,17 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         self._compact = self.manifest.codec == "compact"  # the manifest decides, not a shard's metadata
         # ids beyond the teacher's vocabulary would index past a student's logits (same vocabulary)
         # or make MultiLevelOT allocate batch x max id: bounded by the hashed tokenizer files.
-        root = Path(self.cache.path)
-        self._max_id = id_bound_for(self.manifest, tokenizer_check(root, self.manifest).size)
+        self._max_id = id_bound_for(self.manifest, self.cache.tokenizer_check().size)
         self._group: tuple[int, int, pa.Table] | None = None  # the last row group read (shard, group, table)
         self.skipped_shards: list[BadShard] = []
         self.bad_row_groups: set[tuple[int, int]] = set()  # (shard, row group) skipped for bad values
+        self._planned_shards = len(self.manifest.shards)  # the manifest's shards that _units covers
         self._units: list[Unit] = self._plan_units()
         # Several teachers: this cache drives the order; the companions' rows of the same ids ride
         # along (row["_teachers"]), each featurized by its own cache's featurizer.
         self.companions: list[LogitCacheDataset] = [
             LogitCacheDataset(p, None, shuffle=False, rank=0, world_size=1, verify_shards=verify_shards,
-                              skip_bad_shards=skip_bad_shards) for p in companions
+                              skip_bad_shards=skip_bad_shards, local_cache=local_cache) for p in companions
         ]
         self._keep: dict[int, np.ndarray] = {}  # unit -> the rows of its row group read (ids in every cache)
         self._where: list[dict[str, tuple[int, int]]] = []  # per companion: id -> (its unit, row)
@@ -239,18 +274,22 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             self._get_featurizer()  # bad tokenizer or alignment: fail here, not in a worker
 
     # --- planning -------------------------------------------------------------------
-    def _plan_units(self) -> list[Unit]:
-        """Every row group of every sound shard, in cache order, from the footers alone."""
-        paths = [self.cache.shard_path(i) for i in range(len(self.manifest.shards))]  # refuses path escapes
+    def _plan_units(self, first: int = 0) -> list[Unit]:
+        """Every row group of every sound shard from shard ``first`` on, in cache order, from the
+        footers alone."""
+        indices = range(first, len(self.manifest.shards))
+        for i in indices:
+            self.cache.shard_path(i)  # refuses path escapes
         with ThreadPoolExecutor(_HASH_THREADS) as pool:
-            byte_problems = list(pool.map(self._bytes_problem, range(len(paths))))
+            byte_problems = list(pool.map(self._bytes_problem, indices))
         units: list[Unit] = []
         bad: list[BadShard] = []
-        for i, (shard, path) in enumerate(zip(self.manifest.shards, paths)):
-            problem = byte_problems[i]
+        for j, i in enumerate(indices):
+            shard = self.manifest.shards[i]
+            problem = byte_problems[j]
             rows: list[int] = []
             if problem is None:
-                rows, problem = self._footer(path, shard.rows)
+                rows, problem = self.cache.footer_problem(i)
             if problem is not None:
                 bad.append(BadShard(shard.path, shard.rows, problem))
                 continue
@@ -275,7 +314,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             )
         for b in bad:
             logger.warning("%s: skipped (%s)", self.cache.path / b.path, b.reason)
-        self.skipped_shards = bad
+        self.skipped_shards = [*self.skipped_shards, *bad]  # following a writer, more may come later
         logger.warning("%s", self.skipped_summary())
 
     def _match_companions(self, on_missing: str) -> None:
@@ -347,13 +386,8 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
 
     def _bytes_problem(self, i: int) -> str | None:
         """What is wrong with shard ``i``'s file (storage.integrity: missing, size, sha256 if verifying)."""
-        shard = self.manifest.shards[i]
-        problem = shard_file_problem(self.cache.shard_path(i), shard.bytes, shard.sha256, hash_bytes=self.verify_shards)
+        problem = self.cache.shard_problem(i, hash_bytes=self.verify_shards)
         return None if problem is None else f"shard {problem}"
-
-    def _footer(self, path: Path, manifest_rows: int) -> tuple[list[int], str | None]:
-        """Row counts of the shard's row groups from its footer, or what is wrong with it."""
-        return footer_problem(path, manifest_rows, self.manifest)
 
     @property
     def num_examples(self) -> int:
@@ -369,6 +403,10 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
 
     def __len__(self) -> int:
         """Examples per rank per epoch: ``ceil(N / world_size)``."""
+        if not self._final:
+            # TypeError is what len() of an unsized object raises: the Trainer then counts --max-steps.
+            raise TypeError(f"{self.cache.path} is still being written (followed): the epoch's length is unknown until "
+                            "the teacher finishes")
         return math.ceil(self.num_examples / self.rank_and_world()[1])
 
     def set_epoch(self, epoch: int) -> None:
@@ -377,6 +415,87 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             self._consumed.clear()
             self._state_workers = None
         self.epoch = epoch
+        if not self._following(epoch):
+            self._plan_complete_cache()
+
+    # --- following a cache being written ------------------------------------------------
+    def _following(self, epoch: int) -> bool:
+        return self.followed and epoch == 0
+
+    def _reload_manifest(self) -> Manifest:
+        """manifest.json as it is now. The writer renames a whole new manifest into place, so a
+        read sees the old one or the new one, never half of one."""
+        return self.cache.reload_manifest()
+
+    def _take_manifest(self, manifest: Manifest) -> None:
+        """Plan the shards ``manifest`` lists beyond those planned, refusing a manifest that is not
+        the same cache grown (other settings, or the shards already planned changed)."""
+        changed = self.manifest.settings_differences(manifest)
+        old = [(s.path, s.sha256) for s in self.manifest.shards[: self._planned_shards]]
+        if changed or [(s.path, s.sha256) for s in manifest.shards[: len(old)]] != old:
+            what = f"its settings changed ({', '.join(changed)})" if changed else "shards already read were replaced"
+            raise LogitCacheError(f"{self.cache.path}: the cache was rewritten while training followed it ({what}); "
+                                  "train on it afresh once its teacher has finished.")
+        first = self._planned_shards
+        self.manifest = self.cache.manifest = manifest
+        self._planned_shards = len(manifest.shards)
+        self._units.extend(self._plan_units(first))
+        self._num_examples = sum(n for _, _, n in self._units)
+        self._final = manifest.status == "complete"
+
+    def _plan_complete_cache(self) -> None:
+        """Epochs after a followed one are planned over the complete cache (waiting for it if need be)."""
+        while not self._final:
+            self._take_manifest(self._wait_for_the_teacher(self.follow.announce))
+
+    def _wait_for_the_teacher(self, announce: bool) -> Manifest:
+        """The manifest once it lists more shards than planned or says complete, re-read every
+        ``follow.poll`` seconds; one line per wait, and a stop after ``follow.timeout``."""
+
+        def look() -> tuple[Manifest, bool]:
+            manifest = self._reload_manifest()
+            return manifest, len(manifest.shards) > self._planned_shards or manifest.status == "complete"
+
+        def stopped(manifest: Manifest, waited: float) -> str:
+            return (f"{self.cache.path}: no new shard after waiting {waited:.0f} s (--follow-timeout), "
+                    f"{records_cached(manifest)}, last written {manifest.updated_at}; "
+                    f"{teacher_resume_hint(self.cache.path, manifest)}.")
+
+        return self.follow.wait(look, lambda m: f"waiting for the teacher: {records_cached(m)}", stopped, announce)
+
+    def _followed_pieces(self, rank: int, world: int, announce: bool) -> Iterator[Piece]:
+        """Rank ``rank``'s pieces of a followed epoch (class docstring), yielded as shards arrive."""
+        block = self.batch_size or 1
+        round_ = block * world
+        order: list[int] = []  # units in epoch order, as far as planned
+        starts = [0]  # starts[j]: the epoch position of order[j]'s first row
+        ordered = 0  # units of self._units already in ``order``
+        r = 0  # the next round of blocks
+        while True:
+            while ordered < len(self._units):  # a shard's units were planned together: take them in turn
+                shard, end = self._units[ordered][0], ordered
+                while end < len(self._units) and self._units[end][0] == shard:
+                    end += 1
+                units = list(range(ordered, end))
+                if self.shuffle:
+                    units = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, shard])).permutation(units).tolist()
+                for u in units:
+                    order.append(u)
+                    starts.append(starts[-1] + self._units[u][2])
+                ordered = end
+            if starts[-1] >= (r + 1) * round_:
+                a = r * round_ + rank * block
+                yield from _pieces_between(order, starts, a, a + block, starts[-1])
+                r += 1
+            elif self._final:  # the last round: world_size equal parts, wrapping around
+                n = starts[-1]
+                if n:
+                    per = math.ceil(n / world) - r * block
+                    a = r * round_ + rank * per
+                    yield from _pieces_between(order, starts, a, a + per, n)
+                return
+            else:
+                self._take_manifest(self._wait_for_the_teacher(announce))
 
     def _unit_order(self) -> list[int]:
         if not self.shuffle:
@@ -394,28 +513,19 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         for u in order:
             starts.append(starts[-1] + self._units[u][2])
         per = math.ceil(n / world)
-        pieces: list[Piece] = []
-        pos, end = rank * per, (rank + 1) * per  # padded positions; position p is example p % n
-        while pos < end:
-            a = pos % n
-            b = min(n, a + end - pos)
-            j = bisect.bisect_right(starts, a) - 1
-            while a < b:
-                lo, hi = starts[j], starts[j + 1]
-                pieces.append((order[j], a - lo, min(b, hi) - lo))
-                a = min(b, hi)
-                j += 1
-            pos += b - (pos % n)
-        return pieces
+        return _pieces_between(order, starts, rank * per, (rank + 1) * per, n)
 
-    def _worker_pieces(self, pieces: list[Piece], worker: int, workers: int) -> list[Piece]:
+    def _worker_pieces(self, pieces: Iterable[Piece], worker: int, workers: int) -> Iterator[Piece]:
         """Worker ``worker``'s share of a rank's pieces: every ``workers``-th batch of ``batch_size``
-        rows (see the class docstring), or without a batch size every ``workers``-th piece."""
+        rows (see the class docstring), or without a batch size every ``workers``-th piece.
+        Lazy: a followed epoch's pieces arrive as the teacher writes."""
         if workers == 1:
-            return pieces
+            yield from pieces
+            return
         if self.batch_size is None:
-            return pieces[worker::workers]
-        out: list[Piece] = []
+            yield from itertools.islice(pieces, worker, None, workers)
+            return
+        out: list[Piece] = []  # the pieces not yielded yet (the last may still grow)
         pos = 0  # stream position of the piece's first row
         for unit, a, b in pieces:
             row = a
@@ -429,7 +539,9 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
                         out.append((unit, row, end))
                 row = end
             pos += b - a
-        return out
+            yield from out[:-1]
+            del out[:-1]
+        yield from out
 
     # --- reading --------------------------------------------------------------------
     def _verify(self, i: int) -> None:
@@ -446,11 +558,41 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         None for rows whose values are bad when ``skip_bad_shards`` passes over them.
         """
         shard, group, _ = self._units[piece[0]]
+        try:
+            table = self._row_group(shard, group)
+        except SegmentMismatch as e:  # a remote object replaced after the manifest: its bytes fail their sha256
+            return self._bad_row_group(shard, group, [e.reason], e.where)
+        keep = self._keep.get(piece[0])
+        if keep is None:
+            table = table.slice(piece[1], piece[2] - piece[1])
+        else:  # only the records every cache holds (on_missing="skip")
+            table = table.take(pa.array(keep[piece[1]:piece[2]]))
+        problems = value_problems(table, compact=self._compact, max_id=self._max_id)
+        if not problems:
+            return table
+        return self._bad_row_group(shard, group, problems)
+
+    def _bad_row_group(self, shard: int, group: int, problems: list[str], where: str | None = None) -> None:
+        """Refuse a row group (bad values, or bytes that fail their sha256), or with
+        ``skip_bad_shards`` pass over it, warned once."""
+        where = where or f"{self.cache.shard_path(shard)} row group {group}"
+        if not self.skip_bad_shards:
+            raise LogitCacheError(
+                f"{where}: {problems[0]}; refusing to train on it. Run `logitcache verify {self.cache.path}` to see "
+                "every problem, or pass --skip-bad-shards to train without the bad rows."
+            )
+        if (shard, group) not in self.bad_row_groups:
+            self.bad_row_groups.add((shard, group))
+            logger.warning("%s: skipped (%s)", where, "; ".join(problems))
+        return None
+
+    def _row_group(self, shard: int, group: int) -> pa.Table:
+        """Row group ``group`` of shard ``shard``, whole (the last one read is kept)."""
         if self._open is None or self._open[0] != shard:
             self._close()
             if self.verify_shards:
                 self._verify(shard)
-            self._open = (shard, pq.ParquetFile(self.cache.shard_path(shard)))
+            self._open = (shard, self.cache.open_shard(shard))
             try:
                 ids = shard_id_table(self._open[1]) if self._compact else None
                 if ids is not None and len(ids) and self._max_id and int(ids.max()) >= self._max_id:
@@ -471,24 +613,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
                 f"{self.cache.shard_path(shard)}: cannot read row group {group} ({e}); "
                 f"run `logitcache verify {self.cache.path}`."
             ) from e
-        keep = self._keep.get(piece[0])
-        if keep is None:
-            table = table.slice(piece[1], piece[2] - piece[1])
-        else:  # only the records every cache holds (on_missing="skip")
-            table = table.take(pa.array(keep[piece[1]:piece[2]]))
-        problems = value_problems(table, compact=self._compact, max_id=self._max_id)
-        if not problems:
-            return table
-        where = f"{self.cache.shard_path(shard)} row group {group}"
-        if not self.skip_bad_shards:
-            raise LogitCacheError(
-                f"{where}: {problems[0]}; refusing to train on it. Run `logitcache verify {self.cache.path}` to see "
-                "every problem, or pass --skip-bad-shards to train without the bad rows."
-            )
-        if (shard, group) not in self.bad_row_groups:
-            self.bad_row_groups.add((shard, group))
-            logger.warning("%s: skipped (%s)", where, "; ".join(problems))
-        return None
+        return table
 
     def _decode(self, table: pa.Table, unit: int) -> list[Row]:
         """The rows of a checked slice, in the manifest's codec; a slice that does not decode (ids
@@ -568,44 +693,47 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
                 out[key] = None if row is None else _copy_row(row)
         return out
 
-    def _ordered(self, pieces: Sequence[Piece], skip: int) -> Iterator[tuple[int, Row]]:
+    def _ordered(self, pieces: Iterable[Piece], skip: int) -> Iterator[tuple[int, Row]]:
         return enumerate(self._rows(pieces, skip), start=skip)
 
-    def _shuffled(self, pieces: Sequence[Piece], rng: random.Random, skip: int) -> Iterator[tuple[int, Row]]:
+    def _shuffled(self, pieces: Iterable[Piece], rng: random.Random, skip: int) -> Iterator[tuple[int, Row]]:
         """The shuffle buffer, run on stream positions; rows are read only after ``skip`` outputs.
 
         For each incoming position: while the buffer is not full, add it; else swap it with
         a random slot and emit what was there. At the end, shuffle the buffer and emit it
         all. The positions (and the RNG) follow the same path whether or not rows are
         attached, which makes a resumed stream identical to an uninterrupted one.
+        ``pieces`` is consumed lazily (a followed epoch's arrive as the teacher writes).
         """
         size = self.shuffle_buffer
+        seen: list[Piece] = []  # the pieces so far: _rows walks this list while it grows
         starts = [0]
-        for _, a, b in pieces:
-            starts.append(starts[-1] + b - a)
-        total = starts[-1]
         buf: list[int] = []
         held: dict[int, Row] = {}
         rows: Iterator[Row] | None = None
         out = 0
-        for pos in range(total):
-            if rows is None and out >= skip:  # done skipping: attach rows from here on
-                held.update(self._fetch(pieces, starts, buf))
-                rows = self._rows(pieces, pos)
-            if rows is not None:
-                held[pos] = next(rows)
-            if len(buf) < size:
-                buf.append(pos)
-                continue
-            j = rng.randrange(size)
-            key, buf[j] = buf[j], pos
-            if out >= skip:
-                yield out, held.pop(key)
-            out += 1
+        for piece in pieces:
+            seen.append(piece)
+            starts.append(starts[-1] + piece[2] - piece[1])
+            for pos in range(starts[-2], starts[-1]):
+                if rows is None and out >= skip:  # done skipping: attach rows from here on
+                    held.update(self._fetch(seen, starts, buf))
+                    rows = self._rows(seen, pos)
+                if rows is not None:
+                    # never past the pieces in ``seen``: its list iterator picks up the ones appended later
+                    held[pos] = next(rows)
+                if len(buf) < size:
+                    buf.append(pos)
+                    continue
+                j = rng.randrange(size)
+                key, buf[j] = buf[j], pos
+                if out >= skip:
+                    yield out, held.pop(key)
+                out += 1
         rng.shuffle(buf)
         rest = buf[max(0, skip - out) :]
         out = max(out, skip)
-        held.update(self._fetch(pieces, starts, [k for k in rest if k not in held]))
+        held.update(self._fetch(seen, starts, [k for k in rest if k not in held]))
         for key in rest:
             yield out, held.pop(key)
             out += 1
@@ -665,7 +793,12 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         self._check_workers()
         worker, workers = self._worker()
         rank, world = self.rank_and_world()
-        pieces = self._worker_pieces(self._rank_pieces(rank, world), worker, workers)
+        if self._following(self.epoch):
+            announce = self.follow is not None and self.follow.announce and rank == 0 and worker == 0
+            pieces = self._worker_pieces(self._followed_pieces(rank, world, announce), worker, workers)
+        else:
+            self._plan_complete_cache()  # (set_epoch did it, unless the epoch came from a resume state)
+            pieces = self._worker_pieces(self._rank_pieces(rank, world), worker, workers)
         skip = self._consumed.get(worker, 0)
         if self.shuffle:
             seq = np.random.SeedSequence([self.seed, self.epoch, rank, worker])
@@ -722,6 +855,7 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
             "num_examples": self.num_examples,
             "batch_size": self.batch_size,
             "num_caches": 1 + len(self.companions),
+            "followed": self.followed,
             "consumed": dict(self._consumed),
         }
 
@@ -731,8 +865,19 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
                 f"resume state version {state.get('version')!r} is not supported (this logitcache reads {STATE_VERSION})."
             )
         mine = self.state_dict()
-        checks = ["seed", "world_size", "shuffle", "num_examples", "num_caches"] + (["shuffle_buffer"] if self.shuffle else [])
-        checks += ["batch_size"] if (self.num_workers or 0) > 1 else []  # the workers' split follows it
+        followed = bool(state.get("followed", False))
+        if followed != self.followed and (self.follow is None or not followed):
+            raise LogitCacheError(
+                "the resume state was saved by a run " + ("with" if followed else "without") + " --follow, whose first "
+                "epoch has another example order; resume " + ("with --follow." if followed else "without --follow, or "
+                                                              "start afresh in a new --out.")
+            )
+        # A followed epoch 0 counted the examples listed when each process last read the manifest.
+        counted = not (followed and int(state.get("epoch", 0)) == 0)
+        checks = ["seed", "world_size", "shuffle", "num_caches"] + (["num_examples"] if counted else [])
+        checks += ["shuffle_buffer"] if self.shuffle else []
+        # the workers' split follows it, and a followed epoch's rank split
+        checks += ["batch_size"] if (self.num_workers or 0) > 1 or followed else []
         for key in checks:
             if key in state and state[key] != mine[key]:
                 raise LogitCacheError(
@@ -748,6 +893,9 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         self.epoch = int(state["epoch"])
         self._consumed = {int(w): int(n) for w, n in state.get("consumed", {}).items()}
         self._state_workers = None if saved_workers is None else (int(saved_workers), exact)
+        self.followed = followed
+        if not self._following(self.epoch):
+            self._plan_complete_cache()
 
     def featurizer_stats(self) -> dict[str, Any] | None:
         """This process's featurizer counts (per dataloader worker in a worker); None for raw rows."""
@@ -763,6 +911,23 @@ class LogitCacheDataset(torch.utils.data.IterableDataset):
         state["_featurizer"] = state["_featurizer_pid"] = None  # each process makes its own
         state["_companion_featurizers"] = None
         return state
+
+
+def _pieces_between(order: Sequence[int], starts: Sequence[int], pos: int, end: int, n: int) -> list[Piece]:
+    """The pieces of epoch positions [pos, end) over units ``order`` (``starts``: each one's first
+    position); a position p >= n is example p % n, the wrap-around that pads the last ranks."""
+    pieces: list[Piece] = []
+    while pos < end:
+        a = pos % n
+        b = min(n, a + end - pos)
+        j = bisect.bisect_right(starts, a) - 1
+        while a < b:
+            lo, hi = starts[j], starts[j + 1]
+            pieces.append((order[j], a - lo, min(b, hi) - lo))
+            a = min(b, hi)
+            j += 1
+        pos += b - (pos % n)
+    return pieces
 
 
 def _flat_ints(x: Any) -> np.ndarray:
@@ -790,7 +955,7 @@ def _record_keys(ds: LogitCacheDataset) -> dict[str, tuple[int, int, bytes]]:
             if opened is None or opened[0] != shard:
                 if opened is not None:
                     opened[1].close()
-                opened = (shard, pq.ParquetFile(ds.cache.shard_path(shard)))
+                opened = (shard, ds.cache.open_shard(shard))
             names = set(opened[1].schema_arrow.names)
             columns = [c for c in ("id", "text", "prompt_chars", *SPAN_COLUMNS) if c in names]
             row = 0
@@ -813,12 +978,14 @@ def _record_keys(ds: LogitCacheDataset) -> dict[str, tuple[int, int, bytes]]:
 # --- a student that aligns nothing with the cache is refused before training ---------------------
 
 
-def aligned_fraction(cache_dir, tokenizer, alignment: str = "offset", rows: int = 48, *, skip_bad_shards: bool = False) -> float:
+def aligned_fraction(cache_dir, tokenizer, alignment: str = "offset", rows: int = 48, *, skip_bad_shards: bool = False,
+                     local_cache: str | os.PathLike | None = None) -> float:
     """The fraction of the student's text targets (ends left out: they always pair) that align
     with a teacher position, over the first ``rows`` examples of the cache; 1.0 for a cache
     without response text. Rows are read as training reads them (shards checked, bad ones
     refused or, with ``skip_bad_shards``, passed over)."""
-    raw = LogitCacheDataset(cache_dir, None, shuffle=False, rank=0, world_size=1, skip_bad_shards=skip_bad_shards)
+    raw = LogitCacheDataset(cache_dir, None, shuffle=False, rank=0, world_size=1, skip_bad_shards=skip_bad_shards,
+                            local_cache=local_cache)
     featurizer = featurizer_for_cache(raw.cache, tokenizer, alignment)
     for row in itertools.islice(iter(raw), rows):
         featurizer(row)
@@ -826,9 +993,11 @@ def aligned_fraction(cache_dir, tokenizer, alignment: str = "offset", rows: int 
     return stats.fraction_text_matched if stats.targets > stats.end_targets else 1.0
 
 
-def refuse_unaligned(cache_dir, tokenizer, alignment: str = "offset", rows: int = 48, *, skip_bad_shards: bool = False) -> None:
+def refuse_unaligned(cache_dir, tokenizer, alignment: str = "offset", rows: int = 48, *, skip_bad_shards: bool = False,
+                     local_cache: str | os.PathLike | None = None) -> None:
     """Refuse, before training, a student tokenizer that aligns nothing with the cache."""
-    fraction = aligned_fraction(cache_dir, tokenizer, alignment, rows, skip_bad_shards=skip_bad_shards)
+    fraction = aligned_fraction(cache_dir, tokenizer, alignment, rows, skip_bad_shards=skip_bad_shards,
+                                local_cache=local_cache)
     if fraction == 0.0:
         name = getattr(tokenizer, "name_or_path", "") or "the student"
         raise LogitCacheError(

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -497,14 +498,24 @@ class EpochCallback(TrainerCallback):
     The dataset resumes mid-epoch itself (ignore_data_skip), so the Trainer counts the resumed
     epoch's steps from 0 and the logged epoch went backwards (0.39, then 0.13). The epoch is the
     optimizer steps done over the steps of a whole epoch, which the dataset's length gives.
+    While the dataset follows a cache being written (--follow), that length is unknown and the
+    Trainer's own fraction counts --max-steps: the epoch is then logged whole (0 until the
+    followed one ends; every epoch has the same length, known from then on).
     """
 
-    def __init__(self, examples_per_epoch: int, batch_size: int, accumulation: int) -> None:
-        batches = max(1, math.ceil(examples_per_epoch / batch_size))
-        self.updates_per_epoch = max(1, math.ceil(batches / accumulation))
+    def __init__(self, dataset, batch_size: int, accumulation: int) -> None:  # noqa: ANN001
+        self.dataset, self.batch_size, self.accumulation = dataset, batch_size, accumulation
+
+    def updates_per_epoch(self) -> int | None:
+        try:
+            examples = len(self.dataset)
+        except TypeError:  # following a cache being written
+            return None
+        return max(1, math.ceil(max(1, math.ceil(examples / self.batch_size)) / self.accumulation))
 
     def on_step_end(self, args, state, control, **kwargs):
-        state.epoch = state.global_step / self.updates_per_epoch
+        per = self.updates_per_epoch()
+        state.epoch = float(math.floor(state.epoch)) if per is None else state.global_step / per
         return control
 
 
@@ -704,6 +715,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     from logitcache.pipeline.padding import pad_token_id
     from logitcache.pipeline.student.collate import KDCollator
     from logitcache.pipeline.student.dataset import LogitCacheDataset, refuse_unaligned
+    from logitcache.pipeline.student.follow import Follow, records_cached, wait_for_manifest
     from logitcache.storage import open_cache
     from logitcache.storage.parts import merge_command
 
@@ -711,7 +723,9 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     fused_head.wanted(cfg, fused_loss_of(cfg), None)  # --fused-linear on: refuse a loss it cannot compute, before any write
     paths = cfg.caches()
     weights = cfg.resolved_teacher_weights()
-    caches = [open_cache(p) for p in paths]  # refuses non-caches, unknown versions and manifests that fail the schema
+    if cfg.follow:  # a teacher writes its manifest once its model is loaded: a student started with it waits
+        wait_for_manifest(paths[0], cfg.follow_settings(), announce=os.environ.get("RANK", "0") == "0")
+    caches = [open_cache(p, local_cache=cfg.local_cache) for p in paths]  # refuses non-caches, unknown versions and manifests that fail the schema
     cache = caches[0]
     out = Path(cfg.out)
     refuse_foreign_out(out)
@@ -737,8 +751,15 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
             if len(caches) == 1:
                 raise
             raise LogitCacheError(f"--cache {path}: {e}") from None
+    following = cfg.follow and cache.manifest.status != "complete"
+    if following and cfg.max_steps <= 0:
+        raise LogitCacheError(
+            f"--follow on {paths[0]}, still being written ({records_cached(cache.manifest)}), needs --max-steps: how "
+            "many examples the teacher will keep is unknown until it ends, and the learning-rate schedule needs its "
+            "length now (or wait for the teacher and train without --follow)."
+        )
     if cfg.eval_cache:  # its batches share the trainer's teacher_targets(): the same columns needed
-        check_eval_targets(cfg, cache.manifest, open_cache(cfg.eval_cache).manifest)
+        check_eval_targets(cfg, cache.manifest, open_cache(cfg.eval_cache, local_cache=cfg.local_cache).manifest)
 
     # transformers' tqdm bar only on a terminal: redrawn into a job's log file it is one endless line.
     bar = cfg.progress and progress_callback is None and is_terminal(sys.stderr)
@@ -783,26 +804,33 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
             "train ...` (or accelerate launch with examples/accelerate/fsdp.yaml)."
         )
 
-    def dataset(path: str, shuffle: bool, companions: list[str] = ()) -> LogitCacheDataset:
+    def dataset(path: str, shuffle: bool, companions: list[str] = (), follow: Follow | None = None) -> LogitCacheDataset:
         return LogitCacheDataset(
             path, tokenizer, alignment=cfg.resolved_alignment(), max_length=cfg.max_length,
             alm_merge_threshold=cfg.alm_merge_threshold if cfg.alm_debiased() else None, kd_targets=cfg.kd_targets,
             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, shuffle=shuffle,
             rank=args.process_index, world_size=args.world_size, num_workers=cfg.num_workers,
             skip_bad_shards=cfg.skip_bad_shards, batch_size=cfg.batch_size,
-            companions=companions, on_missing=cfg.on_missing,
+            companions=companions, on_missing=cfg.on_missing, follow=follow, local_cache=cfg.local_cache,
         )
 
     # Every shard is checked here, before the model is loaded: a damaged cache stops the run now.
     # Several caches: the first drives the order, the others are read by id alongside it.
-    train_ds = dataset(paths[0], shuffle=True, companions=paths[1:])
+    follow = dataclasses.replace(cfg.follow_settings(), announce=args.process_index == 0) if cfg.follow else None
+    train_ds = dataset(paths[0], shuffle=True, companions=paths[1:], follow=follow)
     eval_ds = dataset(cfg.eval_cache, shuffle=False) if cfg.eval_cache else None
     if cfg.loss != "sft" and cfg.kd_weight > 0 and cfg.resolved_alignment() in ("offset", "position"):
         # a student that aligns nothing would train on CE alone, silently: refuse it now.
-        for path, w in zip(paths, weights):
-            if w > 0:
-                refuse_unaligned(path, tokenizer, cfg.resolved_alignment(), skip_bad_shards=cfg.skip_bad_shards)
-    notices = [ds.skipped_summary() for ds in (train_ds, *train_ds.companions, eval_ds) if ds is not None and ds.skipped_shards]
+        with warnings.catch_warnings():
+            if following:  # its "cache not complete" warning: the notice below says what --follow does instead
+                warnings.simplefilter("ignore")
+            for path, w in zip(paths, weights):
+                if w > 0:
+                    refuse_unaligned(path, tokenizer, cfg.resolved_alignment(), skip_bad_shards=cfg.skip_bad_shards,
+                                     local_cache=cfg.local_cache)
+    notices = [f"--follow: {paths[0]} is still being written ({records_cached(cache.manifest)}); training starts on "
+               "what is there and takes new shards as they come, until the teacher finishes."] if following else []
+    notices += [ds.skipped_summary() for ds in (train_ds, *train_ds.companions, eval_ds) if ds is not None and ds.skipped_shards]
     if train_ds.missing:
         notices.append(train_ds.missing_summary())
     for path, c in zip(paths, caches):
@@ -837,7 +865,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
         data_collator=KDCollator(pad_token_id=pad),
         processing_class=tokenizer,
         callbacks=[DataStateCallback(train_ds, args.process_index), FiniteGradientsCallback(), SharedModesCallback(),
-                   EpochCallback(len(train_ds), cfg.batch_size, cfg.gradient_accumulation_steps)],
+                   EpochCallback(train_ds, cfg.batch_size, cfg.gradient_accumulation_steps)],
         kd_config=cfg,
         cache_temperatures=list(getattr(cache.manifest, "temperatures", []) or []),
         vocab_map=vocab_maps[0],
@@ -942,7 +970,7 @@ def _disk_full_message(e: BaseException, out: Path, step: int) -> str | None:
 
 FINISHED = "logitcache_train_result.json"
 # Options that do not change what a finished run trained: a --resume with only these changed is a no-op.
-_NOT_DEFINING = ("resume", "progress", "log_every", "num_workers")
+_NOT_DEFINING = ("resume", "progress", "log_every", "num_workers", "follow_poll", "follow_timeout")
 
 
 def _run_defining(cfg: TrainConfig) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -32,9 +32,11 @@ from logitcache.pipeline.records import (
 from logitcache.pipeline.teacher.draws import sequence_key
 from logitcache.pipeline.teacher.engine import ENGINES, GenerationConfig, TeacherEngine, first_bad_value
 from logitcache.storage.fsutil import crash_point, hash_files
+from logitcache.storage.lease import Lease
 from logitcache.storage.lock import CacheLock
 from logitcache.storage.manifest import Manifest
 from logitcache.storage.parts import part_name
+from logitcache.storage.remote import is_url
 from logitcache.storage.rows import Row
 from logitcache.storage.samples import MAX_SAMPLE, PROPOSAL, SAMPLE_COLUMNS
 from logitcache.storage.schema import EXTRA_COLUMNS
@@ -105,6 +107,9 @@ class TeacherConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
+    # With a URL as ``out``: the local directory the cache is written in before each shard is
+    # uploaded (a full local copy; None: storage/sync.py's default_staging of the URL).
+    local_cache: str | None = None
 
     def validate(self) -> None:
         if not 0 <= self.sample <= MAX_SAMPLE:
@@ -205,6 +210,11 @@ class TeacherConfig:
         index, count = self.worker()
         return Path(self.out) if count == 1 else Path(self.out) / part_name(index, count)
 
+    def out_target(self) -> str:
+        """:meth:`out_dir` as the user would write it, a URL kept a URL (``Path`` would fold its ``//``)."""
+        index, count = self.worker()
+        return self.out if count == 1 else f"{self.out.rstrip('/')}/{part_name(index, count)}"
+
 
 @dataclass
 class TeacherResult:
@@ -282,8 +292,37 @@ def run_teacher(cfg: TeacherConfig, *, progress: bool = True) -> TeacherResult:
     # The manifest records local paths resolved, so that a resume (or a merge of parts) spelled
     # `teacher/` one time and `/work/teacher` the next is recognised as the same run.
     cfg = replace(cfg, model=_resolved_if_local(cfg.model), data=_resolved_if_local(cfg.data))
+    if is_url(cfg.out):
+        return _run_remote(cfg, progress)
     with CacheLock(cfg.out_dir()) as lock:
         return _run_locked(cfg, lock, progress)
+
+
+def _run_remote(cfg: TeacherConfig, progress: bool) -> TeacherResult:
+    """Write to a URL: the local writer fills a staging directory and each shard it lists is
+    uploaded, the manifest last (storage/sync.py). Under the remote's lease (storage/lease.py)
+    and the staging's lock. The staging first takes the remote's state, so a rerun resumes from
+    what the remote lists, whatever the staging held."""
+    from logitcache.storage.sync import Pusher, remote_place, staging_dir, sync_down
+
+    url = cfg.out_target()
+    place = remote_place(url)  # protocol, bucket and credentials checked before anything local is made
+    with Lease(url) as lease:
+        local = replace(cfg, out=str(staging_dir(cfg.out, cfg.local_cache)))
+        with CacheLock(local.out_dir()) as lock:
+            sync_down(place, local.out_dir())
+            pusher = Pusher(local.out_dir(), place, check=lease.check)
+            try:
+                result = _run_locked(local, lock, progress, on_commit=pusher.push)
+            except LogitCacheError as e:
+                # The staging holds the remote's cache: its settings are the remote's, said of the URL.
+                staged = f"{local.out_dir()} already holds a cache"
+                if str(e).startswith(staged):
+                    raise LogitCacheError(url + str(e)[len(str(local.out_dir())):]) from None
+                raise
+            pusher.push(final=True)  # the card the writer rewrote when it closed
+    result.out = url
+    return result
 
 
 def _resolved_if_local(name: str) -> str:
@@ -291,7 +330,8 @@ def _resolved_if_local(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
-def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherResult:
+def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool,
+                on_commit: Callable[[], None] | None = None) -> TeacherResult:
     index, count = cfg.worker()
     ds = load_records(cfg.data, cfg.split)  # before the model: bad data fails in seconds
     template = cfg.template.resolved(list(ds.column_names), cfg.mode)
@@ -350,7 +390,10 @@ def _run_locked(cfg: TeacherConfig, lock: CacheLock, progress: bool) -> TeacherR
             sample_proposal={**PROPOSAL, "seed": cfg.generation.seed} if cfg.sample else None,
             tool_version=logitcache.__version__,
         )
-        writer = CacheWriter(cfg.out_dir(), manifest, tokenizer_dir=tok_dir, shard_bytes=cfg.shard_bytes, lock=lock)
+        writer = CacheWriter(cfg.out_dir(), manifest, tokenizer_dir=tok_dir, shard_bytes=cfg.shard_bytes, lock=lock,
+                             on_commit=on_commit)
+    if on_commit is not None:  # a new cache is there before its first shard (tokenizer, card, manifest)
+        on_commit()
 
     result = TeacherResult(out=str(cfg.out_dir()), already_done=len(writer.done_ids))
     n_records = len(ds) if cfg.limit is None else min(cfg.limit, len(ds))
