@@ -20,11 +20,20 @@ demo: $(VENV)/.installed  ## the main job end to end on the embedded default
 test: $(VENV)/.installed  ## the test suite (what CI runs)
 	$(BIN)/python -m pytest
 
-bench: $(VENV)/.installed  ## benchmarks; results in benchmarks/RESULTS.md
+# The peers benchmarks/peers.py compares with, for the benchmark alone (not dependencies of the
+# package). --no-deps: Liger-Kernel's chunked losses need only torch (its Triton kernels are
+# GPU-only), and peers.py loads torchtune's loss file without torchtune's own dependencies.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet --no-deps "liger-kernel==0.8.5" "torchtune==0.6.1"
+	touch $@
+
+bench: $(VENV)/.bench-installed  ## benchmarks; results in benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/stage1.py
 	$(BIN)/python benchmarks/stage2.py
 	$(BIN)/python benchmarks/stage2.py --student 100m
 	$(BIN)/python benchmarks/losses_memory.py
+	$(BIN)/python benchmarks/fused_linear.py
+	$(BIN)/python benchmarks/peers.py
 	$(BIN)/python benchmarks/storage.py
 	$(BIN)/python benchmarks/soak.py
 	$(BIN)/python benchmarks/finite_checks.py

@@ -10,6 +10,8 @@ from logitcache.pipeline.student.losses import (
     FusedLoss,
     MLOTConfig,
     ce_kd_loss,
+    fused_linear_ce_kd_loss,
+    fused_linear_supports,
     fused_supports,
     kd_weights,
     kl_loss,
@@ -24,4 +26,5 @@ __all__ = [
     "REDUCTIONS", "REVERSE_KL_TEACHER_FLOOR", "FusedLoss", "MLOTConfig", "ce_kd_loss", "fused_supports",
     "kd_weights", "kl_loss", "mlot_temperatures", "multilevel_ot_loss", "sampled_kl_loss", "uld_loss",
     "ALMConfig", "ALMTargets", "HybridConfig", "alm_loss", "hybrid_loss",
+    "fused_linear_ce_kd_loss", "fused_linear_supports",
 ]

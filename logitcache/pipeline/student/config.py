@@ -93,6 +93,9 @@ class TrainConfig:
     # 0: CE + KD in one fused pass (losses.fused; MultiLevelOT "code" and "assignment" run CE, then
     # the standalone loss). N > 0: CE, then the standalone ULD/KL over chunks of N positions.
     kd_chunk_size: int = 0
+    # CE + KD from the last hidden states and the LM head, no [N, V] logits (losses.fused_linear;
+    # fused_head.py): "auto" where the model's head and the loss allow it, "on" refuses otherwise.
+    fused_linear: str = "auto"
     # TRL GOLD's hybrid (--loss hybrid): JSD beta on matched tokens; weights None = GOLD's adaptive
     # ones (the share of the teacher vocabulary that maps, and 1 minus it).
     hybrid_beta: float = 0.5
@@ -189,6 +192,8 @@ class TrainConfig:
             raise LogitCacheError(f"--log-every must be 0 or more seconds (got {self.log_every}); 0 logs at every step.")
         if self.kd_chunk_size < 0:
             raise LogitCacheError(f"--kd-chunk-size must be 0 (automatic) or positive (got {self.kd_chunk_size}).")
+        if self.fused_linear not in ("auto", "on", "off"):
+            raise LogitCacheError(f"--fused-linear {self.fused_linear!r}: use auto, on or off.")
         for name in ("batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "mlot_k"):
             if getattr(self, name) <= 0:
                 raise LogitCacheError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)}).")

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 
 from logitcache.errors import LogitCacheError
 from logitcache.pipeline.progress import StepProgress, is_terminal, trainer_progress
-from logitcache.pipeline.student import losses
+from logitcache.pipeline.student import fused_head, losses
 from logitcache.pipeline.student.config import (  # noqa: F401  (re-exported: the public names stay here)
     DEFAULT_ALIGNMENT, LOSSES, TRACKERS, TrainConfig, check_trackers, coerce_config_value, load_config_file,
 )
@@ -261,6 +261,10 @@ class KDTrainer(Trainer):
         self._matched_fraction = self._matched_of[0]
         self.teacher_weights = list(teacher_weights) if teacher_weights is not None else [1.0 / len(teachers)] * len(teachers)
         self.fused_loss = fused_loss_of(kd_config, self._matched_fraction)
+        # From the last hidden states and the head, no logits (fused_head.py); checked on the first step.
+        sharded = bool(getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False))
+        self.fused_linear = fused_head.wanted(kd_config, self.fused_loss, self.model, sharded)
+        self._fused_linear_checked = False
         # Our loss is a per-batch mean: let the Trainer divide it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -319,13 +323,12 @@ class KDTrainer(Trainer):
         labels = inputs.pop("labels")
         if workers is not None and model.training:
             self.train_dataset.mark_consumed(workers.tolist(), indices.tolist())
-        outputs = model(**inputs)
-        for t in teachers:
-            if t.alm is not None and t.alm.debiased:
-                t.alm.word_start_mask = self._word_start_mask(outputs.logits.shape[-1], outputs.logits.device)
-        if self.kd_config.loss == "alm" and any(t.alm is None for t in teachers):
-            raise LogitCacheError("--loss alm needs ALM's chunks in the batch (alignment 'chunk').")
-        loss, ce, kds = teachers_loss(self.kd_config, outputs.logits, labels, teachers, weights, self.fused_loss)
+        if self.fused_linear and model.training:
+            outputs = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+            loss, ce, kds = self._hidden_state_loss(model, outputs.hidden_states[-1], labels, teachers[0])
+        else:
+            outputs = model(**inputs)
+            loss, ce, kds = self._logits_loss(outputs.logits, labels, teachers, weights)
         kd = sum(w * k.detach() for w, k in zip(weights, kds)) if n > 1 else kds[0]
         if model.training and not bool(torch.isfinite(loss.detach())):
             # The Trainer would go on (NaN weights from here); stop before the optimizer step.
@@ -349,6 +352,50 @@ class KDTrainer(Trainer):
                 self._sums["mapped_mass"] += float((p * (t_ids >= 0)).sum())
                 self._sums["topk_mass"] += float(p.sum())
         return (loss, outputs) if return_outputs else loss
+
+    def _logits_loss(self, logits: torch.Tensor, labels: torch.Tensor, teachers: list[TeacherBatch],
+                     weights: list[float]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        for t in teachers:
+            if t.alm is not None and t.alm.debiased:
+                t.alm.word_start_mask = self._word_start_mask(logits.shape[-1], logits.device)
+        if self.kd_config.loss == "alm" and any(t.alm is None for t in teachers):
+            raise LogitCacheError("--loss alm needs ALM's chunks in the batch (alignment 'chunk').")
+        return teachers_loss(self.kd_config, logits, labels, teachers, weights, self.fused_loss)
+
+    def _hidden_state_loss(self, model, hidden: torch.Tensor, labels: torch.Tensor,  # noqa: ANN001
+                           t: TeacherBatch) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """CE + KD from the last hidden states [B, T, d] and the head (one teacher; fused_head.py).
+
+        The first call compares it with the logits path on the batch's first sequence (a
+        sequence, not the batch: the logits of the whole batch may be what does not fit).
+        """
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+
+        def fused(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, part: slice = slice(None)):  # noqa: ANN202
+            tempered = {tau: lp[part] for tau, lp in (t.tempered or {}).items()}
+            return losses.fused_linear_ce_kd_loss(h, w, b, labels[part], t.logprobs[part], t.ids[part], t.kd_mask[part],
+                                                  self.fused_loss, tempered=tempered)
+
+        if not self._fused_linear_checked:
+            self._fused_linear_checked = True
+            one = slice(0, 1)
+            part = TeacherBatch(t.logprobs[one], t.ids[one], t.kd_mask[one],
+                                {tau: lp[one] for tau, lp in (t.tempered or {}).items()})
+            problem = fused_head.self_check(
+                hidden[one], head,
+                lambda logits: teachers_loss(self.kd_config, logits, labels[one], [part], [1.0], self.fused_loss)[0],
+                lambda h, w, b: fused(h, w, b, one)[0],
+            )
+            if problem and self.kd_config.fused_linear == "on":
+                raise LogitCacheError(f"--fused-linear on: the first step's check against the logits failed ({problem}); "
+                                      "use --fused-linear off.")
+            if problem:
+                _notify([f"--fused-linear: the first step's check against the logits failed ({problem}); training from "
+                         "the logits."], self.is_world_process_zero())
+                self.fused_linear = False
+                return teachers_loss(self.kd_config, head(hidden), labels, [t], [1.0], self.fused_loss)
+        total, ce, kd = fused(hidden, head.weight, head.bias)
+        return total, ce, [kd]
 
     def _word_start_mask(self, width: int, device: torch.device) -> torch.Tensor:
         """The student's word-start tokens (ALM's debiasing) over its logits' width, built once."""
@@ -375,6 +422,7 @@ class KDTrainer(Trainer):
             for j in range(len(self.teacher_weights) if len(self.teacher_weights) > 1 else 0):
                 logs[f"kd_{j}"] = round(self._sums.get(f"kd_{j}", 0.0) / n, 4)
             logs["kd_fraction"] = round(self._sums["kd_positions"] / max(self._sums["targets"], 1), 4)
+            logs["fused_linear"] = int(self.fused_linear)  # 1: the loss ran from the hidden states (fused_head.py)
             if self._t2s is not None:
                 logs["hybrid_mapped_mass"] = round(self._sums["mapped_mass"] / max(self._sums["topk_mass"], 1e-12), 4)
             self._sums = self._zero_sums()
@@ -672,6 +720,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     from logitcache.storage.parts import merge_command
 
     cfg.validate()
+    fused_head.wanted(cfg, fused_loss_of(cfg), None)  # --fused-linear on: refuse a loss it cannot compute, before any write
     paths = cfg.caches()
     weights = cfg.resolved_teacher_weights()
     if cfg.follow:  # a teacher writes its manifest once its model is loaded: a student started with it waits

@@ -20,11 +20,15 @@ must be those at tau (exact from a cache: ``pipeline.student.targets``), the stu
 
 - :func:`ce_kd_loss` (+ :class:`FusedLoss`): the trainer's CE + weight * KD in two passes
   over the logits, sharing one log-partition (ULD, KL, MultiLevelOT's paper variant).
+- :func:`fused_linear_ce_kd_loss`: the same from the last hidden states and the LM head, block
+  by block, never holding the [N, V] logits (CE, KL family, ULD, hybrid).
 """
 
 from logitcache.pipeline.student.losses.chunking import REDUCTIONS, kd_weights
 from logitcache.pipeline.student.losses.fused import FusedLoss, ce_kd_loss
 from logitcache.pipeline.student.losses.fused import supports as fused_supports
+from logitcache.pipeline.student.losses.fused_linear import fused_linear_ce_kd_loss
+from logitcache.pipeline.student.losses.fused_linear import supports as fused_linear_supports
 from logitcache.pipeline.student.losses.kl import REVERSE_KL_TEACHER_FLOOR, kl_loss
 from logitcache.pipeline.student.losses.mlot import MLOTConfig, multilevel_ot_loss
 from logitcache.pipeline.student.losses.mlot_parts import needed_temperatures as mlot_temperatures
@@ -38,4 +42,5 @@ __all__ = [
     "REDUCTIONS", "REVERSE_KL_TEACHER_FLOOR", "FusedLoss", "MLOTConfig", "ce_kd_loss", "fused_supports",
     "kd_weights", "kl_loss", "mlot_temperatures", "multilevel_ot_loss", "sampled_kl_loss", "uld_loss",
     "ALMConfig", "ALMTargets", "HybridConfig", "alm_loss", "hybrid_loss",
+    "fused_linear_ce_kd_loss", "fused_linear_supports",
 ]

@@ -129,6 +129,16 @@ def ce_kd_loss(
             vocabulary for KL, a cache top-K below MultiLevelOT's k, a missing tempered
             teacher), or a spec that :func:`supports` rejects.
     """
+    alm = check_inputs(spec, tempered, alm)
+    b, t, v = logits.shape
+    targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)  # [B, T]: row q's label
+    teacher = (teacher_logprobs, dict(tempered or {}), alm)
+    total, ce, kd = _CEKD.apply(logits.reshape(b * t, v), spec, (b, t), targets, teacher, teacher_ids, kd_mask)
+    return total, ce, kd
+
+
+def check_inputs(spec: FusedLoss, tempered: Mapping[float, torch.Tensor] | None, alm) -> ALMTargets | None:  # noqa: ANN001
+    """Refuse what :func:`ce_kd_loss` cannot compute for ``spec`` (ValueError); ``alm`` as ALMTargets."""
     if not supports(spec):
         raise ValueError(f"ce_kd_loss cannot fuse {spec}; use causal_ce + the standalone loss.")
     if spec.loss == "kl":
@@ -151,66 +161,83 @@ def ce_kd_loss(
             alm = ALMTargets(*alm)
         if spec.alm.mode == "debias" and alm.debiased and alm.word_start_mask is None:
             raise ValueError("ce_kd_loss: debiased ALM needs the student's word_start_mask [V].")
-    b, t, v = logits.shape
-    targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)  # [B, T]: row q's label
-    teacher = (teacher_logprobs, dict(tempered or {}), alm)
-    total, ce, kd = _CEKD.apply(logits.reshape(b * t, v), spec, (b, t), targets, teacher, teacher_ids, kd_mask)
-    return total, ce, kd
+    return alm
 
 
 class _CEKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec, bt, targets, teacher, t_ids, kd_mask):  # noqa: ANN001, ANN205 (autograd signature)
         problem = _Problem(x, spec, bt, targets, teacher, t_ids, kd_mask)
-        with torch.enable_grad():
-            total, ce, kd = problem.loss()
-            leaves = [problem.gathered, *problem.lse.values()]
-            if problem.lse_ws is not None:
-                leaves.append(problem.lse_ws)
-            grads = torch.autograd.grad(total, leaves, allow_unused=True)
-        dg = grads[0] if grads[0] is not None else torch.zeros_like(problem.gathered)
-        dlse = [g if g is not None else torch.zeros_like(l) for g, l in zip(grads[1:], leaves[1:])]
-        ctx.temps = list(problem.lse)
-        ctx.ws_mask = problem.ws_mask
-        ctx.save_for_backward(x, problem.index, dg, *(l.detach() for l in leaves[1:]), *dlse)
-        ce, kd = ce.detach(), kd.detach()
+        (total, ce, kd), dg, parts = problem.solve()
+        ctx.temps, ctx.ws_mask = parts.temps, parts.ws_mask
+        ctx.save_for_backward(x, problem.index, dg, *parts.lses, *parts.dlses)
         ctx.mark_non_differentiable(ce, kd)
-        return total.detach(), ce, kd
+        return total, ce, kd
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, _grad_ce, _grad_kd):  # noqa: ANN001, ANN205
         x, index, dg, *rest = ctx.saved_tensors
         n_t = len(ctx.temps) + (ctx.ws_mask is not None)
-        lses, dlses = rest[:n_t], rest[n_t:]
-        dtype = _work_dtype(x)
-        if ctx.ws_mask is not None:  # the word-start log-partition comes last
-            lse_ws, dl_ws, lses, dlses = lses[-1], dlses[-1], lses[:-1], dlses[:-1]
-            ws = ctx.ws_mask.to(device=x.device, dtype=dtype)
-        scale = grad_total.to(dtype)
-        dg = dg * scale
+        parts = _Partitions(ctx.temps, rest[:n_t], rest[n_t:], ctx.ws_mask)
+        scale = grad_total.to(_work_dtype(x))
         grad = torch.empty_like(x)
-        lse1, dl1 = lses[0], dlses[0]  # temperature 1.0 comes first
         for a, b in _chunks(x):
             # fp32 logits: build the chunk's gradient in place in the output, no copy.
-            acc = grad[a:b] if x.dtype == dtype else torch.empty(b - a, x.shape[1], dtype=dtype, device=x.device)
-            torch.sub(x[a:b], lse1[a:b, None], out=acc).exp_()  # softmax(x)
-            other = None
-            for tau, lse, dl in zip(ctx.temps[1:], lses[1:], dlses[1:]):
-                # softmax(x / tau) = softmax(x) ** (1 / tau) * exp(lse_1 / tau - lse_tau): a power, not an exp.
-                term = acc.pow(1.0 / tau).mul_(((lse1[a:b] / tau - lse[a:b]).exp() * dl[a:b] * (scale / tau))[:, None])
-                other = term if other is None else other.add_(term)
-            if ctx.ws_mask is not None:
-                # d logsumexp(x[W]) / dx = softmax(x) * exp(lse_1 - lse_W) on W, 0 elsewhere.
-                term = torch.mul(acc, ws).mul_(((lse1[a:b] - lse_ws[a:b]).exp() * dl_ws[a:b] * scale)[:, None])
-                other = term if other is None else other.add_(term)
-            acc.mul_((dl1[a:b] * scale)[:, None])
-            if other is not None:
-                acc.add_(other)
-            acc.scatter_add_(1, index[a:b], dg[a:b])
-            if acc.data_ptr() != grad[a:b].data_ptr():
+            out = grad[a:b] if x.dtype == _work_dtype(x) else None
+            acc = row_gradient(x[a:b], parts.rows(a, b), index[a:b], dg[a:b], scale, out=out)
+            if out is None:
                 grad[a:b] = acc
         return grad, None, None, None, None, None, None
+
+
+@dataclass(frozen=True)
+class _Partitions:
+    """The log-partitions a loss read, per row, with the loss's gradient w.r.t. each.
+
+    ``temps`` starts with 1.0; ``lses`` / ``dlses`` follow it, then the word-start
+    log-partition's pair when ``ws_mask`` [V] is set (ALM's debiasing).
+    """
+
+    temps: list[float]
+    lses: tuple
+    dlses: tuple
+    ws_mask: torch.Tensor | None = None
+
+    def rows(self, a: int, b: int) -> "_Partitions":
+        return _Partitions(self.temps, tuple(t[a:b] for t in self.lses), tuple(t[a:b] for t in self.dlses), self.ws_mask)
+
+
+def row_gradient(x: torch.Tensor, parts: _Partitions, index: torch.Tensor, dg: torch.Tensor, scale: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss's gradient w.r.t. logit rows x [n, V], from its gradients w.r.t. what it read.
+
+    ``parts``: the rows' log-partitions and their gradients; ``index`` [n, m] / ``dg`` [n, m]:
+    the gathered ids and their gradients; ``scale``: the upstream gradient. Written into ``out``
+    (which may be ``x`` itself: each entry is read before it is written) or a new [n, V] tensor
+    in the work dtype.
+    """
+    dtype = _work_dtype(x)
+    acc = out if out is not None else torch.empty(x.shape, dtype=dtype, device=x.device)
+    lses, dlses = parts.lses, parts.dlses
+    if parts.ws_mask is not None:  # the word-start log-partition comes last
+        lse_ws, dl_ws, lses, dlses = lses[-1], dlses[-1], lses[:-1], dlses[:-1]
+        ws = parts.ws_mask.to(device=x.device, dtype=dtype)
+    lse1, dl1 = lses[0], dlses[0]  # temperature 1.0 comes first
+    torch.sub(x, lse1[:, None], out=acc).exp_()  # softmax(x)
+    other = None
+    for tau, lse, dl in zip(parts.temps[1:], lses[1:], dlses[1:]):
+        # softmax(x / tau) = softmax(x) ** (1 / tau) * exp(lse_1 / tau - lse_tau): a power, not an exp.
+        term = acc.pow(1.0 / tau).mul_(((lse1 / tau - lse).exp() * dl * (scale / tau))[:, None])
+        other = term if other is None else other.add_(term)
+    if parts.ws_mask is not None:
+        # d logsumexp(x[W]) / dx = softmax(x) * exp(lse_1 - lse_W) on W, 0 elsewhere.
+        term = torch.mul(acc, ws).mul_(((lse1 - lse_ws).exp() * dl_ws * scale)[:, None])
+        other = term if other is None else other.add_(term)
+    acc.mul_((dl1 * scale)[:, None])
+    if other is not None:
+        acc.add_(other)
+    return acc.scatter_add_(1, index, dg * scale)
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
@@ -225,9 +252,13 @@ def _chunks(x: torch.Tensor) -> list[tuple[int, int]]:
 
 
 class _Problem:
-    """One batch's loss as a function of a few gathered logits and log-partitions per row."""
+    """One batch's loss as a function of a few gathered logits and log-partitions per row.
 
-    def __init__(self, x, spec: FusedLoss, bt, targets, teacher, t_ids, kd_mask) -> None:  # noqa: ANN001
+    ``weights``: (each row's KD weight [N], the number of CE targets) when the rows are a slice
+    of a batch (losses.fused_linear): the batch's, not the slice's, averages.
+    """
+
+    def __init__(self, x, spec: FusedLoss, bt, targets, teacher, t_ids, kd_mask, weights=None) -> None:  # noqa: ANN001
         t_lp, tempered, self.alm_inputs = teacher
         self.x, self.spec, (self.b, self.t) = x, spec, bt
         alm = self.alm_inputs
@@ -239,7 +270,9 @@ class _Problem:
         self.has_target = targets.reshape(n) != -100
         label_ids = torch.where(self.has_target, targets.reshape(n), torch.zeros_like(targets.reshape(n)))
         # Each masked-in position's share of the KD term (kd_weights); 0 elsewhere.
-        self.kd_w = kd_weights(kd_mask.reshape(self.b, self.t), spec.reduction, dtype).reshape(n)
+        if weights is None:
+            weights = (kd_weights(kd_mask.reshape(self.b, self.t), spec.reduction, dtype).reshape(n), self.has_target.sum())
+        self.kd_w, self.ce_count = weights
 
         self.mlot_cfg = None
         self.tau = 1.0  # ULD's / KL's temperature
@@ -357,6 +390,19 @@ class _Problem:
                 out["tail"][a:b] = (e_kd.scatter_(1, self.teacher_ids[a:b], 0.0).sum(dim=-1, keepdim=True) / z_kd).squeeze(-1)
         return out
 
+    def solve(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, _Partitions]:
+        """(total, ce, kd) detached, the gradient of total w.r.t. the gathered logits [N, m], and
+        the log-partitions with the gradient w.r.t. each."""
+        with torch.enable_grad():
+            total, ce, kd = self.loss()
+            leaves = [self.gathered, *self.lse.values()]
+            if self.lse_ws is not None:
+                leaves.append(self.lse_ws)
+            grads = torch.autograd.grad(total, leaves, allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(l) for g, l in zip(grads, leaves)]
+        parts = _Partitions(list(self.lse), tuple(l.detach() for l in leaves[1:]), tuple(grads[1:]), self.ws_mask)
+        return (total.detach(), ce.detach(), kd.detach()), grads[0], parts
+
     def _block(self, name: str) -> torch.Tensor:
         """The gathered logits of one role ("label", "teacher", "top", "ranked"): [N, width]."""
         return self.gathered[:, self.columns[name]]
@@ -365,7 +411,7 @@ class _Problem:
         lse1 = self.lse[1.0]
         zero = lse1.new_zeros(())
         ce_rows = torch.where(self.has_target, lse1 - self._block("label")[:, 0], zero)
-        ce = ce_rows.sum() / self.has_target.sum().clamp_min(1)
+        ce = ce_rows.sum() / self.ce_count.clamp_min(1)
         kd = self._kd() if self.spec.loss != "sft" else zero
         return ce + self.spec.weight * kd, ce, kd
 
