@@ -35,6 +35,7 @@ bench: $(VENV)/.bench-installed  ## benchmarks; results in benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/fused_linear.py
 	$(BIN)/python benchmarks/peers.py
 	$(BIN)/python benchmarks/storage.py
+	$(BIN)/python benchmarks/remote_read.py  # S3 on loopback vs local disk (issue 16)
 	$(BIN)/python benchmarks/soak.py
 	$(BIN)/python benchmarks/finite_checks.py
 
