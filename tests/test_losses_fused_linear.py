@@ -175,6 +175,6 @@ def test_against_a_loop_over_positions(kind: str) -> None:
     leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
     total, *_ = fused_linear_ce_kd_loss(*leaves, labels, t_lp, ids, mask, FusedLoss("kl", kl_kind=kind), block_rows=16)
     total.backward()
-    assert float(total) == pytest.approx(float(ref), abs=1e-10)
+    assert total.item() == pytest.approx(ref.item(), abs=1e-10)
     for a, b in zip(leaves, ref_grads):
         assert torch.allclose(a.grad, b, atol=1e-10, rtol=0)
