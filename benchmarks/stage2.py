@@ -67,7 +67,8 @@ def build(work: Path, quick: bool, student_size: str = "small", records_lines: i
     return tok, tok_name, cache, student, student_cfg
 
 
-def step_times(tok, cache: Path, student, batch_size: int, rounds: int, max_length: int | None = None) -> tuple[list[list], dict]:
+def step_times(tok, cache: Path, student, batch_size: int, rounds: int, max_length: int | None = None,
+               only: list[str] | None = None) -> tuple[list[list], dict]:
     import torch
 
     from logitcache.losses import ALMTargets, fused_linear_ce_kd_loss
@@ -96,6 +97,9 @@ def step_times(tok, cache: Path, student, batch_size: int, rounds: int, max_leng
         # `--fused-linear` (the default where the head allows it): from the last hidden states.
         "sft, fused-linear": "sft", "kl, fused-linear": "kl", "uld, fused-linear": "uld",
     }
+    if only:
+        # The two SFT rows are the ratios' denominators: always timed.
+        runs = {n: v for n, v in runs.items() if n in only or n in ("sft", "sft, F.cross_entropy")}
     temperatures = open_cache(cache).manifest.temperatures
     extras = {k: batch[k] for k in TEACHER_EXTRAS if k in batch}
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -186,14 +190,19 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--student", choices=sorted(STUDENTS), default="small",
                     help="small: 18.7M parameters, 4 x ~334 tokens; 100m: ~100M parameters, 4 x 512 tokens")
+    ap.add_argument("--only", default="", help="time only these rows, ';'-separated (row names hold commas: 'kl;kl, fused-linear'), "
+                    "besides the two SFT rows; the reader is skipped")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 6 for 100m, 8 for small)")
     args = ap.parse_args()
+    only = [n.strip() for n in args.only.split(";") if n.strip()]
     t0 = time.perf_counter()
     big = args.student == "100m"
     with tempfile.TemporaryDirectory() as tmp:
         tok, tok_name, cache, student, scfg = build(Path(tmp), args.quick, args.student, records_lines=24 if big else 12)
-        steps, info = step_times(tok, cache, student, batch_size=4, rounds=3 if args.quick else (6 if big else 8),
-                                 max_length=512 if big else None)
-        reader = reader_throughput(tok, cache)
+        rounds = args.rounds or (3 if args.quick else (6 if big else 8))
+        steps, info = step_times(tok, cache, student, batch_size=4, rounds=rounds,
+                                 max_length=512 if big else None, only=only)
+        reader = [] if only else reader_throughput(tok, cache)
     params = sum(p.numel() for p in student.parameters()) / 1e6
     report = (
         f"## Stage 2 ({time.strftime('%Y-%m-%d')}, {'quick' if args.quick else 'full'} run, {time.perf_counter() - t0:.0f} s)\n\n"
