@@ -32,6 +32,9 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "memory": ("", ""),  # fsspec's own in-process filesystem (tests, examples)
 }
 
+# Protocols whose first path component is a bucket (container) that must exist beforehand.
+BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
 
 def protocol_of(path: str | os.PathLike) -> str | None:
     """``"s3"`` for ``s3://b/c``; None for a plain path. ``file://`` counts as plain."""

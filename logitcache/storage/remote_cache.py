@@ -31,13 +31,10 @@ import pyarrow.parquet as pq
 from logitcache.errors import LogitCacheError
 from logitcache.storage.integrity import shard_file_problem
 from logitcache.storage.manifest import MANIFEST_NAME, Manifest, ShardInfo, check_manifest_size, parse_manifest
-from logitcache.storage.remote import url_fs, with_retries
+from logitcache.storage.remote import BUCKET_PROTOCOLS, url_fs, with_retries
 from logitcache.storage.segments import SegmentFile, SegmentMismatch, covers
+from logitcache.storage.writer import DATA_DIR, TOKENIZER_DIR
 
-TOKENIZER_DIR = "tokenizer"  # (storage/writer.py's name; not imported: the writer imports this layer's peers)
-DATA_DIR = "data"
-# protocols whose first path component is a bucket (or container)
-BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
 
 class UrlPath(str):

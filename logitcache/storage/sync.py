@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -31,10 +30,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from logitcache.errors import LogitCacheError
 from logitcache.storage.fsutil import atomic_write_bytes, crash_point, sha256_file
 from logitcache.storage.lease import Lease
-from logitcache.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, load_manifest
+from logitcache.storage.manifest import MANIFEST_NAME, Manifest, check_manifest_size, load_manifest, parse_manifest
 from logitcache.storage.marker import write_marker
 from logitcache.storage.parts import PART_GLOB, part_name_ok
-from logitcache.storage.remote import is_url, local_path, protocol_of, url_fs, with_retries
+from logitcache.storage.remote import BUCKET_PROTOCOLS, is_url, local_path, protocol_of, url_fs, with_retries
 from logitcache.storage.writer import CARD_NAME, DATA_DIR, TMP_PREFIX, TOKENIZER_DIR, layout_names
 
 if TYPE_CHECKING:
@@ -42,8 +41,6 @@ if TYPE_CHECKING:
 
 STAGING_ENV = "LOGITCACHE_STAGING"
 COPY_MARKER = ".copying"  # in a local DST while `logitcache copy` fills it (storage/marker.py)
-# Protocols whose first path component is a bucket (container) that must exist beforehand.
-_BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
 OnFile = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -87,7 +84,7 @@ def remote_place(url: str) -> Place:
     """
     place = Place.of(url)
     proto = protocol_of(url)
-    if proto in _BUCKET_PROTOCOLS:
+    if proto in BUCKET_PROTOCOLS:
         bucket = place.root.split("/", 1)[0]
 
         def probe() -> None:
@@ -115,22 +112,14 @@ def read_manifest(place: Place) -> tuple[Manifest, bytes] | None:
             size = place.fs.info(path).get("size") or 0
         except FileNotFoundError:
             return None
-        if size > MAX_MANIFEST_BYTES:
-            raise LogitCacheError(f"{place.name(MANIFEST_NAME)}: {size:,} bytes, more than any manifest; it is damaged.")
+        check_manifest_size(place.name(MANIFEST_NAME), size)
         return place.fs.cat_file(path)
 
     place.fs.invalidate_cache()
     data = with_retries(f"reading {place.name(MANIFEST_NAME)}", fetch)
     if data is None:
         return None
-    where = place.name(MANIFEST_NAME)
-    try:
-        parsed = json.loads(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LogitCacheError(f"{where}: not valid JSON ({e}); the manifest is damaged.") from None
-    if not isinstance(parsed, dict):
-        raise LogitCacheError(f"{where}: expected a JSON object; the manifest is damaged.")
-    return Manifest.from_dict(parsed, where=where), data
+    return parse_manifest(data, place.name(MANIFEST_NAME)), data
 
 
 def default_staging(url: str) -> Path:
