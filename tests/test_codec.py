@@ -314,6 +314,18 @@ def test_rows_whose_top_k_does_not_recur_store_no_references(tmp_path):
     check(rows, roundtrip(rows, 32, tmp_path), 32)
 
 
+def test_references_round_trip_beside_rows_without_them_and_a_wide_id_table():
+    """One batch mixing rows that use references and rows that do not, with an id table past
+    2**16 (3-byte ranks): the decoder's narrow and wide integer paths together."""
+    refs = real_like_rows(6, 32, V=300_000, seed=21, n_tokens=150)
+    plain = synthetic_rows(4, 32, V=300_000, seed=22, max_len=1500)
+    rows = [r for pair in zip(refs, plain) for r in pair] + refs[4:]
+    table = encode_compact(rows, 32)
+    assert len(id_table_of(table.schema)) > 1 << 16
+    assert sorted(set(b[0] for b in table.column("topk_ranks_lo").to_pylist())) == [0, 1]
+    check(rows, roundtrip(rows, 32), 32)
+
+
 def test_references_resolve_in_any_slice_of_rows():
     rows = real_like_rows(9, 16, seed=5, n_tokens=120)
     table = encode_compact(rows, 16)
@@ -348,7 +360,7 @@ def test_a_damaged_reference_is_a_value_error_not_a_crash():
     table = encode_compact(rows, 16)
     i = table.schema.names.index("topk_ranks_lo")
     assert table.column(i).to_pylist()[0][0] == 1  # the row's flag: it uses references
-    for at, symbol, what in ((1, 1, "outside the top-k"), (1, 40, "symbol out of range"), (1, 31, "escapes do not match"),
+    for at, symbol, what in ((1, 1, "outside the top-k"), (1, 40, "out of range"), (1, 31, "escapes do not match"),
                              (0, 2, "flag other than 0 or 1")):
         lo = table.column(i).to_pylist()
         lo[0] = lo[0][:at] + bytes([symbol]) + lo[0][at + 1:]  # the flag, then the first reference symbol

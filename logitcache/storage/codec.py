@@ -237,7 +237,8 @@ def _binary_parts(a: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _unplanes(lo: pa.Array, hi: pa.Array, counts: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_planes`: all rows' values, concatenated, as int64."""
+    """Inverse of :func:`_planes`: all rows' values, concatenated, as the narrowest of uint8, uint16,
+    int32 and int64 that holds them."""
     lo_off, lo_data = _binary_parts(lo)
     hi_off, hi_data = _binary_parts(hi)
     total = int(counts.sum())
@@ -247,7 +248,8 @@ def _unplanes(lo: pa.Array, hi: pa.Array, counts: np.ndarray) -> np.ndarray:
     if (extra * counts != hi_len).any():
         raise ValueError("corrupt plane column: high planes do not match the value counts")
     wide = int(extra.max()) if len(extra) else 0
-    out = lo_data[lo_off[0] : lo_off[-1]].astype(np.int32 if wide <= 2 else np.int64)
+    # The narrowest dtype that holds them: the decoders' passes over them cost their bytes.
+    out = lo_data[lo_off[0] : lo_off[-1]].astype((np.uint8, np.uint16, np.int32)[wide] if wide <= 2 else np.int64)
     if len(out) != total:
         raise ValueError(f"corrupt plane column: {len(out)} low bytes for {total} values")
     if wide == 0:
@@ -435,15 +437,24 @@ def decode_compact(
     n_pos = np.diff(pos_off)
     steps = _unplanes(col(names.index("topk_steps_lo")), col(names.index("topk_steps_hi")), n_pos * (k - 1))
     lo_ranks, hi_ranks = col(names.index("topk_ranks_lo")), col(names.index("topk_ranks_hi"))
-    n = np.zeros((m, k), dtype=steps.dtype)
+    # n: each entry's steps below the top-1, summed in float32, which is exact while the sums
+    # stay below 2**24 (checked on the last column, the largest: steps are non-negative).
+    n = np.empty((m, k), dtype=np.float32)
+    n[:, 0] = 0
     if k > 1:
-        np.cumsum(steps.reshape(m, k - 1), axis=1, out=n[:, 1:])
+        np.cumsum(steps.reshape(m, k - 1), axis=1, dtype=np.float32, out=n[:, 1:])
     q = Fraction(step)  # exact: a float is a dyadic fraction
-    if q.denominator & (q.denominator - 1) == 0 and (not n.size or int(n.max()) * q.numerator < 1 << 24):
+    if q.denominator & (q.denominator - 1) == 0 and (not n.size or int(n[:, -1].max()) * q.numerator < 1 << 24):
         # n * q = (n * numerator) / 2**e with n * numerator < 2**24: exact in float32, so one
         # float32 subtraction rounds the exact lp_0 - n*q once, as float64 then float32 would.
-        lp = top1.astype(np.float32)[:, None] - n.astype(np.float32) * np.float32(step)
+        # In place: top1 + (-(n * q)) is that same subtraction.
+        lp = n
+        lp *= np.float32(-step)
+        lp += top1.astype(np.float32)[:, None]
     else:
+        n = np.zeros((m, k), dtype=np.int64)
+        if k > 1:
+            np.cumsum(steps.reshape(m, k - 1), axis=1, out=n[:, 1:])
         lp = (top1.astype(np.float64)[:, None] - n * step).astype(np.float32)
     if version == 1:
         ranks = _unplanes(lo_ranks, hi_ranks, n_pos * k)

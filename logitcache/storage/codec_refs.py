@@ -62,7 +62,10 @@ def _zigzag(d: np.ndarray) -> np.ndarray:
 
 
 def _unzigzag(z: np.ndarray) -> np.ndarray:
-    return (z >> 1) ^ -(z & 1)
+    out = z & 1
+    np.negative(out, out=out)
+    out ^= z >> 1
+    return out
 
 
 def reference_symbols(ids: np.ndarray, prev: np.ndarray) -> np.ndarray:
@@ -110,7 +113,13 @@ def encode_id_values(ids: np.ndarray, ranks: np.ndarray, prev: np.ndarray, row_o
 def decode_id_values(values: np.ndarray, counts: np.ndarray, prev: np.ndarray, level: np.ndarray,
                      row_of: np.ndarray, table_ids: np.ndarray, k: int) -> np.ndarray:
     """Inverse of :func:`encode_id_values`: the [m, k] top-k ids. Raises ValueError on values
-    that cannot come from the encoder (a damaged shard)."""
+    that cannot come from the encoder (a damaged shard).
+
+    This is the reader's hot loop (about as many values as the top-k holds), so it avoids
+    whole-array boolean masks and temporaries: a row's parts are sliced out of ``values`` by a
+    loop over rows (a few hundred per batch), and only the escapes (about a tenth of the
+    references) are handled one by one.
+    """
     m, n_rows = len(prev), len(counts)
     if (counts < 1).any():
         raise ValueError("corrupt top-k id column: a row without its reference flag")
@@ -118,52 +127,68 @@ def decode_id_values(values: np.ndarray, counts: np.ndarray, prev: np.ndarray, l
     flags = values[first]
     if flags.size and flags.max() > 1:
         raise ValueError("corrupt top-k id column: a reference flag other than 0 or 1")
-    keep = np.ones(len(values), dtype=bool)
-    keep[first] = False
-    values, counts = values[keep], counts - 1
-    prev = np.where(flags[row_of] == 1, prev, -1)
-    t = np.flatnonzero(prev >= 0)  # positions with a reference
+    has = (prev >= 0) & (flags[row_of] == 1)
+    t = np.flatnonzero(has)  # positions with a reference, in position order (so also row order)
     n_ref = np.bincount(row_of[t], minlength=n_rows) * k  # reference symbols per row
-    if (counts < n_ref).any():
+    if (counts - 1 < n_ref).any():
         raise ValueError("corrupt top-k id column: fewer values than the rows' references")
-    # Per row: n_ref reference symbols, then its misses.
-    is_ref = np.repeat(np.tile(np.array([True, False]), n_rows), np.stack([n_ref, counts - n_ref], axis=1).reshape(-1))
-    sym = values[is_ref].reshape(-1, k)
-    ranks = values[~is_ref]
+    # Per row: its flag, n_ref reference symbols, then the ranks of its misses.
+    bounds = np.stack([first + 1, first + 1 + n_ref, first + counts], axis=1).tolist()
+    sym = np.concatenate([values[a:b] for a, b, _ in bounds] or [values[:0]]).reshape(-1, k)
+    ranks = np.concatenate([values[b:c] for _, b, c in bounds] or [values[:0]])
     esc = escape(k)
-    if sym.size and sym.max() > esc:
-        raise ValueError("corrupt top-k id column: a reference symbol out of range")
-    hit = sym != esc
-    hits_per_row = np.bincount(row_of[t], weights=hit.sum(axis=1), minlength=n_rows).astype(np.int64)
-    if not np.array_equal(np.bincount(row_of, minlength=n_rows) * k - hits_per_row, counts - n_ref):
-        raise ValueError("corrupt top-k id column: the escapes do not match the stored ids")
     if len(ranks) and ranks.max() >= len(table_ids):
         raise ValueError("corrupt top-k id column: an id rank beyond the id table")
-    miss = np.ones((m, k), dtype=bool)
-    miss[t] = ~hit
-    ids = np.empty((m, k), dtype=np.int32)
-    ids[miss] = table_ids[ranks]
+    escaped = np.flatnonzero(sym.reshape(-1) == esc)  # entries of sym (row-major over t, k)
+    e_pos = t[escaped // k]
+    # Misses per position: all k without a reference, else its escapes; their ranks are stored
+    # in position order, then slot order.
+    n_miss = np.where(has, 0, k) + np.bincount(e_pos, minlength=m)
+    if not np.array_equal(np.bincount(row_of, weights=n_miss, minlength=n_rows).astype(np.int64), counts - 1 - n_ref):
+        raise ValueError("corrupt top-k id column: the escapes do not match the stored ids")
+    rank_at = np.cumsum(n_miss) - n_miss  # where each position's misses start in ``ranks``
+    # Decode into ``out``: the positions in level order (level 0: those without a reference,
+    # in position order), so each level is one contiguous slice written by one gather.
+    lev = np.where(has, level, 0)
+    # A stable sort of 16-bit ints is a radix sort: linear in m.
+    order = np.argsort(lev.astype(np.int16) if len(lev) and lev.max() < 1 << 15 else lev, kind="stable")
+    slot = np.empty(m, dtype=np.int64)
+    slot[order] = np.arange(m)
+    n0 = m - len(t)
+    out = np.empty((m, k), dtype=np.int32)
+    flat = out.reshape(-1)
+    # An escape's place among its position's escapes: escapes are in order, so it is its index
+    # minus the index of its position's first escape.
+    new_pos = np.ones(len(escaped), dtype=bool)
+    new_pos[1:] = e_pos[1:] != e_pos[:-1]
+    at = np.arange(len(escaped))
+    e_rank = rank_at[e_pos] + at - np.maximum.accumulate(np.where(new_pos, at, 0))
+    # The positions without a reference own every rank but the escapes', in position order.
+    np.take(table_ids, np.delete(ranks, e_rank), out=flat[: n0 * k])
     if not len(t):
-        return ids
-    # References: entry (t, i) copies entry (prev[t], i + d); an escaped entry copies itself
-    # (already filled): d by table lookup, 0 for the escape.
+        return out[slot]
     idx = np.int32 if m * k < 1 << 31 else np.int64
-    shift = _unzigzag(np.arange(esc + 1, dtype=idx))
-    shift[esc] = 0
-    j = np.arange(k, dtype=idx)[None, :] + shift[sym]
-    if j.min() < 0 or j.max() >= k:
-        raise ValueError("corrupt top-k id column: a reference outside the top-k")
-    src = np.where(hit, prev[t].astype(idx)[:, None] * k, t.astype(idx)[:, None] * k)
-    src += j
-    # A position's reference is one level below it: resolving the levels in order finds every
-    # reference decoded. by_level holds indices into t (and src), grouped by level.
-    lev = level[t]
-    by_level = np.argsort(lev, kind="stable")  # positions, not entries: m log m
-    ends = (np.flatnonzero(np.diff(lev[by_level])) + 1).tolist() + [len(t)]
-    flat = ids.reshape(-1)
+    e_flat = (slot[e_pos] * k + escaped % k).astype(idx)  # the escaped entries in out
+    flat[e_flat] = np.take(table_ids, np.take(ranks, e_rank))
+    # References: entry (t, i) copies entry (prev[t], i + d), d by table lookup; an escaped entry
+    # copies itself (already filled).
+    src = _unzigzag(sym.astype(idx, copy=False))
+    src.reshape(-1)[escaped] = 0  # for the range check; set below
+    src += np.arange(k, dtype=idx)
+    # One pass for both bounds: a negative place is a huge unsigned one. Symbols above the
+    # escape land here too (their shift is at least k).
+    if src.size and src.view(np.uint32 if idx is np.int32 else np.uint64).max() >= k:
+        raise ValueError("corrupt top-k id column: a reference symbol out of range (outside the top-k)")
+    src += (slot[prev[t]] * k).astype(idx)[:, None]
+    src.reshape(-1)[escaped] = e_flat
+    # Level L refers to level L - 1 only: resolving the levels in order finds every reference
+    # decoded. t is in position order; its rows of src, in level order, follow the n0 rows.
+    in_t = np.empty(m, dtype=np.int64)
+    in_t[t] = np.arange(len(t))
+    src = src[in_t[order[n0:]]]
+    ends = (np.flatnonzero(np.diff(lev[order[n0:]])) + 1).tolist() + [len(t)]
     a = 0
     for b in ends:
-        rows = by_level[a:b]
-        ids[t[rows]] = flat[src[rows]]
+        np.take(flat, src[a:b].reshape(-1), out=flat[(n0 + a) * k : (n0 + b) * k])
         a = b
-    return ids
+    return out[slot]
