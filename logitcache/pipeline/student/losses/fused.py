@@ -203,9 +203,14 @@ class _Partitions:
     lses: tuple
     dlses: tuple
     ws_mask: torch.Tensor | None = None
+    # Set when the logits were overwritten by exp(x - rowmax) (``_Problem(overwrite=True)``):
+    # those rows' sums [n], so that softmax(x) is one division away, not a second exp.
+    exp_sums: torch.Tensor | None = None
 
     def rows(self, a: int, b: int) -> "_Partitions":
-        return _Partitions(self.temps, tuple(t[a:b] for t in self.lses), tuple(t[a:b] for t in self.dlses), self.ws_mask)
+        sums = self.exp_sums[a:b] if self.exp_sums is not None else None
+        return _Partitions(self.temps, tuple(t[a:b] for t in self.lses), tuple(t[a:b] for t in self.dlses), self.ws_mask,
+                           sums)
 
 
 def row_gradient(x: torch.Tensor, parts: _Partitions, index: torch.Tensor, dg: torch.Tensor, scale: torch.Tensor,
@@ -224,7 +229,14 @@ def row_gradient(x: torch.Tensor, parts: _Partitions, index: torch.Tensor, dg: t
         lse_ws, dl_ws, lses, dlses = lses[-1], dlses[-1], lses[:-1], dlses[:-1]
         ws = parts.ws_mask.to(device=x.device, dtype=dtype)
     lse1, dl1 = lses[0], dlses[0]  # temperature 1.0 comes first
-    torch.sub(x, lse1[:, None], out=acc).exp_()  # softmax(x)
+    if parts.exp_sums is not None and len(parts.temps) == 1 and parts.ws_mask is None:
+        # x holds exp(x - rowmax): the gradient's softmax part in one pass.
+        torch.mul(x, (dl1 * scale / parts.exp_sums)[:, None], out=acc)
+        return acc.scatter_add_(1, index, dg * scale)
+    if parts.exp_sums is not None:
+        torch.div(x, parts.exp_sums[:, None], out=acc)  # softmax(x)
+    else:
+        torch.sub(x, lse1[:, None], out=acc).exp_()  # softmax(x)
     other = None
     for tau, lse, dl in zip(parts.temps[1:], lses[1:], dlses[1:]):
         # softmax(x / tau) = softmax(x) ** (1 / tau) * exp(lse_1 / tau - lse_tau): a power, not an exp.
@@ -256,9 +268,17 @@ class _Problem:
 
     ``weights``: (each row's KD weight [N], the number of CE targets) when the rows are a slice
     of a batch (losses.fused_linear): the batch's, not the slice's, averages.
+
+    ``overwrite`` (losses.fused_linear's own block of logits, in the work dtype; CE and the KL
+    family only, whose gathered ids are known beforehand): the dense pass turns ``x`` into
+    exp(x - rowmax) in place, which :func:`row_gradient` then reuses. That saves the block a
+    second exp and its temporary, so a block of a given memory can hold more rows.
     """
 
-    def __init__(self, x, spec: FusedLoss, bt, targets, teacher, t_ids, kd_mask, weights=None) -> None:  # noqa: ANN001
+    OVERWRITABLE = ("sft", "kl")
+
+    def __init__(self, x, spec: FusedLoss, bt, targets, teacher, t_ids, kd_mask, weights=None,  # noqa: ANN001
+                 overwrite: bool = False) -> None:
         t_lp, tempered, self.alm_inputs = teacher
         self.x, self.spec, (self.b, self.t) = x, spec, bt
         alm = self.alm_inputs
@@ -298,7 +318,14 @@ class _Problem:
         if self.hybrid_ids is not None and bool(((self.hybrid_ids >= v) & self.kd_mask[:, None]).any()):
             raise ValueError(f"hybrid: a mapped student id is outside the student vocabulary [0, {v}).")
 
+        if overwrite and (spec.loss not in self.OVERWRITABLE or x.dtype != dtype):
+            raise ValueError(f"_Problem: overwrite is for {self.OVERWRITABLE} on logits in the work dtype")
+        self.overwrite = overwrite
+        if overwrite:  # x is about to be overwritten: gather what the loss reads first
+            early = [label_ids[:, None]] + ([self.teacher_ids] if self.teacher_ids is not None else [])
+            gathered_early = x.gather(1, torch.cat(early, dim=1))
         stats = self._dense_pass(temps, top_k)
+        self.exp_sums = stats.get("exp_sums")
         # The ids whose logits the loss reads, one block per role; their gradients scatter back here.
         blocks = {"label": label_ids[:, None]}
         if self.teacher_ids is not None:
@@ -316,7 +343,7 @@ class _Problem:
         self.index = torch.cat(list(blocks.values()), dim=1)
         ends = list(itertools.accumulate(blk.shape[1] for blk in blocks.values()))
         self.columns = {name: slice(end - blk.shape[1], end) for (name, blk), end in zip(blocks.items(), ends)}
-        self.gathered = x.gather(1, self.index).to(dtype).requires_grad_()
+        self.gathered = (gathered_early if overwrite else x.gather(1, self.index)).to(dtype).requires_grad_()
         self.lse = {tau: stats["lse"][tau].requires_grad_() for tau in temps}  # 1.0 first
         self.lse_ws = stats["lse_ws"].requires_grad_() if self.ws_mask is not None else None
         self.tail = stats.get("tail")
@@ -346,7 +373,10 @@ class _Problem:
             ws = self.ws_mask.to(dtype)
         # The ranking, the tail, other temperatures and ALM's word starts need the chunk's exp
         # anyway: the log-partition comes with it.
-        needs_exp = self.with_tail or self.mlot_cfg is not None or len(temps) > 1 or self.ws_mask is not None
+        needs_exp = (self.with_tail or self.mlot_cfg is not None or len(temps) > 1 or self.ws_mask is not None
+                     or self.overwrite)
+        if self.overwrite:
+            out["exp_sums"] = torch.empty(n, dtype=dtype, device=x.device)
         for a, b in _chunks(x):
             xc = x[a:b].to(dtype)
             if top_k:
@@ -362,9 +392,11 @@ class _Problem:
                 lse[1.0][a:b] = torch.logsumexp(xc, dim=-1)
                 continue
             m = xc.amax(dim=-1, keepdim=True)
-            e = (xc - m).exp_()  # [n, V] in (0, 1]
+            e = (torch.sub(xc, m, out=xc) if self.overwrite else xc - m).exp_()  # [n, V] in (0, 1]
             z = e.sum(dim=-1, keepdim=True)
             lse[1.0][a:b] = (m + z.log()).squeeze(-1)
+            if self.overwrite:
+                out["exp_sums"][a:b] = z.squeeze(-1)
             if self.ws_mask is not None:  # the mass on the word starts: one matrix-vector product
                 z_ws = torch.mv(e, ws).clamp_min_(torch.finfo(dtype).tiny)
                 out["lse_ws"][a:b] = m.squeeze(-1) + z_ws.log_()
@@ -387,7 +419,11 @@ class _Problem:
             elif self.with_tail:
                 # The student's mass outside the teacher ids, summed directly: 1 - sum(s_ids)
                 # would cancel when the top-K holds nearly everything.
-                out["tail"][a:b] = (e_kd.scatter_(1, self.teacher_ids[a:b], 0.0).sum(dim=-1, keepdim=True) / z_kd).squeeze(-1)
+                ids = self.teacher_ids[a:b]
+                kept = e_kd.gather(1, ids) if self.overwrite and e_kd is e else None  # e is x: put them back
+                out["tail"][a:b] = (e_kd.scatter_(1, ids, 0.0).sum(dim=-1, keepdim=True) / z_kd).squeeze(-1)
+                if kept is not None:
+                    e_kd.scatter_(1, ids, kept)
         return out
 
     def solve(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, _Partitions]:
@@ -400,7 +436,8 @@ class _Problem:
                 leaves.append(self.lse_ws)
             grads = torch.autograd.grad(total, leaves, allow_unused=True)
         grads = [g if g is not None else torch.zeros_like(l) for g, l in zip(grads, leaves)]
-        parts = _Partitions(list(self.lse), tuple(l.detach() for l in leaves[1:]), tuple(grads[1:]), self.ws_mask)
+        parts = _Partitions(list(self.lse), tuple(l.detach() for l in leaves[1:]), tuple(grads[1:]), self.ws_mask,
+                            self.exp_sums)
         return (total.detach(), ce.detach(), kd.detach()), grads[0], parts
 
     def _block(self, name: str) -> torch.Tensor:

@@ -10,8 +10,10 @@ losses do: the head's matmuls run three times, as in the plain path, not four (a
 backward would add one); backward only scales them by the upstream gradient.
 
 Peak memory beyond the inputs and the gradients every path holds (dh [N, d], dW [V, d]):
-one block of logits plus one temporary of its size (``BLOCK_ELEMENTS`` logits each, 8 MiB in
-fp32; at least ``MIN_ROWS`` rows), their fp32 copies for half-precision inputs, and [N, K]-sized tensors.
+one block of logits (``BLOCK_ELEMENTS`` logits, 12 MiB in fp32; at least ``MIN_ROWS`` rows),
+which for CE and the KL family the loss turns into its exp in place and then into its gradient,
+so no second block-sized tensor; their fp32 copies for half-precision inputs; BLAS buffers and
+[N, K]-sized tensors. Measured: about 3 blocks in all.
 
 Time: the same three matmuls as the plain path, but in blocks of a few dozen rows, each of which
 streams the whole W twice and reads and writes the whole dW once. On a CPU that is bandwidth- and
@@ -51,11 +53,13 @@ from logitcache.pipeline.student.losses.fused import supports as fused_supports
 
 # Losses whose rows are independent given the batch's weights (see the module docstring).
 ROW_LOSSES = ("sft", "kl", "uld", "hybrid")
-# Logits per block: 2M (8 MiB in fp32). A block costs about 3 of its size in resident memory (the
-# logits, the exp of the log-partition pass, BLAS buffers: measured), so this keeps the loss under
-# 0.1x the logits from N = 2048 positions at any vocabulary. But never fewer rows than MIN_ROWS:
-# each block reads and writes the whole dW [V, d], and thinner blocks make that bandwidth-bound.
-BLOCK_ELEMENTS = 1 << 21
+# Logits per block: 3M (12 MiB in fp32). A block costs about 3 of its size in resident memory (the
+# logits, overwritten by their exp and then their gradient, the [rows, d] products, BLAS buffers:
+# measured), so this keeps the loss at 0.074x the logits at N = 4096, V = 32000 (under 0.1x from
+# N = 3000 at any vocabulary). Larger blocks are faster: each block streams the whole W twice and
+# reads and writes the whole dW [V, d] once, so fewer blocks move fewer bytes; and never fewer
+# rows than MIN_ROWS, below which that traffic dominates.
+BLOCK_ELEMENTS = 3 << 20
 MIN_ROWS = 32
 
 
@@ -127,6 +131,9 @@ class _LinearCEKD(torch.autograd.Function):
         dw = torch.zeros_like(w)
         db = torch.zeros_like(bias) if bias is not None else None
         sums = torch.zeros(3, dtype=dtype, device=h.device)  # total, ce, kd
+        # The block's logits are ours: the loss may turn them into their exp in place (one exp
+        # and one block-sized temporary fewer per block; see _Problem).
+        overwrite = h.dtype == dtype and spec.loss in _Problem.OVERWRITABLE
         for a in range(0, len(active), rows):
             idx = active[a : a + rows]
             hb = h[idx]
@@ -134,7 +141,7 @@ class _LinearCEKD(torch.autograd.Function):
             pick = {key: val[idx] for key, val in flat.items()}
             block = (pick["lp"], {tau: pick[tau] for tau in tempered}, None)
             problem = _Problem(x, spec, (1, len(idx)), pick["targets"], block, pick["ids"], pick["mask"],
-                               weights=(kd_w[idx], ce_count))
+                               weights=(kd_w[idx], ce_count), overwrite=overwrite)
             values, dg, partitions = problem.solve()
             sums += torch.stack(values)
             index = problem.index
