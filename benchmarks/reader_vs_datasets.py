@@ -19,7 +19,7 @@ DataLoader workers. Arms, run side by side in every repeat:
 * batches, datasets: the streamed rows (arrow format) through the same featurizer (features.py: the
   student's tokens, labels, aligned teacher targets) and the same collator, so that the
   two produce the same batches (checked on the first);
-* batches, ours on the compact copy.
+* rows and batches, ours on the compact copy (``logitcache convert``).
 
 Tokens/s counts the cache's tokens (teacher positions + 1 per row) over one pass.
 """
@@ -125,6 +125,7 @@ def main() -> None:
 
     arms = {
         "rows: ours (LogitCacheDataset, v1)": lambda: LogitCacheDataset(cache, None, shuffle=False),
+        "rows: ours (LogitCacheDataset, compact v2)": lambda: LogitCacheDataset(compact, None, shuffle=False),
         "rows: datasets streaming, Python lists (v1)": lambda: datasets_rows(cache),
         "rows: datasets streaming, arrow format (v1)": lambda: datasets_arrow_rows(cache),
         "student batches: ours (v1)": lambda: batches(LogitCacheDataset(cache, tok, shuffle=False), collate),
@@ -165,8 +166,9 @@ def main() -> None:
         "rows over as Python lists by default, which are turned into numpy here: that arm is bounded by "
         "building k-long Python lists per position; in arrow format it hands over one-row tables, and is "
         "bounded by its per-example streaming machinery. The batch arms are bounded by the featurizer "
-        "(retokenizing and aligning by offsets), which both share; the compact arm reads the compact copy "
-        "of the same cache (`logitcache convert`), the stage-2 measure of reading no slower than v1.\n"
+        "(retokenizing and aligning by offsets), which both share. The compact arms read the compact copy "
+        "of the same cache (`logitcache convert`): the stage-2 measure of reading no slower than v1 (rows: "
+        "the reader alone; batches: what training gets).\n"
     )
     print(report)
     if not args.no_write:
