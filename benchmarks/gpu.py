@@ -464,9 +464,11 @@ def run(args: argparse.Namespace) -> dict:
             if name not in args.parts:
                 continue
             spent = time.perf_counter() - t0
-            if not args.smoke and spent + ESTIMATES[name] > args.budget_s:
-                res["sections"].append(f"### Part '{name}' skipped: {spent:.0f} s spent, its estimate "
-                                       f"{ESTIMATES[name]} s would pass the budget of {args.budget_s:.0f} s.\n")
+            if spent + ESTIMATES[name] > args.budget_s:
+                line = (f"### Part '{name}' skipped: {spent:.0f} s spent, its estimate {ESTIMATES[name]} s "
+                        f"would pass the budget of {args.budget_s:.0f} s.\n")
+                res["sections"].append(line)
+                print(line, flush=True)
                 continue
             start = time.perf_counter()
             try:
