@@ -33,8 +33,10 @@ Once, here, in the repo root (versions as in our venv; ``multiprocess`` is per P
 
 ``datasets`` 5.2 asks for pyarrow ≥ 24 and fsspec ≤ 2026.9.0; ``--no-deps`` does not check what is
 there, so if part 1 fails importing ``datasets``, pick the ``datasets`` release that matches
-``python3 -m pip show pyarrow fsspec`` there. Nothing needs ``mistral_common``: the teacher's
-tokenizer is a byte-level BPE trained here (the model's vocabulary is 32000 regardless).
+``python3 -m pip show pyarrow fsspec`` there. Of pyproject.toml's core dependencies only ``datasets``
+is missing there; ``zstandard`` is not one (pyarrow writes the zstd Parquet), and nothing here needs
+``mistral_common``: the teacher's tokenizer is a byte-level BPE trained in the run (the model's
+vocabulary is 32000 regardless). The four wheels are about 1.8 MB.
 
 Here, without a GPU: ``python benchmarks/gpu.py --smoke --no-write`` runs every part at tiny
 sizes on the CPU (under a minute). ``--budget-s`` (default 540) skips a part, with a recorded
@@ -305,6 +307,8 @@ def peers_child(device: str, dtype: str) -> str:
     from fused_linear import MEASURE, PRELUDE
     from peers import CHILD
 
+    if not (CHILD.startswith(PRELUDE) and CHILD.endswith(MEASURE)):
+        raise RuntimeError("benchmarks/peers.py's CHILD is no longer PRELUDE + cases + MEASURE: update peers_child")
     body = CHILD[len(PRELUDE) : len(CHILD) - len(MEASURE)]
     setup = (f"DEVICE = torch.device({device!r})\ntorch.set_default_device(DEVICE)\n"
              f"torch.set_default_dtype(torch.{dtype})\n")
@@ -441,6 +445,15 @@ def render(res: dict) -> str:
     )
 
 
+def save(res: dict, out_json: Path | None) -> None:
+    """The run's results as JSON at ``out_json``, and as RESULTS.md's markdown beside it (.md)."""
+    if out_json is None:
+        return
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(res, indent=1))
+    out_json.with_suffix(".md").write_text(render(res))
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
@@ -480,6 +493,8 @@ def run(args: argparse.Namespace) -> dict:
             res["sections"].append(section)
             res["figures"][name] = figures
             print(section, flush=True)
+            res["seconds"] = time.perf_counter() - t0
+            save(res, args.out_json)  # after each part: a run killed at its time limit still brings back the parts done
             if cuda:
                 torch.cuda.empty_cache()
     res["seconds"] = time.perf_counter() - t0
@@ -511,10 +526,8 @@ def main() -> None:
             args.device = "cpu"
         res = run(args)
     report = render(res)
-    if args.out_json:
-        args.out_json.parent.mkdir(parents=True, exist_ok=True)
-        args.out_json.write_text(json.dumps(res, indent=1))
-        args.out_json.with_suffix(".md").write_text(report)
+    if not args.from_json:
+        save(res, args.out_json)
     if args.from_json:
         print(report)
     else:
