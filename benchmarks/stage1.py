@@ -23,20 +23,34 @@ from common import machine, table, update_results  # noqa: E402
 
 
 # --- 1. cache size and throughput ----------------------------------------------------------
-def bare_forward_seconds(model_dir: Path, texts: list[str], batch_size: int) -> tuple[float, int]:
-    """The floor: only model(...) over the same batches (sorted by length, as the pipeline does)."""
+def bare_forward_seconds(model_dir: Path, texts: list[str], batch_size: int, device: str = "cpu",
+                         dtype: str = "float32", warmup: bool = False) -> tuple[float, int]:
+    """The floor: only model(...) over the same batches (sorted by length, as the pipeline does).
+
+    ``warmup`` runs the first batch once untimed (on a GPU: kernel selection, allocator growth).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     encoded = sorted((tok(t)["input_ids"] for t in texts), key=len, reverse=True)
     tokens = sum(map(len, encoded))
-    t0 = time.perf_counter()
+
+    def forward(a: int) -> None:
+        batch = tok.pad({"input_ids": encoded[a : a + batch_size]}, return_tensors="pt")
+        model(**{k: v.to(device) for k, v in batch.items()})
+
+    # CUDA runs asynchronously: wait for the queued kernels before reading the clock.
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     with torch.inference_mode():
+        if warmup:
+            forward(0)
+            sync()
+        t0 = time.perf_counter()
         for a in range(0, len(encoded), batch_size):
-            batch = tok.pad({"input_ids": encoded[a : a + batch_size]}, return_tensors="pt")
-            model(**batch)
+            forward(a)
+        sync()
     return time.perf_counter() - t0, tokens
 
 

@@ -28,6 +28,17 @@ STUDENTS = {
 }
 
 
+def write_long_records(path: Path, n: int, lines_per_record: int, seed: int = 5) -> Path:
+    """A JSON-lines file of ``n`` records, each ``lines_per_record`` generated Q/A lines in a "text" field."""
+    from logitcache.pipeline.tiny import generate_corpus
+
+    lines = generate_corpus(n * lines_per_record, seed=seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(0, len(lines), lines_per_record):
+            f.write(json.dumps({"text": "\n".join(lines[i : i + lines_per_record])}, ensure_ascii=False) + "\n")
+    return path
+
+
 def build(work: Path, quick: bool, student_size: str = "small", records_lines: int = 12):
     from logitcache.pipeline.records import TextTemplate
     from logitcache.pipeline.teacher.run import TeacherConfig, run_teacher
@@ -43,11 +54,7 @@ def build(work: Path, quick: bool, student_size: str = "small", records_lines: i
     teacher = build_tiny_teacher(work / "teacher", tokenizer=tok, train_steps=20 if quick else 100,
                                  model_cfg=TinyModelConfig(hidden_size=128))
     # Long records (a dozen Q/A lines each) so that a batch has realistic numbers of positions.
-    lines = generate_corpus(64 * records_lines, seed=5)
-    data = work / "long.jsonl"
-    with open(data, "w", encoding="utf-8") as f:
-        for i in range(0, len(lines), records_lines):
-            f.write(json.dumps({"text": "\n".join(lines[i : i + records_lines])}, ensure_ascii=False) + "\n")
+    data = write_long_records(work / "long.jsonl", 64, records_lines)
     cache = work / "cache"
     for codec, out in (("v1", cache), ("compact", work / "cache-compact")):
         run_teacher(TeacherConfig(model=str(teacher), data=str(data), out=str(out), top_k=64, codec=codec,
