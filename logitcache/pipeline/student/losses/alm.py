@@ -177,6 +177,27 @@ def alm_per_chunk_mean(student_label_logprobs: torch.Tensor, chunk_index: torch.
     return d.sum() / valid.sum().clamp_min(1).to(d.dtype)
 
 
+def alm_of_label_logprobs(label_logprobs: torch.Tensor, has_target: torch.Tensor, alm: ALMTargets,
+                          cfg: ALMConfig = ALMConfig(), reduction: str = "token", *,
+                          word_start_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+    """ALM from the student's per-position log-probabilities: what every path computes once it has them.
+
+    Args:
+        label_logprobs: [B, T] ``log_softmax(x_q)[label_{q+1}]`` (any finite value where
+            ``has_target`` is False).
+        has_target: [B, T] bool, position q has a label q + 1.
+        alm: the chunks (and, for debiasing, ``end`` and ``teacher_word_start``).
+        cfg, reduction: as :func:`alm_loss`.
+        word_start_logprobs: [B, T] ``log sum_{v in W} softmax(x_q)_v``, or None: not debiased.
+    """
+    idx = torch.where(has_target, alm.chunk_index.to(label_logprobs.device).long(), -1)
+    debias = {}
+    if word_start_logprobs is not None:
+        debias = debias_terms(word_start_logprobs, alm.end.to(label_logprobs.device).long(),
+                              alm.teacher_word_start.to(label_logprobs))
+    return alm_per_chunk_mean(label_logprobs, idx, alm.teacher_ll.to(label_logprobs), cfg, reduction, **debias)
+
+
 def alm_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -210,11 +231,10 @@ def alm_loss(
     cfg.check()
     b, t, _ = student_logits.shape
     nxt = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)
-    inside = (chunk_index >= 0) & (nxt >= 0)
     log_p = torch.log_softmax(student_logits, dim=-1)
     lp = log_p.gather(-1, nxt.clamp_min(0)[..., None]).squeeze(-1)
-    debias = {}
+    ws = None
     if cfg.mode == "debias" and end is not None:
         ws = torch.logsumexp(log_p[..., word_start_mask.to(log_p.device)], dim=-1)  # [B, T]
-        debias = debias_terms(ws, end, teacher_word_start)
-    return alm_per_chunk_mean(lp, torch.where(inside, chunk_index, -1), teacher_chunk_ll, cfg, reduction, **debias)
+    alm = ALMTargets(chunk_index, teacher_chunk_ll, end, teacher_word_start)
+    return alm_of_label_logprobs(lp, nxt >= 0, alm, cfg, reduction, word_start_logprobs=ws)

@@ -45,13 +45,14 @@ from logitcache.pipeline.student.losses.mlot_parts import (
     checked_config,
     mlot_terms,
     rank_student_ids,
+    student_ranked,
     teacher_side,
 )
 from logitcache.pipeline.student.losses.uld import uld_per_position
 
 # the hybrid (GOLD) reads the logits at the mapped student ids and at the student's top ids
 # outside them (found in the dense pass); ALM only the "label" block and the log-partition.
-from logitcache.pipeline.student.losses.alm import ALMConfig, ALMTargets, alm_per_chunk_mean, debias_terms
+from logitcache.pipeline.student.losses.alm import ALMConfig, ALMTargets, alm_of_label_logprobs
 from logitcache.pipeline.student.losses.hybrid import HybridConfig, hybrid_per_position
 
 # Rows per chunk of the dense passes: about 4M logits (16 MiB in fp32) whatever the vocabulary.
@@ -457,12 +458,8 @@ class _Problem:
         if spec.loss == "mlot":
             cfg = self.mlot_cfg
             g = self._block("ranked")
-            shape = (self.b, self.t, g.shape[1])
-            s_log_r = (g / cfg.tau_sl - self.lse[cfg.tau_sl][:, None]).reshape(shape)
-            if cfg.tau_sd == cfg.tau_sl:
-                s_sd = s_log_r.exp()
-            else:
-                s_sd = (g / cfg.tau_sd - self.lse[cfg.tau_sd][:, None]).exp().reshape(shape)
+            lse = {tau: part.reshape(self.b, self.t) for tau, part in self.lse.items()}
+            s_log_r, s_sd = student_ranked(cfg, g.reshape(self.b, self.t, g.shape[1]), lse)
             return mlot_terms(
                 cfg, self.t_r, self.t_sd, s_log_r, s_sd, mask.reshape(self.b, self.t), reduction=spec.reduction
             )
@@ -497,15 +494,10 @@ class _Problem:
 
     def _alm(self) -> torch.Tensor:
         """ALM over the batch's chunks from the student's label log-probs (losses/alm.py)."""
-        alm = self.alm_inputs
         label_lp = (self._block("label")[:, 0] - self.lse[1.0]).reshape(self.b, self.t)
-        idx = torch.where(self.has_target.reshape(self.b, self.t), alm.chunk_index.to(label_lp.device).long(), -1)
-        debias = {}
-        if self.lse_ws is not None:
-            ws = (self.lse_ws - self.lse[1.0]).reshape(self.b, self.t)
-            debias = debias_terms(ws, alm.end.to(label_lp.device).long(), alm.teacher_word_start.to(label_lp))
-        return alm_per_chunk_mean(label_lp, idx, alm.teacher_ll.to(label_lp), self.spec.alm, reduction=self.spec.reduction,
-                                  **debias)
+        ws = (self.lse_ws - self.lse[1.0]).reshape(self.b, self.t) if self.lse_ws is not None else None
+        return alm_of_label_logprobs(label_lp, self.has_target.reshape(self.b, self.t), self.alm_inputs, self.spec.alm,
+                                     self.spec.reduction, word_start_logprobs=ws)
     # --- end of hybrid and ALM ---------------------------------------------------------
 
     def _log_tail(self, s_log_ids: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,7 @@ from logitcache.pipeline.student.losses.mlot_parts import (
     gather_ranked,
     mlot_terms,
     rank_student_ids,
+    student_ranked,
     teacher_side,
 )
 
@@ -179,20 +180,13 @@ def multilevel_ot_loss(
             s_ids_ranked = _assign_student_ids(t_cols, p_s, valid, cfg.rank_over == "batch")
         del p_s
 
-    s_log_r = _student_ranked_logprobs(z_s, s_ids_ranked, cfg.tau_sl)  # [B, T, k], has grad
-    if cfg.variant == "code":
-        s_sd = torch.softmax(s_log_r.exp() / cfg.tau_sd, dim=-1)
-    else:
-        s_sd = s_log_r.exp() if cfg.tau_sd == cfg.tau_sl else _student_ranked_logprobs(z_s, s_ids_ranked, cfg.tau_sd).exp()
+    b, t, _ = z_s.shape
+    ranked = z_s.gather(2, s_ids_ranked[:, None, :].expand(b, t, s_ids_ranked.shape[1]))  # [B, T, k], has grad
+    temps = {cfg.tau_sl} if cfg.variant == "code" else {cfg.tau_sl, cfg.tau_sd}
+    # torch's logsumexp, with a backward that holds one [B, T, Vs] buffer per temperature
+    lse = {tau: logsumexp_last(z_s if tau == 1.0 else z_s / tau)[..., 0] for tau in temps}
+    s_log_r, s_sd = student_ranked(cfg, ranked, lse)
     return mlot_terms(cfg, teacher.r, teacher.sd, s_log_r, s_sd, valid, reduction=reduction, return_parts=return_parts)
-
-
-def _student_ranked_logprobs(z: torch.Tensor, ranked_ids: torch.Tensor, tau: float) -> torch.Tensor:
-    """[B, T, Vs] logits -> [B, T, k] ``log_softmax(z / tau)`` at ``ranked_ids`` [B, k], in log space."""
-    zt = z if tau == 1.0 else z / tau
-    lse = logsumexp_last(zt)  # torch's logsumexp, with a backward that holds one [B, T, Vs] buffer
-    b, t, _ = z.shape
-    return zt.gather(2, ranked_ids[:, None, :].expand(b, t, ranked_ids.shape[1])) - lse
 
 
 def _assign_student_ids(

@@ -214,6 +214,32 @@ def rank_student_ids(prob_sums: torch.Tensor, cfg: MLOTConfig) -> torch.Tensor:
     return _top_k_stable(prob_sums, cfg.k)
 
 
+def student_ranked(
+    cfg: MLOTConfig, ranked: torch.Tensor, lse: Mapping[float, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's ranked vectors from its logits at the ranked ids and its log-partitions.
+
+    Args:
+        cfg: a resolved config.
+        ranked: [B, T, k] the logits the softmaxes act on (in "code", already divided by their
+            std + std_eps), at the ranked ids.
+        lse: {tau: [B, T]} ``logsumexp(z / tau)`` of the same logits over the vocabulary, at
+            tau_SL (and tau_SD in "paper" when it differs).
+
+    Returns:
+        (s_log_r, s_sd) as :func:`mlot_terms` takes them: log-probabilities at tau_SL and the
+        vectors the Sinkhorn compares (in "code", a second softmax at tau_SD over the k dims).
+    """
+    s_log_r = ranked / cfg.tau_sl - lse[cfg.tau_sl][..., None]
+    if cfg.variant == "code":
+        s_sd = torch.softmax(s_log_r.exp() / cfg.tau_sd, dim=-1)
+    elif cfg.tau_sd == cfg.tau_sl:
+        s_sd = s_log_r.exp()
+    else:
+        s_sd = (ranked / cfg.tau_sd - lse[cfg.tau_sd][..., None]).exp()
+    return s_log_r, s_sd
+
+
 def mlot_terms(
     cfg: MLOTConfig,
     t_r: torch.Tensor,
