@@ -41,6 +41,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from logitcache.pipeline.student.losses.alm import ALMTargets
 from logitcache.pipeline.student.losses.chunking import kd_weights
 from logitcache.pipeline.student.losses.fused import (
     FusedLoss,
@@ -53,6 +54,8 @@ from logitcache.pipeline.student.losses.fused import supports as fused_supports
 
 # Losses whose rows are independent given the batch's weights (see the module docstring).
 ROW_LOSSES = ("sft", "kl", "uld", "hybrid")
+# Losses that couple rows, computed from per-row statistics in two passes (.fused_linear_coupled).
+COUPLED_LOSSES = ("mlot", "alm")
 # Logits per block: 3M (12 MiB in fp32). A block costs about 3 of its size in resident memory (the
 # logits, overwritten by their exp and then their gradient, the [rows, d] products, BLAS buffers:
 # measured), so this keeps the loss at 0.074x the logits at N = 4096, V = 32000 (under 0.1x from
@@ -65,6 +68,8 @@ MIN_ROWS = 32
 
 def supports(spec: FusedLoss) -> bool:
     """Whether :func:`fused_linear_ce_kd_loss` computes ``spec`` (else: logits, then ``ce_kd_loss``)."""
+    if spec.loss in COUPLED_LOSSES:  # .fused_linear_coupled
+        return spec.loss == "alm" or spec.mlot.resolved().student_rank == "sum"
     return spec.loss in ROW_LOSSES and fused_supports(spec)
 
 
@@ -79,6 +84,8 @@ def fused_linear_ce_kd_loss(
     spec: FusedLoss,
     *,
     tempered: Mapping[float, torch.Tensor] | None = None,
+    std_logprobs: torch.Tensor | None = None,
+    alm: ALMTargets | tuple[torch.Tensor, torch.Tensor] | None = None,
     block_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``ce_kd_loss(hidden @ weight.T + bias, ...)`` without the [B, T, V] logits or their gradient.
@@ -87,8 +94,10 @@ def fused_linear_ce_kd_loss(
         hidden: [B, T, d] the student's last hidden states (after its final norm).
         weight: [V, d] the LM head's weight (the embedding itself when tied: its gradient adds up).
         bias: [V] the head's bias, or None.
-        labels, teacher_logprobs, teacher_ids, kd_mask, spec, tempered: as :func:`.fused.ce_kd_loss`.
-        block_rows: positions per block (default: ``BLOCK_ELEMENTS // V``, at least ``MIN_ROWS``).
+        labels, teacher_logprobs, teacher_ids, kd_mask, spec, tempered, alm: as :func:`.fused.ce_kd_loss`.
+        std_logprobs: [B, T, K] MultiLevelOT "code"'s teacher targets (as ``multilevel_ot_loss``).
+        block_rows: positions per block (default: ``BLOCK_ELEMENTS // V``, at least ``MIN_ROWS``;
+            MultiLevelOT and ALM: :func:`.fused_linear_coupled.coupled_ce_kd_loss`'s).
 
     Returns:
         (total, ce, kd) as :func:`.fused.ce_kd_loss`; total's gradient goes to hidden, weight
@@ -98,8 +107,14 @@ def fused_linear_ce_kd_loss(
         ValueError: what ``ce_kd_loss`` raises, and a spec :func:`supports` rejects.
     """
     if not supports(spec):
-        raise ValueError(f"fused_linear_ce_kd_loss computes {', '.join(ROW_LOSSES)}, not {spec.loss!r} with {spec}; "
-                         "compute the logits and use ce_kd_loss.")
+        raise ValueError(f"fused_linear_ce_kd_loss computes {', '.join(ROW_LOSSES + COUPLED_LOSSES)} "
+                         f"(MultiLevelOT with student_rank 'sum'), not {spec.loss!r} with {spec}; "
+                         "compute the logits and use ce_kd_loss or the standalone loss.")
+    if spec.loss in COUPLED_LOSSES:
+        from logitcache.pipeline.student.losses.fused_linear_coupled import coupled_ce_kd_loss  # it subclasses ours
+
+        return coupled_ce_kd_loss(hidden, weight, bias, labels, teacher_logprobs, teacher_ids, kd_mask, spec,
+                                  tempered=tempered, std_logprobs=std_logprobs, alm=alm, block_rows=block_rows)
     check_inputs(spec, tempered, None)
     b, t, d = hidden.shape
     targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)  # [B, T]: row q's label
