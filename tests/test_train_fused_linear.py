@@ -51,6 +51,41 @@ def test_hidden_state_and_logits_paths_train_the_same_model(loss, tmp_path, buil
         assert torch.allclose(on[name], off[name], atol=1e-5, rtol=0), name
 
 
+@pytest.mark.parametrize(("loss", "fixture", "extra"), [
+    ("mlot", "student", {"mlot_k": 8}),
+    ("alm", "metaspace_student", {}),
+])
+def test_coupled_losses_from_hidden_states_match_the_logits_path(loss, fixture, extra, tmp_path, built_cache,
+                                                                 request) -> None:
+    # MultiLevelOT and ALM couple positions: two passes over per-row statistics (losses.fused_linear_coupled).
+    student = request.getfixturevalue(fixture)
+    runs = {mode: run_train(_cfg(student, built_cache, tmp_path / mode, loss=loss, fused_linear=mode, **extra))
+            for mode in ("on", "off")}
+    assert [h["fused_linear"] for h in _logged(tmp_path / "on")] == [1, 1, 1]
+    on, off = (_logged(tmp_path / mode) for mode in ("on", "off"))
+    for a, b in zip(on, off):
+        assert a["kd"] > 0 and (a["ce"], a["kd"]) == pytest.approx((b["ce"], b["kd"]), rel=1e-4)
+    assert runs["on"].train_loss == pytest.approx(runs["off"].train_loss, rel=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:.*the cache is not complete")  # 8 of the 24 records, on purpose
+def test_multilevel_ot_code_variant_from_hidden_states_matches_the_logits_path(tmp_path, teacher_dir, data_file,
+                                                                                student) -> None:
+    # "code" divides the logits by their std: the logits path has no fused pass for it (CE, then the loss).
+    from conftest import make_config
+
+    from logitcache.pipeline.teacher.run import run_teacher
+
+    cache = tmp_path / "cache"
+    run_teacher(make_config(teacher_dir, data_file, cache, logit_stats=True, limit=8), progress=False)
+    runs = {mode: run_train(_cfg(student, cache, tmp_path / mode, loss="mlot", mlot_k=8, mlot_variant="code",
+                                 fused_linear=mode)) for mode in ("on", "off")}
+    assert [h["fused_linear"] for h in _logged(tmp_path / "on")] == [1, 1, 1]
+    for a, b in zip(_logged(tmp_path / "on"), _logged(tmp_path / "off")):
+        assert a["kd"] > 0 and (a["ce"], a["kd"]) == pytest.approx((b["ce"], b["kd"]), rel=1e-4)
+    assert runs["on"].train_loss == pytest.approx(runs["off"].train_loss, rel=1e-4)
+
+
 def test_auto_uses_it_for_a_plain_linear_head(tmp_path, built_cache, student) -> None:
     run_train(_cfg(student, built_cache, tmp_path / "run", loss="kl", max_steps=1))
     assert _logged(tmp_path / "run")[0]["fused_linear"] == 1
@@ -71,16 +106,15 @@ def test_auto_takes_the_logits_for_a_soft_capped_head_and_on_refuses_it(tmp_path
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [
-    ({"loss": "mlot"}, "--loss mlot couples positions"),
     ({"loss": "kl", "kd_chunk_size": 16}, "reads the logits"),
     ({"loss": "kl", "cache": ["a", "b"]}, "several --cache teachers"),
 ])
 def test_on_refuses_a_loss_that_reads_the_logits(overrides, needle) -> None:
     cfg = TrainConfig(student="s", out="o", **{"cache": "c", **overrides, "fused_linear": "on"})
-    from logitcache.pipeline.student.train import fused_loss_of
+    from logitcache.pipeline.student.train import linear_loss_of
 
     with pytest.raises(LogitCacheError, match=needle):
-        fused_head.wanted(cfg, fused_loss_of(cfg), torch.nn.Module())
+        fused_head.wanted(cfg, linear_loss_of(cfg), torch.nn.Module())
 
 
 def test_a_bad_mode_is_refused() -> None:

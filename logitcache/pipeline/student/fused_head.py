@@ -25,12 +25,12 @@ TOLERANCE = {"full": (1e-4, 1e-3), "half": (1e-3, 5e-2)}
 
 
 def config_problem(cfg, spec) -> str | None:  # noqa: ANN001 (TrainConfig, losses.FusedLoss | None)
-    """Why ``cfg`` takes the logits path whatever the model, or None."""
+    """Why ``cfg`` takes the logits path whatever the model, or None.
+
+    ``spec``: the hidden-state loss of ``cfg`` (``train.linear_loss_of``), None where there is none.
+    """
     from logitcache.pipeline.student.losses import fused_linear_supports
 
-    if cfg.loss in ("mlot", "alm"):
-        return (f"--loss {cfg.loss} couples positions (MultiLevelOT ranks ids over a sequence, ALM sums chunks), "
-                "which the hidden-state loss does not compute")
     if len(cfg.caches()) > 1:
         return "several --cache teachers: the other teachers' KD reads the logits"
     if cfg.fsdp or cfg.deepspeed:

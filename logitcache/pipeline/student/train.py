@@ -128,12 +128,13 @@ def _extra_loss_configs(cfg: TrainConfig, matched_fraction: float) -> dict[str, 
     }
 
 
-def fused_loss_of(cfg: TrainConfig, matched_fraction: float = 1.0) -> "losses.FusedLoss | None":
+def fused_loss_of(cfg: TrainConfig, matched_fraction: float = 1.0, supports=None) -> "losses.FusedLoss | None":  # noqa: ANN001
     """The one-pass CE + KD of ``cfg`` (see losses.fused), or None where only the two-step path exists.
 
     ``--kd-chunk-size`` asks for the standalone chunked losses explicitly, so it turns fusing off.
     ``matched_fraction``: the hybrid's vocabulary map's share of the teacher vocabulary (its
-    adaptive weights).
+    adaptive weights). ``supports``: which fused loss is meant (default ``losses.fused_supports``;
+    :func:`linear_loss_of` asks the hidden-state loss's).
     """
     spec = losses.FusedLoss(
         loss=cfg.loss, weight=cfg.kd_weight, kl_kind=cfg.kl_kind,
@@ -142,8 +143,17 @@ def fused_loss_of(cfg: TrainConfig, matched_fraction: float = 1.0) -> "losses.Fu
         reduction=cfg.kd_reduction,
         **_extra_loss_configs(cfg, matched_fraction),
     )
+    supports = supports or losses.fused_supports
     # Sampled targets take the standalone path after CE (losses/sampled_kl.py), not the fused pass.
-    return spec if losses.fused_supports(spec) and not cfg.kd_chunk_size and cfg.kd_targets == "topk" else None
+    return spec if supports(spec) and not cfg.kd_chunk_size and cfg.kd_targets == "topk" else None
+
+
+def linear_loss_of(cfg: TrainConfig, matched_fraction: float = 1.0) -> "losses.FusedLoss | None":
+    """The CE + KD that ``--fused-linear`` computes from the hidden states (losses.fused_linear), or None.
+
+    Also where the logits path has no fused pass (MultiLevelOT "code": CE, then the standalone loss).
+    """
+    return fused_loss_of(cfg, matched_fraction, losses.fused_linear_supports)
 
 
 def batch_loss(
@@ -234,6 +244,19 @@ def teachers_loss(
     return loss, ce, kds
 
 
+def _first_sequence(t: TeacherBatch) -> TeacherBatch:
+    """The batch's first sequence of ``t`` (every [B, ...] tensor sliced to [1, ...])."""
+    one = slice(0, 1)
+    alm = None
+    if t.alm is not None:
+        a = t.alm
+        alm = losses.ALMTargets(a.chunk_index[one], a.teacher_ll[one], a.end[one] if a.end is not None else None,
+                                a.teacher_word_start[one] if a.teacher_word_start is not None else None,
+                                a.word_start_mask)
+    return TeacherBatch(t.logprobs[one], t.ids[one], t.kd_mask[one], {tau: lp[one] for tau, lp in (t.tempered or {}).items()},
+                        t.std_logprobs[one] if t.std_logprobs is not None else None, alm, t.matched_fraction)
+
+
 class _EpochDataLoader(DataLoader):
     """A DataLoader that forwards Trainer's set_epoch to our dataset (reshuffle per epoch)."""
 
@@ -262,8 +285,9 @@ class KDTrainer(Trainer):
         self.teacher_weights = list(teacher_weights) if teacher_weights is not None else [1.0 / len(teachers)] * len(teachers)
         self.fused_loss = fused_loss_of(kd_config, self._matched_fraction)
         # From the last hidden states and the head, no logits (fused_head.py); checked on the first step.
+        self.linear_loss = linear_loss_of(kd_config, self._matched_fraction)
         sharded = bool(getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False))
-        self.fused_linear = fused_head.wanted(kd_config, self.fused_loss, self.model, sharded)
+        self.fused_linear = fused_head.wanted(kd_config, self.linear_loss, self.model, sharded)
         self._fused_linear_checked = False
         # Our loss is a per-batch mean: let the Trainer divide it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
@@ -355,12 +379,16 @@ class KDTrainer(Trainer):
 
     def _logits_loss(self, logits: torch.Tensor, labels: torch.Tensor, teachers: list[TeacherBatch],
                      weights: list[float]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        self._complete_alm(teachers, logits.shape[-1], logits.device)
+        return teachers_loss(self.kd_config, logits, labels, teachers, weights, self.fused_loss)
+
+    def _complete_alm(self, teachers: list[TeacherBatch], vocab: int, device: torch.device) -> None:
+        """ALM's batches: refuse one without chunks; give debiased chunks the student's word starts [vocab]."""
         for t in teachers:
             if t.alm is not None and t.alm.debiased:
-                t.alm.word_start_mask = self._word_start_mask(logits.shape[-1], logits.device)
+                t.alm.word_start_mask = self._word_start_mask(vocab, device)
         if self.kd_config.loss == "alm" and any(t.alm is None for t in teachers):
             raise LogitCacheError("--loss alm needs ALM's chunks in the batch (alignment 'chunk').")
-        return teachers_loss(self.kd_config, logits, labels, teachers, weights, self.fused_loss)
 
     def _hidden_state_loss(self, model, hidden: torch.Tensor, labels: torch.Tensor,  # noqa: ANN001
                            t: TeacherBatch) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -370,21 +398,20 @@ class KDTrainer(Trainer):
         sequence, not the batch: the logits of the whole batch may be what does not fit).
         """
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        self._complete_alm([t], head.weight.shape[0], head.weight.device)
 
-        def fused(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, part: slice = slice(None)):  # noqa: ANN202
-            tempered = {tau: lp[part] for tau, lp in (t.tempered or {}).items()}
-            return losses.fused_linear_ce_kd_loss(h, w, b, labels[part], t.logprobs[part], t.ids[part], t.kd_mask[part],
-                                                  self.fused_loss, tempered=tempered)
+        def fused(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: TeacherBatch = t,
+                  labels: torch.Tensor = labels):  # noqa: ANN202
+            return losses.fused_linear_ce_kd_loss(h, w, b, labels, t.logprobs, t.ids, t.kd_mask, self.linear_loss,
+                                                  tempered=t.tempered, std_logprobs=t.std_logprobs, alm=t.alm)
 
         if not self._fused_linear_checked:
             self._fused_linear_checked = True
-            one = slice(0, 1)
-            part = TeacherBatch(t.logprobs[one], t.ids[one], t.kd_mask[one],
-                                {tau: lp[one] for tau, lp in (t.tempered or {}).items()})
+            one = _first_sequence(t)
             problem = fused_head.self_check(
-                hidden[one], head,
-                lambda logits: teachers_loss(self.kd_config, logits, labels[one], [part], [1.0], self.fused_loss)[0],
-                lambda h, w, b: fused(h, w, b, one)[0],
+                hidden[:1], head,
+                lambda logits: teachers_loss(self.kd_config, logits, labels[:1], [one], [1.0], self.fused_loss)[0],
+                lambda h, w, b: fused(h, w, b, one, labels[:1])[0],
             )
             if problem and self.kd_config.fused_linear == "on":
                 raise LogitCacheError(f"--fused-linear on: the first step's check against the logits failed ({problem}); "
@@ -720,7 +747,7 @@ def run_train(cfg: TrainConfig, progress_callback: TrainerCallback | None = None
     from logitcache.storage.parts import merge_command
 
     cfg.validate()
-    fused_head.wanted(cfg, fused_loss_of(cfg), None)  # --fused-linear on: refuse a loss it cannot compute, before any write
+    fused_head.wanted(cfg, linear_loss_of(cfg), None)  # --fused-linear on: refuse a loss it cannot compute, before any write
     paths = cfg.caches()
     weights = cfg.resolved_teacher_weights()
     if cfg.follow:  # a teacher writes its manifest once its model is loaded: a student started with it waits
