@@ -16,7 +16,6 @@ from logitcache.pipeline.student.losses import (
     FusedLoss,
     HybridConfig,
     MLOTConfig,
-    ALMConfig,
     ce_kd_loss,
     fused_linear_ce_kd_loss,
     fused_linear_supports,
@@ -142,11 +141,14 @@ def test_backward_twice_is_refused() -> None:
         total.backward()
 
 
-@pytest.mark.parametrize("spec", [FusedLoss("mlot", mlot=MLOTConfig(k=10)), FusedLoss("alm", alm=ALMConfig())])
-def test_multilevel_ot_and_alm_are_refused_naming_the_plain_path(spec: FusedLoss) -> None:
+def test_multilevel_ot_with_the_assignment_ranking_is_refused_naming_the_plain_path() -> None:
+    # It matches columns of every student probability of a sequence (MultiLevelOT and ALM otherwise: see
+    # test_losses_fused_linear_coupled.py).
+    spec = FusedLoss("mlot", mlot=MLOTConfig(k=10, student_rank="assignment"))
     assert not fused_linear_supports(spec)
+    assert fused_linear_supports(FusedLoss("mlot", mlot=MLOTConfig(k=10))) and fused_linear_supports(FusedLoss("alm"))
     hidden, weight, bias, labels, t_lp, ids, mask, _ = _batch()
-    with pytest.raises(ValueError, match="use ce_kd_loss"):
+    with pytest.raises(ValueError, match="use ce_kd_loss or the standalone loss"):
         fused_linear_ce_kd_loss(hidden, weight, bias, labels, t_lp, ids, mask, spec)
 
 
