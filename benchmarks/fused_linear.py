@@ -15,6 +15,9 @@ mean ± std of ``--repeats`` steps in the same process, the measured one first. 
 - ``logits + F.cross_entropy``: SFT as a plain model computes it (logits, then torch's CE).
 - ``logits + fused CE+KL``: the logits, then the trainer's fused pass over them (losses.fused).
 - ``fused-linear CE`` / ``fused-linear CE+KL``: losses.fused_linear from h and W, block by block.
+- ``logits + fused CE+MLOT`` / ``CE+ALM`` against ``fused-linear CE+MLOT`` / ``CE+ALM``: the losses
+  that couple positions (MultiLevelOT "paper", k=50; ALM debiased, one chunk per position),
+  from the logits (losses.fused) and from h and W (losses.fused_linear_coupled).
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ print(json.dumps({"peak_extra_mib": (peak - before) / 1024, "seconds": seconds, 
 """
 
 CHILD = PRELUDE + r"""
-from logitcache.losses import FusedLoss, ce_kd_loss, fused_linear_ce_kd_loss
+from logitcache.losses import ALMTargets, FusedLoss, MLOTConfig, ce_kd_loss, fused_linear_ce_kd_loss
 
 B = 4
 h = (torch.randn(B, N // B, D) / D**0.5).requires_grad_()
@@ -77,6 +80,17 @@ labels = torch.randint(0, V, (B, N // B))
 ids = (torch.arange(K) * (V // K) + torch.randint(0, V // K, (B, N // B, 1))).contiguous()
 t_lp = torch.log_softmax(torch.randn(B, N // B, K) * 2, dim=-1) + torch.log(torch.tensor(0.9))
 mask = torch.ones(B, N // B, dtype=torch.bool)
+# MultiLevelOT's tempered teacher (tau_SD = 2) and ALM's chunks: one per position, debiased.
+tempered = {2.0: torch.log_softmax(t_lp / 2, dim=-1)}
+chunk_ll, chunk_ws = -torch.rand(B, N // B) * 5, -torch.rand(B, N // B)
+word_starts = torch.rand(V) < 0.3
+SPECS = {"mlot": FusedLoss("mlot", mlot=MLOTConfig(k=50)), "alm": FusedLoss("alm")}
+
+
+def coupled_inputs(t):
+    end = (torch.arange(t) + 1).clamp(max=t - 1).expand(B, t)
+    alm = ALMTargets(torch.arange(t).expand(B, t), chunk_ll[:, :t], end, chunk_ws[:, :t], word_starts)
+    return {"tempered": {tau: lp[:, :t] for tau, lp in tempered.items()}, "alm": alm}
 
 
 def step(t=N // B):
@@ -86,6 +100,10 @@ def step(t=N // B):
         loss = F.cross_entropy(F.linear(x, w).flatten(0, 1)[:-1], y.flatten()[1:])
     elif name == "fused-kl":
         loss, _, _ = ce_kd_loss(F.linear(x, w), y, lp, i, m, FusedLoss("kl"))
+    elif name in ("fused-mlot", "fused-alm"):
+        loss, _, _ = ce_kd_loss(F.linear(x, w), y, lp, i, m, SPECS[name[6:]], **coupled_inputs(t))
+    elif name in ("linear-mlot", "linear-alm"):
+        loss, _, _ = fused_linear_ce_kd_loss(x, w, None, y, lp, i, m, SPECS[name[7:]], **coupled_inputs(t))
     else:
         spec = FusedLoss("sft" if name == "linear-sft" else "kl")
         loss, _, _ = fused_linear_ce_kd_loss(x, w, None, y, lp, i, m, spec)
@@ -99,6 +117,10 @@ CASES = [
     ("fused-kl", "logits + fused CE+KL (losses.fused)"),
     ("linear-sft", "fused-linear CE"),
     ("linear-kl", "fused-linear CE+KL"),
+    ("fused-mlot", "logits + fused CE+MLOT (losses.fused)"),
+    ("linear-mlot", "fused-linear CE+MLOT (two passes)"),
+    ("fused-alm", "logits + fused CE+ALM (losses.fused)"),
+    ("linear-alm", "fused-linear CE+ALM (two passes)"),
 ]
 
 

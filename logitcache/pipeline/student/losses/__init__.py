@@ -21,7 +21,8 @@ must be those at tau (exact from a cache: ``pipeline.student.targets``), the stu
 - :func:`ce_kd_loss` (+ :class:`FusedLoss`): the trainer's CE + weight * KD in two passes
   over the logits, sharing one log-partition (ULD, KL, MultiLevelOT's paper variant).
 - :func:`fused_linear_ce_kd_loss`: the same from the last hidden states and the LM head, block
-  by block, never holding the [N, V] logits (CE, KL family, ULD, hybrid).
+  by block, never holding the [N, V] logits (CE, KL family, ULD, hybrid; MultiLevelOT and ALM in
+  two passes, losses.fused_linear_coupled).
 """
 
 from logitcache.pipeline.student.losses.chunking import REDUCTIONS, kd_weights

@@ -23,15 +23,15 @@ setting, with the same blocking) the matmuls stay compute-bound.
 
 Losses (:func:`supports`): CE alone ("sft"), the KL family (forward, reverse, JSD, with the
 exact tail mass), ULD (its student top-K is per row) and the hybrid, at any temperature
-:mod:`.fused` takes. Not here, and why:
+:mod:`.fused` takes, here. MultiLevelOT (both variants) and ALM (plain and debiased) couple rows
+(MultiLevelOT ranks the student's ids by softmax sums over a sequence or the batch, ALM sums label
+log-probs over chunks of positions), so a block cannot finish its loss alone: they run in
+:mod:`.fused_linear_coupled`, two passes over the head around a loss computed from a few
+statistics per row, with the same memory bound. Not here, and why:
 
-- MultiLevelOT ranks the student ids it reads by softmax sums over a whole sequence, known only
-  once every row's logits were seen: it needs a first pass over the head for the ranking and a
-  second for the gradient (a recompute), not written.
-- ALM averages label log-probs over chunks of positions, so a row's gradient depends on other
-  rows; it reads only log-partitions and label logits, so the same two passes would do, not written.
-
-Both run the plain path (logits, then :func:`.fused.ce_kd_loss`) in the trainer.
+- MultiLevelOT's "assignment" ranking matches the teacher's ranked columns with every student
+  column of a sequence (a [k, V] cost over all its positions' probabilities): not written, it
+  runs the plain path (logits, then the standalone loss) in the trainer.
 """
 
 from __future__ import annotations
