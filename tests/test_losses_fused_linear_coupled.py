@@ -62,14 +62,19 @@ def _loss(spec: FusedLoss, fused: bool, hidden, weight, bias, labels, t_lp, ids,
     return ce_kd_loss(logits, labels, t_lp, ids, mask, spec, tempered=tempered, alm=extras["alm"])
 
 
-def _both_paths(spec: FusedLoss, block_rows: int | None = 5, scale: float = 1.5, **batch):
-    """(values, grads of h/W/b) of the logits path and of the hidden-state path, loss scaled by ``scale``."""
+def _both_paths(spec: FusedLoss, block_rows: int | None = 5, scale: float = 1.5, tied: bool = False, **batch):
+    """(values, grads of h/W/b) of the logits path and of the hidden-state path, loss scaled by ``scale``.
+
+    ``tied``: W is also the input embedding (added to h before the head), with no bias.
+    """
     hidden, weight, bias, labels, t_lp, ids, mask, tempered = _batch(**batch)
     extras = _extras(*labels.shape, weight.shape[0], t_lp)
+    tokens = torch.randint(0, weight.shape[0], labels.shape, generator=torch.Generator().manual_seed(3))
     out = []
     for fused in (False, True):
         leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
-        values = _loss(spec, fused, *leaves, labels, t_lp, ids, mask, tempered, extras, block_rows)
+        h, b = (leaves[0] + F.embedding(tokens, leaves[1]), None) if tied else (leaves[0], leaves[2])
+        values = _loss(spec, fused, h, leaves[1], b, labels, t_lp, ids, mask, tempered, extras, block_rows)
         (values[0] * scale).backward()
         out.append(([v.item() for v in values], [x.grad for x in leaves]))
     return out
@@ -87,17 +92,8 @@ def test_values_and_gradients_equal_the_logits_path_in_float64(name: str, block_
 
 @pytest.mark.parametrize("name", ["mlot-code", "alm-debias-sample"])
 def test_tied_embeddings_get_the_gradient_of_both_uses(name: str) -> None:
-    hidden, weight, _, labels, t_lp, ids, mask, tempered = _batch()
-    extras = _extras(*labels.shape, weight.shape[0], t_lp)
-    tokens = torch.randint(0, weight.shape[0], hidden.shape[:2], generator=torch.Generator().manual_seed(3))
-    grads = []
-    for fused in (False, True):
-        emb = weight.clone().requires_grad_()
-        h = hidden + F.embedding(tokens, emb)  # the embedding's own use, before the head
-        total, *_ = _loss(SPECS[name], fused, h, emb, None, labels, t_lp, ids, mask, tempered, extras, block_rows=3)
-        total.backward()
-        grads.append(emb.grad)
-    assert torch.allclose(grads[1], grads[0], atol=1e-10, rtol=0)
+    (_, (_, plain_w, _)), (_, (_, fused_w, _)) = _both_paths(SPECS[name], block_rows=3, tied=True)
+    assert torch.allclose(fused_w, plain_w, atol=1e-10, rtol=0)
 
 
 def test_nothing_to_learn_gives_zero_and_a_zero_gradient() -> None:

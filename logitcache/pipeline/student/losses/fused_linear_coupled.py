@@ -47,9 +47,12 @@ from logitcache.pipeline.student.losses.mlot_parts import (
     teacher_side,
 )
 
-# Logits per block: 512K (2 MiB in fp32). The statistics' autograd holds about 4 temporaries of
-# the block's size besides the logits (measured), so blocks are a quarter of the row losses'.
+# Logits per block: 512K (2 MiB in fp32). Pass 2's autograd of the statistics holds about 5 arrays
+# of the block's size (the logits, x / tau, the gradient, two temporaries), so blocks are a quarter
+# of the row losses': 0.1x the logits from N = 1024 at V = 32000 (benchmarks/fused_linear.py). But
+# never fewer than MIN_ROWS rows: each block streams the whole W twice and dW once.
 BLOCK_ELEMENTS = 1 << 19
+MIN_ROWS = 16
 
 
 def coupled_ce_kd_loss(
@@ -78,7 +81,7 @@ def coupled_ce_kd_loss(
         labels, teacher_logprobs, teacher_ids, kd_mask, tempered, alm: as :func:`.fused.ce_kd_loss`.
         std_logprobs: [B, T, K] MultiLevelOT "code"'s teacher targets (as ``multilevel_ot_loss``).
         spec: ``loss`` "mlot" (``student_rank`` "sum") or "alm".
-        block_rows: positions per block (default ``BLOCK_ELEMENTS // V``, at least 1).
+        block_rows: positions per block (default ``BLOCK_ELEMENTS // V``, at least ``MIN_ROWS``).
 
     Returns:
         (total, ce, kd) as :func:`.fused.ce_kd_loss`; total's gradient goes to hidden, weight and
@@ -92,13 +95,13 @@ def coupled_ce_kd_loss(
                          "compute the logits and use the standalone loss.")
     b, t, d = hidden.shape
     targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)  # [B, T]: row q's label
-    dtype = _work_dtype(hidden.to(weight.dtype))
+    dtype = _work_dtype(weight)  # the blocks run in the weight's dtype
     if spec.loss == "alm":
         stats = _ALMStats(spec, targets, kd_mask, check_inputs(spec, tempered, alm), dtype, weight.device)
     else:
         teacher = (teacher_logprobs, teacher_ids, tempered, std_logprobs)
         stats = _MLOTStats(spec, targets, kd_mask, teacher, dtype, weight.shape[0])
-    rows = max(1, block_rows or BLOCK_ELEMENTS // max(weight.shape[0], 1))
+    rows = max(1, block_rows or max(MIN_ROWS, BLOCK_ELEMENTS // max(weight.shape[0], 1)))
     # As fused_linear: under autocast the blocks run in the inputs' own dtypes.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         return _CoupledLinear.apply(hidden.reshape(b * t, d), weight, bias, stats, rows)
