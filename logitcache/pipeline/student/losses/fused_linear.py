@@ -111,10 +111,10 @@ def fused_linear_ce_kd_loss(
                          f"(MultiLevelOT with student_rank 'sum'), not {spec.loss!r} with {spec}; "
                          "compute the logits and use ce_kd_loss or the standalone loss.")
     if spec.loss in COUPLED_LOSSES:
-        from logitcache.pipeline.student.losses.fused_linear_coupled import coupled_ce_kd_loss  # it subclasses ours
+        from logitcache.pipeline.student.losses import fused_linear_coupled as coupled  # it subclasses ours
 
-        return coupled_ce_kd_loss(hidden, weight, bias, labels, teacher_logprobs, teacher_ids, kd_mask, spec,
-                                  tempered=tempered, std_logprobs=std_logprobs, alm=alm, block_rows=block_rows)
+        teacher = coupled.CoupledTeacher(teacher_logprobs, teacher_ids, kd_mask, tempered, std_logprobs, alm)
+        return coupled.coupled_ce_kd_loss(hidden, weight, bias, labels, spec, teacher, block_rows)
     check_inputs(spec, tempered, None)
     b, t, d = hidden.shape
     targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)  # [B, T]: row q's label

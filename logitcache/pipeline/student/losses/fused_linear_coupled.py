@@ -31,14 +31,14 @@ MultiLevelOT's "assignment" ranking reads every student probability of a sequenc
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from logitcache.pipeline.student.losses.alm import ALMTargets, alm_of_label_logprobs
 from logitcache.pipeline.student.losses.fused import FusedLoss, _work_dtype, check_inputs
-from logitcache.pipeline.student.losses.fused_linear import COUPLED_LOSSES, _LinearCEKD, supports
+from logitcache.pipeline.student.losses.fused_linear import _LinearCEKD
 from logitcache.pipeline.student.losses.mlot_parts import (
     checked_config,
     mlot_terms,
@@ -55,32 +55,34 @@ BLOCK_ELEMENTS = 1 << 19
 MIN_ROWS = 16
 
 
-def coupled_ce_kd_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    teacher_ids: torch.Tensor,
-    kd_mask: torch.Tensor,
-    spec: FusedLoss,
-    *,
-    tempered: Mapping[float, torch.Tensor] | None = None,
-    std_logprobs: torch.Tensor | None = None,
-    alm: ALMTargets | tuple[torch.Tensor, torch.Tensor] | None = None,
-    block_rows: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class CoupledTeacher(NamedTuple):
+    """The teacher's side of :func:`coupled_ce_kd_loss`, as :func:`.fused.ce_kd_loss` takes it.
+
+    ``logprobs``, ``ids``: [B, T, K]; ``kd_mask``: [B, T] bool; ``tempered``: {tau: [B, T, K]};
+    ``std_logprobs``: [B, T, K], MultiLevelOT "code"'s targets (as ``multilevel_ot_loss``);
+    ``alm``: ALM's chunks.
+    """
+
+    logprobs: torch.Tensor
+    ids: torch.Tensor
+    kd_mask: torch.Tensor
+    tempered: Mapping[float, torch.Tensor] | None = None
+    std_logprobs: torch.Tensor | None = None
+    alm: ALMTargets | tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def coupled_ce_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                       spec: FusedLoss, teacher: CoupledTeacher, block_rows: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CE + ``spec.weight`` * MultiLevelOT or ALM of ``hidden @ weight.T + bias``, without the [B, T, V] logits.
 
-    The logits path it equals: :func:`.fused.ce_kd_loss` (MultiLevelOT "paper", ALM), or
-    ``causal_ce`` + :func:`.mlot.multilevel_ot_loss` (MultiLevelOT "code").
+    :func:`.fused_linear.fused_linear_ce_kd_loss` calls it for ``spec.loss`` "mlot" (with
+    ``student_rank`` "sum") and "alm". The logits path it equals: :func:`.fused.ce_kd_loss`
+    (MultiLevelOT "paper", ALM), or ``causal_ce`` + :func:`.mlot.multilevel_ot_loss` ("code").
 
     Args:
         hidden: [B, T, d] the student's last hidden states. weight: [V, d] the head (tied: the
-            embedding). bias: [V] or None.
-        labels, teacher_logprobs, teacher_ids, kd_mask, tempered, alm: as :func:`.fused.ce_kd_loss`.
-        std_logprobs: [B, T, K] MultiLevelOT "code"'s teacher targets (as ``multilevel_ot_loss``).
-        spec: ``loss`` "mlot" (``student_rank`` "sum") or "alm".
+            embedding). bias: [V] or None. labels: [B, T] as :func:`.fused.ce_kd_loss`.
         block_rows: positions per block (default ``BLOCK_ELEMENTS // V``, at least ``MIN_ROWS``).
 
     Returns:
@@ -88,19 +90,16 @@ def coupled_ce_kd_loss(
         bias (computed in the forward; its backward runs once).
 
     Raises:
-        ValueError: what the logits path raises for the same inputs, or a spec :func:`supports` rejects.
+        ValueError: what the logits path raises for the same inputs.
     """
-    if spec.loss not in COUPLED_LOSSES or not supports(spec):
-        raise ValueError(f"coupled_ce_kd_loss computes ALM and MultiLevelOT with student_rank 'sum', not {spec}; "
-                         "compute the logits and use the standalone loss.")
     b, t, d = hidden.shape
     targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)  # [B, T]: row q's label
     dtype = _work_dtype(weight)  # the blocks run in the weight's dtype
     if spec.loss == "alm":
-        stats = _ALMStats(spec, targets, kd_mask, check_inputs(spec, tempered, alm), dtype, weight.device)
+        alm = check_inputs(spec, teacher.tempered, teacher.alm)
+        stats = _ALMStats(spec, targets, teacher.kd_mask, alm, dtype, weight.device)
     else:
-        teacher = (teacher_logprobs, teacher_ids, tempered, std_logprobs)
-        stats = _MLOTStats(spec, targets, kd_mask, teacher, dtype, weight.shape[0])
+        stats = _MLOTStats(spec, targets, teacher, dtype, weight.shape[0])
     rows = max(1, block_rows or max(MIN_ROWS, BLOCK_ELEMENTS // max(weight.shape[0], 1)))
     # As fused_linear: under autocast the blocks run in the inputs' own dtypes.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
@@ -188,12 +187,13 @@ class _ALMStats(_RowStats):
 class _MLOTStats(_RowStats):
     """MultiLevelOT: log-partitions (and "code"'s std), the label's and the ranked ids' logits."""
 
-    def __init__(self, spec: FusedLoss, targets: torch.Tensor, kd_mask: torch.Tensor, teacher: tuple,
-                 dtype: torch.dtype, vocab: int) -> None:
-        super().__init__(spec, targets, kd_mask, dtype)
-        t_lp, t_ids, tempered, std_logprobs = teacher
+    def __init__(self, spec: FusedLoss, targets: torch.Tensor, teacher: CoupledTeacher, dtype: torch.dtype,
+                 vocab: int) -> None:
+        super().__init__(spec, targets, teacher.kd_mask, dtype)
+        t_lp, t_ids, kd_mask = teacher.logprobs, teacher.ids, teacher.kd_mask
         cfg = self.cfg = checked_config(spec.mlot, torch.Size((self.b, self.t, vocab)), t_lp, t_ids, kd_mask)
-        side = teacher_side(cfg, t_lp.to(dtype), t_ids, kd_mask, tempered=tempered, std_logprobs=std_logprobs)
+        side = teacher_side(cfg, t_lp.to(dtype), t_ids, kd_mask, tempered=teacher.tempered,
+                            std_logprobs=teacher.std_logprobs)
         self.t_r, self.t_sd = side.r, side.sd
         self.code = cfg.variant == "code"
         # "paper": log-partitions at 1 (CE, the ranking), then tau_SL / tau_SD where they differ.
