@@ -19,8 +19,9 @@ So, exactly (no approximation anywhere):
    path uses (``mlot_parts.student_ranked`` / ``mlot_terms``, ``alm.alm_of_label_logprobs``),
    which gives the loss's gradient w.r.t. every statistic;
 3. a second pass recomputes each block's logits and the same statistics function under autograd,
-   and backpropagates those gradients: the block's d logits [rows, V], turned at once into its
-   ``dh`` rows and its share of ``dW`` / ``db``, then dropped.
+   and backpropagates those gradients (the gathered logits' by a scatter-add, their exact
+   gradient): the block's d logits [rows, V], turned at once into its ``dh`` rows and its share
+   of ``dW`` / ``db``, then dropped.
 
 The head's matmul runs four times (pass 1; pass 2's forward and its two gradient matmuls), one
 more than the plain path. Peak memory beyond the inputs and dh [N, d], dW [V, d]: one block of
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from logitcache.pipeline.student.losses.alm import ALMTargets, alm_of_label_logprobs
+from logitcache.pipeline.student.losses.chunking import logsumexp_last
 from logitcache.pipeline.student.losses.fused import FusedLoss, _work_dtype, check_inputs
 from logitcache.pipeline.student.losses.fused_linear import _LinearCEKD
 from logitcache.pipeline.student.losses.mlot_parts import (
@@ -47,9 +49,10 @@ from logitcache.pipeline.student.losses.mlot_parts import (
     teacher_side,
 )
 
-# Logits per block: 512K (2 MiB in fp32). Pass 2's autograd of the statistics holds about 5 arrays
-# of the block's size (the logits, x / tau, the gradient, two temporaries), so blocks are a quarter
-# of the row losses': 0.1x the logits from N = 1024 at V = 32000 (benchmarks/fused_linear.py). But
+# Logits per block: 512K (2 MiB in fp32). Pass 2's autograd of the statistics holds about 4 arrays
+# of the block's size (the logits, x / tau, the gradient, a temporary; logsumexp_last's lean
+# backward), so blocks are a quarter of the row losses': under 0.1x the logits from N = 1024 at
+# V = 32000 (0.06-0.08x measured, benchmarks/fused_linear.py). But
 # never fewer than MIN_ROWS rows: each block streams the whole W twice and dW once.
 BLOCK_ELEMENTS = 1 << 19
 MIN_ROWS = 16
@@ -172,10 +175,10 @@ class _ALMStats(_RowStats):
             self.active = self.active.index_fill(0, ends, True)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
-        cols = [torch.logsumexp(x, dim=-1)]
+        cols = [logsumexp_last(x)]
         if self.ws_ids is not None:
-            cols.append(torch.logsumexp(x.index_select(1, self.ws_ids), dim=-1))
-        return torch.stack(cols, dim=1)
+            cols.append(logsumexp_last(x.index_select(1, self.ws_ids)))
+        return torch.cat(cols, dim=1)
 
     def kd(self, dense: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
         lse = dense[:, 0]
@@ -203,13 +206,13 @@ class _MLOTStats(_RowStats):
         self.row_seq = torch.arange(self.b * self.t, device=t_lp.device) // self.t
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
-        cols = [torch.logsumexp(x, dim=-1)]
+        cols = [logsumexp_last(x)]
         if self.code:  # the code's softmaxes act on x / (std + eps), std unbiased over the vocabulary
-            std = x.std(dim=-1)
-            cols += [std, torch.logsumexp(x / (std + self.cfg.std_eps)[:, None], dim=-1)]
+            std = x.std(dim=-1, keepdim=True)
+            cols += [std, logsumexp_last(x / (std + self.cfg.std_eps))]
         else:
-            cols += [torch.logsumexp(x / tau, dim=-1) for tau in self.temps[1:]]
-        return torch.stack(cols, dim=1)
+            cols += [logsumexp_last(x / tau) for tau in self.temps[1:]]
+        return torch.cat(cols, dim=1)
 
     def observe(self, x: torch.Tensor, dense: torch.Tensor, rows: torch.Tensor) -> None:
         # The ranking sums softmax(z) over each sequence's valid rows: z = x ("paper", at temperature
@@ -266,7 +269,7 @@ class _CoupledLinear(_LinearCEKD):
         with torch.enable_grad():
             total, ce, kd = stats.loss(*leaves)
             ups = torch.autograd.grad(total, leaves, allow_unused=True)
-        upstream = torch.cat([u if u is not None else torch.zeros_like(l) for u, l in zip(ups, leaves)], dim=1)
+        up_dense, up_gathered = (u if u is not None else torch.zeros_like(l) for u, l in zip(ups, leaves))
 
         dh, dw = torch.zeros_like(h), torch.zeros_like(w)
         db = torch.zeros_like(bias) if bias is not None else None
@@ -274,10 +277,10 @@ class _CoupledLinear(_LinearCEKD):
             hb = h[idx]
             x = F.linear(hb, w, bias).to(stats.dtype).requires_grad_()
             with torch.enable_grad():
-                s = torch.cat([stats.dense(x), x.gather(1, index[idx])], dim=1)
-                (g,) = torch.autograd.grad(s, x, upstream[idx])
-            del x, s
-            g = g.to(h.dtype)
+                (g,) = torch.autograd.grad(stats.dense(x), x, up_dense[idx])
+            del x
+            # The gathered logits' gradient: no autograd needed (nor its [rows, V] buffer of zeros).
+            g = g.scatter_add_(1, index[idx], up_gathered[idx]).to(h.dtype)
             dh[idx] = g @ w
             dw.addmm_(g.T, hb)
             if db is not None:
