@@ -68,6 +68,17 @@ def test_coupled_losses_from_hidden_states_match_the_logits_path(loss, fixture, 
     assert runs["on"].train_loss == pytest.approx(runs["off"].train_loss, rel=1e-4)
 
 
+@pytest.mark.parametrize(("loss", "fixture", "extra"), [
+    ("mlot", "student", {"mlot_k": 8}),
+    ("alm", "metaspace_student", {}),
+])
+def test_coupled_losses_pass_the_first_step_check_under_bf16_autocast(loss, fixture, extra, tmp_path, built_cache,
+                                                                      request) -> None:
+    student = request.getfixturevalue(fixture)
+    run_train(_cfg(student, built_cache, tmp_path / "run", loss=loss, max_steps=1, bf16=True, fused_linear="on", **extra))
+    assert _logged(tmp_path / "run")[0]["fused_linear"] == 1
+
+
 @pytest.mark.filterwarnings("ignore:.*the cache is not complete")  # 8 of the 24 records, on purpose
 def test_multilevel_ot_code_variant_from_hidden_states_matches_the_logits_path(tmp_path, teacher_dir, data_file,
                                                                                 student) -> None:

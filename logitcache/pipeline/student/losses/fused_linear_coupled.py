@@ -52,8 +52,8 @@ from logitcache.pipeline.student.losses.mlot_parts import (
 # Logits per block: 512K (2 MiB in fp32). Pass 2's autograd of the statistics holds about 4 arrays
 # of the block's size (the logits, x / tau, the gradient, a temporary; logsumexp_last's lean
 # backward), so blocks are a quarter of the row losses': under 0.1x the logits from N = 1024 at
-# V = 32000 (0.06-0.08x measured, benchmarks/fused_linear.py). But
-# never fewer than MIN_ROWS rows: each block streams the whole W twice and dW once.
+# V = 32000 (0.06-0.08x measured, benchmarks/fused_linear.py). But never fewer than MIN_ROWS rows:
+# each block streams the whole W twice and dW once.
 BLOCK_ELEMENTS = 1 << 19
 MIN_ROWS = 16
 
@@ -228,9 +228,12 @@ class _MLOTStats(_RowStats):
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         ranked = rank_student_ids(self.rank_sums, self.cfg)  # [B, k]
         # The logits at a sequence's k ranked ids: k dot products per row, not another pass over V.
-        x_r = torch.bmm(h.reshape(self.b, self.t, -1), w[ranked].transpose(1, 2))  # [B, T, k]
+        # Summed in the work dtype and rounded once to the head's, as F.linear rounds its logits.
+        h_w, w_r = h.reshape(self.b, self.t, -1).to(self.dtype), w[ranked].to(self.dtype)
+        x_r = torch.bmm(h_w, w_r.transpose(1, 2))  # [B, T, k]
         if bias is not None:
-            x_r = x_r + bias[ranked][:, None, :]
+            x_r = x_r + bias[ranked].to(self.dtype)[:, None, :]
+        x_r = x_r.to(w.dtype)
         # Zero, like the other statistics, where no row is read: a finite value the loss masks out.
         x_r = torch.where(self.active.reshape(self.b, self.t, 1), x_r, torch.zeros_like(x_r))
         index = torch.cat([self.label, ranked.repeat_interleave(self.t, dim=0)], dim=1)
