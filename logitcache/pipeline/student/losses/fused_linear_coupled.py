@@ -51,9 +51,9 @@ from logitcache.pipeline.student.losses.mlot_parts import (
 
 # Logits per block: 512K (2 MiB in fp32). Pass 2's autograd of the statistics holds about 4 arrays
 # of the block's size (the logits, x / tau, the gradient, a temporary; logsumexp_last's lean
-# backward), so blocks are a quarter of the row losses': under 0.1x the logits from N = 1024 at
-# V = 32000 (0.06-0.08x measured, benchmarks/fused_linear.py). But never fewer than MIN_ROWS rows:
-# each block streams the whole W twice and dW once.
+# backward), so blocks are smaller than the row losses' (.fused_linear): under 0.1x the logits
+# from N = 1024 at V = 32000 (0.06-0.08x measured, benchmarks/fused_linear.py). But never fewer
+# than MIN_ROWS rows: each block streams the whole W twice and dW once.
 BLOCK_ELEMENTS = 1 << 19
 MIN_ROWS = 16
 
