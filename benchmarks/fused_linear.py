@@ -15,8 +15,8 @@ mean ± std of ``--repeats`` steps in the same process, the measured one first. 
 - ``logits + F.cross_entropy``: SFT as a plain model computes it (logits, then torch's CE).
 - ``logits + fused CE+KL``: the logits, then the trainer's fused pass over them (losses.fused).
 - ``fused-linear CE`` / ``fused-linear CE+KL``: losses.fused_linear from h and W, block by block.
-- ``logits + fused CE+MLOT`` / ``CE+ALM`` against ``fused-linear CE+MLOT`` / ``CE+ALM``: the losses
-  that couple positions (MultiLevelOT "paper", k=50; ALM debiased, one chunk per position),
+- ``--coupled``: ``logits + fused CE+MLOT`` / ``CE+ALM`` against ``fused-linear CE+MLOT`` / ``CE+ALM``,
+  the losses that couple positions (MultiLevelOT "paper", k=50; ALM debiased, one chunk per position),
   from the logits (losses.fused) and from h and W (losses.fused_linear_coupled).
 """
 
@@ -117,6 +117,10 @@ CASES = [
     ("fused-kl", "logits + fused CE+KL (losses.fused)"),
     ("linear-sft", "fused-linear CE"),
     ("linear-kl", "fused-linear CE+KL"),
+]
+# --coupled: the losses that couple positions (slow at the default sizes: one more pass over the
+# head than the others, in smaller blocks).
+COUPLED_CASES = [
     ("fused-mlot", "logits + fused CE+MLOT (losses.fused)"),
     ("linear-mlot", "fused-linear CE+MLOT (two passes)"),
     ("fused-alm", "logits + fused CE+ALM (losses.fused)"),
@@ -149,21 +153,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, nargs="+", default=[3, 1],
                     help="timed steps per case, one number per --vocab (default 3 1; the first is the measured one)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--coupled", action="store_true", help="also MultiLevelOT and ALM, from the logits and from h and W")
     ap.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     args = ap.parse_args()
     t0 = time.perf_counter()
     n, d = args.n, args.hidden
     rows = []
+    cases = CASES + (COUPLED_CASES if args.coupled else [])
     repeats = dict(zip(args.vocab, args.repeats + args.repeats[-1:] * len(args.vocab)))
     for v in args.vocab:
         logits_mib = n * v * 4 / 2**20
         grads_mib = (n + v) * d * 4 / 2**20
         results = {}
-        for name, label in CASES:
+        for name, label in cases:
             r = results[name] = measure(name, n, v, d, args.k, repeats[v], args.threads)
             print(f"V={v} {label}: {r}", file=sys.stderr, flush=True)
         base = statistics.mean(results["ce"]["seconds"])
-        for name, label in CASES:
+        for name, label in cases:
             r = results[name]
             extra = r["peak_extra_mib"] - grads_mib
             rows.append([f"{v:,}", label, f"{r['peak_extra_mib']:,.0f}", f"{extra:,.0f}", f"{extra / logits_mib:.3f}",
@@ -172,7 +178,7 @@ def main() -> None:
         f"## Fused-linear CE + KD (losses.fused_linear; {time.strftime('%Y-%m-%d')}, {time.perf_counter() - t0:.0f} s)\n\n"
         f"Machine: {machine()}; {args.threads} torch threads, shared with other jobs.\n\n"
         f"`python benchmarks/fused_linear.py --n {n} --hidden {d} --vocab {' '.join(map(str, args.vocab))} "
-        f"--repeats {' '.join(map(str, args.repeats))}`: N={n} positions (4 sequences), d={d}, K={args.k}, fp32, CPU, forward + backward "
+        f"--repeats {' '.join(map(str, args.repeats))}{' --coupled' if args.coupled else ''}`: N={n} positions (4 sequences), d={d}, K={args.k}, fp32, CPU, forward + backward "
         "of the loss and the head (no model body). Goal: extra ≤ 0.1× the logits.\n\n"
         + table(["V", "path", "peak MiB", "extra MiB (peak − dh − dW)", "extra × logits", "s/step, mean ± std",
                  "time vs F.cross_entropy"], rows)
