@@ -28,6 +28,10 @@ def _logged(out: Path) -> list[dict]:
     return [h for h in json.loads(state.read_text())["log_history"] if "loss" in h]
 
 
+# The losses that couple positions (losses.fused_linear_coupled), each with a student it trains.
+COUPLED = [("mlot", "student", {"mlot_k": 8}), ("alm", "metaspace_student", {})]
+
+
 def _softcapped_student(student: Path, out: Path) -> Path:
     """The tiny student with Gemma-2's logit soft-capping set in its config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -51,10 +55,7 @@ def test_hidden_state_and_logits_paths_train_the_same_model(loss, tmp_path, buil
         assert torch.allclose(on[name], off[name], atol=1e-5, rtol=0), name
 
 
-@pytest.mark.parametrize(("loss", "fixture", "extra"), [
-    ("mlot", "student", {"mlot_k": 8}),
-    ("alm", "metaspace_student", {}),
-])
+@pytest.mark.parametrize(("loss", "fixture", "extra"), COUPLED)
 def test_coupled_losses_from_hidden_states_match_the_logits_path(loss, fixture, extra, tmp_path, built_cache,
                                                                  request) -> None:
     # MultiLevelOT and ALM couple positions: two passes over per-row statistics (losses.fused_linear_coupled).
@@ -68,10 +69,7 @@ def test_coupled_losses_from_hidden_states_match_the_logits_path(loss, fixture, 
     assert runs["on"].train_loss == pytest.approx(runs["off"].train_loss, rel=1e-4)
 
 
-@pytest.mark.parametrize(("loss", "fixture", "extra"), [
-    ("mlot", "student", {"mlot_k": 8}),
-    ("alm", "metaspace_student", {}),
-])
+@pytest.mark.parametrize(("loss", "fixture", "extra"), COUPLED)
 def test_coupled_losses_pass_the_first_step_check_under_bf16_autocast(loss, fixture, extra, tmp_path, built_cache,
                                                                       request) -> None:
     student = request.getfixturevalue(fixture)
