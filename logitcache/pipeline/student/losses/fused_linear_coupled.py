@@ -25,8 +25,9 @@ So, exactly (no approximation anywhere):
 
 The head's matmul runs four times (pass 1; pass 2's forward and its two gradient matmuls), one
 more than the plain path. Peak memory beyond the inputs and dh [N, d], dW [V, d]: one block of
-logits and the few temporaries of its statistics' autograd (``BLOCK_ELEMENTS`` logits per block
-here, measured in benchmarks/fused_linear.py), [N, m] statistics, and MultiLevelOT's [B, V] sums.
+logits and the few temporaries of its statistics' autograd (an 80th of the rows per block, see
+``BLOCK_SHARE``), [N, m] statistics, MultiLevelOT's [B, V] sums and its Sinkhorn's few [B, T, T]
+arrays (as on the logits path).
 MultiLevelOT's "assignment" ranking reads every student probability of a sequence (it is not here).
 """
 
@@ -49,12 +50,14 @@ from logitcache.pipeline.student.losses.mlot_parts import (
     teacher_side,
 )
 
-# Logits per block: 512K (2 MiB in fp32). Pass 2's autograd of the statistics holds about 4 arrays
+# Rows per block: an 80th of the positions. Pass 2's autograd of the statistics holds about 4 arrays
 # of the block's size (the logits, x / tau, the gradient, a temporary; logsumexp_last's lean
-# backward), so blocks are smaller than the row losses' (.fused_linear): under 0.1x the logits
-# from N = 1024 at V = 32000 (0.06-0.08x measured, benchmarks/fused_linear.py). But never fewer
-# than MIN_ROWS rows: each block streams the whole W twice and dW once.
-BLOCK_ELEMENTS = 1 << 19
+# backward; about 6 in pass 1 of MultiLevelOT), so the loss holds 0.06-0.08x the logits whatever N
+# (measured: benchmarks/fused_linear.py; 16 rows instead of 51 at N = 4096, V = 32000: 2.4x slower).
+# Larger blocks are faster (each streams the whole W twice and dW once): at most BLOCK_ELEMENTS
+# logits (12 MiB in fp32, as the row losses' blocks), at least MIN_ROWS rows.
+BLOCK_SHARE = 80
+BLOCK_ELEMENTS = 3 << 20
 MIN_ROWS = 16
 
 
@@ -86,7 +89,8 @@ def coupled_ce_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
     Args:
         hidden: [B, T, d] the student's last hidden states. weight: [V, d] the head (tied: the
             embedding). bias: [V] or None. labels: [B, T] as :func:`.fused.ce_kd_loss`.
-        block_rows: positions per block (default ``BLOCK_ELEMENTS // V``, at least ``MIN_ROWS``).
+        block_rows: positions per block (default: N / ``BLOCK_SHARE``, at most ``BLOCK_ELEMENTS // V``,
+            at least ``MIN_ROWS``).
 
     Returns:
         (total, ce, kd) as :func:`.fused.ce_kd_loss`; total's gradient goes to hidden, weight and
@@ -103,7 +107,7 @@ def coupled_ce_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
         stats = _ALMStats(spec, targets, teacher.kd_mask, alm, dtype, weight.device)
     else:
         stats = _MLOTStats(spec, targets, teacher, dtype, weight.shape[0])
-    rows = max(1, block_rows or max(MIN_ROWS, BLOCK_ELEMENTS // max(weight.shape[0], 1)))
+    rows = max(1, block_rows or max(MIN_ROWS, min(b * t // BLOCK_SHARE, BLOCK_ELEMENTS // max(weight.shape[0], 1))))
     # As fused_linear: under autocast the blocks run in the inputs' own dtypes.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         return _CoupledLinear.apply(hidden.reshape(b * t, d), weight, bias, stats, rows)
