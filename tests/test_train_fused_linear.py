@@ -100,6 +100,13 @@ def test_auto_uses_it_for_a_plain_linear_head(tmp_path, built_cache, student) ->
     assert _logged(tmp_path / "run")[0]["fused_linear"] == 1
 
 
+def test_auto_keeps_a_coupled_loss_on_the_logits_on_a_cpu(tmp_path, built_cache, student) -> None:
+    """MultiLevelOT's and ALM's hidden-state path makes one more pass over the head: a CPU pays
+    more for it than it saves, so `auto` keeps the logits there (`on` is tested above)."""
+    run_train(_cfg(student, built_cache, tmp_path / "run", loss="mlot", mlot_k=8, max_steps=1))
+    assert _logged(tmp_path / "run")[0]["fused_linear"] == 0
+
+
 def test_bf16_autocast_passes_the_first_step_check(tmp_path, built_cache, student) -> None:
     run_train(_cfg(student, built_cache, tmp_path / "run", loss="kl", max_steps=1, bf16=True, fused_linear="on"))
     assert _logged(tmp_path / "run")[0]["fused_linear"] == 1

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from logitcache.errors import LogitCacheError
+from logitcache.pipeline.student.losses.fused_linear import COUPLED_LOSSES
 
 MODES = ("auto", "on", "off")
 # transformers config attributes that transform the logits after the head's matmul.
@@ -56,11 +57,12 @@ def model_problem(model: torch.nn.Module) -> str | None:
     return None
 
 
-def wanted(cfg, spec, model: torch.nn.Module | None, sharded: bool = False) -> bool:  # noqa: ANN001
+def wanted(cfg, spec, model: torch.nn.Module | None, sharded: bool = False, device: str | None = None) -> bool:  # noqa: ANN001
     """Whether to train with the hidden-state loss: ``--fused-linear on`` refuses what cannot, in one line.
 
     ``model`` None: the options alone (before the model is loaded). ``sharded``: the Trainer
-    shards the model (FSDP or DeepSpeed, also from an accelerate config).
+    shards the model (FSDP or DeepSpeed, also from an accelerate config). ``device``: the
+    training device's type ("cpu", "cuda", ...), where known.
     """
     if cfg.fused_linear == "off":
         return False
@@ -68,6 +70,11 @@ def wanted(cfg, spec, model: torch.nn.Module | None, sharded: bool = False) -> b
     problem = problem or (model_problem(model) if model is not None else None)
     if problem and cfg.fused_linear == "on":
         raise LogitCacheError(f"--fused-linear on: {problem}; use --fused-linear auto (or off) to train from the logits.")
+    if cfg.fused_linear == "auto" and device == "cpu" and spec is not None and spec.loss in COUPLED_LOSSES:
+        # Not a "cannot": their hidden-state path runs the head's matmul a fourth time, which a CPU
+        # pays in full (1.8-3.6x the logits path's loss time, benchmarks/fused_linear.py --coupled),
+        # while the memory it saves matters most on an accelerator. `on` still takes it.
+        return False
     return problem is None
 
 

@@ -287,7 +287,7 @@ class KDTrainer(Trainer):
         # From the last hidden states and the head, no logits (fused_head.py); checked on the first step.
         self.linear_loss = linear_loss_of(kd_config, self._matched_fraction)
         sharded = bool(getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False))
-        self.fused_linear = fused_head.wanted(kd_config, self.linear_loss, self.model, sharded)
+        self.fused_linear = fused_head.wanted(kd_config, self.linear_loss, self.model, sharded, self.args.device.type)
         self._fused_linear_checked = False
         # Our loss is a per-batch mean: let the Trainer divide it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
