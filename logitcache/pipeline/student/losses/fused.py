@@ -270,13 +270,14 @@ class _Problem:
     ``weights``: (each row's KD weight [N], the number of CE targets) when the rows are a slice
     of a batch (losses.fused_linear): the batch's, not the slice's, averages.
 
-    ``overwrite`` (losses.fused_linear's own block of logits, in the work dtype; CE and the KL
-    family only, whose gathered ids are known beforehand): the dense pass turns ``x`` into
+    ``overwrite`` (losses.fused_linear's own block of logits, in the work dtype; CE, the KL
+    family and ULD, whose gathered logits are read before it: the known ids', or the student's
+    top-K with its values): the dense pass turns ``x`` into
     exp(x - rowmax) in place, which :func:`row_gradient` then reuses. That saves the block a
     second exp and its temporary, so a block of a given memory can hold more rows.
     """
 
-    OVERWRITABLE = ("sft", "kl")
+    OVERWRITABLE = ("sft", "kl", "uld")
 
     def __init__(self, x, spec: FusedLoss, bt, targets, teacher, t_ids, kd_mask, weights=None,  # noqa: ANN001
                  overwrite: bool = False) -> None:
@@ -344,6 +345,8 @@ class _Problem:
         self.index = torch.cat(list(blocks.values()), dim=1)
         ends = list(itertools.accumulate(blk.shape[1] for blk in blocks.values()))
         self.columns = {name: slice(end - blk.shape[1], end) for (name, blk), end in zip(blocks.items(), ends)}
+        if overwrite and top_k:  # the blocks' order: label, then the top-K (ULD has no teacher ids)
+            gathered_early = torch.cat([gathered_early, stats["top_vals"]], dim=1)
         self.gathered = (gathered_early if overwrite else x.gather(1, self.index)).to(dtype).requires_grad_()
         self.lse = {tau: stats["lse"][tau].requires_grad_() for tau in temps}  # 1.0 first
         self.lse_ws = stats["lse_ws"].requires_grad_() if self.ws_mask is not None else None
@@ -362,6 +365,8 @@ class _Problem:
         out: dict = {"lse": lse}
         if top_k:
             out["top_ids"] = torch.empty(n, top_k, dtype=torch.long, device=x.device)
+            if self.overwrite:  # their logits, before x is overwritten
+                out["top_vals"] = torch.empty(n, top_k, dtype=x.dtype, device=x.device)
         if self.hybrid_ids is not None:
             out["rest_ids"] = torch.empty(n, min(self.hybrid_ids.shape[1], v), dtype=torch.long, device=x.device)
         if self.with_tail:
@@ -382,7 +387,10 @@ class _Problem:
             xc = x[a:b].to(dtype)
             if top_k:
                 # Dividing by a temperature keeps the order: the top-K ids are those at tau = 1.
-                out["top_ids"][a:b] = torch.topk(xc, top_k, dim=-1, sorted=True).indices
+                top = torch.topk(xc, top_k, dim=-1, sorted=True)
+                out["top_ids"][a:b] = top.indices
+                if self.overwrite:
+                    out["top_vals"][a:b] = top.values
             if self.hybrid_ids is not None:  # top ids outside the matched entries' (-inf added there)
                 ids = self.hybrid_ids[a:b]
                 off = torch.where(ids >= 0, float("-inf"), 0.0).to(dtype)

@@ -11,7 +11,7 @@ backward would add one); backward only scales them by the upstream gradient.
 
 Peak memory beyond the inputs and the gradients every path holds (dh [N, d], dW [V, d]):
 one block of logits (``BLOCK_ELEMENTS`` logits, 12 MiB in fp32; at least ``MIN_ROWS`` rows),
-which for CE and the KL family the loss turns into its exp in place and then into its gradient,
+which for CE, the KL family and ULD the loss turns into its exp in place and then into its gradient,
 so no second block-sized tensor; their fp32 copies for half-precision inputs; BLAS buffers and
 [N, K]-sized tensors. Measured: about 3 blocks in all.
 
@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from logitcache.pipeline.student.losses.alm import ALMTargets
+from logitcache.pipeline.student.losses import fused_linear_coupled as coupled
 from logitcache.pipeline.student.losses.chunking import kd_weights
 from logitcache.pipeline.student.losses.fused import (
     FusedLoss,
@@ -51,18 +52,16 @@ from logitcache.pipeline.student.losses.fused import (
     row_gradient,
 )
 from logitcache.pipeline.student.losses.fused import supports as fused_supports
+from logitcache.pipeline.student.losses.head_grads import BLOCK_ELEMENTS, PrecomputedHeadGrads
 
 # Losses whose rows are independent given the batch's weights (see the module docstring).
 ROW_LOSSES = ("sft", "kl", "uld", "hybrid")
 # Losses that couple rows, computed from per-row statistics in two passes (.fused_linear_coupled).
 COUPLED_LOSSES = ("mlot", "alm")
-# Logits per block: 3M (12 MiB in fp32). A block costs about 3 of its size in resident memory (the
-# logits, overwritten by their exp and then their gradient, the [rows, d] products, BLAS buffers:
-# measured), so this keeps the loss at 0.074x the logits at N = 4096, V = 32000 (under 0.1x from
-# N = 3000 at any vocabulary). Larger blocks are faster: each block streams the whole W twice and
-# reads and writes the whole dW [V, d] once, so fewer blocks move fewer bytes; and never fewer
-# rows than MIN_ROWS, below which that traffic dominates.
-BLOCK_ELEMENTS = 3 << 20
+# Blocks of BLOCK_ELEMENTS logits (head_grads.py). Here a block costs about 3 of its size in resident
+# memory (the logits, overwritten by their exp and then their gradient, the [rows, d] products, BLAS
+# buffers: measured): 0.074x the logits at N = 4096, V = 32000 (under 0.1x from N = 3000 at any
+# vocabulary). Never fewer rows than MIN_ROWS, below which the traffic of W and dW dominates.
 MIN_ROWS = 32
 
 
@@ -111,8 +110,6 @@ def fused_linear_ce_kd_loss(
                          f"(MultiLevelOT with student_rank 'sum'), not {spec.loss!r} with {spec}; "
                          "compute the logits and use ce_kd_loss or the standalone loss.")
     if spec.loss in COUPLED_LOSSES:
-        from logitcache.pipeline.student.losses import fused_linear_coupled as coupled  # it subclasses ours
-
         teacher = coupled.CoupledTeacher(teacher_logprobs, teacher_ids, kd_mask, tempered, std_logprobs, alm)
         return coupled.coupled_ce_kd_loss(hidden, weight, bias, labels, spec, teacher, block_rows)
     check_inputs(spec, tempered, None)
@@ -127,7 +124,7 @@ def fused_linear_ce_kd_loss(
                                  teacher_ids, kd_mask, rows)
 
 
-class _LinearCEKD(torch.autograd.Function):
+class _LinearCEKD(PrecomputedHeadGrads):
     @staticmethod
     def forward(ctx, h, w, bias, spec, bt, targets, teacher, t_ids, kd_mask, rows):  # noqa: ANN001, ANN205
         n, v = h.shape[0], w.shape[0]
@@ -172,13 +169,3 @@ class _LinearCEKD(torch.autograd.Function):
         total, ce, kd = sums.unbind()
         ctx.mark_non_differentiable(ce, kd)
         return total, ce, kd
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total, _grad_ce, _grad_kd):  # noqa: ANN001, ANN205
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError("fused_linear_ce_kd_loss: its backward runs once (retain_graph is not supported).")
-        if not bool(grad_total == 1):
-            grads = tuple(g.mul_(grad_total.to(g.dtype)) if g is not None else None for g in grads)
-        return (*grads, None, None, None, None, None, None, None)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from logitcache.pipeline.student.losses.alm import ALMTargets, alm_of_label_logprobs
 from logitcache.pipeline.student.losses.chunking import logsumexp_last
 from logitcache.pipeline.student.losses.fused import FusedLoss, _work_dtype, check_inputs
-from logitcache.pipeline.student.losses.fused_linear import _LinearCEKD
+from logitcache.pipeline.student.losses.head_grads import BLOCK_ELEMENTS, PrecomputedHeadGrads
 from logitcache.pipeline.student.losses.mlot_parts import (
     checked_config,
     mlot_terms,
@@ -57,7 +57,6 @@ from logitcache.pipeline.student.losses.mlot_parts import (
 # Larger blocks are faster (each streams the whole W twice and dW once): at most BLOCK_ELEMENTS
 # logits (12 MiB in fp32, as the row losses' blocks), at least MIN_ROWS rows.
 BLOCK_SHARE = 80
-BLOCK_ELEMENTS = 3 << 20
 MIN_ROWS = 16
 
 
@@ -254,8 +253,8 @@ class _MLOTStats(_RowStats):
         return mlot_terms(cfg, self.t_r, self.t_sd, s_log_r, s_sd, self.valid, reduction=self.spec.reduction)
 
 
-class _CoupledLinear(_LinearCEKD):
-    """Pass 1 (statistics), the loss on them, pass 2 (gradients); backward as :class:`_LinearCEKD`'s."""
+class _CoupledLinear(PrecomputedHeadGrads):
+    """Pass 1 (statistics), the loss on them, pass 2 (gradients); backward: :class:`.head_grads.PrecomputedHeadGrads`'s."""
 
     @staticmethod
     def forward(ctx, h, w, bias, stats: _RowStats, rows: int):  # noqa: ANN001, ANN205
