@@ -117,8 +117,8 @@ def decode_id_values(values: np.ndarray, counts: np.ndarray, prev: np.ndarray, l
 
     This is the reader's hot loop (about as many values as the top-k holds), so it avoids
     whole-array boolean masks and temporaries: a row's parts are sliced out of ``values`` by a
-    loop over rows (a few hundred per batch), and only the escapes (about a tenth of the
-    references) are handled one by one.
+    loop over rows (a few hundred per batch), and the escapes (about a tenth of the
+    references) are filled on their own, before the references resolve.
     """
     m, n_rows = len(prev), len(counts)
     if (counts < 1).any():
@@ -170,8 +170,8 @@ def decode_id_values(values: np.ndarray, counts: np.ndarray, prev: np.ndarray, l
     idx = np.int32 if m * k < 1 << 31 else np.int64
     e_flat = (slot[e_pos] * k + escaped % k).astype(idx)  # the escaped entries in out
     flat[e_flat] = np.take(table_ids, np.take(ranks, e_rank))
-    # References: entry (t, i) copies entry (prev[t], i + d), d by table lookup; an escaped entry
-    # copies itself (already filled).
+    # References: entry (t, i) copies entry (prev[t], i + d), d the unzigzagged symbol; an escaped
+    # entry copies itself (already filled).
     src = _unzigzag(sym.astype(idx, copy=False))
     src.reshape(-1)[escaped] = 0  # for the range check; set below
     src += np.arange(k, dtype=idx)

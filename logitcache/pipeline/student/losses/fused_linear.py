@@ -52,7 +52,7 @@ from logitcache.pipeline.student.losses.fused import (
     row_gradient,
 )
 from logitcache.pipeline.student.losses.fused import supports as fused_supports
-from logitcache.pipeline.student.losses.head_grads import BLOCK_ELEMENTS, PrecomputedHeadGrads
+from logitcache.pipeline.student.losses.head_grads import BLOCK_ELEMENTS, HeadGrads, PrecomputedHeadGrads
 
 # Losses whose rows are independent given the batch's weights (see the module docstring).
 ROW_LOSSES = ("sft", "kl", "uld", "hybrid")
@@ -139,9 +139,7 @@ class _LinearCEKD(PrecomputedHeadGrads):
         ce_count = (flat["targets"] != -100).sum()
         # Rows with neither a CE target nor a KD target add nothing: leave them out of the matmuls.
         active = torch.nonzero((flat["targets"] != -100) | flat["mask"]).squeeze(1)
-        dh = torch.zeros_like(h)
-        dw = torch.zeros_like(w)
-        db = torch.zeros_like(bias) if bias is not None else None
+        grads = HeadGrads(h, w, bias)
         sums = torch.zeros(3, dtype=dtype, device=h.device)  # total, ce, kd
         # The block's logits are ours: the loss may turn them into their exp in place (one exp
         # and one block-sized temporary fewer per block; see _Problem).
@@ -160,12 +158,8 @@ class _LinearCEKD(PrecomputedHeadGrads):
             del problem  # its fp32 copy of half-precision logits
             # fp32 logits: the gradient overwrites them in place.
             g = row_gradient(x, partitions, index, dg, sums.new_ones(()), out=x if x.dtype == dtype else None)
-            g = g.to(h.dtype)
-            dh[idx] = g @ w
-            dw.addmm_(g.T, hb)
-            if db is not None:
-                db += g.sum(0)
-        ctx.grads = (dh.to(h_dtype), dw, db)
+            grads.add_block(idx, hb, g.to(h.dtype), w)
+        ctx.grads = grads.result(h_dtype)
         total, ce, kd = sums.unbind()
         ctx.mark_non_differentiable(ce, kd)
         return total, ce, kd

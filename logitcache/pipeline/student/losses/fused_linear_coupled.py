@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from logitcache.pipeline.student.losses.alm import ALMTargets, alm_of_label_logprobs
 from logitcache.pipeline.student.losses.chunking import logsumexp_last
 from logitcache.pipeline.student.losses.fused import FusedLoss, _work_dtype, check_inputs
-from logitcache.pipeline.student.losses.head_grads import BLOCK_ELEMENTS, PrecomputedHeadGrads
+from logitcache.pipeline.student.losses.head_grads import BLOCK_ELEMENTS, HeadGrads, PrecomputedHeadGrads
 from logitcache.pipeline.student.losses.mlot_parts import (
     checked_config,
     mlot_terms,
@@ -277,8 +277,7 @@ class _CoupledLinear(PrecomputedHeadGrads):
             ups = torch.autograd.grad(total, leaves, allow_unused=True)
         up_dense, up_gathered = (u if u is not None else torch.zeros_like(l) for u, l in zip(ups, leaves))
 
-        dh, dw = torch.zeros_like(h), torch.zeros_like(w)
-        db = torch.zeros_like(bias) if bias is not None else None
+        grads = HeadGrads(h, w, bias)
         for idx in blocks:
             hb = h[idx]
             x = F.linear(hb, w, bias).to(stats.dtype).requires_grad_()
@@ -286,12 +285,8 @@ class _CoupledLinear(PrecomputedHeadGrads):
                 (g,) = torch.autograd.grad(stats.dense(x), x, up_dense[idx])
             del x
             # The gathered logits' gradient: no autograd needed (nor its [rows, V] buffer of zeros).
-            g = g.scatter_add_(1, index[idx], up_gathered[idx]).to(h.dtype)
-            dh[idx] = g @ w
-            dw.addmm_(g.T, hb)
-            if db is not None:
-                db += g.sum(0)
-        ctx.grads = (dh.to(h_dtype), dw, db)
+            grads.add_block(idx, hb, g.scatter_add_(1, index[idx], up_gathered[idx]).to(h.dtype), w)
+        ctx.grads = grads.result(h_dtype)
         total, ce, kd = (v.detach().to(stats.dtype) for v in (total, ce, kd))
         ctx.mark_non_differentiable(ce, kd)
         return total, ce, kd

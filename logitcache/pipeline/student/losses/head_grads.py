@@ -14,6 +14,25 @@ import torch
 BLOCK_ELEMENTS = 3 << 20
 
 
+class HeadGrads:
+    """dh [N, d], dW [V, d] and db [V] (None without a bias), summed block by block in the forward."""
+
+    def __init__(self, h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.dh, self.dw = torch.zeros_like(h), torch.zeros_like(w)
+        self.db = torch.zeros_like(bias) if bias is not None else None
+
+    def add_block(self, idx: torch.Tensor, hb: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:
+        """Block ``idx`` [r] (hidden rows hb [r, d]) with its logits' gradient g [r, V], in h's dtype."""
+        self.dh[idx] = g @ w
+        self.dw.addmm_(g.T, hb)
+        if self.db is not None:
+            self.db += g.sum(0)
+
+    def result(self, h_dtype: torch.dtype) -> tuple:
+        """(dh in the hidden states' own dtype, dW, db): what ``ctx.grads`` holds."""
+        return self.dh.to(h_dtype), self.dw, self.db
+
+
 class PrecomputedHeadGrads(torch.autograd.Function):
     """Base of an autograd function whose ``forward`` returns (total, ce, kd) and leaves
     ``ctx.grads = (dh, dW, db)``, total's gradients: backward scales them by the upstream one."""
